@@ -1,0 +1,226 @@
+"""Thin devices: byte-addressed I/O on a pool's device, and a file object.
+
+Buffers cross into C without copies (``ffi.from_buffer``); the C calls
+release the GIL, so threads doing I/O run in parallel.
+"""
+import io
+from dataclasses import dataclass
+
+from . import errors
+from ._native import check, ffi, lib
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A byte range of a device: mapped (allocated) or a hole reading as zeroes;
+    shared means another device maps the same data (an overwrite allocates)."""
+    offset: int
+    length: int
+    mapped: bool
+    shared: bool = False
+
+
+def _bad(what, value):
+    return errors.InvalidArgumentError(f"{what} {value!r} is not a non-negative integer")
+
+
+class Device:
+    """A thin device of a Pool.  Get one from pool.create_thin, pool.snapshot
+    or pool.device; it stays valid until the device is deleted or the pool
+    closed."""
+
+    __slots__ = ("_pool", "_id")
+
+    def __init__(self, pool, dev_id):
+        self._pool = pool
+        self._id = dev_id
+
+    def _h(self):
+        h = self._pool._h
+        if h is None:
+            raise errors.PoolClosedError(f"pool {self._pool.path} is closed")
+        return h
+
+    def _raw(self):
+        out = ffi.new("cb_devinfo *")
+        check(lib.cb_dev_info(self._h(), self._id, out))
+        return out
+
+    @property
+    def id(self):
+        return self._id
+
+    @property
+    def name(self):
+        try:
+            return self._pool._meta[self._id][0]
+        except KeyError:
+            raise errors.DeviceNotFoundError(f"device {self._id} was deleted") from None
+
+    @property
+    def size(self):
+        return self._raw().size
+
+    @property
+    def read_only(self):
+        return bool(self._raw().flags & 1)
+
+    @property
+    def pool(self):
+        return self._pool
+
+    def info(self):
+        return self._pool._device_info(self._id)
+
+    # ---- I/O ----
+    def pread(self, length, offset):
+        """Read length bytes at offset (any alignment); holes read as zeroes."""
+        buf = bytearray(length) if isinstance(length, int) and length >= 0 else None
+        if buf is None:
+            raise _bad("length", length)
+        self.readinto(buf, offset)
+        return bytes(buf)
+
+    def readinto(self, buffer, offset):
+        """Fill buffer from offset; returns the number of bytes read."""
+        try:
+            p = ffi.from_buffer(buffer, require_writable=True)
+            return check(lib.cb_dev_read(self._h(), self._id, p, len(p), offset))
+        except OverflowError:
+            raise _bad("offset", offset) from None
+        except TypeError:
+            if not isinstance(offset, int):
+                raise _bad("offset", offset) from None
+            raise
+
+    def pwrite(self, data, offset):
+        """Write data at offset (any alignment); returns len(data) in bytes."""
+        try:
+            p = ffi.from_buffer(data)
+            return check(lib.cb_dev_write(self._h(), self._id, p, len(p), offset))
+        except OverflowError:
+            raise _bad("offset", offset) from None
+        except TypeError:
+            if not isinstance(offset, int):
+                raise _bad("offset", offset) from None
+            raise
+
+    def discard(self, offset, length):
+        """Unmap the whole blocks inside the range; bytes of blocks it only
+        partly covers stay as they are."""
+        self._range_call(lib.cb_dev_discard, offset, length)
+
+    def write_zeroes(self, offset, length, may_unmap=True):
+        """Make the range read as zeroes: whole blocks are unmapped when
+        may_unmap, else zeroes are written (allocating)."""
+        self._range_call(lib.cb_dev_write_zeroes, offset, length, 1 if may_unmap else 0)
+
+    def _range_call(self, fn, offset, length, *extra):
+        for what, v in (("offset", offset), ("length", length)):
+            if not isinstance(v, int) or v < 0:
+                raise _bad(what, v)
+        check(fn(self._h(), self._id, offset, length, *extra))
+
+    def flush(self):
+        """Make every write so far durable (commits the pool's transaction)."""
+        check(lib.cb_pool_commit(self._h()))
+
+    def block_status(self, offset=0, length=None):
+        """Mapped and unmapped extents covering [offset, offset + length)."""
+        if length is None:
+            length = self.size - offset
+        for what, v in (("offset", offset), ("length", length)):
+            if not isinstance(v, int) or v < 0:
+                raise _bad(what, v)
+        out, count = ffi.new("cb_range **"), ffi.new("uint64_t *")
+        check(lib.cb_dev_block_status(self._h(), self._id, offset, length, out, count))
+        bs = self._pool.block_size
+        end = offset + length
+        extents = []
+        try:
+            for i in range(count[0]):
+                r = out[0][i]
+                start = max(r.begin * bs, offset)
+                stop = min((r.begin + r.length) * bs, end)
+                extents.append(Extent(start, stop - start, r.kind != 0, r.kind == 2))
+        finally:
+            lib.cb_free(out[0])
+        return extents
+
+    def resize(self, size):
+        """Grow or shrink the device; shrinking drops the blocks past the end."""
+        if not isinstance(size, int) or size <= 0 or size % 4096:
+            raise errors.InvalidArgumentError(
+                f"device size {size!r} is not a positive multiple of 4096")
+        check(lib.cb_dev_resize(self._h(), self._id, size))
+
+    def open(self, mode="r+b"):
+        """A standard io.RawIOBase file object over the device."""
+        return DeviceFile(self, mode)
+
+    def __repr__(self):
+        try:
+            return f"<cowblock.Device {self.name!r} id={self._id}>"
+        except errors.CowblockError:
+            return f"<cowblock.Device id={self._id} (deleted)>"
+
+
+class DeviceFile(io.RawIOBase):
+    """Seekable raw file over a device: readinto, write, seek, tell."""
+
+    def __init__(self, device, mode="r+b"):
+        super().__init__()
+        if mode not in ("rb", "r+b", "wb", "rb+", "w+b"):
+            raise errors.InvalidArgumentError(f"mode {mode!r}: use 'rb' or 'r+b'")
+        self._dev = device
+        self._writable = "+" in mode or "w" in mode
+        self._readable = "r" in mode or "+" in mode
+        self._pos = 0
+        self._size = device.size
+
+    def readable(self):
+        return self._readable
+
+    def writable(self):
+        return self._writable
+
+    def seekable(self):
+        return True
+
+    def readinto(self, b):
+        self._checkClosed()
+        n = min(len(memoryview(b).cast("B")), max(self._size - self._pos, 0))
+        if n <= 0:
+            return 0
+        self._dev.readinto(memoryview(b).cast("B")[:n], self._pos)
+        self._pos += n
+        return n
+
+    def write(self, b):
+        self._checkClosed()
+        if not self._writable:
+            raise io.UnsupportedOperation("not writable")
+        mv = memoryview(b).cast("B")
+        n = min(len(mv), max(self._size - self._pos, 0))
+        if n < len(mv):
+            raise errors.NoSpaceError(
+                f"write of {len(mv)} bytes at {self._pos} runs past the end of the device "
+                f"({self._size} bytes)")
+        self._dev.pwrite(mv, self._pos)
+        self._pos += n
+        return n
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        self._checkClosed()
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise errors.InvalidArgumentError(f"seek to {base + offset} is before the start")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self):
+        return self._pos
+
+    def flush(self):
+        if not self.closed and self._writable and self._dev._pool._h is not None:
+            self._dev.flush()

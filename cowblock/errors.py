@@ -1,0 +1,128 @@
+"""One exception hierarchy for everything cowblock raises.
+
+Each C error code maps to one class (``from_code``), so callers can catch
+by meaning: ``NoSpaceError`` is an ``OSError`` with errno ENOSPC, bad
+arguments are ``ValueError``s, unknown names are ``LookupError``s.  Every
+message names the bad value; ``hint`` says what to do about it.
+"""
+import errno as _errno
+
+
+class CowblockError(Exception):
+    """Base class of every cowblock error."""
+
+    hint = ""
+
+
+class InvalidArgumentError(CowblockError, ValueError):
+    """A size, offset, name or option that is not acceptable."""
+
+
+class DeviceNotFoundError(CowblockError, LookupError):
+    """No device of that name (or id)."""
+
+    hint = "list the devices with pool.list() or `cowblock ls`"
+
+    def __str__(self):  # LookupError would quote the message like a key
+        return str(self.args[0]) if self.args else ""
+
+
+class DeviceExistsError(CowblockError, ValueError):
+    """A device of that name exists already."""
+
+
+class PoolClosedError(CowblockError, ValueError):
+    """The pool (or a device of it) was used after close()."""
+
+
+class NeedsCheckError(CowblockError):
+    """The pool recorded an I/O error or failed its check; it needs repair."""
+
+    hint = "run pool.check() (cowblock pool check) and repair what it reports"
+
+
+class _OSErrorBase(CowblockError, OSError):
+    default_errno = _errno.EIO
+
+    def __init__(self, message, errno=None):
+        super().__init__(errno or self.default_errno, message)
+
+    def __str__(self):
+        return self.strerror or ""
+
+
+class NoSpaceError(_OSErrorBase):
+    """The pool has no free data block for a write (errno ENOSPC)."""
+
+    default_errno = _errno.ENOSPC
+    hint = "grow the pool with pool.resize(), or delete devices and retry"
+
+
+class MetadataSpaceError(NoSpaceError):
+    """Metadata space is too low for the operation (errno ENOSPC)."""
+
+    hint = "grow the metadata with pool.resize_metadata()"
+
+
+class ReadOnlyError(_OSErrorBase):
+    """A write to a read-only device or pool (errno EROFS)."""
+
+    default_errno = _errno.EROFS
+
+
+class CorruptMetadataError(_OSErrorBase):
+    """Metadata failed a checksum or an invariant (errno EUCLEAN)."""
+
+    default_errno = 117  # EUCLEAN
+    hint = "run pool.check() (cowblock pool check) to see the extent of the damage"
+
+
+class PoolIOError(_OSErrorBase):
+    """An I/O error on a pool file; the pool turned read-only (errno EIO)."""
+
+    default_errno = _errno.EIO
+    hint = "the pool is read-only until checked; look at the host's disk"
+
+
+class PoolLockedError(_OSErrorBase):
+    """Another process has the pool open for writing (errno EAGAIN)."""
+
+    default_errno = _errno.EAGAIN
+    hint = "wait for that process, or pass timeout= to wait for it"
+
+
+class PoolNotFoundError(_OSErrorBase, FileNotFoundError):
+    """No pool at that path."""
+
+    default_errno = _errno.ENOENT
+    hint = "create one with Pool.create() or `cowblock pool create`"
+
+
+class PoolExistsError(_OSErrorBase, FileExistsError):
+    """A pool exists at that path already."""
+
+    default_errno = _errno.EEXIST
+
+
+def from_code(code, message, *, not_found=DeviceNotFoundError, exists=DeviceExistsError):
+    """The exception for a negative errno returned by the C core."""
+    err = -code
+    if err == _errno.EINVAL:
+        return InvalidArgumentError(message)
+    if err == _errno.ENOENT:
+        return not_found(message)
+    if err == _errno.EEXIST:
+        return exists(message)
+    if err == _errno.EROFS:
+        return ReadOnlyError(message)
+    if err == _errno.ENOSPC:
+        if message.startswith("metadata space"):
+            return MetadataSpaceError(message)
+        return NoSpaceError(message)
+    if err == 117:
+        return CorruptMetadataError(message)
+    if err == _errno.ENOMEM:
+        return MemoryError(message)
+    if err == _errno.EIO:
+        return PoolIOError(message)
+    return PoolIOError(message, err)

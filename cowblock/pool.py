@@ -1,0 +1,422 @@
+"""The thin pool: devices, snapshots, transactions, over the C core.
+
+The C core (csrc/) owns blocks, mappings, reference counts and commits;
+this layer adds names and labels (cowblock.catalog), the pool lock, the
+periodic commit, argument checking, and Python types for what it returns.
+"""
+import datetime
+import os
+import threading
+import uuid as _uuid
+from dataclasses import dataclass, field
+
+from . import catalog, errors
+from ._native import check, ffi, lib
+from .device import Device
+from .lock import PoolLock
+
+DEFAULT_BLOCK_SIZE = 65536
+READ_ONLY_FLAG = 1  # CB_DEV_READ_ONLY
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str
+    id: int
+    uuid: str
+    size: int
+    mapped_blocks: int
+    block_size: int
+    read_only: bool
+    origin: "str | None"
+    created: datetime.datetime
+    transaction_id: int
+    labels: dict = field(default_factory=dict)
+
+    @property
+    def mapped_bytes(self):
+        return self.mapped_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Blocks a device maps, split like thin_ls: exclusive to it, or shared."""
+    exclusive_blocks: int
+    shared_blocks: int
+    block_size: int
+
+    @property
+    def mapped_blocks(self):
+        return self.exclusive_blocks + self.shared_blocks
+
+    @property
+    def exclusive_bytes(self):
+        return self.exclusive_blocks * self.block_size
+
+    @property
+    def shared_bytes(self):
+        return self.shared_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    block_size: int
+    data_blocks: int
+    data_used: int
+    data_free: int
+    metadata_used_bytes: int
+    metadata_capacity_bytes: int
+    metadata_reserve_bytes: int
+    transaction_id: int
+    devices: int
+    needs_check: bool
+    read_only: bool
+    uuid: str
+    node_capacity: int
+
+
+@dataclass(frozen=True)
+class DiffRange:
+    """A run of virtual blocks: thin_delta's left_only/right_only/different/same."""
+    kind: str
+    begin: int
+    length: int
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    ok: bool
+    errors: list
+    leaks: list
+    error_count: int
+    leak_count: int
+    nodes_checked: int
+    blocks_checked: int
+
+    def __str__(self):
+        head = "clean" if self.ok else f"{self.error_count} errors, {self.leak_count} leaks"
+        return "\n".join([f"pool check: {head}"] + self.errors + self.leaks)
+
+
+_DIFF_KINDS = {1: "left_only", 2: "right_only", 3: "different", 4: "same"}
+
+
+def _uint(what, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise errors.InvalidArgumentError(f"{what} {value!r} is not a non-negative integer")
+    return value
+
+
+def _pool_error(code):
+    return check(code, not_found=errors.PoolNotFoundError, exists=errors.PoolExistsError)
+
+
+class Pool:
+    """A thin pool in a directory: ``Pool.create(...)`` or ``Pool.open(...)``.
+
+    A context manager; ``close()`` commits.  One writer at a time (flock);
+    writes commit at least every ``commit_interval`` seconds.
+    """
+
+    def __init__(self, path, handle, read_only, lock, commit_interval):
+        self.path = os.fspath(path)
+        self._h = handle
+        self.read_only = read_only
+        self._lock = lock
+        self._names = {}      # name -> id
+        self._meta = {}       # id -> (name, labels)
+        self._catalog_lock = threading.Lock()
+        self._load_catalog()
+        self.block_size = self.stats().block_size
+        self._stop = threading.Event()
+        self._committer = None
+        if not read_only and commit_interval:
+            self._committer = threading.Thread(target=self._commit_loop, args=(commit_interval,),
+                                               name="cowblock-commit", daemon=True)
+            self._committer.start()
+
+    # ---- lifecycle ----
+    @classmethod
+    def create(cls, path, data_size, block_size=DEFAULT_BLOCK_SIZE, *, metadata_size=0,
+               commit_interval=1.0, _node_capacity=0):
+        """Create a pool directory with a data file of data_size bytes and open it."""
+        _uint("data size", data_size)
+        _uint("block size", block_size)
+        _uint("metadata size", metadata_size)
+        if block_size < 4096 or block_size > 1 << 30 or block_size & (block_size - 1):
+            raise errors.InvalidArgumentError(
+                f"block size {block_size} is not a power of two from 4096 (4 KiB) to 1073741824 (1 GiB)")
+        if data_size < block_size or data_size % block_size:
+            raise errors.InvalidArgumentError(
+                f"data size {data_size} is not a positive multiple of the block size {block_size}")
+        path = os.fspath(path)
+        if os.path.exists(os.path.join(path, "metadata")):
+            raise errors.PoolExistsError(f"a pool exists at {path} already")
+        _pool_error(lib.cb_pool_create(path.encode(), data_size, block_size, metadata_size,
+                                       _node_capacity, _uuid.uuid4().bytes))
+        return cls.open(path, commit_interval=commit_interval)
+
+    @classmethod
+    def open(cls, path, read_only=False, *, timeout=0.0, commit_interval=1.0):
+        """Open a pool.  A second writer gets PoolLockedError naming the holder,
+        or waits up to ``timeout`` seconds (None: forever) for it."""
+        path = os.fspath(path)
+        if not os.path.isfile(os.path.join(path, "metadata")):
+            raise errors.PoolNotFoundError(f"no pool at {path} (no metadata file there)")
+        lock = PoolLock(path, exclusive=not read_only, timeout=timeout)
+        try:
+            out = ffi.new("cb_pool **")
+            _pool_error(lib.cb_pool_open(path.encode(), 1 if read_only else 0, out))
+            pool = cls(path, out[0], read_only, lock, commit_interval)
+        except BaseException:
+            lock.release()
+            raise
+        if not read_only and pool.stats().needs_check:
+            report = pool.check()
+            if not report.ok:
+                pool.close()
+                raise errors.NeedsCheckError(
+                    f"pool {path} needs check (an I/O error was recorded) and its check "
+                    f"found problems:\n{report}")
+            check(lib.cb_pool_clear_needs_check(pool._h))
+        return pool
+
+    def close(self):
+        """Commit and close.  Devices of this pool are unusable afterwards."""
+        if self._h is None:
+            return
+        self._stop.set()
+        if self._committer:
+            self._committer.join()
+        h, self._h = self._h, None
+        try:
+            check(lib.cb_pool_close(h))
+        finally:
+            self._lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _handle(self):
+        if self._h is None:
+            raise errors.PoolClosedError(f"pool {self.path} is closed")
+        return self._h
+
+    def _commit_loop(self, interval):
+        while not self._stop.wait(interval):
+            h = self._h
+            if h is None:
+                return
+            if lib.cb_pool_commit(h) < 0:
+                return  # the pool turned read-only; callers see it on their next call
+
+    # ---- names ----
+    def _load_catalog(self):
+        h = self._h
+        n = lib.cb_pool_list(h, ffi.NULL, 0)
+        ids = ffi.new("uint32_t[]", max(n, 1))
+        n = lib.cb_pool_list(h, ids, n)
+        buf = ffi.new("char[]", catalog.MAX_BYTES)
+        for i in range(n):
+            did = ids[i]
+            length = check(lib.cb_dev_catalog(h, did, buf, catalog.MAX_BYTES))
+            name, labels = catalog.decode(ffi.buffer(buf, length)[:])
+            self._names[name] = did
+            self._meta[did] = (name, labels)
+
+    def _id(self, name):
+        try:
+            return self._names[name]
+        except (KeyError, TypeError):
+            raise errors.DeviceNotFoundError(f"no device named {name!r} in pool {self.path}") from None
+
+    def _new_name(self, name):
+        catalog.check_name(name)
+        if name in self._names:
+            raise errors.DeviceExistsError(f"a device named {name!r} exists already")
+        return name
+
+    # ---- devices ----
+    def create_thin(self, name, size, *, labels=None):
+        """A new thin device of size bytes (a multiple of 4096), reading as zeroes."""
+        _uint("device size", size)
+        if size == 0 or size % 4096:
+            raise errors.InvalidArgumentError(
+                f"device size {size} is not a positive multiple of 4096")
+        with self._catalog_lock:
+            self._new_name(name)
+            blob = catalog.encode(name, labels)
+            out = ffi.new("uint32_t *")
+            check(lib.cb_dev_create(self._handle(), size, _uuid.uuid4().bytes, blob, len(blob), out))
+            self._register(out[0], name, labels)
+        return Device(self, out[0])
+
+    def snapshot(self, origin, name, read_only=False, *, labels=None):
+        """A snapshot of origin (any device, at any depth) as it is now.
+
+        O(1): shares the origin's mapping tree.  Includes a flush.  Writes that
+        completed before the call are in it; writes started after it returns
+        are not."""
+        with self._catalog_lock:
+            oid = self._id(origin)
+            self._new_name(name)
+            blob = catalog.encode(name, labels)
+            out = ffi.new("uint32_t *")
+            check(lib.cb_dev_snapshot(self._handle(), oid, READ_ONLY_FLAG if read_only else 0,
+                                      _uuid.uuid4().bytes, blob, len(blob), out))
+            self._register(out[0], name, labels)
+        return Device(self, out[0])
+
+    def _register(self, did, name, labels):
+        self._names[name] = did
+        self._meta[did] = (name, dict(labels or {}))
+
+    def device(self, name):
+        """The device of that name."""
+        return Device(self, self._id(name))
+
+    def __contains__(self, name):
+        return name in self._names
+
+    def delete(self, name):
+        """Delete a device; every block only it used is freed."""
+        with self._catalog_lock:
+            did = self._id(name)
+            check(lib.cb_dev_delete(self._handle(), did))
+            del self._names[name]
+            del self._meta[did]
+
+    def rename(self, old, new):
+        with self._catalog_lock:
+            did = self._id(old)
+            if old == new:
+                return
+            self._new_name(new)
+            labels = self._meta[did][1]
+            blob = catalog.encode(new, labels)
+            check(lib.cb_dev_set_catalog(self._handle(), did, blob, len(blob)))
+            del self._names[old]
+            self._register(did, new, labels)
+
+    def set_labels(self, name, labels):
+        with self._catalog_lock:
+            did = self._id(name)
+            blob = catalog.encode(name, labels)
+            check(lib.cb_dev_set_catalog(self._handle(), did, blob, len(blob)))
+            self._register(did, name, labels)
+
+    def set_read_only(self, name, flag=True):
+        did = self._id(name)
+        info = self._info(did)
+        flags = (info.flags | READ_ONLY_FLAG) if flag else (info.flags & ~READ_ONLY_FLAG)
+        check(lib.cb_dev_set_flags(self._handle(), did, flags))
+
+    def _info(self, did):
+        out = ffi.new("cb_devinfo *")
+        check(lib.cb_dev_info(self._handle(), did, out))
+        return out
+
+    def _device_info(self, did, raw=None):
+        raw = raw or self._info(did)
+        name, labels = self._meta[did]
+        origin = self._meta.get(raw.origin_id, (None,))[0] if raw.origin_id else None
+        return DeviceInfo(
+            name=name, id=did, uuid=str(_uuid.UUID(bytes=bytes(raw.uuid))), size=raw.size,
+            mapped_blocks=raw.mapped_blocks, block_size=self.block_size,
+            read_only=bool(raw.flags & READ_ONLY_FLAG), origin=origin,
+            created=datetime.datetime.fromtimestamp(raw.created_ns / 1e9, datetime.timezone.utc),
+            transaction_id=raw.transaction_id, labels=dict(labels))
+
+    def info(self, name):
+        return self._device_info(self._id(name))
+
+    def list(self):
+        """Every device, in id (creation) order."""
+        out = ffi.new("cb_devinfo *")
+        h = self._handle()
+        result = []
+        for did in sorted(self._meta):
+            check(lib.cb_dev_info(h, did, out))
+            result.append(self._device_info(did, out))
+        return result
+
+    def usage(self, name):
+        """Exclusive and shared blocks of a device, like thin_ls (walks its tree)."""
+        ex, sh = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        check(lib.cb_dev_usage(self._handle(), self._id(name), ex, sh))
+        return Usage(ex[0], sh[0], self.block_size)
+
+    def diff(self, a, b, *, same=False):
+        """Yield DiffRange runs of virtual blocks whose mappings differ between
+        devices a and b; reads only the parts of their trees they do not share."""
+        ida, idb = self._id(a), self._id(b)
+        out, count = ffi.new("cb_range **"), ffi.new("uint64_t *")
+        check(lib.cb_pool_diff(self._handle(), ida, idb, 1 if same else 0, out, count))
+        try:
+            ranges = [DiffRange(_DIFF_KINDS[r.kind], r.begin, r.length)
+                      for r in (out[0][i] for i in range(count[0]))]
+        finally:
+            lib.cb_free(out[0])
+        yield from ranges
+
+    # ---- pool ----
+    def stats(self):
+        s = ffi.new("cb_stats *")
+        check(lib.cb_pool_stats(self._handle(), s))
+        return PoolStats(
+            block_size=s.data_block_size, data_blocks=s.nr_data_blocks, data_used=s.data_used,
+            data_free=s.data_free, metadata_used_bytes=s.meta_used * 4096,
+            metadata_capacity_bytes=s.nr_meta_blocks * 4096,
+            metadata_reserve_bytes=s.meta_reserve * 4096, transaction_id=s.transaction_id,
+            devices=s.nr_devices, needs_check=bool(s.needs_check), read_only=bool(s.read_only),
+            uuid=str(_uuid.UUID(bytes=bytes(s.pool_uuid))), node_capacity=s.node_capacity)
+
+    def commit(self):
+        """Make every change so far durable, atomically; returns the transaction id."""
+        check(lib.cb_pool_commit(self._handle()))
+        return self.stats().transaction_id
+
+    def resize(self, data_size):
+        """Grow the data file to data_size bytes (pools only grow)."""
+        _uint("data size", data_size)
+        check(lib.cb_pool_resize(self._handle(), data_size))
+
+    def resize_metadata(self, metadata_size):
+        """Grow the metadata capacity to metadata_size bytes."""
+        _uint("metadata size", metadata_size)
+        check(lib.cb_pool_resize_metadata(self._handle(), metadata_size))
+
+    def check(self):
+        """Verify all metadata (like thin_check); commits first when writable."""
+        summary = ffi.new("cb_check_summary *")
+        report = ffi.new("char **")
+        check(lib.cb_pool_check(self._handle(), summary, report))
+        try:
+            text = ffi.string(report[0]).decode("utf-8", "replace")
+        finally:
+            lib.cb_free(report[0])
+        lines = text.splitlines()
+        errs = [ln for ln in lines if ln.startswith("error: ")]
+        leaks = [ln for ln in lines if ln.startswith("leak: ")]
+        return CheckReport(ok=summary.errors == 0 and summary.leaks == 0, errors=errs,
+                           leaks=leaks, error_count=summary.errors, leak_count=summary.leaks,
+                           nodes_checked=summary.nodes_checked,
+                           blocks_checked=summary.blocks_checked)
+
+    def _counters(self):
+        w, v = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        lib.cb_pool_counters(self._handle(), w, v)
+        return w[0], v[0]
+
+    def __repr__(self):
+        state = "closed" if self._h is None else ("read-only" if self.read_only else "open")
+        return f"<cowblock.Pool {self.path!r} {state}>"

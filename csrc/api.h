@@ -1,0 +1,110 @@
+/*
+ * The C core's public API: what the Python layer calls through cffi.
+ *
+ * This file is also the cffi cdef (csrc/build_ffi.py reads it), so it holds
+ * plain declarations only.  Every int-returning call returns 0 (or a count)
+ * on success and a negative errno on failure; cb_last_error() then gives a
+ * message for the calling thread naming what went wrong.
+ *
+ * Errors: -EINVAL bad argument, -ENOENT unknown device, -EEXIST, -EROFS
+ * write to a read-only device or pool, -ENOSPC data or metadata space
+ * exhausted, -EUCLEAN corrupt metadata, -EIO an I/O error (the pool turns
+ * read-only and needs check), -EBUSY, -ENOMEM.
+ */
+
+typedef struct cb_pool cb_pool;
+
+typedef struct {
+    uint32_t data_block_size;
+    uint32_t node_capacity;
+    uint64_t nr_data_blocks;
+    uint64_t data_used;
+    uint64_t data_free;          /* blocks free now, including ones freed this transaction */
+    uint64_t nr_meta_blocks;
+    uint64_t meta_used;
+    uint64_t meta_reserve;       /* blocks kept back so a commit always fits */
+    uint64_t transaction_id;     /* last committed */
+    uint64_t created_ns;
+    uint32_t nr_devices;
+    uint32_t snap_time;
+    uint32_t needs_check;
+    uint32_t read_only;          /* opened read-only, or turned read-only by an I/O error */
+    uint32_t dirty;              /* uncommitted changes exist */
+    uint32_t commits_waited;     /* internal counter: commits done to free space */
+    uint8_t pool_uuid[16];
+} cb_stats;
+
+typedef struct {
+    uint32_t id;
+    uint32_t flags;
+    uint64_t size;
+    uint64_t mapped_blocks;
+    uint64_t created_ns;
+    uint64_t transaction_id;
+    uint32_t origin_id;
+    uint32_t creation_time;
+    uint32_t snap_time;
+    uint32_t catalog_len;
+    uint8_t uuid[16];
+} cb_devinfo;
+
+typedef struct {
+    uint64_t begin;    /* first virtual block */
+    uint64_t length;   /* blocks */
+    uint32_t kind;     /* block status: 0 unmapped, 1 mapped, 2 mapped and shared;
+                          diff: 1 left_only, 2 right_only, 3 different, 4 same */
+    uint32_t padding;
+} cb_range;
+
+typedef struct {
+    uint64_t blocks_checked;
+    uint64_t nodes_checked;
+    uint64_t errors;
+    uint64_t leaks;
+} cb_check_summary;
+
+const char *cb_last_error(void);
+void cb_free(void *p);
+
+int cb_pool_create(const char *dir, uint64_t data_size, uint32_t block_size,
+                   uint64_t meta_size, uint32_t node_capacity, const uint8_t *uuid16);
+int cb_pool_open(const char *dir, int read_only, cb_pool **out);
+int cb_pool_close(cb_pool *p);
+int cb_pool_commit(cb_pool *p);
+int cb_pool_clear_needs_check(cb_pool *p);
+int cb_pool_stats(cb_pool *p, cb_stats *out);
+int cb_pool_resize(cb_pool *p, uint64_t data_size);
+int cb_pool_resize_metadata(cb_pool *p, uint64_t meta_size);
+int cb_pool_list(cb_pool *p, uint32_t *ids, uint32_t cap);
+int cb_pool_check(cb_pool *p, cb_check_summary *summary, char **report);
+int cb_pool_diff(cb_pool *p, uint32_t a, uint32_t b, int with_same,
+                 cb_range **out, uint64_t *count);
+
+int cb_dev_create(cb_pool *p, uint64_t size, const uint8_t *uuid16,
+                  const void *catalog, uint32_t catalog_len, uint32_t *id_out);
+int cb_dev_snapshot(cb_pool *p, uint32_t origin, uint32_t flags, const uint8_t *uuid16,
+                    const void *catalog, uint32_t catalog_len, uint32_t *id_out);
+int cb_dev_delete(cb_pool *p, uint32_t id);
+int cb_dev_info(cb_pool *p, uint32_t id, cb_devinfo *out);
+int cb_dev_catalog(cb_pool *p, uint32_t id, void *buf, uint32_t cap);
+int cb_dev_set_catalog(cb_pool *p, uint32_t id, const void *catalog, uint32_t len);
+int cb_dev_set_flags(cb_pool *p, uint32_t id, uint32_t flags);
+int cb_dev_resize(cb_pool *p, uint32_t id, uint64_t size);
+int cb_dev_usage(cb_pool *p, uint32_t id, uint64_t *exclusive, uint64_t *shared);
+
+int64_t cb_dev_read(cb_pool *p, uint32_t id, void *buf, uint64_t len, uint64_t off);
+int64_t cb_dev_write(cb_pool *p, uint32_t id, const void *buf, uint64_t len, uint64_t off);
+int cb_dev_discard(cb_pool *p, uint32_t id, uint64_t off, uint64_t len);
+int cb_dev_write_zeroes(cb_pool *p, uint32_t id, uint64_t off, uint64_t len, int may_unmap);
+int cb_dev_block_status(cb_pool *p, uint32_t id, uint64_t off, uint64_t len,
+                        cb_range **out, uint64_t *count);
+
+/* The I/O seam's fault injection, for tests.  mode 0: off.  mode 1: power
+ * cut at the Nth write or fsync (counted from this call): every write not yet
+ * fsynced is lost (keep_last = 0) or all but the last one are lost
+ * (keep_last = 1), then every further I/O fails with EIO.  mode 2: the Nth
+ * write or fsync fails with EIO.  Returns the number of I/O operations
+ * counted since the last call. */
+int64_t cb_fault_set(int mode, int64_t nth, int keep_last);
+/* Debug counters: metadata blocks written and read (verified) since open. */
+int cb_pool_counters(cb_pool *p, uint64_t *meta_written, uint64_t *meta_verified);

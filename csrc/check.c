@@ -1,0 +1,310 @@
+/*
+ * check: a metadata fsck in the spirit of thin_check.
+ *
+ * It reads the committed metadata from scratch (checksums re-verified,
+ * whatever was verified before) and recomputes every reference count from
+ * what references it:
+ *  - metadata blocks: the two superblock slots, every space map page, every
+ *    b-tree node once per parent node (or device) that points at it, every
+ *    catalog block;
+ *  - data blocks: once per distinct mapping leaf that holds them (a shared
+ *    leaf holds its blocks once, as in dm-thin).
+ * It then compares them with the stored counts: a stored count above the
+ * references is a leak, below them an error (a block could be handed out
+ * twice).  It also checks the b-tree invariants (sorted keys, keys inside
+ * their parent's bounds, uniform leaf depth), each device's mapped-block
+ * count and size bound, and the space map counters.
+ *
+ * The caller holds the pool lock exclusively and has committed.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cowblock.h"
+
+struct checker {
+    cb_pool *p;
+    struct cb_meta *m;
+    uint32_t *meta_refs;      /* expected counts */
+    uint32_t *data_refs;
+    uint8_t *visited;         /* nodes already walked */
+    uint64_t *entries;        /* entries below each visited node */
+    char *report;
+    size_t len, cap;
+    uint64_t lines;
+    cb_check_summary *sum;
+};
+
+static void say(struct checker *c, bool leak, const char *fmt, ...)
+{
+    if (leak)
+        c->sum->leaks++;
+    else
+        c->sum->errors++;
+    if (c->lines++ >= 1000)
+        return; /* counted, not listed */
+    char line[600];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    size_t need = c->len + (size_t)n + 16;
+    if (need > c->cap) {
+        size_t cap = need * 2;
+        char *r = realloc(c->report, cap);
+        if (!r)
+            return;
+        c->report = r;
+        c->cap = cap;
+    }
+    c->len += (size_t)sprintf(c->report + c->len, "%s: %s\n", leak ? "leak" : "error", line);
+}
+
+/* Verify a committed block from the file, not from the verified cache. */
+static const uint8_t *read_block(struct checker *c, uint32_t b, uint32_t t1, uint32_t t2,
+                                 const char *what)
+{
+    if (b < 2 || b >= c->m->nr_blocks) {
+        say(c, false, "%s points at metadata block %u, outside 2..%llu", what, b,
+            (unsigned long long)c->m->nr_blocks - 1);
+        return NULL;
+    }
+    c->m->verified[b >> 3] &= (uint8_t)~(1u << (b & 7));
+    int err = 0;
+    const uint8_t *blk = meta_read(c->m, b, t1, t2, &err);
+    if (!blk)
+        say(c, false, "%s: %s", what, cb_last_error());
+    c->sum->blocks_checked++;
+    return blk;
+}
+
+static void ref_meta(struct checker *c, uint32_t b)
+{
+    if (b < c->m->nr_blocks)
+        c->meta_refs[b]++;
+}
+
+/* Walk a node below bounds [lo, hi); returns its entry count (memoized). */
+static uint64_t walk(struct checker *c, uint32_t b, uint32_t leaf_type, uint64_t lo, uint64_t hi,
+                     int depth, int *leaf_depth, const char *owner)
+{
+    char what[128];
+    snprintf(what, sizeof what, "%s, node %u", owner, b);
+    if (depth > 32) {
+        say(c, false, "%s: tree deeper than 32 levels (a cycle?)", what);
+        return 0;
+    }
+    if (b < c->m->nr_blocks && (c->visited[b >> 3] & (1u << (b & 7))))
+        return c->entries[b];
+    const uint8_t *n = read_block(c, b, CB_BT_INTERNAL, leaf_type, what);
+    if (!n)
+        return 0;
+    c->visited[b >> 3] |= (uint8_t)(1u << (b & 7));
+    c->sum->nodes_checked++;
+    uint32_t nr = node_hdr(n)->nr_entries;
+    const uint32_t *keys = node_keys(n);
+    bool internal = node_hdr(n)->h.type == CB_BT_INTERNAL;
+    if (nr == 0)
+        say(c, false, "%s: empty node", what);
+    uint64_t count = 0;
+    for (uint32_t i = 0; i < nr; i++) {
+        if (i > 0 && keys[i] <= keys[i - 1])
+            say(c, false, "%s: keys not sorted: key %u at %u follows %u", what, keys[i], i,
+                keys[i - 1]);
+        if (keys[i] < lo || keys[i] >= hi)
+            if (!(internal && i == 0 && keys[i] < lo)) /* a root's first bound may be lower */
+                say(c, false, "%s: key %u outside its parent's range [%llu, %llu)", what, keys[i],
+                    (unsigned long long)lo, (unsigned long long)hi);
+    }
+    if (internal) {
+        for (uint32_t i = 0; i < nr; i++) {
+            uint32_t child = node_u32_values(n)[i];
+            ref_meta(c, child);
+            uint64_t clo = keys[i] > lo ? keys[i] : lo;
+            uint64_t chi = i + 1 < nr ? keys[i + 1] : hi;
+            count += walk(c, child, leaf_type, clo, chi, depth + 1, leaf_depth, owner);
+        }
+    } else {
+        if (*leaf_depth < 0)
+            *leaf_depth = depth;
+        else if (*leaf_depth != depth)
+            say(c, false, "%s: leaf at depth %d, others at %d (tree unbalanced)", what, depth,
+                *leaf_depth);
+        if (leaf_type == CB_BT_MAP_LEAF) {
+            for (uint32_t i = 0; i < nr; i++) {
+                uint32_t v = node_u32_values(n)[i];
+                if (v >= c->m->sb.nr_data_blocks)
+                    say(c, false, "%s: virtual block %u maps to data block %u, past the end of the "
+                        "pool (%llu blocks)", what, keys[i], v,
+                        (unsigned long long)c->m->sb.nr_data_blocks);
+                else
+                    c->data_refs[v]++;
+            }
+        }
+        count = nr;
+    }
+    c->entries[b] = count;
+    return count;
+}
+
+static void check_devices(struct checker *c)
+{
+    uint32_t root = c->m->sb.device_root;
+    uint64_t in_tree = 0;
+    if (root) {
+        ref_meta(c, root);
+        int leaf_depth = -1;
+        in_tree = walk(c, root, CB_BT_DEV_LEAF, 0, (uint64_t)UINT32_MAX + 1, 0, &leaf_depth,
+                       "device-details tree");
+    }
+    if (in_tree != c->p->nr_devices)
+        say(c, false, "device-details tree holds %llu devices, %u are loaded",
+            (unsigned long long)in_tree, c->p->nr_devices);
+    for (uint32_t id = 0; id < c->p->devs_cap; id++) {
+        struct cb_dev *d = c->p->devs[id];
+        if (!d)
+            continue;
+        struct cb_dev_detail stored;
+        int r = bt_lookup(c->m, root, id, &stored, sizeof stored);
+        if (r != 1)
+            say(c, false, "device %u is not in the device-details tree", id);
+        else if (memcmp(&stored, &d->d, sizeof stored))
+            say(c, false, "device %u: its committed details differ from the loaded ones", id);
+        if (id >= c->m->sb.next_dev_id)
+            say(c, false, "device %u: id not below next_dev_id %u", id, c->m->sb.next_dev_id);
+        if (d->d.catalog_block) {
+            ref_meta(c, d->d.catalog_block);
+            char what[64];
+            snprintf(what, sizeof what, "device %u catalog", id);
+            read_block(c, d->d.catalog_block, CB_BT_CATALOG, CB_BT_CATALOG, what);
+        }
+        uint64_t mapped = 0;
+        if (d->d.mapping_root) {
+            char owner[64];
+            snprintf(owner, sizeof owner, "device %u mapping tree", id);
+            ref_meta(c, d->d.mapping_root);
+            int leaf_depth = -1;
+            uint64_t nblocks = (d->d.size + c->p->block_size - 1) >> c->p->block_shift;
+            mapped = walk(c, d->d.mapping_root, CB_BT_MAP_LEAF, 0, nblocks, 0, &leaf_depth, owner);
+        }
+        if (mapped != d->d.mapped_blocks)
+            say(c, false, "device %u: mapped-block count says %llu, its tree holds %llu", id,
+                (unsigned long long)d->d.mapped_blocks, (unsigned long long)mapped);
+    }
+}
+
+/* Walk a space map's pages.  Pass 1 (compare false) verifies and counts
+ * the pages themselves; pass 2 compares the stored counts with the expected
+ * ones, which are complete only after both space maps had their pass 1. */
+static void walk_space_map(struct checker *c, struct cb_sm *sm, const uint32_t *expected,
+                           const char *name, bool compare)
+{
+    const uint64_t E = CB_SM_ENTRIES;
+    uint64_t nonzero = 0, nb = sm->nr_blocks;
+    uint32_t root = *sm->root;
+    const struct cb_sm_page *rp = NULL;
+    char what[96];
+    if (root) {
+        if (!compare)
+            ref_meta(c, root);
+        snprintf(what, sizeof what, "%s space map root", name);
+        rp = (const void *)read_block(c, root, CB_BT_SM_INDEX, CB_BT_SM_INDEX, what);
+    }
+    for (uint64_t i0 = 0; i0 * E * E < nb; i0++) {
+        const struct cb_sm_page *ip = NULL;
+        if (rp && rp->entries[i0]) {
+            if (!compare)
+                ref_meta(c, rp->entries[i0]);
+            snprintf(what, sizeof what, "%s space map index %llu", name, (unsigned long long)i0);
+            ip = (const void *)read_block(c, rp->entries[i0], CB_BT_SM_INDEX, CB_BT_SM_INDEX, what);
+        }
+        for (uint64_t i1 = 0; i1 < E && (i0 * E + i1) * E < nb; i1++) {
+            const struct cb_sm_page *refs = NULL;
+            if (ip && ip->entries[i1]) {
+                if (!compare)
+                    ref_meta(c, ip->entries[i1]);
+                snprintf(what, sizeof what, "%s space map page %llu", name,
+                         (unsigned long long)(i0 * E + i1));
+                refs = (const void *)read_block(c, ip->entries[i1], CB_BT_SM_REFS, CB_BT_SM_REFS,
+                                                what);
+            }
+            if (!compare)
+                continue;
+            uint64_t base = (i0 * E + i1) * E;
+            uint32_t page_nonzero = 0;
+            for (uint64_t k = 0; k < E; k++) {
+                uint64_t b = base + k;
+                uint32_t stored = refs ? refs->entries[k] : 0;
+                if (b >= nb) {
+                    if (stored)
+                        say(c, false, "%s space map counts block %llu past its end", name,
+                            (unsigned long long)b);
+                    continue;
+                }
+                page_nonzero += stored != 0;
+                uint32_t want = expected[b];
+                if (stored > want)
+                    say(c, true, "%s block %llu: reference count %u, but %u references found",
+                        name, (unsigned long long)b, stored, want);
+                else if (stored < want)
+                    say(c, false, "%s block %llu: reference count %u, but %u references found "
+                        "(it could be handed out twice)", name, (unsigned long long)b, stored, want);
+            }
+            if (refs && page_nonzero != refs->nr_nonzero)
+                say(c, false, "%s space map page %llu: says %u non-zero counts, holds %u", name,
+                    (unsigned long long)(i0 * E + i1), refs->nr_nonzero, page_nonzero);
+            nonzero += page_nonzero;
+        }
+    }
+    if (compare && nonzero != *sm->used)
+        say(c, false, "%s space map: superblock says %llu blocks used, the counts say %llu", name,
+            (unsigned long long)*sm->used, (unsigned long long)nonzero);
+}
+
+int cb_pool_check(cb_pool *p, cb_check_summary *sum, char **report)
+{
+    memset(sum, 0, sizeof *sum);
+    *report = NULL;
+    pthread_rwlock_wrlock(&p->lock);
+    int r = 0;
+    if (!p->read_only && !p->failed)
+        r = pool_commit_locked(p);
+    if (r) {
+        pthread_rwlock_unlock(&p->lock);
+        return r;
+    }
+    struct checker c = {.p = p, .m = &p->m, .sum = sum};
+    uint64_t nm = p->m.nr_blocks, nd = p->m.sb.nr_data_blocks;
+    c.meta_refs = calloc(nm, sizeof *c.meta_refs);
+    c.data_refs = calloc(nd, sizeof *c.data_refs);
+    c.visited = calloc((nm + 7) / 8, 1);
+    c.entries = calloc(nm, sizeof *c.entries);
+    if (!c.meta_refs || !c.data_refs || !c.visited || !c.entries) {
+        r = cb_err(ENOMEM, "out of memory checking %llu metadata and %llu data blocks",
+                   (unsigned long long)nm, (unsigned long long)nd);
+        goto out;
+    }
+    c.meta_refs[0] = c.meta_refs[1] = 1;
+    check_devices(&c);
+    for (int pass = 0; pass < 2; pass++) {
+        walk_space_map(&c, &p->m.dsm, c.data_refs, "data", pass == 1);
+        walk_space_map(&c, &p->m.msm, c.meta_refs, "metadata", pass == 1);
+    }
+    sum->blocks_checked += nd;
+    *report = c.report;
+    c.report = NULL;
+    if (!*report && !(*report = calloc(1, 1)))
+        r = cb_err(ENOMEM, "out of memory");
+out:
+    free(c.meta_refs);
+    free(c.data_refs);
+    free(c.visited);
+    free(c.entries);
+    free(c.report);
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}

@@ -1,0 +1,209 @@
+/* Internal declarations shared by the C core's modules. */
+#ifndef COWBLOCK_INTERNAL_H
+#define COWBLOCK_INTERNAL_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "format.h"
+#include "api.h"
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "cowblock's on-disk format is little-endian; this host is not"
+#endif
+
+#ifndef EUCLEAN
+#define EUCLEAN 117
+#endif
+
+/* ---- errors (errors.c) ---- */
+/* Record a message for the calling thread and return -err. */
+int cb_err(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* ---- checksum (crc32c.c) ---- */
+uint32_t cb_crc32c(uint32_t crc, const void *buf, size_t len);
+uint32_t cb_block_csum(const void *block, uint32_t type);
+
+/* ---- the I/O seam (io.c): every persistent write goes through here ---- */
+struct cb_file {
+    int fd;
+    const char *name;   /* "data" or "metadata", for messages */
+};
+int io_pwrite(struct cb_file *f, const void *buf, size_t len, uint64_t off);
+int io_pwritev(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off);
+int io_write_zeroes(struct cb_file *f, uint64_t off, uint64_t len);
+int io_fsync(struct cb_file *f);
+int io_truncate(struct cb_file *f, uint64_t size);
+int io_punch_hole(struct cb_file *f, uint64_t off, uint64_t len);
+
+/* ---- growable vector of u32 ---- */
+struct u32vec {
+    uint32_t *v;
+    size_t n, cap;
+};
+int u32vec_push(struct u32vec *vec, uint32_t x);
+
+/* ---- space maps (sm.c) ---- */
+struct cb_meta;
+struct cb_sm {
+    uint32_t *root;            /* points into the in-memory superblock */
+    uint64_t *used;            /* ditto: count of non-zero entries */
+    uint64_t nr_blocks;        /* capacity */
+    uint64_t alloc_hint;
+    uint8_t *busy;             /* bitmap: allocated or freed this transaction */
+    uint64_t busy_bits;
+    struct u32vec busy_list;   /* which bits to clear at commit */
+    uint64_t freed_this_txn;   /* blocks freed but not reusable before commit */
+};
+int sm_init(struct cb_sm *sm, uint32_t *root, uint64_t *used, uint64_t nr_blocks);
+void sm_destroy(struct cb_sm *sm);
+int sm_grow(struct cb_sm *sm, uint64_t nr_blocks);
+int sm_get(struct cb_meta *m, struct cb_sm *sm, uint64_t b, uint32_t *out);
+int sm_set(struct cb_meta *m, struct cb_sm *sm, uint64_t b, uint32_t v);
+int sm_inc(struct cb_meta *m, struct cb_sm *sm, uint64_t b);
+/* Decrement; *now_zero tells whether the block just became free. */
+int sm_dec(struct cb_meta *m, struct cb_sm *sm, uint64_t b, bool *now_zero);
+/* Find a block with count 0 that was not freed in this transaction, and mark
+ * it busy.  Does not set its count. -ENOSPC when there is none. */
+int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out);
+void sm_commit_done(struct cb_sm *sm);
+
+/* ---- metadata block manager (meta.c) ----
+ * Committed blocks are read through a read-only mmap of the metadata file and
+ * verified once each (a bitmap remembers which).  A block allocated in the
+ * running transaction lives in a malloc()ed buffer until commit writes it.
+ * Only such new blocks are ever written: committed blocks are immutable, and
+ * that is the whole crash-safety argument (see docs/FORMAT.md).
+ */
+struct cb_meta {
+    struct cb_file file;
+    uint8_t *map;
+    uint64_t map_len;
+    uint64_t nr_blocks;
+    uint8_t **dirty;           /* [nr_blocks]: buffer of a block new this txn, else NULL */
+    uint8_t *verified;         /* bitmap: checksum verified since open */
+    struct u32vec dirty_list;
+    struct cb_superblock sb;   /* in-memory superblock of the running transaction */
+    struct cb_sm msm;          /* metadata space map */
+    struct cb_sm dsm;          /* data space map */
+    uint64_t reserve;          /* metadata blocks kept for commits */
+    uint32_t leaf_max, internal_max, dev_leaf_max;
+    bool read_only;
+    uint64_t blocks_written, blocks_verified;
+};
+/* A committed or new block, verified: NULL and an error if corrupt. */
+const uint8_t *meta_read(struct cb_meta *m, uint32_t b, uint32_t t1, uint32_t t2, int *err);
+/* Allocate a new block (count 1), zeroed, writable until commit; its number
+ * is stored in *slot before it is counted (see sm.c). */
+uint8_t *meta_new(struct cb_meta *m, uint32_t type, uint32_t *slot, int *err);
+/* The first half of meta_new: a zeroed new block, not yet counted. */
+uint8_t *meta_alloc_uncounted(struct cb_meta *m, uint32_t type, uint32_t *b_out, int *err);
+/* Writable copy of block *b: the same block if new this txn and unshared,
+ * else a copy.  If the original was shared, inc_children is called on the
+ * copy so that it holds its own references. *b is updated. */
+typedef int (*meta_inc_fn)(struct cb_meta *m, const uint8_t *block);
+uint8_t *meta_shadow(struct cb_meta *m, uint32_t *slot, uint32_t t1, uint32_t t2,
+                     meta_inc_fn inc_children, int *err);
+bool meta_is_new(struct cb_meta *m, uint32_t b);
+/* Free check: would this many new blocks fit above the reserve? */
+int meta_reserve_check(struct cb_meta *m, uint64_t blocks);
+int meta_inc(struct cb_meta *m, uint32_t b);
+int meta_dec(struct cb_meta *m, uint32_t b, bool *now_free);
+int meta_open(struct cb_meta *m, int fd, bool read_only);
+int meta_format(struct cb_meta *m, int fd, uint64_t nr_blocks, uint32_t block_size,
+                uint64_t nr_data_blocks, uint32_t node_capacity, const uint8_t *uuid);
+int meta_commit(struct cb_meta *m, struct cb_file *data, bool data_dirty);
+int meta_grow(struct cb_meta *m, uint64_t nr_blocks);
+int meta_persist_needs_check(struct cb_meta *m);
+void meta_close(struct cb_meta *m);
+void meta_set_capacities(struct cb_meta *m);
+
+/* ---- b-trees (btree.c) ---- */
+struct bt_ctx {
+    struct cb_meta *m;
+    uint32_t leaf_type;        /* CB_BT_MAP_LEAF or CB_BT_DEV_LEAF */
+};
+int bt_lookup(struct cb_meta *m, uint32_t root, uint32_t key, void *value, uint32_t vsize);
+int bt_insert(struct bt_ctx *c, uint32_t *root, uint32_t key, const void *value,
+              void *old_value, bool *replaced);
+int bt_remove(struct bt_ctx *c, uint32_t *root, uint32_t key, void *old_value);
+/* Remove [begin, end); *removed gets the number of entries removed. */
+int bt_remove_range(struct bt_ctx *c, uint32_t *root, uint32_t begin, uint64_t end,
+                    uint64_t *removed);
+/* Drop one reference to a tree; frees what it alone held. */
+int bt_dec_tree(struct bt_ctx *c, uint32_t root);
+int bt_inc_values(struct cb_meta *m, const uint8_t *node);
+
+/* A read-only cursor over a mapping tree. shared_path says whether any node
+ * above the current leaf (or the leaf) has a count above 1. */
+struct bt_cursor {
+    struct cb_meta *m;
+    const uint8_t *leaf;
+    uint32_t leaf_block;
+    uint32_t pos;
+    uint32_t nr;
+    bool shared_path;
+};
+/* Position at the first entry with key >= key. Returns 1 if positioned, 0 if
+ * no such entry, negative on error. */
+int bt_seek(struct bt_cursor *cur, uint32_t root, uint32_t key, bool want_sharing);
+int bt_next(struct bt_cursor *cur, uint32_t root, bool want_sharing);
+uint32_t bt_cur_key(const struct bt_cursor *cur);
+uint32_t bt_cur_value(const struct bt_cursor *cur);
+
+/* node accessors */
+static inline struct cb_node_header *node_hdr(const uint8_t *n) { return (struct cb_node_header *)n; }
+static inline uint32_t *node_keys(const uint8_t *n) { return (uint32_t *)(n + sizeof(struct cb_node_header)); }
+static inline uint8_t *node_values(const uint8_t *n)
+{
+    return (uint8_t *)(n + sizeof(struct cb_node_header) + 4u * node_hdr(n)->max_entries);
+}
+static inline uint32_t *node_u32_values(const uint8_t *n) { return (uint32_t *)node_values(n); }
+
+/* ---- the pool (pool.c, device.c, dataio.c) ---- */
+struct cb_dev {
+    uint32_t id;
+    struct cb_dev_detail d;
+    uint8_t *catalog;          /* full catalog bytes (d.catalog_len) */
+    bool changed;              /* detail must be written back at commit */
+};
+
+struct cb_pool {
+    pthread_rwlock_t lock;     /* metadata: read for lookups and in-place I/O, write for changes */
+    pthread_mutex_t commit_lock;
+    int dirfd;
+    struct cb_file data;
+    uint8_t *data_map;         /* read-only shared mmap of the data file */
+    uint64_t data_map_len;
+    struct cb_meta m;
+    struct cb_dev **devs;      /* indexed by id */
+    uint32_t devs_cap;
+    uint32_t nr_devices;
+    bool dirty;                /* metadata changed since commit */
+    bool data_dirty;           /* data written since commit */
+    bool failed;               /* an I/O error: read-only until checked */
+    bool read_only;
+    uint32_t block_size;
+    uint32_t block_shift;
+    uint32_t commits_waited;
+};
+
+struct cb_dev *pool_dev(cb_pool *p, uint32_t id);
+int pool_commit_locked(cb_pool *p);
+int pool_fail(cb_pool *p, int err);
+int pool_writable(cb_pool *p);
+void dev_free(struct cb_dev *d);
+int dev_load_all(cb_pool *p);
+int dev_write_back(cb_pool *p);
+int dev_zero_range_locked(cb_pool *p, struct cb_dev *d, uint64_t off, uint64_t len);
+int cb_range_push(cb_range **v, uint64_t *n, uint64_t *cap, uint64_t begin, uint64_t len,
+                  uint32_t kind);
+
+#endif

@@ -1,0 +1,423 @@
+/*
+ * The data path: reads, writes, discards and block status of thin devices.
+ *
+ * Reads take the pool lock shared, walk the mapping tree with a cursor and
+ * copy straight out of the data file's mapping; unmapped blocks read as
+ * zeroes.
+ *
+ * A write is split into per-block pieces.  For each piece:
+ *  - fast path (lock shared): the block is mapped and nothing shares it (no
+ *    node on its path has a count above 1, the data block's count is 1):
+ *    write in place, no metadata change.
+ *  - slow path (lock exclusive): allocate a new data block, fill it (the old
+ *    block's bytes around the piece when it was mapped, zeroes when it was
+ *    not, so a recycled block never shows its past), and only then insert
+ *    the mapping: a reader never sees a mapping to unwritten data.  A piece
+ *    that covers the whole block copies nothing.
+ * When the pool has no free block but blocks were freed in this transaction,
+ * commit and try again (freed blocks become reusable at commit), as dm-thin
+ * does; then fail with ENOSPC having changed nothing.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "cowblock.h"
+
+static const uint8_t zeroes[65536];
+
+static int range_check(cb_pool *p, struct cb_dev *d, uint32_t id, const char *op, uint64_t off,
+                       uint64_t len)
+{
+    (void)p;
+    if (!d)
+        return cb_err(ENOENT, "no device with id %u", id);
+    if (off > d->d.size || len > d->d.size - off)
+        return cb_err(EINVAL, "%s of %llu bytes at offset %llu is past the end of the device "
+                      "(%llu bytes)", op, (unsigned long long)len, (unsigned long long)off,
+                      (unsigned long long)d->d.size);
+    return 0;
+}
+
+static int bad_block(cb_pool *p, uint32_t blk)
+{
+    return cb_err(EUCLEAN, "metadata is corrupt: a mapping names data block %u, past the end of "
+                  "the pool (%llu blocks)", blk, (unsigned long long)p->m.sb.nr_data_blocks);
+}
+
+int64_t cb_dev_read(cb_pool *p, uint32_t id, void *buf, uint64_t len, uint64_t off)
+{
+    pthread_rwlock_rdlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    int r = range_check(p, d, id, "read", off, len);
+    if (r || len == 0)
+        goto out;
+    uint8_t *dst = buf;
+    uint64_t pos = off, end = off + len, bs = p->block_size;
+    struct bt_cursor cur = {.m = &p->m};
+    int have = d->d.mapping_root ? bt_seek(&cur, d->d.mapping_root, (uint32_t)(pos >> p->block_shift), false) : 0;
+    while (pos < end) {
+        if (have < 0) {
+            r = have;
+            goto out;
+        }
+        uint64_t vb = pos >> p->block_shift, boff = pos & (bs - 1);
+        uint64_t n = bs - boff < end - pos ? bs - boff : end - pos;
+        while (have == 1 && bt_cur_key(&cur) < vb)
+            have = bt_next(&cur, d->d.mapping_root, false);
+        if (have == 1 && bt_cur_key(&cur) == vb) {
+            uint32_t blk = bt_cur_value(&cur);
+            if (blk >= p->m.sb.nr_data_blocks) {
+                r = bad_block(p, blk);
+                goto out;
+            }
+            memcpy(dst, p->data_map + ((uint64_t)blk << p->block_shift) + boff, n);
+        } else if (have >= 0) {
+            memset(dst, 0, n);
+        }
+        dst += n;
+        pos += n;
+    }
+    if (have < 0)
+        r = have;
+out:
+    pthread_rwlock_unlock(&p->lock);
+    return r ? r : (int64_t)len;
+}
+
+/* Where vb maps, and whether the device may write it in place.
+ * Returns 1 mapped, 0 unmapped, negative on error. */
+static int lookup(cb_pool *p, struct cb_dev *d, uint32_t vb, uint32_t *blk, bool *exclusive)
+{
+    *exclusive = false;
+    if (!d->d.mapping_root)
+        return 0;
+    struct bt_cursor cur = {.m = &p->m};
+    int r = bt_seek(&cur, d->d.mapping_root, vb, true);
+    if (r != 1 || bt_cur_key(&cur) != vb)
+        return r < 0 ? r : 0;
+    *blk = bt_cur_value(&cur);
+    if (*blk >= p->m.sb.nr_data_blocks)
+        return bad_block(p, *blk);
+    if (!cur.shared_path) {
+        uint32_t ref;
+        if ((r = sm_get(&p->m, &p->m.dsm, *blk, &ref)) != 0)
+            return r;
+        *exclusive = ref == 1;
+    }
+    return 1;
+}
+
+static int write_in_place(cb_pool *p, uint32_t blk, uint64_t boff, const void *src, uint64_t n)
+{
+    uint64_t at = ((uint64_t)blk << p->block_shift) + boff;
+    int r = src ? io_pwrite(&p->data, src, n, at) : io_write_zeroes(&p->data, at, n);
+    if (!r)
+        __atomic_store_n(&p->data_dirty, true, __ATOMIC_RELAXED);
+    return r;
+}
+
+/* Write len bytes at byte at of the data file: from src, or zeroes. */
+static int put(cb_pool *p, uint64_t at, const void *src, uint64_t len)
+{
+    if (!len)
+        return 0;
+    return src ? io_pwrite(&p->data, src, len, at) : io_write_zeroes(&p->data, at, len);
+}
+
+/* Fill new block nb: the old block's bytes (or zeroes when unmapped) around
+ * [boff, boff + n), src (or zeroes) inside.  One pwritev when the zeroes fit
+ * the static buffer, else piece by piece. */
+static int fill_new_block(cb_pool *p, uint32_t nb, bool mapped, uint32_t old, uint64_t boff,
+                          const void *src, uint64_t n)
+{
+    uint64_t bs = p->block_size, base = (uint64_t)nb << p->block_shift, tail = bs - boff - n;
+    const uint8_t *old_bytes = mapped ? p->data_map + ((uint64_t)old << p->block_shift) : NULL;
+    bool zero_fits = (mapped || (boff <= sizeof zeroes && tail <= sizeof zeroes)) &&
+                     (src || n <= sizeof zeroes);
+    if (!zero_fits) {
+        int r = put(p, base, old_bytes, boff);
+        if (!r)
+            r = put(p, base + boff, src, n);
+        if (!r)
+            r = put(p, base + boff + n, old_bytes ? old_bytes + boff + n : NULL, tail);
+        return r;
+    }
+    struct iovec iov[3];
+    int cnt = 0;
+    if (boff)
+        iov[cnt++] = (struct iovec){old_bytes ? (void *)old_bytes : (void *)zeroes, boff};
+    iov[cnt++] = (struct iovec){src ? (void *)src : (void *)zeroes, n};
+    if (tail)
+        iov[cnt++] = (struct iovec){old_bytes ? (void *)(old_bytes + boff + n) : (void *)zeroes, tail};
+    return io_pwritev(&p->data, iov, cnt, base);
+}
+
+static int alloc_data_block(cb_pool *p, uint32_t *nb)
+{
+    uint64_t b;
+    int r = sm_find_free(&p->m, &p->m.dsm, &b);
+    if (r == -ENOSPC && p->m.dsm.freed_this_txn > 0) {
+        /* Blocks freed in this transaction become reusable once it commits. */
+        if ((r = pool_commit_locked(p)) != 0)
+            return r;
+        p->commits_waited++;
+        r = sm_find_free(&p->m, &p->m.dsm, &b);
+    }
+    if (r == -ENOSPC)
+        return cb_err(ENOSPC, "the pool is out of data space: all %llu blocks are in use; grow it "
+                      "with resize", (unsigned long long)p->m.sb.nr_data_blocks);
+    if (r)
+        return r;
+    *nb = (uint32_t)b;
+    return 0;
+}
+
+/* One piece of a write inside block vb, with the write lock held.  src NULL
+ * writes zeroes; skip_unmapped leaves an unmapped block unmapped (it reads
+ * as zeroes already). */
+static int write_piece_locked(cb_pool *p, struct cb_dev *d, uint32_t vb, uint64_t boff,
+                              const void *src, uint64_t n, bool skip_unmapped)
+{
+    uint32_t old = 0, nb;
+    bool exclusive;
+    int mapped = lookup(p, d, vb, &old, &exclusive);
+    if (mapped < 0)
+        return mapped;
+    if (mapped && exclusive)
+        return write_in_place(p, old, boff, src, n);
+    if (!mapped && skip_unmapped)
+        return 0;
+    int r = meta_reserve_check(&p->m, 32);
+    if (!r)
+        r = alloc_data_block(p, &nb);
+    if (r)
+        return r;
+    /* Fill, then count and map: the write lock keeps commits out meanwhile.
+     * On failure nb stays busy until the next commit and nothing refers to it. */
+    if ((r = fill_new_block(p, nb, mapped, old, boff, src, n)) != 0)
+        return r;
+    p->data_dirty = true;
+    struct bt_ctx c = {&p->m, CB_BT_MAP_LEAF};
+    uint32_t replaced_value;
+    bool replaced;
+    if ((r = sm_set(&p->m, &p->m.dsm, nb, 1)) != 0 ||
+        (r = bt_insert(&c, &d->d.mapping_root, vb, &nb, &replaced_value, &replaced)) != 0)
+        return pool_fail(p, r);
+    if (replaced) {
+        bool z;
+        if ((r = sm_dec(&p->m, &p->m.dsm, replaced_value, &z)) != 0)
+            return pool_fail(p, r);
+    } else {
+        d->d.mapped_blocks++;
+    }
+    d->changed = true;
+    p->dirty = true;
+    return 0;
+}
+
+/* Write [off, off + len) of device d, src NULL for zeroes.  Takes the lock
+ * per piece: shared for in-place pieces, exclusive for the others. */
+static int write_range(cb_pool *p, uint32_t id, const void *src, uint64_t len, uint64_t off,
+                       bool skip_unmapped)
+{
+    const uint8_t *s = src;
+    uint64_t pos = off, end = off + len, bs = p->block_size;
+    while (pos < end) {
+        uint32_t vb = (uint32_t)(pos >> p->block_shift);
+        uint64_t boff = pos & (bs - 1);
+        uint64_t n = bs - boff < end - pos ? bs - boff : end - pos;
+        pthread_rwlock_rdlock(&p->lock);
+        struct cb_dev *d = pool_dev(p, id);
+        int r = !d ? cb_err(ENOENT, "no device with id %u", id) : pool_writable(p);
+        uint32_t blk = 0;
+        bool exclusive = false;
+        int mapped = r ? r : lookup(p, d, vb, &blk, &exclusive);
+        if (mapped == 1 && exclusive)
+            r = write_in_place(p, blk, boff, s, n);
+        else if (mapped == 0 && skip_unmapped)
+            r = 0;
+        else
+            r = mapped < 0 ? mapped : 1;
+        pthread_rwlock_unlock(&p->lock);
+        if (r == 1) {
+            pthread_rwlock_wrlock(&p->lock);
+            d = pool_dev(p, id);
+            r = !d ? cb_err(ENOENT, "no device with id %u", id) : pool_writable(p);
+            if (!r)
+                r = write_piece_locked(p, d, vb, boff, s, n, skip_unmapped);
+            pthread_rwlock_unlock(&p->lock);
+        }
+        if (r)
+            return r;
+        pos += n;
+        if (s)
+            s += n;
+    }
+    return 0;
+}
+
+static int check_write(cb_pool *p, uint32_t id, const char *op, uint64_t off, uint64_t len)
+{
+    pthread_rwlock_rdlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    int r = range_check(p, d, id, op, off, len);
+    if (!r)
+        r = pool_writable(p);
+    if (!r && (d->d.flags & CB_DEV_READ_ONLY))
+        r = cb_err(EROFS, "device %u is read-only", id);
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+int64_t cb_dev_write(cb_pool *p, uint32_t id, const void *buf, uint64_t len, uint64_t off)
+{
+    int r = check_write(p, id, "write", off, len);
+    if (!r)
+        r = write_range(p, id, buf, len, off, false);
+    return r ? r : (int64_t)len;
+}
+
+/* Unmap whole blocks [first, last). Write lock held. */
+static int unmap_blocks_locked(cb_pool *p, struct cb_dev *d, uint64_t first, uint64_t last)
+{
+    struct bt_ctx c = {&p->m, CB_BT_MAP_LEAF};
+    const uint64_t chunk = 64;
+    for (uint64_t b = first; b < last; b += chunk) {
+        uint64_t e = b + chunk < last ? b + chunk : last, removed = 0;
+        int r = meta_reserve_check(&p->m, 3 * chunk + 32);
+        if (r)
+            return r;
+        if ((r = bt_remove_range(&c, &d->d.mapping_root, (uint32_t)b, e, &removed)) != 0)
+            return pool_fail(p, r);
+        if (removed) {
+            d->d.mapped_blocks -= removed;
+            d->changed = true;
+            p->dirty = true;
+        }
+    }
+    return 0;
+}
+
+/* Whole blocks inside [off, off + len); the device's last, partial block
+ * counts as whole when the range reaches the end of the device. */
+static void whole_blocks(cb_pool *p, struct cb_dev *d, uint64_t off, uint64_t len, uint64_t *first,
+                         uint64_t *last)
+{
+    uint64_t bs = p->block_size, end = off + len;
+    *first = (off + bs - 1) >> p->block_shift;
+    *last = (end == d->d.size ? end + bs - 1 : end) >> p->block_shift;
+    if (*last < *first)
+        *last = *first;
+}
+
+int cb_dev_discard(cb_pool *p, uint32_t id, uint64_t off, uint64_t len)
+{
+    int r = check_write(p, id, "discard", off, len);
+    if (r)
+        return r;
+    pthread_rwlock_wrlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    r = d ? pool_writable(p) : cb_err(ENOENT, "no device with id %u", id);
+    if (!r) {
+        uint64_t first, last;
+        whole_blocks(p, d, off, len, &first, &last);
+        r = unmap_blocks_locked(p, d, first, last);
+    }
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+/* Zero [off, off + len) of d with the write lock held: unmap whole blocks,
+ * write zeroes into mapped partial ones. */
+int dev_zero_range_locked(cb_pool *p, struct cb_dev *d, uint64_t off, uint64_t len)
+{
+    uint64_t first, last, bs = p->block_size, end = off + len;
+    whole_blocks(p, d, off, len, &first, &last);
+    int r = unmap_blocks_locked(p, d, first, last);
+    uint64_t head_end = first << p->block_shift < end ? first << p->block_shift : end;
+    if (!r && off < head_end)
+        r = write_piece_locked(p, d, (uint32_t)(off >> p->block_shift), off & (bs - 1), NULL,
+                               head_end - off, true);
+    uint64_t tail_start = last << p->block_shift;
+    if (!r && tail_start < end && tail_start >= head_end)
+        r = write_piece_locked(p, d, (uint32_t)last, 0, NULL, end - tail_start, true);
+    return r;
+}
+
+int cb_dev_write_zeroes(cb_pool *p, uint32_t id, uint64_t off, uint64_t len, int may_unmap)
+{
+    int r = check_write(p, id, "write_zeroes", off, len);
+    if (r || len == 0)
+        return r;
+    if (!may_unmap)
+        return write_range(p, id, NULL, len, off, false);
+    pthread_rwlock_wrlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    r = d ? pool_writable(p) : cb_err(ENOENT, "no device with id %u", id);
+    if (!r)
+        r = dev_zero_range_locked(p, d, off, len);
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+int cb_range_push(cb_range **v, uint64_t *n, uint64_t *cap, uint64_t begin, uint64_t len,
+                      uint32_t kind)
+{
+    if (*n && (*v)[*n - 1].kind == kind && (*v)[*n - 1].begin + (*v)[*n - 1].length == begin) {
+        (*v)[*n - 1].length += len;
+        return 0;
+    }
+    if (*n == *cap) {
+        uint64_t c = *cap ? *cap * 2 : 64;
+        cb_range *nv = realloc(*v, c * sizeof *nv);
+        if (!nv)
+            return cb_err(ENOMEM, "out of memory for %llu ranges", (unsigned long long)c);
+        *v = nv;
+        *cap = c;
+    }
+    (*v)[(*n)++] = (cb_range){begin, len, kind, 0};
+    return 0;
+}
+
+int cb_dev_block_status(cb_pool *p, uint32_t id, uint64_t off, uint64_t len, cb_range **out,
+                        uint64_t *count)
+{
+    *out = NULL;
+    *count = 0;
+    pthread_rwlock_rdlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    int r = range_check(p, d, id, "block status", off, len);
+    if (r || len == 0)
+        goto out;
+    uint64_t first = off >> p->block_shift, last = (off + len - 1) >> p->block_shift, cap = 0;
+    uint64_t vb = first;
+    struct bt_cursor cur = {.m = &p->m};
+    int have = d->d.mapping_root ? bt_seek(&cur, d->d.mapping_root, (uint32_t)first, true) : 0;
+    while (vb <= last && r == 0) {
+        if (have < 0) {
+            r = have;
+            break;
+        }
+        uint64_t key = have == 1 ? bt_cur_key(&cur) : last + 1;
+        if (key > vb) { /* a hole up to the next mapping */
+            uint64_t hole_end = key < last + 1 ? key : last + 1;
+            r = cb_range_push(out, count, &cap, vb, hole_end - vb, 0);
+            vb = hole_end;
+            continue;
+        }
+        uint32_t ref = 1;
+        if (!cur.shared_path && (r = sm_get(&p->m, &p->m.dsm, bt_cur_value(&cur), &ref)) != 0)
+            break;
+        r = cb_range_push(out, count, &cap, vb, 1, cur.shared_path || ref > 1 ? 2 : 1);
+        vb++;
+        have = bt_next(&cur, d->d.mapping_root, true);
+    }
+out:
+    pthread_rwlock_unlock(&p->lock);
+    if (r) {
+        free(*out);
+        *out = NULL;
+        *count = 0;
+    }
+    return r;
+}

@@ -1,0 +1,454 @@
+/*
+ * Thin devices: the in-memory device table and the operations that create,
+ * snapshot, change and delete devices.
+ *
+ * Every device is loaded into memory at open (struct cb_dev, indexed by id)
+ * and changed there; commit writes the changed details back into the
+ * device-details b-tree (dev_write_back), as dm-thin does.  The device, not
+ * the tree entry, owns one reference to its mapping root and to its
+ * overflow catalog block.
+ *
+ * Each operation here commits before it returns, so a create, snapshot,
+ * delete or rename is durable when the call returns.  Each checks first
+ * that metadata space is there for it (meta_reserve_check); a failure after
+ * it started changing metadata turns the pool read-only (pool_fail), since
+ * a half-made change must never be committed.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cowblock.h"
+
+static struct bt_ctx dev_tree(cb_pool *p) { return (struct bt_ctx){&p->m, CB_BT_DEV_LEAF}; }
+static struct bt_ctx map_tree(cb_pool *p) { return (struct bt_ctx){&p->m, CB_BT_MAP_LEAF}; }
+
+struct cb_dev *pool_dev(cb_pool *p, uint32_t id)
+{
+    return id < p->devs_cap ? p->devs[id] : NULL;
+}
+
+static int no_device(uint32_t id) { return cb_err(ENOENT, "no device with id %u", id); }
+
+void dev_free(struct cb_dev *d)
+{
+    if (d) {
+        free(d->catalog);
+        free(d);
+    }
+}
+
+static int dev_slot(cb_pool *p, uint32_t id)
+{
+    if (id < p->devs_cap)
+        return 0;
+    uint32_t cap = p->devs_cap ? p->devs_cap : 64;
+    while (cap <= id)
+        cap *= 2;
+    struct cb_dev **v = realloc(p->devs, cap * sizeof *v);
+    if (!v)
+        return cb_err(ENOMEM, "out of memory for %u devices", cap);
+    memset(v + p->devs_cap, 0, (cap - p->devs_cap) * sizeof *v);
+    p->devs = v;
+    p->devs_cap = cap;
+    return 0;
+}
+
+static int add_dev(cb_pool *p, uint32_t id, const struct cb_dev_detail *d, const uint8_t *cat)
+{
+    int r = dev_slot(p, id);
+    if (r)
+        return r;
+    struct cb_dev *dev = calloc(1, sizeof *dev);
+    uint8_t *c = malloc(d->catalog_len ? d->catalog_len : 1);
+    if (!dev || !c) {
+        free(dev);
+        free(c);
+        return cb_err(ENOMEM, "out of memory loading device %u", id);
+    }
+    dev->id = id;
+    dev->d = *d;
+    memcpy(c, cat, d->catalog_len);
+    dev->catalog = c;
+    p->devs[id] = dev;
+    p->nr_devices++;
+    return 0;
+}
+
+static int load_leaf_entry(cb_pool *p, uint32_t id, const struct cb_dev_detail *d)
+{
+    const uint8_t *cat = d->catalog;
+    int err = 0;
+    if (d->catalog_len > CB_CATALOG_MAX)
+        return cb_err(EUCLEAN, "device %u is corrupt: catalog length %u exceeds %zu", id,
+                      d->catalog_len, (size_t)CB_CATALOG_MAX);
+    if (d->catalog_len > CB_CATALOG_INLINE) {
+        const struct cb_catalog_block *cb = (const void *)meta_read(&p->m, d->catalog_block,
+                                                                    CB_BT_CATALOG, CB_BT_CATALOG, &err);
+        if (!cb)
+            return err;
+        if (cb->len != d->catalog_len)
+            return cb_err(EUCLEAN, "device %u is corrupt: catalog block %u holds %u bytes, the "
+                          "device says %u", id, d->catalog_block, cb->len, d->catalog_len);
+        cat = cb->bytes;
+    }
+    if (d->size % 4096 || (d->size >> p->block_shift) > ((uint64_t)1 << 32))
+        return cb_err(EUCLEAN, "device %u is corrupt: size %llu", id, (unsigned long long)d->size);
+    return add_dev(p, id, d, cat);
+}
+
+static int load_node(cb_pool *p, uint32_t b, int depth)
+{
+    int err = 0;
+    if (depth > 32)
+        return cb_err(EUCLEAN, "device-details tree is corrupt: deeper than 32 levels at block %u", b);
+    const uint8_t *n = meta_read(&p->m, b, CB_BT_INTERNAL, CB_BT_DEV_LEAF, &err);
+    if (!n)
+        return err;
+    uint32_t nr = node_hdr(n)->nr_entries;
+    for (uint32_t i = 0; i < nr && !err; i++) {
+        if (node_hdr(n)->h.type == CB_BT_INTERNAL)
+            err = load_node(p, node_u32_values(n)[i], depth + 1);
+        else
+            err = load_leaf_entry(p, node_keys(n)[i],
+                                  (const void *)(node_values(n) + i * sizeof(struct cb_dev_detail)));
+    }
+    return err;
+}
+
+int dev_load_all(cb_pool *p)
+{
+    return p->m.sb.device_root ? load_node(p, p->m.sb.device_root, 0) : 0;
+}
+
+int dev_write_back(cb_pool *p)
+{
+    struct bt_ctx c = dev_tree(p);
+    for (uint32_t i = 0; i < p->devs_cap; i++) {
+        struct cb_dev *d = p->devs[i];
+        if (!d || !d->changed)
+            continue;
+        bool replaced;
+        int r = bt_insert(&c, &p->m.sb.device_root, d->id, &d->d, NULL, &replaced);
+        if (r)
+            return r;
+        d->changed = false;
+    }
+    return 0;
+}
+
+/* Store a device's catalog: inline in the detail, or in its own block. */
+static int set_catalog(cb_pool *p, struct cb_dev *d, const void *cat, uint32_t len)
+{
+    if (len > CB_CATALOG_MAX)
+        return cb_err(EINVAL, "device catalog of %u bytes is larger than %zu (names and labels "
+                      "too long)", len, (size_t)CB_CATALOG_MAX);
+    uint8_t *copy = malloc(len ? len : 1);
+    if (!copy)
+        return cb_err(ENOMEM, "out of memory");
+    memcpy(copy, cat, len);
+    int err = 0;
+    if (len <= CB_CATALOG_INLINE) {
+        if (d->d.catalog_block && (err = meta_dec(&p->m, d->d.catalog_block, NULL)) != 0)
+            goto fail;
+        d->d.catalog_block = 0;
+        memset(d->d.catalog, 0, sizeof d->d.catalog);
+        memcpy(d->d.catalog, cat, len);
+    } else {
+        struct cb_catalog_block *cb;
+        if (d->d.catalog_block && meta_is_new(&p->m, d->d.catalog_block)) {
+            cb = (void *)p->m.dirty[d->d.catalog_block];
+        } else {
+            uint32_t old = d->d.catalog_block;
+            if (!(cb = (void *)meta_new(&p->m, CB_BT_CATALOG, &d->d.catalog_block, &err)))
+                goto fail;
+            if (old && (err = meta_dec(&p->m, old, NULL)) != 0)
+                goto fail;
+        }
+        memset(cb->bytes, 0, sizeof cb->bytes);
+        memcpy(cb->bytes, cat, len);
+        cb->len = len;
+        memset(d->d.catalog, 0, sizeof d->d.catalog);
+    }
+    free(d->catalog);
+    d->catalog = copy;
+    d->d.catalog_len = len;
+    d->changed = true;
+    p->dirty = true;
+    return 0;
+fail:
+    free(copy);
+    return err;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int check_size(cb_pool *p, uint64_t size)
+{
+    if (size == 0 || size % 4096)
+        return cb_err(EINVAL, "device size %llu is not a positive multiple of 4096",
+                      (unsigned long long)size);
+    if (((size + p->block_size - 1) >> p->block_shift) > ((uint64_t)1 << 32))
+        return cb_err(EINVAL, "device size %llu is more than 2^32 blocks of %u",
+                      (unsigned long long)size, p->block_size);
+    return 0;
+}
+
+/* Make a device; the caller holds the write lock and has checked space. */
+static int new_device(cb_pool *p, const struct cb_dev_detail *tmpl, const void *cat, uint32_t len,
+                      uint32_t *id_out)
+{
+    uint32_t id = p->m.sb.next_dev_id;
+    if (id >= (1u << 24))
+        return cb_err(ENOSPC, "device ids are exhausted (dm-thin's 24 bits)");
+    struct cb_dev_detail d = *tmpl;
+    d.catalog_len = 0;
+    d.catalog_block = 0;
+    int r = add_dev(p, id, &d, NULL);
+    if (r)
+        return r;
+    p->m.sb.next_dev_id++;
+    p->dirty = true;
+    if ((r = set_catalog(p, p->devs[id], cat, len)) != 0) {
+        dev_free(p->devs[id]);
+        p->devs[id] = NULL;
+        p->nr_devices--;
+        return r;
+    }
+    *id_out = id;
+    return 0;
+}
+
+int cb_dev_create(cb_pool *p, uint64_t size, const uint8_t *uuid16, const void *catalog,
+                  uint32_t catalog_len, uint32_t *id_out)
+{
+    pthread_rwlock_wrlock(&p->lock);
+    int r = pool_writable(p);
+    if (!r)
+        r = check_size(p, size);
+    if (!r)
+        r = meta_reserve_check(&p->m, 16);
+    if (r)
+        goto out;
+    struct cb_dev_detail d;
+    memset(&d, 0, sizeof d);
+    d.size = size;
+    d.created_ns = now_ns();
+    d.transaction_id = p->m.sb.transaction_id + 1;
+    d.creation_time = d.snap_time = p->m.sb.snap_time;
+    memcpy(d.uuid, uuid16, 16);
+    if ((r = new_device(p, &d, catalog, catalog_len, id_out)) == 0)
+        r = pool_commit_locked(p);
+out:
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+int cb_dev_snapshot(cb_pool *p, uint32_t origin, uint32_t flags, const uint8_t *uuid16,
+                    const void *catalog, uint32_t catalog_len, uint32_t *id_out)
+{
+    pthread_rwlock_wrlock(&p->lock);
+    struct cb_dev *o = pool_dev(p, origin);
+    int r = pool_writable(p);
+    if (!r && !o)
+        r = no_device(origin);
+    if (!r)
+        r = meta_reserve_check(&p->m, 16);
+    if (r)
+        goto out;
+    if (p->m.sb.snap_time + 1 >= (1u << 24)) {
+        r = cb_err(ENOSPC, "snapshot time counter is exhausted (dm-thin's 24 bits)");
+        goto out;
+    }
+    /* The snapshot shares the origin's whole tree: one reference, no walk. */
+    if (o->d.mapping_root && (r = meta_inc(&p->m, o->d.mapping_root)) != 0) {
+        r = pool_fail(p, r);
+        goto out;
+    }
+    p->m.sb.snap_time++;
+    struct cb_dev_detail d = o->d;
+    d.flags = flags;
+    d.created_ns = now_ns();
+    d.transaction_id = p->m.sb.transaction_id + 1;
+    d.origin_id = origin;
+    d.creation_time = d.snap_time = p->m.sb.snap_time;
+    memcpy(d.uuid, uuid16, 16);
+    o->d.snap_time = p->m.sb.snap_time;
+    o->changed = true;
+    if ((r = new_device(p, &d, catalog, catalog_len, id_out)) != 0) {
+        r = pool_fail(p, r);
+        goto out;
+    }
+    r = pool_commit_locked(p);
+out:
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+int cb_dev_delete(cb_pool *p, uint32_t id)
+{
+    pthread_rwlock_wrlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    int r = pool_writable(p);
+    if (!r && !d)
+        r = no_device(id);
+    /* Freeing touches a space map page per CB_SM_ENTRIES blocks at most. */
+    if (!r)
+        r = meta_reserve_check(&p->m, 2 * (d->d.mapped_blocks / CB_SM_ENTRIES) + 32);
+    if (r)
+        goto out;
+    struct bt_ctx mc = map_tree(p), dc = dev_tree(p);
+    if ((r = bt_dec_tree(&mc, d->d.mapping_root)) != 0 ||
+        (d->d.catalog_block && (r = meta_dec(&p->m, d->d.catalog_block, NULL)) != 0) ||
+        (r = bt_remove(&dc, &p->m.sb.device_root, id, NULL)) < 0) {
+        r = pool_fail(p, r);
+        goto out;
+    }
+    dev_free(d);
+    p->devs[id] = NULL;
+    p->nr_devices--;
+    p->dirty = true;
+    r = pool_commit_locked(p);
+out:
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+int cb_dev_info(cb_pool *p, uint32_t id, cb_devinfo *out)
+{
+    pthread_rwlock_rdlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    int r = 0;
+    if (!d) {
+        r = no_device(id);
+    } else {
+        out->id = id;
+        out->flags = d->d.flags;
+        out->size = d->d.size;
+        out->mapped_blocks = d->d.mapped_blocks;
+        out->created_ns = d->d.created_ns;
+        out->transaction_id = d->d.transaction_id;
+        out->origin_id = d->d.origin_id;
+        out->creation_time = d->d.creation_time;
+        out->snap_time = d->d.snap_time;
+        out->catalog_len = d->d.catalog_len;
+        memcpy(out->uuid, d->d.uuid, 16);
+    }
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+int cb_dev_catalog(cb_pool *p, uint32_t id, void *buf, uint32_t cap)
+{
+    pthread_rwlock_rdlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    int r;
+    if (!d) {
+        r = no_device(id);
+    } else {
+        memcpy(buf, d->catalog, d->d.catalog_len < cap ? d->d.catalog_len : cap);
+        r = (int)d->d.catalog_len;
+    }
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+int cb_dev_set_catalog(cb_pool *p, uint32_t id, const void *catalog, uint32_t len)
+{
+    pthread_rwlock_wrlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    int r = pool_writable(p);
+    if (!r && !d)
+        r = no_device(id);
+    if (!r)
+        r = meta_reserve_check(&p->m, 8);
+    if (!r && (r = set_catalog(p, d, catalog, len)) == 0)
+        r = pool_commit_locked(p);
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+int cb_dev_set_flags(cb_pool *p, uint32_t id, uint32_t flags)
+{
+    pthread_rwlock_wrlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    int r = pool_writable(p);
+    if (!r && !d)
+        r = no_device(id);
+    if (!r)
+        r = meta_reserve_check(&p->m, 8);
+    if (!r) {
+        d->d.flags = flags;
+        d->changed = true;
+        p->dirty = true;
+        r = pool_commit_locked(p);
+    }
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+int cb_dev_resize(cb_pool *p, uint32_t id, uint64_t size)
+{
+    pthread_rwlock_wrlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    int r = pool_writable(p);
+    if (!r && !d)
+        r = no_device(id);
+    if (!r)
+        r = check_size(p, size);
+    if (!r)
+        r = meta_reserve_check(&p->m, 64);
+    if (r)
+        goto out;
+    if (size < d->d.size) {
+        /* Drop every block past the new end; zero the tail of a block the new
+         * end cuts, so that growing again reads zeroes there. */
+        uint64_t first_gone = (size + p->block_size - 1) >> p->block_shift;
+        uint64_t removed = 0;
+        struct bt_ctx mc = map_tree(p);
+        if ((r = bt_remove_range(&mc, &d->d.mapping_root, (uint32_t)first_gone,
+                                 (uint64_t)UINT32_MAX + 1, &removed)) != 0) {
+            r = pool_fail(p, r);
+            goto out;
+        }
+        d->d.mapped_blocks -= removed;
+        uint64_t cut_end = first_gone << p->block_shift;
+        if (cut_end > size && (r = dev_zero_range_locked(p, d, size, cut_end - size)) != 0)
+            goto out;
+    }
+    d->d.size = size;
+    d->changed = true;
+    p->dirty = true;
+    r = pool_commit_locked(p);
+out:
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+int cb_dev_usage(cb_pool *p, uint32_t id, uint64_t *exclusive, uint64_t *shared)
+{
+    pthread_rwlock_rdlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    int r = d ? 0 : no_device(id);
+    *exclusive = *shared = 0;
+    if (!r && d->d.mapping_root) {
+        struct bt_cursor cur = {.m = &p->m};
+        for (r = bt_seek(&cur, d->d.mapping_root, 0, true); r == 1;
+             r = bt_next(&cur, d->d.mapping_root, true)) {
+            uint32_t ref = 1;
+            if (!cur.shared_path && (r = sm_get(&p->m, &p->m.dsm, bt_cur_value(&cur), &ref)) != 0)
+                break;
+            if (cur.shared_path || ref > 1)
+                (*shared)++;
+            else
+                (*exclusive)++;
+        }
+    }
+    pthread_rwlock_unlock(&p->lock);
+    return r < 0 ? r : 0;
+}

@@ -1,0 +1,240 @@
+/*
+ * The I/O seam: every write, fsync and size change of a pool file goes
+ * through these functions, so that tests can cut the power or fail an
+ * operation at any point.
+ *
+ * Fault injection (cb_fault_set) is process-wide and meant for tests:
+ *  - power cut at the Nth operation: every write made since the last fsync
+ *    of its file is undone (its old bytes put back from an undo log kept
+ *    while the mode is on), or all but the most recent one with keep_last,
+ *    which models a disk that reordered writes; then every later operation
+ *    fails with EIO, as if the machine were gone.
+ *  - fail the Nth operation with EIO, once.
+ * When injection is off the only cost is one relaxed load per call.
+ */
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cowblock.h"
+
+enum { FAULT_OFF, FAULT_POWER_CUT, FAULT_FAIL };
+
+struct undo_rec {
+    int fd;
+    uint64_t off;
+    size_t len;
+    uint8_t *old;
+};
+
+static pthread_mutex_t fault_lock = PTHREAD_MUTEX_INITIALIZER;
+static int fault_mode;
+static int64_t fault_nth;
+static int64_t fault_count;
+static int fault_keep_last;
+static bool dead;
+static struct undo_rec *undo;
+static size_t undo_n, undo_cap;
+
+static void undo_clear_fd(int fd)
+{
+    size_t j = 0;
+    for (size_t i = 0; i < undo_n; i++) {
+        if (undo[i].fd == fd)
+            free(undo[i].old);
+        else
+            undo[j++] = undo[i];
+    }
+    undo_n = j;
+}
+
+static void undo_all(void)
+{
+    size_t n = undo_n;
+    if (fault_keep_last && n > 0)
+        n--; /* the newest write reached the disk, the older ones did not */
+    for (size_t i = n; i-- > 0;) {
+        ssize_t r = pwrite(undo[i].fd, undo[i].old, undo[i].len, (off_t)undo[i].off);
+        (void)r;
+    }
+    for (size_t i = 0; i < undo_n; i++)
+        free(undo[i].old);
+    undo_n = 0;
+}
+
+static void undo_record(int fd, uint64_t off, size_t len)
+{
+    if (undo_n == undo_cap) {
+        undo_cap = undo_cap ? undo_cap * 2 : 256;
+        undo = realloc(undo, undo_cap * sizeof *undo);
+        if (!undo)
+            abort(); /* test-only path */
+    }
+    uint8_t *old = malloc(len ? len : 1);
+    if (!old)
+        abort();
+    ssize_t r = pread(fd, old, len, (off_t)off);
+    undo[undo_n++] = (struct undo_rec){fd, off, r > 0 ? (size_t)r : 0, old};
+}
+
+/* Returns 0 to go ahead, or -EIO when this operation is the one that fails. */
+static int fault_gate(struct cb_file *f, const char *op, bool is_write, uint64_t off, size_t len)
+{
+    if (__atomic_load_n(&fault_mode, __ATOMIC_RELAXED) == FAULT_OFF)
+        return 0;
+    pthread_mutex_lock(&fault_lock);
+    int ret = 0;
+    if (dead) {
+        ret = cb_err(EIO, "%s of %s failed: simulated power cut", op, f->name);
+        goto out;
+    }
+    fault_count++;
+    if (fault_mode == FAULT_POWER_CUT) {
+        if (fault_count == fault_nth) {
+            undo_all();
+            dead = true;
+            ret = cb_err(EIO, "%s of %s failed: simulated power cut", op, f->name);
+            goto out;
+        }
+        if (is_write)
+            undo_record(f->fd, off, len);
+    } else if (fault_mode == FAULT_FAIL && fault_count == fault_nth) {
+        ret = cb_err(EIO, "%s of %s failed: injected I/O error", op, f->name);
+    }
+out:
+    pthread_mutex_unlock(&fault_lock);
+    return ret;
+}
+
+static void fault_synced(struct cb_file *f)
+{
+    if (__atomic_load_n(&fault_mode, __ATOMIC_RELAXED) != FAULT_POWER_CUT)
+        return;
+    pthread_mutex_lock(&fault_lock);
+    undo_clear_fd(f->fd);
+    pthread_mutex_unlock(&fault_lock);
+}
+
+int64_t cb_fault_set(int mode, int64_t nth, int keep_last)
+{
+    pthread_mutex_lock(&fault_lock);
+    int64_t counted = fault_count;
+    for (size_t i = 0; i < undo_n; i++)
+        free(undo[i].old);
+    undo_n = 0;
+    fault_mode = mode;
+    fault_nth = nth;
+    fault_keep_last = keep_last;
+    fault_count = 0;
+    dead = false;
+    pthread_mutex_unlock(&fault_lock);
+    return counted;
+}
+
+static int io_error(struct cb_file *f, const char *op, uint64_t off, int err)
+{
+    if (err == ENOSPC || err == EDQUOT)
+        return cb_err(ENOSPC, "%s of %s at byte %llu: the host filesystem is full", op, f->name,
+                      (unsigned long long)off);
+    return cb_err(EIO, "%s of %s at byte %llu failed: %s", op, f->name, (unsigned long long)off,
+                  strerror(err));
+}
+
+int io_pwritev(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off)
+{
+    size_t total = 0;
+    for (int i = 0; i < cnt; i++)
+        total += iov[i].iov_len;
+    int r = fault_gate(f, "write", true, off, total);
+    if (r)
+        return r;
+    while (cnt > 0) {
+        ssize_t n = pwritev(f->fd, iov, cnt > 1024 ? 1024 : cnt, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return io_error(f, "write", off, errno);
+        }
+        off += (uint64_t)n;
+        while (cnt > 0 && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0 && n > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+int io_pwrite(struct cb_file *f, const void *buf, size_t len, uint64_t off)
+{
+    struct iovec iov = {(void *)buf, len};
+    return io_pwritev(f, &iov, 1, off);
+}
+
+static const uint8_t zero_page[65536];
+
+int io_write_zeroes(struct cb_file *f, uint64_t off, uint64_t len)
+{
+    /* Large ranges: let the filesystem zero them (also allocates space). */
+    if (len >= (1u << 20)) {
+        int r = fault_gate(f, "zero", true, off, len);
+        if (r)
+            return r;
+        if (fallocate(f->fd, FALLOC_FL_ZERO_RANGE, (off_t)off, (off_t)len) == 0)
+            return 0;
+        if (errno != EOPNOTSUPP && errno != EINVAL)
+            return io_error(f, "fallocate", off, errno);
+    }
+    while (len > 0) {
+        struct iovec iov[64];
+        int cnt = 0;
+        uint64_t chunk = 0;
+        while (cnt < 64 && chunk < len) {
+            uint64_t n = len - chunk < sizeof zero_page ? len - chunk : sizeof zero_page;
+            iov[cnt++] = (struct iovec){(void *)zero_page, n};
+            chunk += n;
+        }
+        int r = io_pwritev(f, iov, cnt, off);
+        if (r)
+            return r;
+        off += chunk;
+        len -= chunk;
+    }
+    return 0;
+}
+
+int io_fsync(struct cb_file *f)
+{
+    int r = fault_gate(f, "fsync", false, 0, 0);
+    if (r)
+        return r;
+    if (fdatasync(f->fd) != 0)
+        return cb_err(EIO, "fsync of %s failed: %s", f->name, strerror(errno));
+    fault_synced(f);
+    return 0;
+}
+
+int io_truncate(struct cb_file *f, uint64_t size)
+{
+    int r = fault_gate(f, "truncate", false, 0, 0);
+    if (r)
+        return r;
+    if (ftruncate(f->fd, (off_t)size) != 0)
+        return io_error(f, "truncate", size, errno);
+    return 0;
+}
+
+int io_punch_hole(struct cb_file *f, uint64_t off, uint64_t len)
+{
+    int r = fault_gate(f, "punch", true, off, len);
+    if (r)
+        return r;
+    if (fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) != 0)
+        return io_error(f, "punch hole", off, errno);
+    return 0;
+}

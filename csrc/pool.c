@@ -1,0 +1,384 @@
+/*
+ * The pool: files, lifecycle, commit, and pool-wide operations.
+ *
+ * Locking: p->lock is a reader-writer lock over all metadata.  Reads and
+ * overwrites of blocks a device owns alone take it shared; anything that
+ * changes metadata (allocating writes, snapshots, commits) takes it
+ * exclusive.  So a snapshot waits for the writes in flight and every write
+ * after it sees the new sharing: the point-in-time rule.  commit_lock
+ * orders whole commits with pool resizes.
+ *
+ * Failure: after an I/O error on a pool file (a failed fsync above all) the
+ * pool turns read-only for good (p->failed), records needs_check in the
+ * metadata, and every later change fails with EIO: we cannot know which
+ * writes the kernel dropped, so we never retry and paper over it.
+ */
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cowblock.h"
+
+static int open_at(int dirfd, const char *name, int flags, const char *dir)
+{
+    int fd = openat(dirfd, name, flags | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return cb_err(errno == ENOENT ? ENOENT : EIO, "cannot open %s/%s: %s", dir, name,
+                      strerror(errno));
+    return fd;
+}
+
+static int map_data(cb_pool *p)
+{
+    if (p->data_map)
+        munmap(p->data_map, p->data_map_len);
+    p->data_map_len = p->m.sb.nr_data_blocks * p->block_size;
+    p->data_map = mmap(NULL, p->data_map_len, PROT_READ, MAP_SHARED, p->data.fd, 0);
+    if (p->data_map == MAP_FAILED) {
+        p->data_map = NULL;
+        return cb_err(ENOMEM, "cannot map the data file (%llu bytes): %s",
+                      (unsigned long long)p->data_map_len, strerror(errno));
+    }
+    madvise(p->data_map, p->data_map_len, MADV_RANDOM);
+    return 0;
+}
+
+int cb_pool_create(const char *dir, uint64_t data_size, uint32_t block_size, uint64_t meta_size,
+                   uint32_t node_capacity, const uint8_t *uuid16)
+{
+    if (block_size < 4096 || block_size > (1u << 30) || (block_size & (block_size - 1)))
+        return cb_err(EINVAL, "block size %u is not a power of two from 4 KiB to 1 GiB", block_size);
+    if (data_size < block_size || data_size % block_size)
+        return cb_err(EINVAL, "data size %llu is not a positive multiple of the block size %u",
+                      (unsigned long long)data_size, block_size);
+    uint64_t nr_data = data_size / block_size;
+    if (nr_data > CB_MAX_BLOCKS)
+        return cb_err(EINVAL, "data size %llu is %llu blocks, more than a pool holds (%llu)",
+                      (unsigned long long)data_size, (unsigned long long)nr_data,
+                      (unsigned long long)CB_MAX_BLOCKS);
+    if (node_capacity == 1 || node_capacity == 2)
+        return cb_err(EINVAL, "node capacity %u is too small (0 or at least 3)", node_capacity);
+    if (meta_size == 0) { /* 64 bytes per data block, 4 MiB .. 16 GiB; sparse until used */
+        meta_size = nr_data * 64;
+        if (meta_size < (4u << 20))
+            meta_size = 4u << 20;
+        if (meta_size > (16ull << 30))
+            meta_size = 16ull << 30;
+    }
+    if (meta_size % CB_META_BLOCK_SIZE || meta_size < 16 * CB_META_BLOCK_SIZE ||
+        meta_size / CB_META_BLOCK_SIZE > UINT32_MAX)
+        return cb_err(EINVAL, "metadata size %llu is not a multiple of 4096 from 64 KiB to 16 TiB",
+                      (unsigned long long)meta_size);
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+        return cb_err(EIO, "cannot create pool directory %s: %s", dir, strerror(errno));
+    int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dirfd < 0)
+        return cb_err(EIO, "cannot open pool directory %s: %s", dir, strerror(errno));
+    int r = 0, dfd = -1, mfd = -1;
+    struct cb_meta m;
+    memset(&m, 0, sizeof m);
+    dfd = openat(dirfd, "data", O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (dfd < 0) {
+        r = cb_err(errno == EEXIST ? EEXIST : EIO, "cannot create %s/data: %s", dir, strerror(errno));
+        goto out;
+    }
+    mfd = openat(dirfd, "metadata", O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (mfd < 0) {
+        r = cb_err(errno == EEXIST ? EEXIST : EIO, "cannot create %s/metadata: %s", dir,
+                   strerror(errno));
+        goto out;
+    }
+    struct cb_file data = {dfd, "data"};
+    if ((r = io_truncate(&data, data_size)) != 0)
+        goto out;
+    if ((r = meta_format(&m, mfd, meta_size / CB_META_BLOCK_SIZE, block_size, nr_data, node_capacity,
+                         uuid16)) != 0)
+        goto out;
+    if ((r = io_fsync(&data)) != 0)
+        goto out;
+    if (fsync(dirfd) != 0)
+        r = cb_err(EIO, "cannot sync pool directory %s: %s", dir, strerror(errno));
+out:
+    meta_close(&m);
+    if (r && dfd >= 0)
+        unlinkat(dirfd, "data", 0);
+    if (r && mfd >= 0)
+        unlinkat(dirfd, "metadata", 0);
+    if (dfd >= 0)
+        close(dfd);
+    if (mfd >= 0)
+        close(mfd);
+    close(dirfd);
+    return r;
+}
+
+int cb_pool_open(const char *dir, int read_only, cb_pool **out)
+{
+    *out = NULL;
+    cb_pool *p = calloc(1, sizeof *p);
+    if (!p)
+        return cb_err(ENOMEM, "out of memory");
+    p->data.fd = p->m.file.fd = -1;
+    pthread_rwlock_init(&p->lock, NULL);
+    pthread_mutex_init(&p->commit_lock, NULL);
+    p->read_only = true; /* until the open succeeds: close() must not commit */
+    int r = 0;
+    int mode = read_only ? O_RDONLY : O_RDWR;
+    p->dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (p->dirfd < 0) {
+        r = cb_err(ENOENT, "no pool at %s: %s", dir, strerror(errno));
+        goto fail;
+    }
+    int mfd = open_at(p->dirfd, "metadata", mode, dir);
+    if (mfd < 0) {
+        r = mfd;
+        goto fail;
+    }
+    p->m.file.fd = mfd;
+    if ((r = meta_open(&p->m, mfd, read_only)) != 0)
+        goto fail;
+    int dfd = open_at(p->dirfd, "data", mode, dir);
+    if (dfd < 0) {
+        r = dfd;
+        goto fail;
+    }
+    p->data = (struct cb_file){dfd, "data"};
+    p->block_size = p->m.sb.data_block_size;
+    p->block_shift = (uint32_t)__builtin_ctz(p->block_size);
+    struct stat st;
+    if (fstat(dfd, &st) != 0) {
+        r = cb_err(EIO, "cannot stat %s/data: %s", dir, strerror(errno));
+        goto fail;
+    }
+    uint64_t want = p->m.sb.nr_data_blocks * p->block_size;
+    if ((uint64_t)st.st_size < want) {
+        r = cb_err(EUCLEAN, "data file %s/data is truncated: %lld bytes, the metadata says %llu "
+                   "blocks of %u = %llu bytes", dir, (long long)st.st_size,
+                   (unsigned long long)p->m.sb.nr_data_blocks, p->block_size,
+                   (unsigned long long)want);
+        goto fail;
+    }
+    if ((r = map_data(p)) != 0 || (r = dev_load_all(p)) != 0)
+        goto fail;
+    p->read_only = read_only;
+    *out = p;
+    return 0;
+fail:
+    cb_pool_close(p);
+    return r;
+}
+
+int cb_pool_close(cb_pool *p)
+{
+    if (!p)
+        return 0;
+    int r = 0;
+    if (!p->read_only && !p->failed && p->m.map)
+        r = cb_pool_commit(p);
+    for (uint32_t i = 0; i < p->devs_cap; i++)
+        dev_free(p->devs[i]);
+    free(p->devs);
+    if (p->data_map)
+        munmap(p->data_map, p->data_map_len);
+    int mfd = p->m.file.fd;
+    meta_close(&p->m);
+    if (mfd >= 0)
+        close(mfd);
+    if (p->data.fd >= 0)
+        close(p->data.fd);
+    if (p->dirfd >= 0)
+        close(p->dirfd);
+    pthread_rwlock_destroy(&p->lock);
+    pthread_mutex_destroy(&p->commit_lock);
+    free(p);
+    return r;
+}
+
+int pool_fail(cb_pool *p, int err)
+{
+    char why[512];
+    snprintf(why, sizeof why, "%s", cb_last_error());
+    if (!p->failed) {
+        p->failed = true;
+        meta_persist_needs_check(&p->m);
+    }
+    if (err == -ENOSPC || err == -ENOMEM)
+        return cb_err(-err, "%s; the pool is now read-only and needs check", why);
+    return cb_err(EIO, "%s; the pool is now read-only and needs check", why);
+}
+
+int pool_writable(cb_pool *p)
+{
+    if (p->failed)
+        return cb_err(EIO, "the pool hit an I/O error and is read-only until it is checked");
+    if (p->read_only)
+        return cb_err(EROFS, "the pool is open read-only");
+    return 0;
+}
+
+int pool_commit_locked(cb_pool *p)
+{
+    if (p->read_only)
+        return 0;
+    int r = pool_writable(p);
+    if (r)
+        return r;
+    if (!p->dirty) {
+        if (p->data_dirty) {
+            if ((r = io_fsync(&p->data)) != 0)
+                return pool_fail(p, r);
+            p->data_dirty = false;
+        }
+        return 0;
+    }
+    if ((r = dev_write_back(p)) != 0 || (r = meta_commit(&p->m, &p->data, p->data_dirty)) != 0)
+        return pool_fail(p, r);
+    p->dirty = p->data_dirty = false;
+    return 0;
+}
+
+int cb_pool_commit(cb_pool *p)
+{
+    pthread_mutex_lock(&p->commit_lock);
+    pthread_rwlock_wrlock(&p->lock);
+    int r = pool_commit_locked(p);
+    pthread_rwlock_unlock(&p->lock);
+    pthread_mutex_unlock(&p->commit_lock);
+    return r;
+}
+
+int cb_pool_stats(cb_pool *p, cb_stats *s)
+{
+    pthread_rwlock_rdlock(&p->lock);
+    memset(s, 0, sizeof *s);
+    const struct cb_superblock *sb = &p->m.sb;
+    s->data_block_size = p->block_size;
+    s->node_capacity = sb->node_capacity;
+    s->nr_data_blocks = sb->nr_data_blocks;
+    s->data_used = sb->data_used;
+    s->data_free = sb->nr_data_blocks - sb->data_used;
+    s->nr_meta_blocks = sb->nr_meta_blocks;
+    s->meta_used = sb->meta_used;
+    s->meta_reserve = p->m.reserve;
+    s->transaction_id = sb->transaction_id;
+    s->created_ns = sb->created_ns;
+    s->nr_devices = p->nr_devices;
+    s->snap_time = sb->snap_time;
+    s->needs_check = (sb->flags & CB_SB_NEEDS_CHECK) != 0;
+    s->read_only = p->read_only || p->failed;
+    s->dirty = p->dirty || p->data_dirty;
+    s->commits_waited = p->commits_waited;
+    memcpy(s->pool_uuid, sb->pool_uuid, 16);
+    pthread_rwlock_unlock(&p->lock);
+    return 0;
+}
+
+int cb_pool_counters(cb_pool *p, uint64_t *meta_written, uint64_t *meta_verified)
+{
+    *meta_written = p->m.blocks_written;
+    *meta_verified = __atomic_load_n(&p->m.blocks_verified, __ATOMIC_RELAXED);
+    return 0;
+}
+
+int cb_pool_resize(cb_pool *p, uint64_t data_size)
+{
+    pthread_mutex_lock(&p->commit_lock);
+    pthread_rwlock_wrlock(&p->lock);
+    int r = pool_writable(p);
+    uint64_t cur = p->m.sb.nr_data_blocks * p->block_size;
+    if (r)
+        goto out;
+    if (data_size % p->block_size) {
+        r = cb_err(EINVAL, "new data size %llu is not a multiple of the block size %u",
+                   (unsigned long long)data_size, p->block_size);
+        goto out;
+    }
+    if (data_size < cur) {
+        r = cb_err(EINVAL, "new data size %llu is smaller than the current %llu: pools only grow",
+                   (unsigned long long)data_size, (unsigned long long)cur);
+        goto out;
+    }
+    if (data_size / p->block_size > CB_MAX_BLOCKS) {
+        r = cb_err(EINVAL, "new data size %llu is more blocks than a pool holds (%llu)",
+                   (unsigned long long)data_size, (unsigned long long)CB_MAX_BLOCKS);
+        goto out;
+    }
+    if (data_size == cur)
+        goto out;
+    if ((r = io_truncate(&p->data, data_size)) != 0)
+        goto out;
+    if ((r = sm_grow(&p->m.dsm, data_size / p->block_size)) != 0)
+        goto out;
+    p->m.sb.nr_data_blocks = data_size / p->block_size;
+    if ((r = map_data(p)) != 0) {
+        r = pool_fail(p, r);
+        goto out;
+    }
+    p->dirty = true;
+    r = pool_commit_locked(p);
+out:
+    pthread_rwlock_unlock(&p->lock);
+    pthread_mutex_unlock(&p->commit_lock);
+    return r;
+}
+
+int cb_pool_resize_metadata(cb_pool *p, uint64_t meta_size)
+{
+    pthread_mutex_lock(&p->commit_lock);
+    pthread_rwlock_wrlock(&p->lock);
+    int r = pool_writable(p);
+    uint64_t cur = p->m.nr_blocks * CB_META_BLOCK_SIZE;
+    if (r)
+        goto out;
+    if (meta_size % CB_META_BLOCK_SIZE || meta_size < cur ||
+        meta_size / CB_META_BLOCK_SIZE > UINT32_MAX) {
+        r = cb_err(EINVAL, "new metadata size %llu must be a multiple of 4096, at least the "
+                   "current %llu and at most 16 TiB", (unsigned long long)meta_size,
+                   (unsigned long long)cur);
+        goto out;
+    }
+    if (meta_size == cur)
+        goto out;
+    if ((r = meta_grow(&p->m, meta_size / CB_META_BLOCK_SIZE)) != 0) {
+        r = pool_fail(p, r);
+        goto out;
+    }
+    p->dirty = true;
+    r = pool_commit_locked(p);
+out:
+    pthread_rwlock_unlock(&p->lock);
+    pthread_mutex_unlock(&p->commit_lock);
+    return r;
+}
+
+int cb_pool_list(cb_pool *p, uint32_t *ids, uint32_t cap)
+{
+    pthread_rwlock_rdlock(&p->lock);
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < p->devs_cap; i++) {
+        if (p->devs[i]) {
+            if (n < cap)
+                ids[n] = i;
+            n++;
+        }
+    }
+    pthread_rwlock_unlock(&p->lock);
+    return (int)n;
+}
+
+int cb_pool_clear_needs_check(cb_pool *p)
+{
+    pthread_rwlock_wrlock(&p->lock);
+    int r = pool_writable(p);
+    if (!r && (p->m.sb.flags & CB_SB_NEEDS_CHECK)) {
+        p->m.sb.flags &= ~CB_SB_NEEDS_CHECK;
+        p->dirty = true;
+        r = pool_commit_locked(p);
+    }
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}

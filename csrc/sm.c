@@ -1,0 +1,259 @@
+/*
+ * Space maps: persistent 32-bit reference counts, one per block, for the
+ * data blocks and for the metadata blocks.
+ *
+ * Layout: a three-level copy-on-write radix array (format.h, struct
+ * cb_sm_page).  Entry b lives at root[b / E^2] -> index[(b / E) % E] ->
+ * refs[b % E], E = CB_SM_ENTRIES.  A zero pointer stands for a page of zeros,
+ * so a fresh pool's space maps cost nothing.  Pages belong to their space map
+ * alone (count 1) and are shadowed on their first change in a transaction.
+ *
+ * The metadata space map counts its own pages, so changing a count can
+ * allocate a page whose count must be changed.  This terminates because a
+ * page is shadowed at most once per transaction and because every new page
+ * is linked into its parent before it is counted (meta_new's slot argument):
+ * the nested update then finds the page already writable.
+ *
+ * Allocation: a block is free when its count is 0 and it was neither freed
+ * nor allocated in the running transaction (the busy bitmap): the last
+ * commit may still use a block freed since.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "cowblock.h"
+
+#define E ((uint64_t)CB_SM_ENTRIES)
+
+static inline bool busy_test(const struct cb_sm *sm, uint64_t b)
+{
+    return sm->busy[b >> 3] & (1u << (b & 7));
+}
+
+static int busy_set(struct cb_sm *sm, uint64_t b)
+{
+    if (busy_test(sm, b))
+        return 0;
+    sm->busy[b >> 3] |= (uint8_t)(1u << (b & 7));
+    return u32vec_push(&sm->busy_list, (uint32_t)b);
+}
+
+int sm_init(struct cb_sm *sm, uint32_t *root, uint64_t *used, uint64_t nr_blocks)
+{
+    memset(sm, 0, sizeof *sm);
+    sm->root = root;
+    sm->used = used;
+    return sm_grow(sm, nr_blocks);
+}
+
+int sm_grow(struct cb_sm *sm, uint64_t nr_blocks)
+{
+    if (nr_blocks > CB_MAX_BLOCKS)
+        return cb_err(EINVAL, "%llu blocks is more than a space map holds (%llu)",
+                      (unsigned long long)nr_blocks, (unsigned long long)CB_MAX_BLOCKS);
+    uint64_t bytes = (nr_blocks + 7) / 8, old = (sm->busy_bits + 7) / 8;
+    if (bytes > old) {
+        uint8_t *b = realloc(sm->busy, bytes);
+        if (!b)
+            return cb_err(ENOMEM, "out of memory for a space map of %llu blocks",
+                          (unsigned long long)nr_blocks);
+        memset(b + old, 0, bytes - old);
+        sm->busy = b;
+    }
+    sm->busy_bits = nr_blocks;
+    sm->nr_blocks = nr_blocks;
+    return 0;
+}
+
+void sm_destroy(struct cb_sm *sm)
+{
+    free(sm->busy);
+    free(sm->busy_list.v);
+    memset(sm, 0, sizeof *sm);
+}
+
+static int out_of_range(const struct cb_sm *sm, uint64_t b)
+{
+    return cb_err(EUCLEAN, "metadata is corrupt: block %llu is past the end of its space map "
+                  "(%llu blocks)", (unsigned long long)b, (unsigned long long)sm->nr_blocks);
+}
+
+static const struct cb_sm_page *read_page(struct cb_meta *m, uint32_t pb, uint32_t type,
+                                          uint32_t level, int *err)
+{
+    const struct cb_sm_page *p = (const void *)meta_read(m, pb, type, type, err);
+    if (p && p->level != level) {
+        *err = cb_err(EUCLEAN, "metadata block %u is corrupt: space map page level %u, expected %u",
+                      pb, p->level, level);
+        return NULL;
+    }
+    return p;
+}
+
+int sm_get(struct cb_meta *m, struct cb_sm *sm, uint64_t b, uint32_t *out)
+{
+    if (b >= sm->nr_blocks)
+        return out_of_range(sm, b);
+    int err = 0;
+    uint32_t pb = *sm->root;
+    static const uint32_t type[3] = {CB_BT_SM_INDEX, CB_BT_SM_INDEX, CB_BT_SM_REFS};
+    uint64_t idx[3] = {b / (E * E), (b / E) % E, b % E};
+    for (int lvl = 0; lvl < 3; lvl++) {
+        if (pb == 0) {
+            *out = 0;
+            return 0;
+        }
+        const struct cb_sm_page *p = read_page(m, pb, type[lvl], 2 - (uint32_t)lvl, &err);
+        if (!p)
+            return err;
+        pb = p->entries[idx[lvl]];
+    }
+    *out = pb;
+    return 0;
+}
+
+/* The writable page in *slot, made or shadowed as needed. */
+static struct cb_sm_page *writable(struct cb_meta *m, uint32_t *slot, uint32_t type, uint32_t level,
+                                   int *err)
+{
+    struct cb_sm_page *p;
+    if (*slot == 0) { /* fill in the level before counting: counting may read it */
+        uint32_t b;
+        if (!(p = (void *)meta_alloc_uncounted(m, type, &b, err)))
+            return NULL;
+        p->level = level;
+        *slot = b;
+        int r = sm_set(m, &m->msm, b, 1);
+        if (r) {
+            *err = r;
+            return NULL;
+        }
+        return p;
+    }
+    if (meta_is_new(m, *slot))
+        return (void *)m->dirty[*slot];
+    p = (void *)meta_shadow(m, slot, type, type, NULL, err);
+    if (p && p->level != level) {
+        *err = cb_err(EUCLEAN, "metadata block %u is corrupt: space map page level %u, expected %u",
+                      *slot, p->level, level);
+        return NULL;
+    }
+    return p;
+}
+
+int sm_set(struct cb_meta *m, struct cb_sm *sm, uint64_t b, uint32_t v)
+{
+    if (b >= sm->nr_blocks)
+        return out_of_range(sm, b);
+    int err = 0;
+    uint64_t i0 = b / (E * E), i1 = (b / E) % E, i2 = b % E;
+    /* The page pointers held here stay valid across the nested updates
+     * that allocation causes: a page new in this transaction never moves. */
+    struct cb_sm_page *root = writable(m, sm->root, CB_BT_SM_INDEX, 2, &err);
+    if (!root)
+        return err;
+    struct cb_sm_page *index = writable(m, &root->entries[i0], CB_BT_SM_INDEX, 1, &err);
+    if (!index)
+        return err;
+    struct cb_sm_page *refs = writable(m, &index->entries[i1], CB_BT_SM_REFS, 0, &err);
+    if (!refs)
+        return err;
+    uint32_t old = refs->entries[i2];
+    if (old == 0 && v != 0) {
+        refs->entries[i2] = v;
+        refs->nr_nonzero++;
+        (*sm->used)++;
+    } else if (old != 0 && v == 0) {
+        refs->entries[i2] = 0;
+        refs->nr_nonzero--;
+        (*sm->used)--;
+    } else {
+        refs->entries[i2] = v;
+    }
+    return 0;
+}
+
+int sm_inc(struct cb_meta *m, struct cb_sm *sm, uint64_t b)
+{
+    uint32_t v;
+    int r = sm_get(m, sm, b, &v);
+    if (r)
+        return r;
+    if (v == UINT32_MAX)
+        return cb_err(EOVERFLOW, "reference count of block %llu would overflow",
+                      (unsigned long long)b);
+    return sm_set(m, sm, b, v + 1);
+}
+
+int sm_dec(struct cb_meta *m, struct cb_sm *sm, uint64_t b, bool *now_zero)
+{
+    uint32_t v;
+    int r = sm_get(m, sm, b, &v);
+    if (r)
+        return r;
+    if (v == 0)
+        return cb_err(EUCLEAN, "metadata is corrupt: block %llu is referenced but its reference "
+                      "count is already 0", (unsigned long long)b);
+    if ((r = sm_set(m, sm, b, v - 1)) != 0)
+        return r;
+    *now_zero = v == 1;
+    if (v == 1) {
+        sm->freed_this_txn++;
+        return busy_set(sm, b);
+    }
+    return 0;
+}
+
+int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out)
+{
+    if (*sm->used + sm->freed_this_txn >= sm->nr_blocks)
+        return -ENOSPC;
+    uint64_t n = sm->nr_blocks, scanned = 0, b = sm->alloc_hint % n;
+    int err = 0;
+    while (scanned < n) {
+        /* Find the reference page covering b, if any. */
+        uint64_t page_start = b - b % E;
+        uint64_t page_end = page_start + E < n ? page_start + E : n;
+        const struct cb_sm_page *refs = NULL;
+        uint32_t pb = *sm->root;
+        if (pb) {
+            const struct cb_sm_page *p = read_page(m, pb, CB_BT_SM_INDEX, 2, &err);
+            if (!p)
+                return err;
+            pb = p->entries[b / (E * E)];
+            if (pb) {
+                p = read_page(m, pb, CB_BT_SM_INDEX, 1, &err);
+                if (!p)
+                    return err;
+                pb = p->entries[(b / E) % E];
+                if (pb && !(refs = read_page(m, pb, CB_BT_SM_REFS, 0, &err)))
+                    return err;
+            }
+        }
+        if (!refs || refs->nr_nonzero < E) {
+            for (uint64_t x = b; x < page_end; x++) {
+                if ((!refs || refs->entries[x % E] == 0) && !busy_test(sm, x)) {
+                    int r = busy_set(sm, x);
+                    if (r)
+                        return r;
+                    sm->alloc_hint = x + 1;
+                    *out = x;
+                    return 0;
+                }
+            }
+        }
+        scanned += page_end - b;
+        b = page_end == n ? 0 : page_end;
+    }
+    return -ENOSPC;
+}
+
+void sm_commit_done(struct cb_sm *sm)
+{
+    for (size_t i = 0; i < sm->busy_list.n; i++) {
+        uint32_t b = sm->busy_list.v[i];
+        sm->busy[b >> 3] &= (uint8_t)~(1u << (b & 7));
+    }
+    sm->busy_list.n = 0;
+    sm->freed_this_txn = 0;
+}
