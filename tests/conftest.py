@@ -1,0 +1,27 @@
+import pytest
+
+from cowblock import Pool
+
+BLOCK_SIZES = [4096, 65536, 1 << 20]
+
+
+@pytest.fixture
+def pool_dir(tmp_path):
+    return tmp_path / "pool"
+
+
+@pytest.fixture(params=BLOCK_SIZES, ids=["4K", "64K", "1M"])
+def block_size(request):
+    return request.param
+
+
+@pytest.fixture
+def pool(pool_dir, block_size):
+    """A pool of 256 blocks, no background commits; checked clean at the end."""
+    p = Pool.create(pool_dir, 256 * block_size, block_size, commit_interval=0)
+    yield p
+    if p._h is not None:
+        if not p.stats().read_only:
+            report = p.check()
+            assert report.ok, str(report)
+        p.close()
