@@ -20,6 +20,11 @@ class Extent:
     shared: bool = False
 
 
+_from_buffer = ffi.from_buffer
+_read = lib.cb_dev_read
+_write = lib.cb_dev_write
+
+
 def _bad(what, value):
     return errors.InvalidArgumentError(f"{what} {value!r} is not a non-negative integer")
 
@@ -81,29 +86,37 @@ class Device:
         self.readinto(buf, offset)
         return bytes(buf)
 
+    # readinto and pwrite are the hot path: kept to one from_buffer and one C
+    # call, with the closed-pool and argument checks folded into the
+    # exceptions cffi raises anyway.
     def readinto(self, buffer, offset):
         """Fill buffer from offset; returns the number of bytes read."""
         try:
-            p = ffi.from_buffer(buffer, require_writable=True)
-            return check(lib.cb_dev_read(self._h(), self._id, p, len(p), offset))
-        except OverflowError:
-            raise _bad("offset", offset) from None
-        except TypeError:
-            if not isinstance(offset, int):
-                raise _bad("offset", offset) from None
-            raise
+            p = _from_buffer(buffer, require_writable=True)
+            r = _read(self._pool._h, self._id, p, len(p), offset)
+        except (OverflowError, TypeError) as e:
+            raise self._bad_call(e, offset) from None
+        if r < 0:
+            check(r)
+        return r
 
     def pwrite(self, data, offset):
         """Write data at offset (any alignment); returns len(data) in bytes."""
         try:
-            p = ffi.from_buffer(data)
-            return check(lib.cb_dev_write(self._h(), self._id, p, len(p), offset))
-        except OverflowError:
-            raise _bad("offset", offset) from None
-        except TypeError:
-            if not isinstance(offset, int):
-                raise _bad("offset", offset) from None
-            raise
+            p = _from_buffer(data)
+            r = _write(self._pool._h, self._id, p, len(p), offset)
+        except (OverflowError, TypeError) as e:
+            raise self._bad_call(e, offset) from None
+        if r < 0:
+            check(r)
+        return r
+
+    def _bad_call(self, exc, offset):
+        if self._pool._h is None:
+            return errors.PoolClosedError(f"pool {self._pool.path} is closed")
+        if not isinstance(offset, int) or isinstance(exc, OverflowError):
+            return _bad("offset", offset)
+        return exc
 
     def discard(self, offset, length):
         """Unmap the whole blocks inside the range; bytes of blocks it only

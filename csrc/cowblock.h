@@ -187,7 +187,8 @@ struct cb_pool {
     uint32_t devs_cap;
     uint32_t nr_devices;
     bool dirty;                /* metadata changed since commit */
-    bool data_dirty;           /* data written since commit */
+    bool data_dirty;           /* data written since the last data fsync began */
+    uint64_t alloc_gen;        /* +1 per write into a newly allocated block */
     bool failed;               /* an I/O error: read-only until checked */
     bool read_only;
     uint32_t block_size;

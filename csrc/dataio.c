@@ -196,7 +196,8 @@ static int write_piece_locked(cb_pool *p, struct cb_dev *d, uint32_t vb, uint64_
      * On failure nb stays busy until the next commit and nothing refers to it. */
     if ((r = fill_new_block(p, nb, mapped, old, boff, src, n)) != 0)
         return r;
-    p->data_dirty = true;
+    __atomic_store_n(&p->data_dirty, true, __ATOMIC_RELAXED);
+    p->alloc_gen++;
     struct bt_ctx c = {&p->m, CB_BT_MAP_LEAF};
     uint32_t replaced_value;
     bool replaced;
@@ -215,8 +216,10 @@ static int write_piece_locked(cb_pool *p, struct cb_dev *d, uint32_t vb, uint64_
     return 0;
 }
 
-/* Write [off, off + len) of device d, src NULL for zeroes.  Takes the lock
- * per piece: shared for in-place pieces, exclusive for the others. */
+/* Write [off, off + len) of a device, src NULL for zeroes.  Pieces in
+ * blocks the device owns alone are written in place under the shared lock,
+ * runs of them that are contiguous in the data file in one pwrite; any other
+ * piece takes the exclusive lock (write_piece_locked). */
 static int write_range(cb_pool *p, uint32_t id, const void *src, uint64_t len, uint64_t off,
                        bool skip_unmapped)
 {
@@ -225,33 +228,44 @@ static int write_range(cb_pool *p, uint32_t id, const void *src, uint64_t len, u
     while (pos < end) {
         uint32_t vb = (uint32_t)(pos >> p->block_shift);
         uint64_t boff = pos & (bs - 1);
-        uint64_t n = bs - boff < end - pos ? bs - boff : end - pos;
         pthread_rwlock_rdlock(&p->lock);
         struct cb_dev *d = pool_dev(p, id);
         int r = !d ? cb_err(ENOENT, "no device with id %u", id) : pool_writable(p);
-        uint32_t blk = 0;
-        bool exclusive = false;
-        int mapped = r ? r : lookup(p, d, vb, &blk, &exclusive);
-        if (mapped == 1 && exclusive)
-            r = write_in_place(p, blk, boff, s, n);
-        else if (mapped == 0 && skip_unmapped)
-            r = 0;
-        else
-            r = mapped < 0 ? mapped : 1;
+        uint64_t run = 0; /* bytes of the in-place run starting at pos */
+        uint32_t first_blk = 0;
+        while (!r && pos + run < end) {
+            uint32_t blk;
+            bool exclusive;
+            int mapped = lookup(p, d, (uint32_t)(vb + (boff + run) / bs), &blk, &exclusive);
+            if (mapped < 0)
+                r = mapped;
+            if (mapped != 1 || !exclusive || (run && blk != first_blk + (boff + run) / bs))
+                break;
+            if (!run)
+                first_blk = blk;
+            uint64_t in_block = bs - (boff + run) % bs;
+            run += in_block < end - pos - run ? in_block : end - pos - run;
+        }
+        if (!r && run)
+            r = write_in_place(p, first_blk, boff, s, run);
         pthread_rwlock_unlock(&p->lock);
-        if (r == 1) {
+        if (r)
+            return r;
+        if (!run) {
+            uint64_t n = bs - boff < end - pos ? bs - boff : end - pos;
             pthread_rwlock_wrlock(&p->lock);
             d = pool_dev(p, id);
             r = !d ? cb_err(ENOENT, "no device with id %u", id) : pool_writable(p);
             if (!r)
                 r = write_piece_locked(p, d, vb, boff, s, n, skip_unmapped);
             pthread_rwlock_unlock(&p->lock);
+            if (r)
+                return r;
+            run = n;
         }
-        if (r)
-            return r;
-        pos += n;
+        pos += run;
         if (s)
-            s += n;
+            s += run;
     }
     return 0;
 }

@@ -220,33 +220,57 @@ int pool_writable(cb_pool *p)
     return 0;
 }
 
-int pool_commit_locked(cb_pool *p)
+/* Commit with the write lock held.  presynced: the caller fsynced the data
+ * file after reading alloc_gen as presync_gen, so only blocks allocated
+ * since then still need a data fsync before the metadata that maps them. */
+static int commit_locked(cb_pool *p, bool presynced, uint64_t presync_gen)
 {
     if (p->read_only)
         return 0;
     int r = pool_writable(p);
     if (r)
         return r;
+    bool data_sync = presynced ? p->alloc_gen != presync_gen : p->data_dirty;
+    if (data_sync)
+        __atomic_store_n(&p->data_dirty, false, __ATOMIC_RELAXED);
     if (!p->dirty) {
-        if (p->data_dirty) {
-            if ((r = io_fsync(&p->data)) != 0)
-                return pool_fail(p, r);
-            p->data_dirty = false;
-        }
+        if (data_sync && (r = io_fsync(&p->data)) != 0)
+            return pool_fail(p, r);
         return 0;
     }
-    if ((r = dev_write_back(p)) != 0 || (r = meta_commit(&p->m, &p->data, p->data_dirty)) != 0)
+    if ((r = dev_write_back(p)) != 0 || (r = meta_commit(&p->m, &p->data, data_sync)) != 0)
         return pool_fail(p, r);
-    p->dirty = p->data_dirty = false;
+    p->dirty = false;
     return 0;
 }
 
+int pool_commit_locked(cb_pool *p) { return commit_locked(p, false, 0); }
+
+/* The data file is fsynced before taking the write lock, so that I/O goes on
+ * while the bulk of the data reaches the disk; under the lock only the data
+ * of blocks allocated meanwhile is synced again, then the metadata. */
 int cb_pool_commit(cb_pool *p)
 {
     pthread_mutex_lock(&p->commit_lock);
-    pthread_rwlock_wrlock(&p->lock);
-    int r = pool_commit_locked(p);
+    pthread_rwlock_rdlock(&p->lock);
+    int r = p->read_only ? 0 : pool_writable(p);
+    bool data_dirty = __atomic_load_n(&p->data_dirty, __ATOMIC_RELAXED);
+    uint64_t gen = p->alloc_gen;
     pthread_rwlock_unlock(&p->lock);
+    if (!r && !p->read_only && data_dirty) {
+        __atomic_store_n(&p->data_dirty, false, __ATOMIC_RELAXED);
+        r = io_fsync(&p->data);
+        if (r) {
+            pthread_rwlock_wrlock(&p->lock);
+            r = pool_fail(p, r);
+            pthread_rwlock_unlock(&p->lock);
+        }
+    }
+    if (!r) {
+        pthread_rwlock_wrlock(&p->lock);
+        r = commit_locked(p, true, gen);
+        pthread_rwlock_unlock(&p->lock);
+    }
     pthread_mutex_unlock(&p->commit_lock);
     return r;
 }
