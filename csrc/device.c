@@ -109,9 +109,11 @@ static int load_node(cb_pool *p, uint32_t b, int depth)
     for (uint32_t i = 0; i < nr && !err; i++) {
         if (node_hdr(n)->h.type == CB_BT_INTERNAL)
             err = load_node(p, node_u32_values(n)[i], depth + 1);
-        else
-            err = load_leaf_entry(p, node_keys(n)[i],
-                                  (const void *)(node_values(n) + i * sizeof(struct cb_dev_detail)));
+        else {
+            struct cb_dev_detail detail; /* values sit unaligned in the node: copy out */
+            memcpy(&detail, node_values(n) + i * sizeof detail, sizeof detail);
+            err = load_leaf_entry(p, node_keys(n)[i], &detail);
+        }
     }
     return err;
 }

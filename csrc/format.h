@@ -3,7 +3,8 @@
  *
  * docs/FORMAT.md describes the same layout in prose, with the commit protocol.
  * Everything here is little-endian on disk (this engine only builds on
- * little-endian hosts, checked at compile time in cowblock.h), packed, and
+ * little-endian hosts, checked at compile time in cowblock.h), laid out with
+ * natural alignment and no padding (the size asserts at the end guard it), and
  * covered by a crc32c checksum that is salted per block type, so a block read
  * from the wrong place or of the wrong kind fails verification.
  *
@@ -12,7 +13,8 @@
  *             file can serve as a dm-thin data device as it is)
  *   metadata  4 KiB metadata blocks; blocks 0 and 1 are the two superblock
  *             slots, every other block is handed out by the metadata space map
- *   lock      flock()ed by the process that has the pool open (holder pid)
+ *   lock      flock()ed: exclusively by the writer (which writes "pid=N" into
+ *             it, informational only), shared by read-only openers
  *
  * Metadata block numbers and data block numbers are 32-bit: a pool holds up
  * to CB_MAX_BLOCKS data blocks and a device up to 2^32 blocks.
@@ -23,7 +25,7 @@
 #include <stdint.h>
 
 #define CB_META_BLOCK_SIZE 4096u
-#define CB_MAGIC 0x4b4c424f57434243ull /* ASCII "CBCOWBLK" */
+#define CB_MAGIC 0x4b4c42574f434243ull /* ASCII "CBCOWBLK" on disk */
 #define CB_FORMAT_VERSION 1u
 
 /* Feature flags.  A reader refuses a pool with an incompat bit it does not
@@ -33,7 +35,8 @@
 #define CB_COMPAT_SUPPORTED 0u
 
 /* Superblock flags. */
-#define CB_SB_NEEDS_CHECK 1u /* an I/O error happened; run check before trusting */
+#define CB_SB_NEEDS_CHECK 1u /* a change failed part-way (I/O error, fsync failure,
+                                  exhausted space or memory mid-change): check first */
 
 /* Block types: each is also the salt XORed into that block's checksum. */
 enum cb_block_type {

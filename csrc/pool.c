@@ -70,9 +70,10 @@ int cb_pool_create(const char *dir, uint64_t data_size, uint32_t block_size, uin
             meta_size = 16ull << 30;
     }
     if (meta_size % CB_META_BLOCK_SIZE || meta_size < 16 * CB_META_BLOCK_SIZE ||
-        meta_size / CB_META_BLOCK_SIZE > UINT32_MAX)
-        return cb_err(EINVAL, "metadata size %llu is not a multiple of 4096 from 64 KiB to 16 TiB",
-                      (unsigned long long)meta_size);
+        meta_size / CB_META_BLOCK_SIZE > CB_MAX_BLOCKS)
+        return cb_err(EINVAL, "metadata size %llu is not a multiple of 4096 from 64 KiB to %llu",
+                      (unsigned long long)meta_size,
+                      (unsigned long long)CB_MAX_BLOCKS * CB_META_BLOCK_SIZE);
     if (mkdir(dir, 0755) != 0 && errno != EEXIST)
         return cb_err(EIO, "cannot create pool directory %s: %s", dir, strerror(errno));
     int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -359,10 +360,10 @@ int cb_pool_resize_metadata(cb_pool *p, uint64_t meta_size)
     if (r)
         goto out;
     if (meta_size % CB_META_BLOCK_SIZE || meta_size < cur ||
-        meta_size / CB_META_BLOCK_SIZE > UINT32_MAX) {
+        meta_size / CB_META_BLOCK_SIZE > CB_MAX_BLOCKS) {
         r = cb_err(EINVAL, "new metadata size %llu must be a multiple of 4096, at least the "
-                   "current %llu and at most 16 TiB", (unsigned long long)meta_size,
-                   (unsigned long long)cur);
+                   "current %llu and at most %llu", (unsigned long long)meta_size,
+                   (unsigned long long)cur, (unsigned long long)CB_MAX_BLOCKS * CB_META_BLOCK_SIZE);
         goto out;
     }
     if (meta_size == cur)
