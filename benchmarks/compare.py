@@ -120,7 +120,7 @@ class Bench:
     # ---- reads at snapshot depth 1000 vs 0 ----
     def depth(self):
         bs, size, depth = 65536, int(256 * MiB * self.scale) // MiB * MiB, 1000
-        pool = Pool.create(self.path("depth"), size * 2, bs, commit_interval=0)
+        pool = Pool.create(self.path("depth"), size + 2 * depth * bs, bs, commit_interval=0)
         fill(pool.create_thin("l0", size), size)
         rng = random.Random(1)
         for i in range(1, depth + 1):
@@ -329,7 +329,7 @@ class Bench:
         self.report("metadata bytes per mapped block after random-order 4 KiB writes", per_block,
                     "B", "<= 24", per_block <= 24, mapped=n,
                     growth_per_snapshot_plus_1pct_rewrite_bytes=growth,
-                    growth_per_rewritten_block=round(growth / (n // 100), 1))
+                    growth_per_mapped_block=round(growth / n, 1))
         pool.close()
         shutil.rmtree(path, ignore_errors=True)
 

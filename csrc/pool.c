@@ -62,12 +62,13 @@ int cb_pool_create(const char *dir, uint64_t data_size, uint32_t block_size, uin
                       (unsigned long long)CB_MAX_BLOCKS);
     if (node_capacity == 1 || node_capacity == 2)
         return cb_err(EINVAL, "node capacity %u is too small (0 or at least 3)", node_capacity);
-    if (meta_size == 0) { /* 64 bytes per data block, 4 MiB .. 16 GiB; sparse until used */
+    if (meta_size == 0) { /* 64 bytes per data block, 64 MiB .. 16 GiB; sparse until used */
         meta_size = nr_data * 64;
-        if (meta_size < (4u << 20))
-            meta_size = 4u << 20;
+        if (meta_size < (64u << 20))
+            meta_size = 64u << 20;
         if (meta_size > (16ull << 30))
             meta_size = 16ull << 30;
+        meta_size = (meta_size + CB_META_BLOCK_SIZE - 1) / CB_META_BLOCK_SIZE * CB_META_BLOCK_SIZE;
     }
     if (meta_size % CB_META_BLOCK_SIZE || meta_size < 16 * CB_META_BLOCK_SIZE ||
         meta_size / CB_META_BLOCK_SIZE > CB_MAX_BLOCKS)

@@ -250,9 +250,13 @@ int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out)
 
 void sm_commit_done(struct cb_sm *sm)
 {
+    /* Search from the lowest block freed: reusing freed blocks first keeps the
+     * sparse metadata file (and the data file) from growing. */
     for (size_t i = 0; i < sm->busy_list.n; i++) {
         uint32_t b = sm->busy_list.v[i];
         sm->busy[b >> 3] &= (uint8_t)~(1u << (b & 7));
+        if (b < sm->alloc_hint)
+            sm->alloc_hint = b;
     }
     sm->busy_list.n = 0;
     sm->freed_this_txn = 0;
