@@ -74,6 +74,8 @@ int sm_dec(struct cb_meta *m, struct cb_sm *sm, uint64_t b, bool *now_zero);
  * it busy.  Does not set its count. -ENOSPC when there is none. */
 int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out);
 void sm_commit_done(struct cb_sm *sm);
+/* Keep block b from being handed out until the next commit. */
+int sm_reserve(struct cb_sm *sm, uint64_t b);
 
 /* ---- metadata block manager (meta.c) ----
  * Committed blocks are read through a read-only mmap of the metadata file and
@@ -189,6 +191,12 @@ struct cb_pool {
     bool dirty;                /* metadata changed since commit */
     bool data_dirty;           /* data written since the last data fsync began */
     uint64_t alloc_gen;        /* +1 per write into a newly allocated block */
+    struct u32vec pending;     /* data blocks being filled outside the write lock */
+    pthread_mutex_t cell_lock; /* protects cells: (device, block) pieces in the slow path */
+    pthread_cond_t cell_cond;
+    struct cb_cell *cells;
+    size_t nr_cells, cap_cells;
+    size_t cells_busy;         /* nr_cells, readable without cell_lock */
     bool failed;               /* an I/O error: read-only until checked */
     bool read_only;
     uint32_t block_size;

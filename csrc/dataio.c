@@ -172,7 +172,10 @@ static int alloc_data_block(cb_pool *p, uint32_t *nb)
     return 0;
 }
 
-/* One piece of a write inside block vb, with the write lock held.  src NULL
+static int map_new_block(cb_pool *p, struct cb_dev *d, uint32_t vb, uint32_t nb);
+
+/* One piece of a write inside block vb, with the write lock held: for
+ * callers inside a larger change that holds the lock (zeroing, resize).  src NULL
  * writes zeroes; skip_unmapped leaves an unmapped block unmapped (it reads
  * as zeroes already). */
 static int write_piece_locked(cb_pool *p, struct cb_dev *d, uint32_t vb, uint64_t boff,
@@ -192,15 +195,97 @@ static int write_piece_locked(cb_pool *p, struct cb_dev *d, uint32_t vb, uint64_
         r = alloc_data_block(p, &nb);
     if (r)
         return r;
-    /* Fill, then count and map: the write lock keeps commits out meanwhile.
-     * On failure nb stays busy until the next commit and nothing refers to it. */
+    /* Fill, then count and map.  On failure nb stays busy until the next
+     * commit and nothing refers to it. */
     if ((r = fill_new_block(p, nb, mapped, old, boff, src, n)) != 0)
         return r;
-    __atomic_store_n(&p->data_dirty, true, __ATOMIC_RELAXED);
-    p->alloc_gen++;
+    return map_new_block(p, d, vb, nb);
+}
+
+/* ---- cells: one slow-path piece at a time per (device, block) ----
+ * A piece that allocates fills its new block without the write lock, so
+ * another piece of the same block must wait for it (else one of two
+ * concurrent writes into different bytes of a block could be lost), and the
+ * in-place fast path must not write a block whose copy is being made.  The
+ * set of busy cells is small (one per thread in the slow path). */
+struct cb_cell {
+    uint32_t dev, vb;
+};
+
+static bool cell_find(cb_pool *p, uint32_t dev, uint32_t vb, size_t *at)
+{
+    for (size_t i = 0; i < p->nr_cells; i++) {
+        if (p->cells[i].dev == dev && p->cells[i].vb == vb) {
+            *at = i;
+            return true;
+        }
+    }
+    return false;
+}
+
+static int cell_acquire(cb_pool *p, uint32_t dev, uint32_t vb)
+{
+    size_t at;
+    pthread_mutex_lock(&p->cell_lock);
+    while (cell_find(p, dev, vb, &at))
+        pthread_cond_wait(&p->cell_cond, &p->cell_lock);
+    if (p->nr_cells == p->cap_cells) {
+        size_t cap = p->cap_cells ? p->cap_cells * 2 : 16;
+        struct cb_cell *c = realloc(p->cells, cap * sizeof *c);
+        if (!c) {
+            pthread_mutex_unlock(&p->cell_lock);
+            return cb_err(ENOMEM, "out of memory");
+        }
+        p->cells = c;
+        p->cap_cells = cap;
+    }
+    p->cells[p->nr_cells++] = (struct cb_cell){dev, vb};
+    __atomic_store_n(&p->cells_busy, p->nr_cells, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&p->cell_lock);
+    return 0;
+}
+
+static void cell_release(cb_pool *p, uint32_t dev, uint32_t vb)
+{
+    size_t at;
+    pthread_mutex_lock(&p->cell_lock);
+    if (cell_find(p, dev, vb, &at))
+        p->cells[at] = p->cells[--p->nr_cells];
+    __atomic_store_n(&p->cells_busy, p->nr_cells, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&p->cell_cond);
+    pthread_mutex_unlock(&p->cell_lock);
+}
+
+static bool cell_busy(cb_pool *p, uint32_t dev, uint32_t vb)
+{
+    if (!__atomic_load_n(&p->cells_busy, __ATOMIC_ACQUIRE))
+        return false;
+    size_t at;
+    pthread_mutex_lock(&p->cell_lock);
+    bool busy = cell_find(p, dev, vb, &at);
+    pthread_mutex_unlock(&p->cell_lock);
+    return busy;
+}
+
+static void pending_remove(cb_pool *p, uint32_t nb)
+{
+    for (size_t i = 0; i < p->pending.n; i++) {
+        if (p->pending.v[i] == nb) {
+            p->pending.v[i] = p->pending.v[--p->pending.n];
+            return;
+        }
+    }
+}
+
+/* Map vb to the filled block nb, with the write lock held. */
+static int map_new_block(cb_pool *p, struct cb_dev *d, uint32_t vb, uint32_t nb)
+{
     struct bt_ctx c = {&p->m, CB_BT_MAP_LEAF};
     uint32_t replaced_value;
     bool replaced;
+    int r;
+    __atomic_store_n(&p->data_dirty, true, __ATOMIC_RELAXED);
+    p->alloc_gen++;
     if ((r = sm_set(&p->m, &p->m.dsm, nb, 1)) != 0 ||
         (r = bt_insert(&c, &d->d.mapping_root, vb, &nb, &replaced_value, &replaced)) != 0)
         return pool_fail(p, r);
@@ -216,10 +301,62 @@ static int write_piece_locked(cb_pool *p, struct cb_dev *d, uint32_t vb, uint64_
     return 0;
 }
 
+/* One slow-path piece (no lock held on entry): allocate a block under the
+ * write lock, fill it under the shared lock (so fills of different blocks
+ * run in parallel, and snapshots and commits wait for them), then map it
+ * under the write lock if the block's mapping did not change meanwhile;
+ * else start over.  The new block stays "pending" (busy across commits)
+ * until it is mapped or dropped. */
+static int write_piece(cb_pool *p, uint32_t id, uint32_t vb, uint64_t boff, const void *src,
+                       uint64_t n, bool skip_unmapped)
+{
+    int r = cell_acquire(p, id, vb);
+    if (r)
+        return r;
+    for (;;) {
+        pthread_rwlock_wrlock(&p->lock);
+        struct cb_dev *d = pool_dev(p, id);
+        uint32_t old = 0, nb = 0;
+        bool exclusive = false;
+        int mapped = !d ? cb_err(ENOENT, "no device with id %u", id) : pool_writable(p);
+        if (!mapped)
+            mapped = lookup(p, d, vb, &old, &exclusive);
+        if (mapped < 0 || (mapped && exclusive) || (!mapped && skip_unmapped)) {
+            r = mapped < 0 ? mapped : mapped ? write_in_place(p, old, boff, src, n) : 0;
+            pthread_rwlock_unlock(&p->lock);
+            break;
+        }
+        if ((r = meta_reserve_check(&p->m, 32)) == 0 && (r = alloc_data_block(p, &nb)) == 0)
+            r = u32vec_push(&p->pending, nb);
+        pthread_rwlock_unlock(&p->lock);
+        if (r)
+            break;
+        pthread_rwlock_rdlock(&p->lock);
+        r = fill_new_block(p, nb, mapped, old, boff, src, n);
+        pthread_rwlock_unlock(&p->lock);
+        pthread_rwlock_wrlock(&p->lock);
+        pending_remove(p, nb); /* mapped now, or left busy until the next commit */
+        d = pool_dev(p, id);
+        uint32_t now = 0;
+        bool now_excl;
+        int now_mapped = r || !d ? 0 : lookup(p, d, vb, &now, &now_excl);
+        bool changed = !r && (!d || now_mapped != mapped || now != old);
+        if (!r && !changed && now_mapped >= 0)
+            r = map_new_block(p, d, vb, nb);
+        else if (!r && now_mapped < 0)
+            r = now_mapped;
+        pthread_rwlock_unlock(&p->lock);
+        if (r || !changed)
+            break;
+    }
+    cell_release(p, id, vb);
+    return r;
+}
+
 /* Write [off, off + len) of a device, src NULL for zeroes.  Pieces in
  * blocks the device owns alone are written in place under the shared lock,
  * runs of them that are contiguous in the data file in one pwrite; any other
- * piece takes the exclusive lock (write_piece_locked). */
+ * piece goes through write_piece. */
 static int write_range(cb_pool *p, uint32_t id, const void *src, uint64_t len, uint64_t off,
                        bool skip_unmapped)
 {
@@ -239,7 +376,8 @@ static int write_range(cb_pool *p, uint32_t id, const void *src, uint64_t len, u
             int mapped = lookup(p, d, (uint32_t)(vb + (boff + run) / bs), &blk, &exclusive);
             if (mapped < 0)
                 r = mapped;
-            if (mapped != 1 || !exclusive || (run && blk != first_blk + (boff + run) / bs))
+            if (mapped != 1 || !exclusive || (run && blk != first_blk + (boff + run) / bs) ||
+                cell_busy(p, id, (uint32_t)(vb + (boff + run) / bs)))
                 break;
             if (!run)
                 first_blk = blk;
@@ -253,13 +391,7 @@ static int write_range(cb_pool *p, uint32_t id, const void *src, uint64_t len, u
             return r;
         if (!run) {
             uint64_t n = bs - boff < end - pos ? bs - boff : end - pos;
-            pthread_rwlock_wrlock(&p->lock);
-            d = pool_dev(p, id);
-            r = !d ? cb_err(ENOENT, "no device with id %u", id) : pool_writable(p);
-            if (!r)
-                r = write_piece_locked(p, d, vb, boff, s, n, skip_unmapped);
-            pthread_rwlock_unlock(&p->lock);
-            if (r)
+            if ((r = write_piece(p, id, vb, boff, s, n, skip_unmapped)) != 0)
                 return r;
             run = n;
         }

@@ -125,8 +125,16 @@ int cb_pool_open(const char *dir, int read_only, cb_pool **out)
     if (!p)
         return cb_err(ENOMEM, "out of memory");
     p->data.fd = p->m.file.fd = -1;
-    pthread_rwlock_init(&p->lock, NULL);
+    /* Writers first: fills hold the lock shared, and a stream of them must
+     * not starve commits and snapshots. */
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&p->lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
     pthread_mutex_init(&p->commit_lock, NULL);
+    pthread_mutex_init(&p->cell_lock, NULL);
+    pthread_cond_init(&p->cell_cond, NULL);
     p->read_only = true; /* until the open succeeds: close() must not commit */
     int r = 0;
     int mode = read_only ? O_RDONLY : O_RDWR;
@@ -196,6 +204,10 @@ int cb_pool_close(cb_pool *p)
         close(p->dirfd);
     pthread_rwlock_destroy(&p->lock);
     pthread_mutex_destroy(&p->commit_lock);
+    pthread_mutex_destroy(&p->cell_lock);
+    pthread_cond_destroy(&p->cell_cond);
+    free(p->cells);
+    free(p->pending.v);
     free(p);
     return r;
 }
@@ -243,6 +255,9 @@ static int commit_locked(cb_pool *p, bool presynced, uint64_t presync_gen)
     if ((r = dev_write_back(p)) != 0 || (r = meta_commit(&p->m, &p->data, data_sync)) != 0)
         return pool_fail(p, r);
     p->dirty = false;
+    for (size_t i = 0; i < p->pending.n; i++) /* still being filled: not free yet */
+        if ((r = sm_reserve(&p->m.dsm, p->pending.v[i])) != 0)
+            return pool_fail(p, r);
     return 0;
 }
 

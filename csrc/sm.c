@@ -30,7 +30,7 @@ static inline bool busy_test(const struct cb_sm *sm, uint64_t b)
     return sm->busy[b >> 3] & (1u << (b & 7));
 }
 
-static int busy_set(struct cb_sm *sm, uint64_t b)
+int sm_reserve(struct cb_sm *sm, uint64_t b)
 {
     if (busy_test(sm, b))
         return 0;
@@ -199,7 +199,7 @@ int sm_dec(struct cb_meta *m, struct cb_sm *sm, uint64_t b, bool *now_zero)
     *now_zero = v == 1;
     if (v == 1) {
         sm->freed_this_txn++;
-        return busy_set(sm, b);
+        return sm_reserve(sm, b);
     }
     return 0;
 }
@@ -233,7 +233,7 @@ int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out)
         if (!refs || refs->nr_nonzero < E) {
             for (uint64_t x = b; x < page_end; x++) {
                 if ((!refs || refs->entries[x % E] == 0) && !busy_test(sm, x)) {
-                    int r = busy_set(sm, x);
+                    int r = sm_reserve(sm, x);
                     if (r)
                         return r;
                     sm->alloc_hint = x + 1;
