@@ -5,6 +5,7 @@ this layer adds names and labels (cowblock.catalog), the pool lock, the
 periodic commit, argument checking, and Python types for what it returns.
 """
 import datetime
+import json
 import os
 import threading
 import uuid as _uuid
@@ -17,6 +18,8 @@ from .lock import PoolLock
 
 DEFAULT_BLOCK_SIZE = 65536
 READ_ONLY_FLAG = 1  # CB_DEV_READ_ONLY
+DELETING_FLAG = 2   # CB_DEV_DELETING: removal deferred, reclaimed in the background
+RECLAIM_CHUNK = 1 << 30  # bytes unmapped per step of a deferred removal
 
 
 @dataclass(frozen=True)
@@ -125,15 +128,19 @@ class Pool:
         self._lock = lock
         self._names = {}      # name -> id
         self._meta = {}       # id -> (name, labels)
+        self._reclaim = []    # ids of devices whose removal was deferred
         self._catalog_lock = threading.Lock()
         self._load_catalog()
         self.block_size = self.stats().block_size
         self._stop = threading.Event()
         self._committer = None
+        self._reclaimer = None
         if not read_only and commit_interval:
             self._committer = threading.Thread(target=self._commit_loop, args=(commit_interval,),
                                                name="cowblock-commit", daemon=True)
             self._committer.start()
+        if not read_only and self._reclaim:
+            self._start_reclaim()
 
     # ---- lifecycle ----
     @classmethod
@@ -186,8 +193,9 @@ class Pool:
         if self._h is None:
             return
         self._stop.set()
-        if self._committer:
-            self._committer.join()
+        for thread in (self._committer, self._reclaimer):
+            if thread:
+                thread.join()
         h, self._h = self._h, None
         try:
             check(lib.cb_pool_close(h))
@@ -226,10 +234,15 @@ class Pool:
         ids = ffi.new("uint32_t[]", max(n, 1))
         n = lib.cb_pool_list(h, ids, n)
         buf = ffi.new("char[]", catalog.MAX_BYTES)
+        info = ffi.new("cb_devinfo *")
         for i in range(n):
             did = ids[i]
             length = check(lib.cb_dev_catalog(h, did, buf, catalog.MAX_BYTES))
             name, labels = catalog.decode(ffi.buffer(buf, length)[:])
+            check(lib.cb_dev_info(h, did, info))
+            if info.flags & DELETING_FLAG:
+                self._reclaim.append(did)
+                continue
             self._names[name] = did
             self._meta[did] = (name, labels)
 
@@ -287,13 +300,61 @@ class Pool:
     def __contains__(self, name):
         return name in self._names
 
-    def delete(self, name):
-        """Delete a device; every block only it used is freed."""
+    def delete(self, name, *, deferred=False):
+        """Delete a device; every block only it used is freed.
+
+        deferred: return at once; the device is marked for removal in the
+        metadata (hidden, its name free again) and its blocks are reclaimed
+        by a background thread, or at the next open if the pool closes first."""
         with self._catalog_lock:
             did = self._id(name)
-            check(lib.cb_dev_delete(self._handle(), did))
+            if deferred:
+                info = self._info(did)
+                check(lib.cb_dev_set_flags(self._handle(), did, info.flags | DELETING_FLAG))
+                self._reclaim.append(did)
+            else:
+                check(lib.cb_dev_delete(self._handle(), did))
             del self._names[name]
             del self._meta[did]
+        if deferred:
+            self._start_reclaim()
+
+    def _start_reclaim(self):
+        if self._reclaimer is None or not self._reclaimer.is_alive():
+            self._reclaimer = threading.Thread(target=self._reclaim_loop,
+                                               name="cowblock-reclaim", daemon=True)
+            self._reclaimer.start()
+
+    def _reclaim_loop(self):
+        """Unmap deferred-removal devices a chunk at a time (each a short
+        metadata change), then delete them; stops early when the pool closes."""
+        while self._reclaim and not self._stop.is_set():
+            did = self._reclaim[0]
+            h = self._h
+            if h is None:
+                return
+            info = ffi.new("cb_devinfo *")
+            if lib.cb_dev_info(h, did, info) < 0:
+                self._reclaim.pop(0)
+                continue
+            for off in range(0, info.size, RECLAIM_CHUNK):
+                if self._stop.is_set():
+                    return
+                if lib.cb_dev_discard(h, did, off, min(RECLAIM_CHUNK, info.size - off)) < 0:
+                    return  # e.g. the pool turned read-only: the next open retries
+            if lib.cb_dev_delete(h, did) < 0:
+                return
+            self._reclaim.pop(0)
+
+    def pending_removals(self):
+        """Devices whose deferred removal has not finished yet."""
+        return len(self._reclaim)
+
+    def wait_reclaimed(self, timeout=None):
+        """Wait for deferred removals to finish (for tests and scripts)."""
+        if self._reclaimer:
+            self._reclaimer.join(timeout)
+        return not self._reclaim
 
     def rename(self, old, new):
         with self._catalog_lock:
@@ -313,6 +374,12 @@ class Pool:
             blob = catalog.encode(name, labels)
             check(lib.cb_dev_set_catalog(self._handle(), did, blob, len(blob)))
             self._register(did, name, labels)
+
+    def rollback(self, name, snapshot):
+        """Make device name a copy of snapshot again, in O(1) (qemu-img
+        snapshot -a, lvconvert --merge): it shares the snapshot's blocks."""
+        with self._catalog_lock:
+            check(lib.cb_dev_rollback(self._handle(), self._id(name), self._id(snapshot)))
 
     def set_read_only(self, name, flag=True):
         did = self._id(name)
@@ -394,6 +461,26 @@ class Pool:
         """Grow the metadata capacity to metadata_size bytes."""
         _uint("metadata size", metadata_size)
         check(lib.cb_pool_resize_metadata(self._handle(), metadata_size))
+
+    @property
+    def config(self):
+        """Pool settings (a dict) kept in the superblock, committed atomically."""
+        buf = ffi.new("char[]", 3072)
+        n = check(lib.cb_pool_config(self._handle(), buf, 3072))
+        return json.loads(ffi.buffer(buf, n)[:]) if n else {}
+
+    def set_config(self, settings):
+        blob = json.dumps(settings, separators=(",", ":"), sort_keys=True).encode()
+        check(lib.cb_pool_set_config(self._handle(), blob, len(blob)))
+
+    def trim(self):
+        """Give unused data-file space back to the host (punch holes in free
+        blocks, like thin_trim); returns the bytes released."""
+        data = os.path.join(self.path, "data")
+        before = os.stat(data).st_blocks
+        out = ffi.new("uint64_t *")
+        check(lib.cb_pool_trim(self._handle(), out))
+        return max(0, before - os.stat(data).st_blocks) * 512
 
     def check(self):
         """Verify all metadata (like thin_check); commits first when writable."""

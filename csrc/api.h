@@ -78,6 +78,12 @@ int cb_pool_stats(cb_pool *p, cb_stats *out);
 int cb_pool_resize(cb_pool *p, uint64_t data_size);
 int cb_pool_resize_metadata(cb_pool *p, uint64_t meta_size);
 int cb_pool_list(cb_pool *p, uint32_t *ids, uint32_t cap);
+/* The pool's opaque configuration blob, committed with everything else. */
+int cb_pool_config(cb_pool *p, void *buf, uint32_t cap);
+int cb_pool_set_config(cb_pool *p, const void *buf, uint32_t len);
+/* Give the unused part of the data file back to the host (punch holes in
+ * every free block, like thin_trim); *bytes gets what was punched. */
+int cb_pool_trim(cb_pool *p, uint64_t *bytes);
 int cb_pool_check(cb_pool *p, cb_check_summary *summary, char **report);
 int cb_pool_diff(cb_pool *p, uint32_t a, uint32_t b, int with_same,
                  cb_range **out, uint64_t *count);
@@ -92,6 +98,8 @@ int cb_dev_catalog(cb_pool *p, uint32_t id, void *buf, uint32_t cap);
 int cb_dev_set_catalog(cb_pool *p, uint32_t id, const void *catalog, uint32_t len);
 int cb_dev_set_flags(cb_pool *p, uint32_t id, uint32_t flags);
 int cb_dev_resize(cb_pool *p, uint32_t id, uint64_t size);
+/* Device id becomes a copy of snapshot snap_id again, in O(1). */
+int cb_dev_rollback(cb_pool *p, uint32_t id, uint32_t snap_id);
 int cb_dev_usage(cb_pool *p, uint32_t id, uint64_t *exclusive, uint64_t *shared);
 
 int64_t cb_dev_read(cb_pool *p, uint32_t id, void *buf, uint64_t len, uint64_t off);

@@ -454,3 +454,39 @@ int cb_dev_usage(cb_pool *p, uint32_t id, uint64_t *exclusive, uint64_t *shared)
     pthread_rwlock_unlock(&p->lock);
     return r < 0 ? r : 0;
 }
+
+int cb_dev_rollback(cb_pool *p, uint32_t id, uint32_t snap_id)
+{
+    pthread_rwlock_wrlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id), *s = pool_dev(p, snap_id);
+    int r = pool_writable(p);
+    if (!r && (!d || !s))
+        r = no_device(d ? snap_id : id);
+    if (!r && id == snap_id)
+        r = cb_err(EINVAL, "cannot roll device %u back to itself", id);
+    if (!r && (d->d.flags & CB_DEV_READ_ONLY))
+        r = cb_err(EROFS, "device %u is read-only", id);
+    if (!r)
+        r = meta_reserve_check(&p->m, 2 * (d->d.mapped_blocks / CB_SM_ENTRIES) + 32);
+    if (r)
+        goto out;
+    /* Share the snapshot's tree, as a snapshot of it would; then drop ours. */
+    struct bt_ctx mc = map_tree(p);
+    uint32_t old = d->d.mapping_root;
+    if ((s->d.mapping_root && (r = meta_inc(&p->m, s->d.mapping_root)) != 0) ||
+        (r = bt_dec_tree(&mc, old)) != 0) {
+        r = pool_fail(p, r);
+        goto out;
+    }
+    p->m.sb.snap_time = p->m.sb.snap_time + 1 < (1u << 24) ? p->m.sb.snap_time + 1 : p->m.sb.snap_time;
+    d->d.mapping_root = s->d.mapping_root;
+    d->d.mapped_blocks = s->d.mapped_blocks;
+    d->d.size = s->d.size;
+    d->d.snap_time = s->d.snap_time = p->m.sb.snap_time;
+    d->changed = s->changed = true;
+    p->dirty = true;
+    r = pool_commit_locked(p);
+out:
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}

@@ -34,6 +34,8 @@
 #define CB_RO_COMPAT_SUPPORTED 0u
 #define CB_COMPAT_SUPPORTED 0u
 
+#define CB_POOL_CONFIG_MAX 3072u
+
 /* Superblock flags. */
 #define CB_SB_NEEDS_CHECK 1u /* a change failed part-way (I/O error, fsync failure,
                                   exhausted space or memory mid-change): check first */
@@ -81,7 +83,9 @@ struct cb_superblock {
     uint32_t next_dev_id;       /* ids are never reused; 24-bit like dm-thin */
     uint32_t snap_time;         /* +1 per snapshot, dm-thin's pool "time" (24-bit) */
     uint32_t node_capacity;     /* max entries per b-tree node, 0 = as many as fit */
-    uint8_t reserved[3960];     /* zero */
+    uint32_t config_len;        /* bytes of pool configuration that follow */
+    uint8_t config[CB_POOL_CONFIG_MAX]; /* opaque to C: the Python layer's pool settings (JSON) */
+    uint8_t reserved[884];      /* zero */
 };
 
 /* ---- B-tree nodes ------------------------------------------------------
@@ -106,6 +110,7 @@ struct cb_node_header {
 
 /* ---- Device details: the value of a device-details b-tree entry --------- */
 #define CB_DEV_READ_ONLY 1u
+#define CB_DEV_DELETING 2u  /* removal deferred: hidden, reclaimed in the background */
 #define CB_CATALOG_INLINE 160u
 #define CB_CATALOG_MAX (CB_META_BLOCK_SIZE - sizeof(struct cb_block_header) - 4)
 

@@ -423,3 +423,65 @@ int cb_pool_clear_needs_check(cb_pool *p)
     pthread_rwlock_unlock(&p->lock);
     return r;
 }
+
+int cb_pool_config(cb_pool *p, void *buf, uint32_t cap)
+{
+    pthread_rwlock_rdlock(&p->lock);
+    uint32_t len = p->m.sb.config_len;
+    int r = len > CB_POOL_CONFIG_MAX
+                ? cb_err(EUCLEAN, "superblock is corrupt: configuration length %u", len)
+                : (int)len;
+    if (r > 0)
+        memcpy(buf, p->m.sb.config, len < cap ? len : cap);
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+int cb_pool_set_config(cb_pool *p, const void *buf, uint32_t len)
+{
+    if (len > CB_POOL_CONFIG_MAX)
+        return cb_err(EINVAL, "pool configuration of %u bytes is larger than %u", len,
+                      CB_POOL_CONFIG_MAX);
+    pthread_rwlock_wrlock(&p->lock);
+    int r = pool_writable(p);
+    if (!r) {
+        memset(p->m.sb.config, 0, sizeof p->m.sb.config);
+        memcpy(p->m.sb.config, buf, len);
+        p->m.sb.config_len = len;
+        p->dirty = true;
+        r = pool_commit_locked(p);
+    }
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+int cb_pool_trim(cb_pool *p, uint64_t *bytes)
+{
+    *bytes = 0;
+    pthread_mutex_lock(&p->commit_lock);
+    pthread_rwlock_wrlock(&p->lock);
+    /* After a commit every block with count 0 is free, except blocks being
+     * filled right now (pending, kept busy). */
+    int r = pool_commit_locked(p);
+    uint64_t n = p->m.sb.nr_data_blocks, run_start = 0, run_len = 0;
+    for (uint64_t b = 0; !r && b <= n; b++) {
+        uint32_t ref = 1;
+        if (b < n && (r = sm_get(&p->m, &p->m.dsm, b, &ref)) != 0)
+            break;
+        bool free_block = b < n && ref == 0 && !(p->m.dsm.busy[b >> 3] & (1u << (b & 7)));
+        if (free_block) {
+            if (!run_len)
+                run_start = b;
+            run_len++;
+            continue;
+        }
+        if (run_len) {
+            r = io_punch_hole(&p->data, run_start << p->block_shift, run_len << p->block_shift);
+            *bytes += run_len << p->block_shift;
+            run_len = 0;
+        }
+    }
+    pthread_rwlock_unlock(&p->lock);
+    pthread_mutex_unlock(&p->commit_lock);
+    return r;
+}
