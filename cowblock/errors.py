@@ -21,7 +21,7 @@ class InvalidArgumentError(CowblockError, ValueError):
 class DeviceNotFoundError(CowblockError, LookupError):
     """No device of that name (or id)."""
 
-    hint = "list the devices with pool.list() or `cowblock ls`"
+    hint = "list the devices with `cowblock ls` (Pool.list() in Python)"
 
     def __str__(self):  # LookupError would quote the message like a key
         return str(self.args[0]) if self.args else ""

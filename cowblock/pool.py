@@ -11,7 +11,7 @@ import threading
 import uuid as _uuid
 from dataclasses import dataclass, field
 
-from . import catalog, errors
+from . import catalog, errors, health
 from ._native import check, ffi, lib
 from .device import Device
 from .lock import PoolLock
@@ -267,6 +267,7 @@ class Pool:
                 f"device size {size} is not a positive multiple of 4096")
         with self._catalog_lock:
             self._new_name(name)
+            health.check_room_for_device(self)
             blob = catalog.encode(name, labels)
             out = ffi.new("uint32_t *")
             check(lib.cb_dev_create(self._handle(), size, _uuid.uuid4().bytes, blob, len(blob), out))
@@ -282,6 +283,7 @@ class Pool:
         with self._catalog_lock:
             oid = self._id(origin)
             self._new_name(name)
+            health.check_room_for_device(self)
             blob = catalog.encode(name, labels)
             out = ffi.new("uint32_t *")
             check(lib.cb_dev_snapshot(self._handle(), oid, READ_ONLY_FLAG if read_only else 0,

@@ -4,7 +4,7 @@ import errno
 
 import pytest
 
-from cowblock import MetadataSpaceError, NoSpaceError, Pool
+from cowblock import MetadataSpaceError, NoSpaceError, Pool, health
 from helpers import pattern
 
 BS = 4096
@@ -21,6 +21,10 @@ def test_data_space_full_then_grow(tmp_path):
         with pytest.raises(NoSpaceError) as exc:
             a.pwrite(b"x" * BS, 100 * BS)
         assert exc.value.errno == errno.ENOSPC and "out of data space" in str(exc.value)
+        with pytest.raises(NoSpaceError) as exc:   # new devices are refused when nearly full
+            pool.snapshot("a", "snap")
+        assert "min_free_space" in str(exc.value)
+        health.configure(pool, min_free_space=0)
         snap = pool.snapshot("a", "snap")          # metadata-only operations still work
         with pytest.raises(NoSpaceError):          # a CoW needs a block too
             a.pwrite(b"y", 0)

@@ -1,0 +1,1 @@
+"""The cowblock command line (cowblock.cli.main)."""

@@ -1,0 +1,24 @@
+import click
+
+from ..common import emit, format_size, table, with_pool
+from .ls_cmd import device_record
+
+
+@click.command("info")
+@click.argument("name")
+@with_pool(read_only=True)
+def command(settings, pool, name):
+    """Everything about one device, its space use included.
+
+    \b
+    Example:
+      cowblock info base --json
+    """
+    record = device_record(pool, pool.info(name), usage=True)
+
+    def human(d):
+        rows = [(k, format_size(v) if k in ("size", "mapped", "exclusive", "shared") else v)
+                for k, v in d.items() if k != "labels"]
+        rows += [(f"label {k}", v) for k, v in d["labels"].items()]
+        table(rows, ["FIELD", "VALUE"])
+    emit(settings, record, human)

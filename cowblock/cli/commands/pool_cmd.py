@@ -1,0 +1,169 @@
+"""cowblock pool create|info|resize|check|trim|set"""
+import sys
+
+import click
+
+from ... import health
+from ...pool import Pool
+from ..common import EXIT_CHECK_FAILED, SIZE, emit, format_size, table, with_pool
+
+
+@click.group("pool")
+def command():
+    """Create, inspect, grow, check and trim the pool.
+
+    \b
+    Example:
+      cowblock pool create --size 100G --block-size 64K
+      cowblock pool info
+    """
+
+
+@command.command("create")
+@click.option("--size", type=SIZE, default="16G", show_default=True, help="data size (sparse)")
+@click.option("--block-size", type=SIZE, default="64K", show_default=True,
+              help="data block size, a power of two from 4K to 1G")
+@click.option("--metadata-size", type=SIZE, default=None,
+              help="metadata capacity (default: 64 bytes per data block, at least 64M; sparse)")
+@click.pass_obj
+def create(settings, size, block_size, metadata_size):
+    """Create a pool.
+
+    \b
+    Example:
+      cowblock --pool /var/lib/cowblock pool create --size 1T
+    """
+    with Pool.create(settings.pool_path, size, block_size, metadata_size=metadata_size or 0) as p:
+        s = p.stats()
+    emit(settings, {"path": settings.pool_path, "size": size, "block_size": s.block_size,
+                    "metadata_capacity": s.metadata_capacity_bytes, "uuid": s.uuid},
+         lambda d: click.echo(f"created pool {d['path']}: {format_size(size)} in "
+                              f"{format_size(d['block_size'])} blocks"))
+
+
+def _info(pool):
+    s, h = pool.stats(), health.pool_health(pool)
+    return {"path": pool.path, "uuid": s.uuid, "block_size": s.block_size,
+            "data_size": s.data_blocks * s.block_size, "data_used": s.data_used * s.block_size,
+            "data_free": s.data_free * s.block_size, "data_free_pct": round(h.data_free_pct, 2),
+            "metadata_capacity": s.metadata_capacity_bytes, "metadata_used": s.metadata_used_bytes,
+            "metadata_free_pct": round(h.metadata_free_pct, 2),
+            "metadata_reserve": s.metadata_reserve_bytes, "transaction_id": s.transaction_id,
+            "devices": s.devices, "provisioned": h.provisioned_bytes,
+            "overprovisioned": h.overprovisioned, "low_water_data": h.low_water_data,
+            "low_water_metadata": h.low_water_metadata, "min_free_space": h.min_free_space,
+            "hook": health.settings(pool)["hook"], "below_low_water": h.below_low_water,
+            "needs_check": s.needs_check, "read_only": s.read_only, "warnings": h.warnings}
+
+
+@command.command("info")
+@with_pool(read_only=True)
+def info(settings, pool):
+    """Sizes, space used and free, metadata, transaction id, health.
+
+    \b
+    Example:
+      cowblock pool info --json
+    """
+    def human(d):
+        rows = [("path", d["path"]), ("uuid", d["uuid"]),
+                ("block size", format_size(d["block_size"])),
+                ("data", f"{format_size(d['data_used'])} used of {format_size(d['data_size'])} "
+                         f"({d['data_free_pct']}% free)"),
+                ("metadata", f"{format_size(d['metadata_used'])} used of "
+                             f"{format_size(d['metadata_capacity'])} ({d['metadata_free_pct']}% "
+                             f"free, {format_size(d['metadata_reserve'])} reserve)"),
+                ("devices", f"{d['devices']}, {format_size(d['provisioned'])} provisioned"
+                            + (" (over-provisioned)" if d["overprovisioned"] else "")),
+                ("low-water marks", f"data {d['low_water_data']}%, metadata "
+                                    f"{d['low_water_metadata']}%, min free "
+                                    f"{d['min_free_space']}%"),
+                ("hook", d["hook"] or "-"),
+                ("transaction id", d["transaction_id"]),
+                ("needs check", "yes" if d["needs_check"] else "no")]
+        table(rows, ["FIELD", "VALUE"])
+        for w in d["warnings"]:
+            click.echo(f"warning: {w}")
+        if d["overprovisioned"]:
+            click.echo("warning: the devices' total size over-provisions the pool: writes can "
+                       "fill it before the devices are full")
+    emit(settings, _info(pool), human)
+
+
+@command.command("resize")
+@click.argument("size", type=SIZE, required=False)
+@click.option("--metadata", "metadata", type=SIZE, default=None, help="new metadata capacity")
+@with_pool()
+def resize(settings, pool, size, metadata):
+    """Grow the pool's data (and/or metadata) space.
+
+    \b
+    Example:
+      cowblock pool resize 200G
+      cowblock pool resize --metadata 1G
+    """
+    if size is None and metadata is None:
+        raise click.UsageError("give a new SIZE, --metadata SIZE, or both")
+    if size is not None:
+        pool.resize(size)
+    if metadata is not None:
+        pool.resize_metadata(metadata)
+    s = pool.stats()
+    emit(settings, {"data_size": s.data_blocks * s.block_size,
+                    "metadata_capacity": s.metadata_capacity_bytes},
+         lambda d: click.echo(f"pool is {format_size(d['data_size'])}, metadata "
+                              f"{format_size(d['metadata_capacity'])}"))
+
+
+@command.command("check")
+@with_pool(read_only=True)
+def check(settings, pool):
+    """Verify all metadata (like thin_check): checksums, tree invariants and
+    every reference count.  Exits 9 when it finds a problem.
+
+    \b
+    Example:
+      cowblock pool check
+    """
+    report = pool.check()
+    emit(settings, {"ok": report.ok, "errors": report.errors, "leaks": report.leaks,
+                    "error_count": report.error_count, "leak_count": report.leak_count,
+                    "nodes_checked": report.nodes_checked},
+         lambda d: click.echo(str(report)))
+    if not report.ok:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+@command.command("trim")
+@with_pool()
+def trim(settings, pool):
+    """Give unused data-file space back to the host (like thin_trim).
+
+    \b
+    Example:
+      cowblock pool trim
+    """
+    released = pool.trim()
+    emit(settings, {"released": released},
+         lambda d: click.echo(f"released {format_size(d['released'])} to the host"))
+
+
+@command.command("set")
+@click.option("--low-water-data", type=float, help="warn under this % of free data")
+@click.option("--low-water-metadata", type=float, help="warn under this % of free metadata")
+@click.option("--min-free-space", type=float, help="refuse new devices under this % free")
+@click.option("--hook", help="command to run when a low-water mark is crossed ('' to clear)")
+@with_pool()
+def set_(settings, pool, **opts):
+    """Pool health settings.
+
+    \b
+    Example:
+      cowblock pool set --low-water-data 20 --hook 'cowblock pool resize 200G'
+    """
+    changes = {k: v for k, v in opts.items() if v is not None}
+    if "hook" in changes and not changes["hook"]:
+        changes["hook"] = None
+    health.configure(pool, **changes)
+    emit(settings, health.settings(pool), lambda d: click.echo(
+        ", ".join(f"{k}={v}" for k, v in d.items())))

@@ -1,0 +1,31 @@
+import sys
+
+import click
+
+from ..common import SIZE, with_pool
+
+CHUNK = 1 << 20
+
+
+@click.command("read")
+@click.argument("name")
+@click.option("--offset", type=SIZE, default=0, help="first byte (any alignment)")
+@click.option("--length", type=SIZE, default=None, help="bytes to read (default: to the end)")
+@with_pool(read_only=True)
+def command(settings, pool, name, offset, length):
+    """Write bytes of a device to stdout.
+
+    \b
+    Example:
+      cowblock read base --offset 4K --length 512 | xxd | head
+    """
+    dev = pool.device(name)
+    end = dev.size if length is None else offset + length
+    out = sys.stdout.buffer
+    buf = bytearray(CHUNK)
+    for pos in range(offset, end, CHUNK):
+        n = min(CHUNK, end - pos)
+        view = memoryview(buf)[:n]
+        dev.readinto(view, pos)
+        out.write(view)
+    out.flush()

@@ -1,0 +1,24 @@
+import click
+
+from ..common import emit, with_pool
+
+
+@click.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--deferred", is_flag=True,
+              help="return at once; reclaim the blocks in the background or at the next open")
+@with_pool()
+def command(settings, pool, names, deferred):
+    """Delete devices; the blocks only they used are freed.
+
+    \b
+    Example:
+      cowblock rm old-container other-container
+      cowblock rm --deferred big-device
+    """
+    for name in names:
+        pool.device(name)  # every name must exist before anything is removed
+    for name in names:
+        pool.delete(name, deferred=deferred)
+    emit(settings, {"removed": list(names), "deferred": deferred},
+         lambda d: click.echo(f"removed {', '.join(names)}" + (" (reclaim deferred)" if deferred else "")))

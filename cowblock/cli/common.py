@@ -1,0 +1,126 @@
+"""What every subcommand shares: the pool to use, output, and errors."""
+import functools
+import json
+import os
+import sys
+
+import click
+
+from .. import errors
+from ..paths import default_pool_path, open_or_create
+from ..pool import Pool
+from ..sizes import format_size, parse_size
+
+# Exit codes by exception class (checked in order: subclasses first).
+EXIT_CODES = [
+    (errors.DeviceNotFoundError, 3), (errors.PoolNotFoundError, 3),
+    (errors.DeviceExistsError, 4), (errors.PoolExistsError, 4),
+    (errors.InvalidArgumentError, 5),
+    (errors.NoSpaceError, 6),
+    (errors.ReadOnlyError, 7),
+    (errors.PoolLockedError, 8),
+    (errors.CorruptMetadataError, 9), (errors.NeedsCheckError, 9),
+    (errors.PoolIOError, 10),
+    (errors.CowblockError, 1),
+]
+EXIT_CHECK_FAILED = 9
+
+
+def exit_code(exc):
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return 1
+
+
+class Settings:
+    """Global options, passed to every subcommand as ctx.obj."""
+
+    def __init__(self, pool, as_json, timeout):
+        self.pool_arg = pool
+        self.json = as_json
+        self.timeout = timeout
+
+    @property
+    def pool_path(self):
+        return self.pool_arg or default_pool_path()
+
+    def open(self, read_only=False, create=True):
+        """The pool: the embedded default is made on first use; a pool named with
+        --pool or $COWBLOCK_POOL must exist.  Waits up to --timeout seconds for
+        another command holding it, as LVM does."""
+        explicit = bool(self.pool_arg or os.environ.get("COWBLOCK_POOL"))
+        if explicit or not create:
+            return Pool.open(self.pool_path, read_only=read_only, timeout=self.timeout)
+        return open_or_create(self.pool_path, read_only=read_only, timeout=self.timeout)
+
+
+def pass_settings(fn):
+    return click.pass_obj(fn)
+
+
+def with_pool(read_only=False):
+    """Open the pool around the command and pass it as the first argument."""
+    def wrap(fn):
+        @click.pass_obj
+        @functools.wraps(fn)
+        def run(settings, *args, **kwargs):
+            with settings.open(read_only=read_only) as pool:
+                warn_low_space(pool)
+                return fn(settings, pool, *args, **kwargs)
+        return run
+    return wrap
+
+
+def warn_low_space(pool):
+    """Warn under a low-water mark, and run the pool's hook (to extend it)."""
+    from .. import health
+    h = health.pool_health(pool)
+    for warning in h.warnings:
+        click.echo(f"cowblock: warning: {warning}", err=True)
+    if not pool.read_only and health.run_hook(pool, h) not in (None, 0):
+        click.echo("cowblock: warning: the pool's low-water hook failed", err=True)
+
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_size(value, param.human_readable_name if param else "size")
+        except errors.InvalidArgumentError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = SizeType()
+
+
+def emit(settings, data, human):
+    """Print data as JSON with --json, else call human(data)."""
+    if settings.json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        human(data)
+
+
+def table(rows, columns, title=None):
+    """A plain-text table (rich when stdout is a terminal)."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+        t = Table(title=title, box=None, header_style="bold")
+        for c in columns:
+            t.add_column(c, justify="right" if c in ("SIZE", "MAPPED", "EXCLUSIVE", "SHARED", "ID",
+                                                      "BEGIN", "LENGTH") else "left")
+        for r in rows:
+            t.add_row(*[str(x) for x in r])
+        Console().print(t)
+        return
+    widths = [max([len(c)] + [len(str(r[i])) for r in rows]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for r in rows:
+        click.echo("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+
+
+__all__ = ["SIZE", "Settings", "emit", "exit_code", "format_size", "pass_settings", "table",
+           "with_pool", "EXIT_CHECK_FAILED"]

@@ -1,0 +1,99 @@
+"""Pool health: low-water marks, the minimum free space, over-provisioning,
+and the hook that can extend a pool (as dmeventd's autoextend does).
+
+Settings live in the pool's configuration (Pool.config), so every tool that
+opens the pool sees the same ones:
+  low_water_data, low_water_metadata   warn (and run the hook) when free space
+                                       falls under this percentage (default 10)
+  min_free_space                       refuse new devices under this
+                                       percentage of free data (default 5,
+                                       Docker's dm.min_free_space)
+  hook                                 a shell command run when a low-water
+                                       mark is crossed; it gets COWBLOCK_POOL,
+                                       COWBLOCK_DATA_FREE_PCT and
+                                       COWBLOCK_METADATA_FREE_PCT
+"""
+import os
+import subprocess
+from dataclasses import dataclass, field
+
+from .errors import InvalidArgumentError, NoSpaceError
+
+DEFAULTS = {"low_water_data": 10, "low_water_metadata": 10, "min_free_space": 5, "hook": None}
+
+
+def settings(pool):
+    return {**DEFAULTS, **pool.config.get("health", {})}
+
+
+def configure(pool, **changes):
+    """Change health settings (percentages 0-100, hook a command or None)."""
+    for key, value in changes.items():
+        if key not in DEFAULTS:
+            raise InvalidArgumentError(f"unknown health setting {key!r}; known: {sorted(DEFAULTS)}")
+        if key != "hook" and not (isinstance(value, (int, float)) and 0 <= value <= 100):
+            raise InvalidArgumentError(f"{key} {value!r} is not a percentage from 0 to 100")
+    config = pool.config
+    config["health"] = {**config.get("health", {}), **changes}
+    pool.set_config(config)
+
+
+@dataclass
+class Health:
+    data_free_pct: float
+    metadata_free_pct: float
+    provisioned_bytes: int
+    data_bytes: int
+    low_water_data: float
+    low_water_metadata: float
+    min_free_space: float
+    warnings: list = field(default_factory=list)
+
+    @property
+    def below_low_water(self):
+        return (self.data_free_pct < self.low_water_data
+                or self.metadata_free_pct < self.low_water_metadata)
+
+    @property
+    def overprovisioned(self):
+        return self.provisioned_bytes > self.data_bytes
+
+
+def pool_health(pool):
+    s, cfg = pool.stats(), settings(pool)
+    data_free = 100.0 * s.data_free / s.data_blocks
+    usable_meta = s.metadata_capacity_bytes - s.metadata_reserve_bytes
+    meta_free = 100.0 * max(0, usable_meta - s.metadata_used_bytes) / max(usable_meta, 1)
+    provisioned = sum(d.size for d in pool.list())
+    h = Health(data_free, meta_free, provisioned, s.data_blocks * s.block_size,
+               cfg["low_water_data"], cfg["low_water_metadata"], cfg["min_free_space"])
+    if data_free < h.low_water_data:
+        h.warnings.append(f"pool data space is low: {data_free:.1f}% free, under the low-water "
+                          f"mark of {h.low_water_data}%; grow it with `cowblock pool resize`")
+    if meta_free < h.low_water_metadata:
+        h.warnings.append(f"pool metadata space is low: {meta_free:.1f}% free, under the "
+                          f"low-water mark of {h.low_water_metadata}%; grow it with "
+                          f"`cowblock pool resize --metadata SIZE`")
+    return h
+
+
+def run_hook(pool, health):
+    """Run the configured hook if a low-water mark is crossed; returns its exit
+    status, or None when there was nothing to run."""
+    hook = settings(pool)["hook"]
+    if not hook or not health.below_low_water:
+        return None
+    env = dict(os.environ, COWBLOCK_POOL=os.path.abspath(pool.path),
+               COWBLOCK_DATA_FREE_PCT=f"{health.data_free_pct:.1f}",
+               COWBLOCK_METADATA_FREE_PCT=f"{health.metadata_free_pct:.1f}")
+    return subprocess.run(hook, shell=True, env=env, timeout=300).returncode
+
+
+def check_room_for_device(pool):
+    """Refuse a new device when free data space is under min_free_space."""
+    s, limit = pool.stats(), settings(pool)["min_free_space"]
+    free = 100.0 * s.data_free / s.data_blocks
+    if free < limit:
+        raise NoSpaceError(
+            f"pool has {free:.1f}% free data space, under its min_free_space of {limit}%: new "
+            f"devices are refused until it is grown (cowblock pool resize) or space is freed")
