@@ -77,13 +77,10 @@ def pool_health(pool):
     return h
 
 
-def run_hook(pool, health):
-    """Run the configured hook if a low-water mark is crossed; returns its exit
-    status, or None when there was nothing to run."""
-    hook = settings(pool)["hook"]
-    if not hook or not health.below_low_water:
-        return None
-    env = dict(os.environ, COWBLOCK_POOL=os.path.abspath(pool.path),
+def run_hook(pool_path, hook, health):
+    """Run a low-water hook command (with the pool closed: it may open it, to
+    grow it); returns its exit status."""
+    env = dict(os.environ, COWBLOCK_POOL=os.path.abspath(pool_path),
                COWBLOCK_DATA_FREE_PCT=f"{health.data_free_pct:.1f}",
                COWBLOCK_METADATA_FREE_PCT=f"{health.metadata_free_pct:.1f}")
     return subprocess.run(hook, shell=True, env=env, timeout=300).returncode

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .. import errors
+from .. import errors, health
 from ..paths import default_pool_path, open_or_create
 from ..pool import Pool
 from ..sizes import format_size, parse_size
@@ -66,20 +66,18 @@ def with_pool(read_only=False):
         @functools.wraps(fn)
         def run(settings, *args, **kwargs):
             with settings.open(read_only=read_only) as pool:
-                warn_low_space(pool)
-                return fn(settings, pool, *args, **kwargs)
+                h = health.pool_health(pool)
+                for warning in h.warnings:
+                    click.echo(f"cowblock: warning: {warning}", err=True)
+                hook = health.settings(pool)["hook"] if h.below_low_water else None
+                result = fn(settings, pool, *args, **kwargs)
+            if hook:  # after closing: the hook may well open the pool itself
+                status = health.run_hook(settings.pool_path, hook, h)
+                if status:
+                    click.echo(f"cowblock: warning: the low-water hook exited {status}", err=True)
+            return result
         return run
     return wrap
-
-
-def warn_low_space(pool):
-    """Warn under a low-water mark, and run the pool's hook (to extend it)."""
-    from .. import health
-    h = health.pool_health(pool)
-    for warning in h.warnings:
-        click.echo(f"cowblock: warning: {warning}", err=True)
-    if not pool.read_only and health.run_hook(pool, h) not in (None, 0):
-        click.echo("cowblock: warning: the pool's low-water hook failed", err=True)
 
 
 class SizeType(click.ParamType):
