@@ -118,3 +118,25 @@ int cb_dev_block_status(cb_pool *p, uint32_t id, uint64_t off, uint64_t len,
 int64_t cb_fault_set(int mode, int64_t nth, int keep_last);
 /* Debug counters: metadata blocks written and read (verified) since open. */
 int cb_pool_counters(cb_pool *p, uint64_t *meta_written, uint64_t *meta_verified);
+
+/* ---- NBD transmission phase (csrc/nbd/transmit.c) ----
+ * Serve NBD requests for one device on a connected socket, after the
+ * handshake (done by the caller), until the client disconnects.  Requests
+ * are read here and run by `workers` threads, so replies may go out of
+ * order.  Returns 0 on a clean disconnect, else a negative errno. */
+typedef struct {
+    uint32_t dev_id;
+    int fd;
+    uint32_t structured;        /* structured replies negotiated */
+    uint32_t read_only;
+    uint32_t ctx_allocation;    /* base:allocation context id, 0 = not selected */
+    uint32_t ctx_shared;        /* cowblock:shared context id, 0 = not selected */
+    uint32_t workers;           /* worker threads, 1..64 */
+    uint32_t on_full_wait_ms;   /* 0: ENOSPC at once; else retry writes this long */
+    uint64_t max_buffered;      /* bytes of request payload held in memory at most */
+    uint64_t requests;          /* out: requests served */
+    uint64_t bytes_read;        /* out */
+    uint64_t bytes_written;     /* out */
+} cb_nbd_conn;
+
+int cb_nbd_transmit(cb_pool *p, cb_nbd_conn *conn);

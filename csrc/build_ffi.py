@@ -10,7 +10,7 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCES = ["errors.c", "crc32c.c", "io.c", "meta.c", "sm.c", "btree.c", "pool.c",
-           "device.c", "dataio.c", "diff.c", "check.c"]
+           "device.c", "dataio.c", "diff.c", "check.c", "nbd/transmit.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "api.h").read_text())

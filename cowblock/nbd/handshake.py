@@ -1,0 +1,197 @@
+"""The NBD fixed-newstyle handshake, server side (doc/proto.md).
+
+negotiate() runs the option haggling on a connected socket and returns a
+Session when the client enters transmission (NBD_OPT_GO or EXPORT_NAME),
+or None when it aborts.  A protocol violation raises HandshakeError and the
+caller drops the connection; an unknown option gets ERR_UNSUP and the
+haggling goes on, as the spec requires.
+"""
+import struct
+from dataclasses import dataclass, field
+
+from . import protocol as P
+
+
+class HandshakeError(Exception):
+    """The client broke the protocol; drop the connection."""
+
+
+@dataclass
+class Export:
+    name: str
+    dev_id: int
+    size: int
+    read_only: bool
+    block_size: int
+
+
+@dataclass
+class Session:
+    export: Export
+    structured: bool
+    contexts: dict = field(default_factory=dict)   # context name -> id
+    read_only: bool = False
+
+
+def _recv(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("the client closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def _reply(sock, opt, rtype, data=b""):
+    sock.sendall(struct.pack(">QIII", P.REPLY_MAGIC, opt, rtype, len(data)) + data)
+
+
+def _error(sock, opt, rtype, message):
+    _reply(sock, opt, rtype, message.encode()[:4096])
+
+
+def transmission_flags(export, structured):
+    flags = (P.HAS_FLAGS | P.SEND_FLUSH | P.SEND_FUA | P.SEND_TRIM | P.SEND_WRITE_ZEROES
+             | P.SEND_FAST_ZERO | P.SEND_CACHE | P.CAN_MULTI_CONN)
+    if structured:
+        flags |= P.SEND_DF
+    if export.read_only:
+        flags |= P.READ_ONLY
+    return flags
+
+
+def _parse_name_and_list(data, item_size, count_size):
+    """name length u32, name, count, items: what INFO/GO and META_CONTEXT carry."""
+    if len(data) < 4:
+        raise ValueError("too short")
+    (nlen,) = struct.unpack_from(">I", data)
+    if 4 + nlen + count_size > len(data):
+        raise ValueError("name runs past the option")
+    name = data[4:4 + nlen].decode("utf-8")
+    pos = 4 + nlen
+    (count,) = struct.unpack_from(">H" if count_size == 2 else ">I", data, pos)
+    pos += count_size
+    return name, count, pos
+
+
+def _parse_info(data):
+    name, n, pos = _parse_name_and_list(data, 2, 2)
+    if len(data) != pos + 2 * n:
+        raise ValueError("information request count does not match the length")
+    return name, list(struct.unpack_from(f">{n}H", data, pos))
+
+
+def _parse_meta(data):
+    name, n, pos = _parse_name_and_list(data, 0, 4)
+    queries = []
+    for _ in range(n):
+        if pos + 4 > len(data):
+            raise ValueError("query runs past the option")
+        (qlen,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        if pos + qlen > len(data):
+            raise ValueError("query runs past the option")
+        queries.append(data[pos:pos + qlen].decode("utf-8"))
+        pos += qlen
+    if pos != len(data):
+        raise ValueError("trailing bytes after the queries")
+    return name, queries
+
+
+def _match_contexts(queries):
+    if not queries:
+        return dict(P.CONTEXT_IDS)
+    out = {}
+    for q in queries:
+        for name, cid in P.CONTEXT_IDS.items():
+            namespace = name.split(":")[0] + ":"
+            if q == name or q == namespace:
+                out[name] = cid
+    return out
+
+
+def negotiate(sock, catalog):
+    """catalog.resolve(name) -> Export (raises LookupError with a message);
+    catalog.names() -> exported names."""
+    sock.sendall(struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT, P.CLIENT_FLAGS))
+    (cflags,) = struct.unpack(">I", _recv(sock, 4))
+    if cflags & ~P.CLIENT_FLAGS:
+        raise HandshakeError(f"unknown client flags {cflags:#x}")
+    no_zeroes = bool(cflags & P.FLAG_NO_ZEROES)
+    structured, contexts = False, {}
+    while True:
+        magic, opt, length = struct.unpack(">QII", _recv(sock, 16))
+        if magic != P.IHAVEOPT:
+            raise HandshakeError(f"bad option magic {magic:#x}")
+        if length > P.MAX_OPTION_LENGTH:
+            _error(sock, opt, P.REP_ERR_TOO_BIG, f"option data of {length} bytes is too long")
+            raise HandshakeError(f"option {opt} announced {length} bytes")
+        data = _recv(sock, length)
+        if opt == P.OPT_EXPORT_NAME:
+            try:
+                export = catalog.resolve(data.decode("utf-8", "replace"))
+            except LookupError as e:  # no error reply exists for this option
+                raise HandshakeError(str(e)) from None
+            flags = transmission_flags(export, False)
+            sock.sendall(struct.pack(">QH", export.size, flags) + (b"" if no_zeroes else bytes(124)))
+            return Session(export, False, {}, export.read_only)
+        if opt == P.OPT_ABORT:
+            _reply(sock, opt, P.REP_ACK)
+            return None
+        if opt == P.OPT_LIST:
+            if data:
+                _error(sock, opt, P.REP_ERR_INVALID, "LIST takes no data")
+                continue
+            for name in catalog.names():
+                raw = name.encode()
+                _reply(sock, opt, P.REP_SERVER, struct.pack(">I", len(raw)) + raw)
+            _reply(sock, opt, P.REP_ACK)
+        elif opt in (P.OPT_INFO, P.OPT_GO):
+            try:
+                name, infos = _parse_info(data)
+            except (ValueError, UnicodeDecodeError, struct.error) as e:
+                _error(sock, opt, P.REP_ERR_INVALID, f"malformed INFO/GO: {e}")
+                continue
+            try:
+                export = catalog.resolve(name)
+            except LookupError as e:
+                _error(sock, opt, P.REP_ERR_UNKNOWN, str(e))
+                continue
+            flags = transmission_flags(export, structured)
+            _reply(sock, opt, P.REP_INFO, struct.pack(">HQH", P.INFO_EXPORT, export.size, flags))
+            preferred = min(export.block_size, P.MAX_PAYLOAD)
+            _reply(sock, opt, P.REP_INFO, struct.pack(">HIII", P.INFO_BLOCK_SIZE, 512, preferred,
+                                                      P.MAX_PAYLOAD))
+            if P.INFO_NAME in infos:
+                _reply(sock, opt, P.REP_INFO, struct.pack(">H", P.INFO_NAME) + export.name.encode())
+            if P.INFO_DESCRIPTION in infos:
+                _reply(sock, opt, P.REP_INFO, struct.pack(">H", P.INFO_DESCRIPTION)
+                       + f"cowblock thin device {export.name}".encode())
+            _reply(sock, opt, P.REP_ACK)
+            if opt == P.OPT_GO:
+                return Session(export, structured, contexts if structured else {}, export.read_only)
+        elif opt == P.OPT_STRUCTURED_REPLY:
+            if data:
+                _error(sock, opt, P.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
+                continue
+            structured = True
+            _reply(sock, opt, P.REP_ACK)
+        elif opt in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
+            if opt == P.OPT_SET_META_CONTEXT and not structured:
+                _error(sock, opt, P.REP_ERR_INVALID, "negotiate structured replies first")
+                continue
+            try:
+                _, queries = _parse_meta(data)
+            except (ValueError, UnicodeDecodeError, struct.error) as e:
+                _error(sock, opt, P.REP_ERR_INVALID, f"malformed meta context option: {e}")
+                continue
+            matched = _match_contexts(queries)
+            if opt == P.OPT_SET_META_CONTEXT:
+                matched = matched if queries else {}  # SET with no query selects none
+                contexts = matched
+            for name, cid in matched.items():
+                _reply(sock, opt, P.REP_META_CONTEXT, struct.pack(">I", cid) + name.encode())
+            _reply(sock, opt, P.REP_ACK)
+        else:
+            _error(sock, opt, P.REP_ERR_UNSUP, f"option {opt} is not supported")

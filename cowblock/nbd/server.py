@@ -1,0 +1,188 @@
+"""`cowblock serve`: export a pool's devices over NBD.
+
+One thread per connection: the handshake in Python, then the transmission
+phase in C (cb_nbd_transmit, which releases the GIL and runs its own worker
+threads).  Unix socket (0600) by default; TCP on loopback when asked, other
+addresses only with insecure=True.  The socket appears only once it accepts
+(bound under a temporary name, then renamed), so its existence is the ready
+signal.  stop() closes the listener, shuts every connection down, waits for
+in-flight requests and commits.
+"""
+import ipaddress
+import os
+import socket
+import threading
+
+from .. import errors
+from .._native import ffi, lib
+from .handshake import Export, HandshakeError, negotiate
+from .protocol import CONTEXT_ALLOCATION, CONTEXT_SHARED
+
+
+class Catalog:
+    """The exports: the named devices, or every device of the pool."""
+
+    def __init__(self, pool, names, read_only):
+        self.pool, self.only, self.read_only = pool, list(names or []), read_only
+        for name in self.only:
+            pool.device(name)  # unknown names fail at start
+
+    def names(self):
+        return self.only or [d.name for d in self.pool.list()]
+
+    def resolve(self, name):
+        names = self.names()
+        if name == "":
+            if len(names) != 1:
+                raise LookupError("the default export needs exactly one served device; "
+                                  f"name one of: {', '.join(names) or '(none)'}")
+            name = names[0]
+        if name not in names:
+            raise LookupError(f"no export named {name!r}; exports: {', '.join(names) or '(none)'}")
+        info = self.pool.info(name)
+        return Export(name, info.id, info.size, self.read_only or info.read_only,
+                      self.pool.block_size)
+
+
+def parse_listen(text, insecure=False):
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise errors.InvalidArgumentError(f"--listen {text!r} is not HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        addr = ipaddress.ip_address(socket.gethostbyname(host) if ":" not in host else host)
+    except (OSError, ValueError):
+        raise errors.InvalidArgumentError(f"--listen: cannot resolve {host!r}") from None
+    if not addr.is_loopback and not insecure:
+        raise errors.InvalidArgumentError(
+            f"--listen {text}: {addr} is not a loopback address; NBD has no authentication "
+            "here, so a network address needs --insecure")
+    return host, int(port)
+
+
+class NBDServer:
+    def __init__(self, pool, names=None, *, socket_path=None, listen=None, insecure=False,
+                 read_only=False, max_connections=16, workers=4, on_full_wait=0.0, log=None):
+        self.pool = pool
+        self.catalog = Catalog(pool, names, read_only)
+        self.socket_path = socket_path
+        self.listen = parse_listen(listen, insecure) if listen else None
+        self.max_connections = max_connections
+        self.workers = workers
+        self.on_full_wait_ms = int(on_full_wait * 1000)
+        self.log = log or (lambda msg: None)
+        self._lock = threading.Lock()
+        self._conns = {}          # thread -> socket
+        self._stop = threading.Event()
+        self._listener = None
+        self._serial = 0
+
+    # ---- lifecycle ----
+    def start(self):
+        """Bind and listen; returns the address clients connect to."""
+        if self.listen:
+            family = socket.AF_INET6 if ":" in self.listen[0] else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(self.listen)
+            s.listen(64)
+            self._listener = s
+            self.address = s.getsockname()
+        else:
+            path = os.path.abspath(self.socket_path)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            for p in (tmp,):
+                if os.path.exists(p):
+                    os.unlink(p)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)          # the socket is born 0600
+            try:
+                s.bind(tmp)
+            finally:
+                os.umask(old)
+            s.listen(64)
+            os.replace(tmp, path)          # appears only now that it accepts
+            self._listener = s
+            self.address = path
+        return self.address
+
+    def serve_forever(self):
+        self._listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    break
+                raise
+            with self._lock:
+                self._serial += 1
+                serial = self._serial
+                full = len(self._conns) >= self.max_connections
+            if full:
+                self.log(f"connection {serial}: refused, {self.max_connections} connections open")
+                conn.close()
+                continue
+            t = threading.Thread(target=self._handle, args=(conn, serial, peer), daemon=True)
+            with self._lock:
+                self._conns[t] = conn
+            t.start()
+
+    def stop(self):
+        """Stop accepting, end every connection after its in-flight requests,
+        commit."""
+        self._stop.set()
+        if self._listener:
+            self._listener.close()
+            if not self.listen and os.path.exists(self.address):
+                os.unlink(self.address)
+        with self._lock:
+            conns = dict(self._conns)
+        for sock in conns.values():
+            try:
+                sock.shutdown(socket.SHUT_RD)   # the reader sees EOF; workers finish
+            except OSError:
+                pass
+        for t in conns:
+            t.join(timeout=30)
+        self.pool.commit()
+
+    # ---- one connection ----
+    def _handle(self, sock, serial, peer):
+        who = peer if peer else "unix socket"
+        try:
+            if self.listen:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(60)            # a silent client cannot hold the handshake forever
+            try:
+                session = negotiate(sock, self.catalog)
+            except (HandshakeError, EOFError, OSError, UnicodeDecodeError) as e:
+                self.log(f"connection {serial} from {who}: handshake ended: {e}")
+                return
+            if session is None:
+                self.log(f"connection {serial} from {who}: aborted during the handshake")
+                return
+            sock.settimeout(None)
+            c = ffi.new("cb_nbd_conn *")
+            c.dev_id = session.export.dev_id
+            c.fd = sock.fileno()
+            c.structured = 1 if session.structured else 0
+            c.read_only = 1 if session.read_only else 0
+            c.ctx_allocation = session.contexts.get(CONTEXT_ALLOCATION, 0)
+            c.ctx_shared = session.contexts.get(CONTEXT_SHARED, 0)
+            c.workers = self.workers
+            c.on_full_wait_ms = self.on_full_wait_ms
+            h = self.pool._handle()
+            r = lib.cb_nbd_transmit(h, c)
+            status = "closed" if r == 0 else f"ended: {os.strerror(-r)}"
+            self.log(f"connection {serial} from {who}: export {session.export.name!r} "
+                     f"({'ro' if session.read_only else 'rw'}, "
+                     f"{'structured' if session.structured else 'simple'} replies), "
+                     f"{c.requests} requests, {c.bytes_read} bytes read, "
+                     f"{c.bytes_written} written, {status}")
+        finally:
+            sock.close()
+            with self._lock:
+                self._conns.pop(threading.current_thread(), None)

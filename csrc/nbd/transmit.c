@@ -1,0 +1,537 @@
+/*
+ * NBD transmission phase, in C: the request loop of `cowblock serve`.
+ *
+ * Design
+ *  - The calling thread reads requests (and WRITE payloads) from the socket,
+ *    checks each in one gate (validate) and queues it; `workers` threads run
+ *    them against the engine's public API (api.h: this file knows nothing of
+ *    mappings or nodes) and send the replies.  So replies go out of order and
+ *    a slow request never holds up a fast one.
+ *  - One mutex serialises writes to the socket (send_lock), so the bytes of
+ *    one reply are never interleaved with another's.
+ *  - Memory is bounded: payloads buffered for queued requests never exceed
+ *    max_buffered (the reader waits), and a request announcing more than
+ *    NBD_MAX_PAYLOAD is refused and the connection dropped, never buffered.
+ *  - A request the gate refuses gets its error and the connection goes on;
+ *    only a bad magic, an oversized payload or a socket error ends it.
+ *  - Disconnect (NBD_CMD_DISC, EOF): stop reading, let queued requests
+ *    finish, then return.  The caller closes the socket.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+#include <endian.h>
+
+#include "../api.h"
+#include "protocol.h"
+
+struct job {
+    struct nbd_request req;   /* host byte order */
+    uint8_t *payload;         /* WRITE data */
+    uint32_t error;           /* set by the gate: reply with this, run nothing */
+    const char *why;          /* the gate's reason */
+    struct job *next;
+};
+
+struct conn {
+    cb_pool *p;
+    cb_nbd_conn *c;
+    uint64_t size;
+    uint64_t block_size;
+    pthread_mutex_t lock;      /* protects the queue, buffered, stopping */
+    pthread_cond_t more;       /* a job was queued, or stopping */
+    pthread_cond_t room;       /* buffered dropped */
+    struct job *head, *tail;
+    uint64_t buffered;
+    bool stopping;
+    pthread_mutex_t send_lock; /* one reply at a time on the socket */
+    bool send_failed;
+    uint64_t requests, bytes_read, bytes_written;
+};
+
+/* ---- socket I/O ---- */
+
+static int read_full(int fd, void *buf, size_t len)
+{
+    uint8_t *p = buf;
+    while (len) {
+        ssize_t n = read(fd, p, len);
+        if (n == 0)
+            return -EPIPE;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int send_all(struct conn *cn, struct iovec *iov, int cnt)
+{
+    while (cnt > 0) {
+        ssize_t n = writev(cn->c->fd, iov, cnt);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        while (cnt > 0 && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+/* Send under send_lock; a failed socket turns later sends into no-ops. */
+static void send_locked(struct conn *cn, struct iovec *iov, int cnt)
+{
+    if (!cn->send_failed && send_all(cn, iov, cnt) != 0) {
+        cn->send_failed = true;
+        shutdown(cn->c->fd, SHUT_RDWR); /* wake the reader */
+    }
+}
+
+static void reply_simple(struct conn *cn, uint64_t cookie, uint32_t error, void *data, size_t len)
+{
+    struct nbd_simple_reply r = {htobe32(NBD_SIMPLE_REPLY_MAGIC), htobe32(error), cookie};
+    struct iovec iov[2] = {{&r, sizeof r}, {data, error ? 0 : len}};
+    pthread_mutex_lock(&cn->send_lock);
+    send_locked(cn, iov, error || !len ? 1 : 2);
+    pthread_mutex_unlock(&cn->send_lock);
+}
+
+/* One structured chunk: header, then up to two payload pieces. */
+static void chunk(struct conn *cn, uint64_t cookie, uint16_t type, bool done, void *a, size_t alen,
+                  void *b, size_t blen)
+{
+    struct nbd_structured_reply r = {htobe32(NBD_STRUCTURED_REPLY_MAGIC),
+                                     htobe16(done ? NBD_REPLY_FLAG_DONE : 0), htobe16(type), cookie,
+                                     htobe32((uint32_t)(alen + blen))};
+    struct iovec iov[3] = {{&r, sizeof r}, {a, alen}, {b, blen}};
+    pthread_mutex_lock(&cn->send_lock);
+    send_locked(cn, iov, 1 + (alen ? 1 : 0) + (blen ? 1 : 0));
+    pthread_mutex_unlock(&cn->send_lock);
+}
+
+static void reply_error(struct conn *cn, uint64_t cookie, uint32_t error, const char *msg)
+{
+    if (!cn->c->structured) {
+        reply_simple(cn, cookie, error, NULL, 0);
+        return;
+    }
+    size_t mlen = strlen(msg) > 1024 ? 1024 : strlen(msg);
+    uint8_t head[6];
+    uint32_t e = htobe32(error);
+    uint16_t ml = htobe16((uint16_t)mlen);
+    memcpy(head, &e, 4);
+    memcpy(head + 4, &ml, 2);
+    chunk(cn, cookie, NBD_REPLY_TYPE_ERROR, true, head, 6, (void *)msg, mlen);
+}
+
+static void reply_ok(struct conn *cn, uint64_t cookie)
+{
+    if (cn->c->structured)
+        chunk(cn, cookie, NBD_REPLY_TYPE_NONE, true, NULL, 0, NULL, 0);
+    else
+        reply_simple(cn, cookie, 0, NULL, 0);
+}
+
+/* ---- mapping engine errors to the wire (one place) ---- */
+
+static uint32_t nbd_errno(int err, int type)
+{
+    switch (-err) {
+    case EROFS: case EPERM: return NBD_EPERM;
+    case ENOSPC: case EDQUOT: case EFBIG: return NBD_ENOSPC;
+    case EINVAL: return type == NBD_CMD_WRITE || type == NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL;
+    case ENOMEM: return NBD_ENOMEM;
+    case ENOTSUP: return NBD_ENOTSUP;
+    case ESHUTDOWN: return NBD_ESHUTDOWN;
+    default: return NBD_EIO;
+    }
+}
+
+/* ---- the gate: every request is checked here before it runs ---- */
+
+static uint32_t validate(struct conn *cn, const struct nbd_request *r, const char **why)
+{
+    static const uint16_t allowed[] = {
+        [NBD_CMD_READ] = NBD_CMD_FLAG_DF,
+        [NBD_CMD_WRITE] = NBD_CMD_FLAG_FUA,
+        [NBD_CMD_DISC] = 0,
+        [NBD_CMD_FLUSH] = 0,
+        [NBD_CMD_TRIM] = NBD_CMD_FLAG_FUA,
+        [NBD_CMD_CACHE] = 0,
+        [NBD_CMD_WRITE_ZEROES] = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
+        [NBD_CMD_BLOCK_STATUS] = NBD_CMD_FLAG_REQ_ONE,
+    };
+    if (r->type > NBD_CMD_BLOCK_STATUS) {
+        *why = "unknown command";
+        return NBD_EINVAL;
+    }
+    if (r->flags & ~allowed[r->type]) {
+        *why = "flag not valid for this command";
+        return NBD_EINVAL;
+    }
+    if ((r->flags & NBD_CMD_FLAG_DF) && !cn->c->structured) {
+        *why = "DF needs structured replies";
+        return NBD_EINVAL;
+    }
+    bool writes = r->type == NBD_CMD_WRITE || r->type == NBD_CMD_TRIM ||
+                  r->type == NBD_CMD_WRITE_ZEROES;
+    if (writes && cn->c->read_only) {
+        *why = "the export is read-only";
+        return NBD_EPERM;
+    }
+    if (r->type == NBD_CMD_FLUSH) {
+        if (r->offset || r->length) {
+            *why = "flush with an offset or length";
+            return NBD_EINVAL;
+        }
+        return 0;
+    }
+    if (r->type == NBD_CMD_DISC)
+        return 0;
+    if (r->offset > cn->size || r->length > cn->size - r->offset) {
+        *why = "request past the end of the export";
+        return r->type == NBD_CMD_WRITE || r->type == NBD_CMD_WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL;
+    }
+    if (r->type == NBD_CMD_BLOCK_STATUS) {
+        if (!cn->c->structured || (!cn->c->ctx_allocation && !cn->c->ctx_shared)) {
+            *why = "block status needs structured replies and a meta context";
+            return NBD_EINVAL;
+        }
+    }
+    if (r->type == NBD_CMD_READ && r->length > NBD_MAX_PAYLOAD) {
+        *why = "read longer than the maximum payload";
+        return NBD_EINVAL;
+    }
+    if (r->type == NBD_CMD_WRITE_ZEROES && (r->flags & NBD_CMD_FLAG_FAST_ZERO) &&
+        (r->flags & NBD_CMD_FLAG_NO_HOLE)) {
+        *why = "zeroes that must be allocated are not faster than a write";
+        return NBD_ENOTSUP;
+    }
+    return 0;
+}
+
+/* ---- running requests ---- */
+
+static int with_space_wait(struct conn *cn, int r, int attempt)
+{
+    /* --on-full wait: hold an ENOSPC write while the pool may be grown. */
+    if (r != -ENOSPC || !cn->c->on_full_wait_ms || (uint32_t)attempt * 100 >= cn->c->on_full_wait_ms)
+        return 0;
+    struct timespec ts = {0, 100 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    return 1;
+}
+
+static void do_read(struct conn *cn, struct job *j)
+{
+    const struct nbd_request *r = &j->req;
+    uint8_t *buf = malloc(r->length ? r->length : 1);
+    if (!buf) {
+        reply_error(cn, r->cookie, NBD_ENOMEM, "out of memory");
+        return;
+    }
+    int64_t n = cb_dev_read(cn->p, cn->c->dev_id, buf, r->length, r->offset);
+    cb_range *ext = NULL;
+    uint64_t count = 0;
+    if (n < 0) {
+        reply_error(cn, r->cookie, nbd_errno((int)n, r->type), cb_last_error());
+    } else if (!cn->c->structured) {
+        reply_simple(cn, r->cookie, 0, buf, r->length);
+    } else if (r->length == 0) {
+        reply_ok(cn, r->cookie);
+    } else if ((r->flags & NBD_CMD_FLAG_DF) ||
+               cb_dev_block_status(cn->p, cn->c->dev_id, r->offset, r->length, &ext, &count) < 0 ||
+               count == 0) {
+        uint64_t off = htobe64(r->offset);
+        chunk(cn, r->cookie, NBD_REPLY_TYPE_OFFSET_DATA, true, &off, 8, buf, r->length);
+    } else {
+        /* Holes as OFFSET_HOLE, data as OFFSET_DATA, from the real mappings. */
+        uint64_t bs = cn->block_size, end = r->offset + r->length;
+        for (uint64_t i = 0; i < count; i++) {
+            bool hole = ext[i].kind == 0;
+            uint64_t start = ext[i].begin * bs < r->offset ? r->offset : ext[i].begin * bs;
+            while (i + 1 < count && (ext[i + 1].kind == 0) == hole)
+                i++;
+            uint64_t stop = (ext[i].begin + ext[i].length) * bs;
+            if (stop > end)
+                stop = end;
+            bool last = stop >= end;
+            uint64_t off = htobe64(start);
+            if (hole) {
+                uint32_t len = htobe32((uint32_t)(stop - start));
+                chunk(cn, r->cookie, NBD_REPLY_TYPE_OFFSET_HOLE, last, &off, 8, &len, 4);
+            } else {
+                chunk(cn, r->cookie, NBD_REPLY_TYPE_OFFSET_DATA, last, &off, 8,
+                      buf + (start - r->offset), stop - start);
+            }
+        }
+    }
+    cb_free(ext);
+    free(buf);
+    __atomic_fetch_add(&cn->bytes_read, n > 0 ? (uint64_t)n : 0, __ATOMIC_RELAXED);
+}
+
+static int commit_if_fua(struct conn *cn, const struct nbd_request *r, int res)
+{
+    return res >= 0 && (r->flags & NBD_CMD_FLAG_FUA) ? cb_pool_commit(cn->p) : res;
+}
+
+static void do_write(struct conn *cn, struct job *j)
+{
+    const struct nbd_request *r = &j->req;
+    int64_t n;
+    for (int attempt = 0;; attempt++) {
+        n = cb_dev_write(cn->p, cn->c->dev_id, j->payload, r->length, r->offset);
+        if (!with_space_wait(cn, (int)(n < 0 ? n : 0), attempt))
+            break;
+    }
+    int res = commit_if_fua(cn, r, n < 0 ? (int)n : 0);
+    if (res < 0)
+        reply_error(cn, r->cookie, nbd_errno(res, r->type), cb_last_error());
+    else
+        reply_ok(cn, r->cookie);
+    __atomic_fetch_add(&cn->bytes_written, res < 0 ? 0 : r->length, __ATOMIC_RELAXED);
+}
+
+static void do_trim_or_zero(struct conn *cn, struct job *j)
+{
+    const struct nbd_request *r = &j->req;
+    int res;
+    for (int attempt = 0;; attempt++) {
+        res = r->type == NBD_CMD_TRIM
+                  ? cb_dev_discard(cn->p, cn->c->dev_id, r->offset, r->length)
+                  : cb_dev_write_zeroes(cn->p, cn->c->dev_id, r->offset, r->length,
+                                        !(r->flags & NBD_CMD_FLAG_NO_HOLE));
+        if (!with_space_wait(cn, res, attempt))
+            break;
+    }
+    res = commit_if_fua(cn, r, res);
+    if (res < 0)
+        reply_error(cn, r->cookie, nbd_errno(res, r->type), cb_last_error());
+    else
+        reply_ok(cn, r->cookie);
+}
+
+/* One BLOCK_STATUS chunk per selected context, extents clipped to the request. */
+static void do_block_status(struct conn *cn, struct job *j)
+{
+    const struct nbd_request *r = &j->req;
+    cb_range *ext = NULL;
+    uint64_t count = 0;
+    uint64_t len = r->length ? r->length : 1;
+    if (r->offset + len > cn->size)
+        len = cn->size - r->offset;
+    int res = len ? cb_dev_block_status(cn->p, cn->c->dev_id, r->offset, len, &ext, &count) : 0;
+    if (res < 0 || count == 0) {
+        reply_error(cn, r->cookie, res < 0 ? nbd_errno(res, r->type) : NBD_EINVAL,
+                    res < 0 ? cb_last_error() : "empty block status request");
+        cb_free(ext);
+        return;
+    }
+    uint32_t ids[2] = {cn->c->ctx_allocation, cn->c->ctx_shared};
+    int nctx = (ids[0] != 0) + (ids[1] != 0), sent = 0;
+    uint32_t *pairs = malloc(count * 8 + 8);
+    for (int c = 0; c < 2 && pairs; c++) {
+        if (!ids[c])
+            continue;
+        uint64_t bs = cn->block_size, end = r->offset + len, n = 0;
+        for (uint64_t i = 0; i < count; i++) {
+            uint32_t flags = c == 0 ? (ext[i].kind == 0 ? NBD_STATE_HOLE | NBD_STATE_ZERO : 0)
+                                    : (ext[i].kind == 2 ? CB_STATE_SHARED : 0);
+            uint64_t start = ext[i].begin * bs < r->offset ? r->offset : ext[i].begin * bs;
+            uint64_t stop = (ext[i].begin + ext[i].length) * bs;
+            if (stop > end)
+                stop = end;
+            if (n && be32toh(pairs[2 * n - 1]) == flags) { /* merge equal neighbours */
+                pairs[2 * n - 2] = htobe32(be32toh(pairs[2 * n - 2]) + (uint32_t)(stop - start));
+            } else {
+                pairs[2 * n] = htobe32((uint32_t)(stop - start));
+                pairs[2 * n + 1] = htobe32(flags);
+                n++;
+            }
+            if (r->flags & NBD_CMD_FLAG_REQ_ONE)
+                break;
+        }
+        uint32_t id = htobe32(ids[c]);
+        chunk(cn, r->cookie, NBD_REPLY_TYPE_BLOCK_STATUS, ++sent == nctx, &id, 4, pairs, n * 8);
+    }
+    if (!pairs)
+        reply_error(cn, r->cookie, NBD_ENOMEM, "out of memory");
+    free(pairs);
+    cb_free(ext);
+}
+
+static void run(struct conn *cn, struct job *j)
+{
+    const struct nbd_request *r = &j->req;
+    if (j->error) {
+        reply_error(cn, r->cookie, j->error, j->why);
+        return;
+    }
+    switch (r->type) {
+    case NBD_CMD_READ: do_read(cn, j); break;
+    case NBD_CMD_WRITE: do_write(cn, j); break;
+    case NBD_CMD_TRIM:
+    case NBD_CMD_WRITE_ZEROES: do_trim_or_zero(cn, j); break;
+    case NBD_CMD_BLOCK_STATUS: do_block_status(cn, j); break;
+    case NBD_CMD_FLUSH: {
+        int res = cb_pool_commit(cn->p);
+        if (res < 0)
+            reply_error(cn, r->cookie, nbd_errno(res, r->type), cb_last_error());
+        else
+            reply_ok(cn, r->cookie);
+        break;
+    }
+    default: /* CACHE: a hint; the data is in the page cache or a read away */
+        reply_ok(cn, r->cookie);
+    }
+}
+
+static void *worker(void *arg)
+{
+    struct conn *cn = arg;
+    for (;;) {
+        pthread_mutex_lock(&cn->lock);
+        while (!cn->head && !cn->stopping)
+            pthread_cond_wait(&cn->more, &cn->lock);
+        struct job *j = cn->head;
+        if (!j) {
+            pthread_mutex_unlock(&cn->lock);
+            return NULL;
+        }
+        cn->head = j->next;
+        if (!cn->head)
+            cn->tail = NULL;
+        pthread_mutex_unlock(&cn->lock);
+        run(cn, j);
+        pthread_mutex_lock(&cn->lock);
+        cn->requests++;
+        if (j->payload) {
+            cn->buffered -= j->req.length;
+            pthread_cond_broadcast(&cn->room);
+        }
+        pthread_mutex_unlock(&cn->lock);
+        free(j->payload);
+        free(j);
+    }
+}
+
+static void enqueue(struct conn *cn, struct job *j)
+{
+    pthread_mutex_lock(&cn->lock);
+    j->next = NULL;
+    if (cn->tail)
+        cn->tail->next = j;
+    else
+        cn->head = j;
+    cn->tail = j;
+    pthread_cond_signal(&cn->more);
+    pthread_mutex_unlock(&cn->lock);
+}
+
+/* Read requests until disconnect; returns 0 or a negative errno. */
+static int reader(struct conn *cn)
+{
+    for (;;) {
+        struct nbd_request wire;
+        int r = read_full(cn->c->fd, &wire, sizeof wire);
+        if (r)
+            return r == -EPIPE ? 0 : r; /* EOF without DISC: the client went away */
+        struct job *j = calloc(1, sizeof *j);
+        if (!j)
+            return -ENOMEM;
+        j->req = (struct nbd_request){be32toh(wire.magic), be16toh(wire.flags), be16toh(wire.type),
+                                      wire.cookie, be64toh(wire.offset), be32toh(wire.length)};
+        if (j->req.magic != NBD_REQUEST_MAGIC) {
+            free(j);
+            return -EPROTO; /* out of sync: nothing after this can be trusted */
+        }
+        j->why = "";
+        j->error = validate(cn, &j->req, &j->why);
+        if (j->req.type == NBD_CMD_WRITE) {
+            if (j->req.length > NBD_MAX_PAYLOAD) {
+                /* Refuse, never buffer: the payload cannot be skipped safely. */
+                reply_error(cn, j->req.cookie, NBD_EOVERFLOW, "write payload over the maximum");
+                free(j);
+                return -EPROTO;
+            }
+            pthread_mutex_lock(&cn->lock);
+            while (cn->buffered && cn->buffered + j->req.length > cn->c->max_buffered)
+                pthread_cond_wait(&cn->room, &cn->lock);
+            cn->buffered += j->req.length;
+            pthread_mutex_unlock(&cn->lock);
+            j->payload = malloc(j->req.length ? j->req.length : 1);
+            if (!j->payload || (r = read_full(cn->c->fd, j->payload, j->req.length)) != 0) {
+                bool oom = !j->payload;
+                pthread_mutex_lock(&cn->lock);
+                cn->buffered -= j->req.length;
+                pthread_mutex_unlock(&cn->lock);
+                free(j->payload);
+                free(j);
+                return oom ? -ENOMEM : r == -EPIPE ? 0 : r;
+            }
+        }
+        if (j->req.type == NBD_CMD_DISC) {
+            free(j);
+            return 0;
+        }
+        enqueue(cn, j);
+    }
+}
+
+int cb_nbd_transmit(cb_pool *p, cb_nbd_conn *c)
+{
+    cb_devinfo info;
+    cb_stats st;
+    int r = cb_dev_info(p, c->dev_id, &info);
+    if (r < 0 || (r = cb_pool_stats(p, &st)) < 0)
+        return r;
+    struct conn cn = {.p = p, .c = c, .size = info.size, .block_size = st.data_block_size};
+    pthread_mutex_init(&cn.lock, NULL);
+    pthread_mutex_init(&cn.send_lock, NULL);
+    pthread_cond_init(&cn.more, NULL);
+    pthread_cond_init(&cn.room, NULL);
+    if (!c->max_buffered)
+        c->max_buffered = 4 * (uint64_t)NBD_MAX_PAYLOAD;
+    uint32_t nw = c->workers < 1 ? 1 : c->workers > 64 ? 64 : c->workers;
+    pthread_t threads[64];
+    uint32_t started = 0;
+    for (; started < nw; started++)
+        if (pthread_create(&threads[started], NULL, worker, &cn) != 0)
+            break;
+    r = started ? reader(&cn) : -EAGAIN;
+    pthread_mutex_lock(&cn.lock);
+    cn.stopping = true;
+    pthread_cond_broadcast(&cn.more);
+    pthread_mutex_unlock(&cn.lock);
+    for (uint32_t i = 0; i < started; i++)
+        pthread_join(threads[i], NULL);
+    c->requests = cn.requests;
+    c->bytes_read = cn.bytes_read;
+    c->bytes_written = cn.bytes_written;
+    pthread_mutex_destroy(&cn.lock);
+    pthread_mutex_destroy(&cn.send_lock);
+    pthread_cond_destroy(&cn.more);
+    pthread_cond_destroy(&cn.room);
+    return r;
+}
