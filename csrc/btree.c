@@ -414,10 +414,12 @@ int bt_seek(struct bt_cursor *cur, uint32_t root, uint32_t key, bool want_sharin
         if (!n)
             return err;
         if (want_sharing && !shared) {
+            /* Shared now, or possibly in the last commit (count dropped in
+             * this transaction): either way a write must not go in place. */
             uint32_t ref;
             if ((err = sm_get(m, &m->msm, b, &ref)) != 0)
                 return err;
-            shared = ref > 1;
+            shared = ref > 1 || (!meta_is_new(m, b) && sm_dropped(&m->msm, b));
         }
         uint32_t nr = node_hdr(n)->nr_entries;
         if (node_type(n) == CB_BT_INTERNAL) {

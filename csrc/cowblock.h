@@ -60,6 +60,9 @@ struct cb_sm {
     uint8_t *busy;             /* bitmap: allocated or freed this transaction */
     uint64_t busy_bits;
     struct u32vec busy_list;   /* which bits to clear at commit */
+    uint8_t *dropped;          /* bitmap: count decremented this transaction, so the
+                                  block may still be shared in the last commit */
+    struct u32vec dropped_list;
     uint64_t freed_this_txn;   /* blocks freed but not reusable before commit */
 };
 int sm_init(struct cb_sm *sm, uint32_t *root, uint64_t *used, uint64_t nr_blocks);
@@ -74,6 +77,12 @@ int sm_dec(struct cb_meta *m, struct cb_sm *sm, uint64_t b, bool *now_zero);
  * it busy.  Does not set its count. -ENOSPC when there is none. */
 int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out);
 void sm_commit_done(struct cb_sm *sm);
+/* Was b's count decremented in this transaction?  Then the last commit may
+ * still share it, and it must not be written in place (see dataio.c). */
+static inline bool sm_dropped(const struct cb_sm *sm, uint64_t b)
+{
+    return b < sm->busy_bits && (sm->dropped[b >> 3] & (1u << (b & 7)));
+}
 /* Keep block b from being handed out until the next commit. */
 int sm_reserve(struct cb_sm *sm, uint64_t b);
 

@@ -102,7 +102,10 @@ static int lookup(cb_pool *p, struct cb_dev *d, uint32_t vb, uint32_t *blk, bool
         uint32_t ref;
         if ((r = sm_get(&p->m, &p->m.dsm, *blk, &ref)) != 0)
             return r;
-        *exclusive = ref == 1;
+        /* A block whose count dropped in this transaction may still be
+         * shared in the last commit: overwriting it in place would change
+         * what another device reads after a crash. */
+        *exclusive = ref == 1 && !sm_dropped(&p->m.dsm, *blk);
     }
     return 1;
 }
@@ -554,7 +557,8 @@ int cb_dev_block_status(cb_pool *p, uint32_t id, uint64_t off, uint64_t len, cb_
         uint32_t ref = 1;
         if (!cur.shared_path && (r = sm_get(&p->m, &p->m.dsm, bt_cur_value(&cur), &ref)) != 0)
             break;
-        r = cb_range_push(out, count, &cap, vb, 1, cur.shared_path || ref > 1 ? 2 : 1);
+        bool shared = cur.shared_path || ref > 1 || sm_dropped(&p->m.dsm, bt_cur_value(&cur));
+        r = cb_range_push(out, count, &cap, vb, 1, shared ? 2 : 1);
         vb++;
         have = bt_next(&cur, d->d.mapping_root, true);
     }

@@ -54,11 +54,16 @@ int sm_grow(struct cb_sm *sm, uint64_t nr_blocks)
     uint64_t bytes = (nr_blocks + 7) / 8, old = (sm->busy_bits + 7) / 8;
     if (bytes > old) {
         uint8_t *b = realloc(sm->busy, bytes);
-        if (!b)
+        if (b)
+            sm->busy = b;
+        uint8_t *d = b ? realloc(sm->dropped, bytes) : NULL;
+        if (d)
+            sm->dropped = d;
+        if (!b || !d)
             return cb_err(ENOMEM, "out of memory for a space map of %llu blocks",
                           (unsigned long long)nr_blocks);
         memset(b + old, 0, bytes - old);
-        sm->busy = b;
+        memset(d + old, 0, bytes - old);
     }
     sm->busy_bits = nr_blocks;
     sm->nr_blocks = nr_blocks;
@@ -69,6 +74,8 @@ void sm_destroy(struct cb_sm *sm)
 {
     free(sm->busy);
     free(sm->busy_list.v);
+    free(sm->dropped);
+    free(sm->dropped_list.v);
     memset(sm, 0, sizeof *sm);
 }
 
@@ -196,6 +203,11 @@ int sm_dec(struct cb_meta *m, struct cb_sm *sm, uint64_t b, bool *now_zero)
                       "count is already 0", (unsigned long long)b);
     if ((r = sm_set(m, sm, b, v - 1)) != 0)
         return r;
+    if (!sm_dropped(sm, b)) {
+        sm->dropped[b >> 3] |= (uint8_t)(1u << (b & 7));
+        if ((r = u32vec_push(&sm->dropped_list, (uint32_t)b)) != 0)
+            return r;
+    }
     *now_zero = v == 1;
     if (v == 1) {
         sm->freed_this_txn++;
@@ -260,4 +272,9 @@ void sm_commit_done(struct cb_sm *sm)
     }
     sm->busy_list.n = 0;
     sm->freed_this_txn = 0;
+    for (size_t i = 0; i < sm->dropped_list.n; i++) {
+        uint32_t b = sm->dropped_list.v[i];
+        sm->dropped[b >> 3] &= (uint8_t)~(1u << (b & 7));
+    }
+    sm->dropped_list.n = 0;
 }

@@ -29,6 +29,7 @@ def test_sigkill_at_random_moments(tmp_path):
             initial = pool.stats().transaction_id
         seed = rng.randrange(1 << 30)
         ops = generate(seed, 4000)
+        log.write_text("")
         child = subprocess.Popen([sys.executable, os.path.join(HERE, "crash_worker.py"),
                                   str(pool_dir), str(seed), str(len(ops)), str(log)])
         time.sleep(rng.uniform(0.15, 0.9))
