@@ -8,7 +8,7 @@
 """
 from .device import Device, DeviceFile, Extent
 from .errors import (CorruptMetadataError, CowblockError, DeviceExistsError,
-                     DeviceNotFoundError, InvalidArgumentError, MetadataSpaceError,
+                     DeviceNotFoundError, HostFileError, InvalidArgumentError, MetadataSpaceError,
                      NeedsCheckError, NoSpaceError, PoolClosedError, PoolExistsError,
                      PoolIOError, PoolLockedError, PoolNotFoundError, ReadOnlyError)
 from .pool import CheckReport, DeviceInfo, DiffRange, Pool, PoolStats, Usage
@@ -20,5 +20,5 @@ __all__ = [
     "CheckReport", "CowblockError", "InvalidArgumentError", "DeviceNotFoundError",
     "DeviceExistsError", "PoolClosedError", "NeedsCheckError", "NoSpaceError",
     "MetadataSpaceError", "ReadOnlyError", "CorruptMetadataError", "PoolIOError",
-    "PoolLockedError", "PoolNotFoundError", "PoolExistsError",
+    "PoolLockedError", "PoolNotFoundError", "PoolExistsError", "HostFileError",
 ]

@@ -91,6 +91,13 @@ class PoolLockedError(_OSErrorBase):
     hint = "wait for that process, or pass timeout= to wait for it"
 
 
+class HostFileError(_OSErrorBase):
+    """An I/O error on a file outside the pool: an image being imported or
+    exported, or a temporary file of a conversion (errno as the OS gave it)."""
+
+    hint = "look at that file's disk: free space, permissions, errors"
+
+
 class PoolNotFoundError(_OSErrorBase, FileNotFoundError):
     """No pool at that path."""
 

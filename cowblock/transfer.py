@@ -38,19 +38,6 @@ _MAGIC = [(b"QFI\xfb", "qcow2"), (b"KDMV", "vmdk"), (b"conectix", "vpc"),
 _VDI_MAGIC = (64, b"\x7f\x10\xda\xbe")
 
 
-class HostFileError(errors.CowblockError, OSError):
-    """An I/O error on a file outside the pool: the image imported or
-    exported, or a temporary file of a conversion."""
-
-    hint = "look at that file's disk: free space, permissions, errors"
-
-    def __init__(self, message, errno=errno.EIO):
-        super().__init__(errno, message)
-
-    def __str__(self):
-        return self.strerror or ""
-
-
 # errnos that mean a bad path (the caller's to fix) rather than a failing disk
 _PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
                 errno.ENAMETOOLONG, errno.ELOOP, errno.EROFS, errno.EEXIST}
@@ -69,7 +56,7 @@ def host_file_errors(doing, path):
         message = f"cannot {doing} {path}{where}: {e.strerror or e}"
         if e.errno in _PATH_ERRNOS:
             raise errors.InvalidArgumentError(message) from e
-        raise HostFileError(message, e.errno or errno.EIO) from e
+        raise errors.HostFileError(message, e.errno or errno.EIO) from e
 
 
 @dataclass(frozen=True)
@@ -107,7 +94,7 @@ def _qemu_img(*args):
         run = subprocess.run([exe, *args], capture_output=True, text=True,
                              timeout=QEMU_IMG_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise HostFileError(f"qemu-img {args[0]} took more than {QEMU_IMG_TIMEOUT} s",
+        raise errors.HostFileError(f"qemu-img {args[0]} took more than {QEMU_IMG_TIMEOUT} s",
                             errno.ETIMEDOUT) from None
     if run.returncode != 0:
         msg = (run.stderr or run.stdout).strip().replace("\n", "; ")

@@ -21,6 +21,7 @@ EXIT_CODES = [
     (errors.PoolLockedError, 8),
     (errors.CorruptMetadataError, 9), (errors.NeedsCheckError, 9),
     (errors.PoolIOError, 10),
+    (errors.HostFileError, 11),
     (errors.CowblockError, 1),
 ]
 EXIT_CHECK_FAILED = 9
@@ -65,7 +66,8 @@ def with_pool(read_only=False):
         @click.pass_obj
         @functools.wraps(fn)
         def run(settings, *args, **kwargs):
-            with settings.open(read_only=read_only) as pool:
+            # Only commands that write make the default pool on first use.
+            with settings.open(read_only=read_only, create=not read_only) as pool:
                 h = health.pool_health(pool)
                 for warning in h.warnings:
                     click.echo(f"cowblock: warning: {warning}", err=True)
