@@ -1,0 +1,348 @@
+"""`cowblock serve` against real NBD clients (nbdinfo, qemu-io, qemu-img,
+nbdcopy, fio) and against malformed and hostile requests."""
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from cowblock import Pool
+from cowblock.nbd.server import NBDServer
+from helpers import pattern
+from nbdclient import CMD_BLOCK_STATUS, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, Client
+
+MiB = 1 << 20
+COWBLOCK = shutil.which("cowblock")
+
+
+def need(tool):
+    if not shutil.which(tool):
+        pytest.skip(f"{tool} is not installed (apt-get install "
+                    f"{ {'nbdinfo': 'libnbd-bin', 'nbdcopy': 'libnbd-bin'}.get(tool, tool) })")
+
+
+def uri(sock, name):
+    return f"nbd+unix:///{name}?socket={sock}"
+
+
+class Served:
+    """`cowblock serve` in a subprocess, stopped with SIGTERM."""
+
+    def __init__(self, pool_dir, sock, *args):
+        if COWBLOCK is None:
+            pytest.skip("the cowblock command is not installed")
+        self.sock = str(sock)
+        self.proc = subprocess.Popen([COWBLOCK, "--pool", str(pool_dir), "serve", "--socket",
+                                      self.sock, *args], stderr=subprocess.PIPE)
+        for _ in range(200):
+            if os.path.exists(self.sock):
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(self.proc.stderr.read().decode())
+            time.sleep(0.05)
+        raise AssertionError("the server socket never appeared")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        return self.proc.stderr.read().decode()
+
+    def alive(self):
+        return self.proc.poll() is None
+
+
+@pytest.fixture
+def pool_dir(tmp_path):
+    path = tmp_path / "pool"
+    with Pool.create(path, 256 * MiB, 65536) as pool:
+        dev = pool.create_thin("disk", 64 * MiB)
+        dev.pwrite(pattern(1, 3 * 65536 + 100), 65536 * 5)
+        dev.pwrite(pattern(2, 4096), 40 * MiB)
+        pool.snapshot("disk", "image", read_only=True)
+    return path
+
+
+@pytest.fixture
+def served(pool_dir, tmp_path):
+    s = Served(pool_dir, tmp_path / "nbd.sock")
+    yield s
+    if s.alive():
+        s.stop()
+
+
+def test_socket_is_owner_only(served):
+    assert os.stat(served.sock).st_mode & 0o777 == 0o600
+
+
+def test_nbdinfo_size_and_map_match_block_status(pool_dir, tmp_path):
+    need("nbdinfo")
+    with Pool.open(pool_dir) as pool:
+        expect = [(e.offset, e.length, 0 if e.mapped else 3)
+                  for e in pool.device("disk").block_status()]
+    s = Served(pool_dir, tmp_path / "s.sock")
+    try:
+        info = json.loads(subprocess.check_output(["nbdinfo", "--json", uri(s.sock, "disk")]))
+        assert info["exports"][0]["export-size"] == 64 * MiB
+        got = json.loads(subprocess.check_output(["nbdinfo", "--map", "--json", uri(s.sock, "disk")]))
+        merged = []
+        for e in got:
+            merged.append((e["offset"], e["length"], e["type"]))
+        assert merged == expect
+        listing = subprocess.check_output(["nbdinfo", "--list", uri(s.sock, "")]).decode()
+        assert 'export="disk"' in listing and 'export="image"' in listing
+    finally:
+        log = s.stop()
+    assert "connection" in log and "stopped; pool committed" in log
+
+
+def test_qemu_io_unaligned_patterns(served):
+    need("qemu-io")
+    u = uri(served.sock, "disk")
+    cmds = []
+    for off, length, pat in [(4097, 10000, 0x55), (65535, 70000, 0xAA), (63 * MiB + 123, 4000, 0x11)]:
+        cmds += ["-c", f"write -P {pat:#x} {off} {length}", "-c", f"read -P {pat:#x} {off} {length}"]
+    out = subprocess.run(["qemu-io", "-f", "raw", *cmds, u], capture_output=True, text=True)
+    assert out.returncode == 0 and "Pattern verification failed" not in out.stdout + out.stderr
+
+
+def test_qemu_img_convert_and_compare(pool_dir, tmp_path):
+    need("qemu-img")
+    with Pool.open(pool_dir) as pool:
+        expected = pool.device("disk").pread(64 * MiB, 0)
+    s = Served(pool_dir, tmp_path / "s.sock")
+    try:
+        out = tmp_path / "out.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri(s.sock, "disk"),
+                        str(out)], check=True)
+        assert out.read_bytes() == expected
+        assert os.stat(out).st_blocks * 512 < 8 * MiB  # holes stayed holes
+        subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(out),
+                        uri(s.sock, "image")], check=True, capture_output=True)
+    finally:
+        s.stop()
+
+
+def test_nbdcopy_in_and_out_with_four_connections_keeps_holes(pool_dir, tmp_path):
+    need("nbdcopy")
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        f.truncate(64 * MiB)
+        for i in range(0, 64, 8):
+            f.seek(i * MiB + 12345)
+            f.write(os.urandom(200000))
+    s = Served(pool_dir, tmp_path / "s.sock")
+    try:
+        subprocess.run(["nbdcopy", "-C", "4", str(src), uri(s.sock, "disk")], check=True)
+        back = tmp_path / "back.raw"
+        subprocess.run(["nbdcopy", "-C", "4", uri(s.sock, "disk"), str(back)], check=True)
+        assert back.read_bytes() == src.read_bytes()
+        assert os.stat(back).st_blocks * 512 < 16 * MiB
+    finally:
+        s.stop()
+    with Pool.open(pool_dir) as pool:
+        mapped = sum(e.length for e in pool.device("disk").block_status() if e.mapped)
+        assert mapped < 16 * MiB  # zero ranges were not allocated
+        assert pool.check().ok
+
+
+def test_fio_random_writes_verify(served, tmp_path):
+    need("fio")
+    if "nbd" not in subprocess.run(["fio", "--enghelp"], capture_output=True, text=True).stdout:
+        pytest.skip("this fio has no nbd engine")
+    r = subprocess.run(["fio", "--name=v", "--ioengine=nbd", f"--uri={uri(served.sock, 'disk')}",
+                        "--rw=randwrite", "--bs=4k", "--size=16M", "--iodepth=16",
+                        "--verify=crc32c", "--do_verify=1", "--output-format=json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    assert result["jobs"][0]["error"] == 0
+
+
+def test_read_only_export_gives_eperm(served):
+    c = Client(served.sock)
+    c.go("image")
+    assert c.tflags & 2  # READ_ONLY advertised
+    c.request(CMD_WRITE, 0, 4, b"abcd")
+    assert c.reply()[1] == 1  # EPERM
+    c.request(CMD_TRIM, 0, 65536)
+    assert c.reply()[1] == 1
+    assert c.read(65536 * 5, 10) == pattern(1, 10)  # reads still work
+    c.close()
+
+
+def test_requests_answered_and_errors_keep_the_connection(served):
+    c = Client(served.sock)
+    c.go("disk")
+    c.request(CMD_WRITE, 100, 5, b"hello")
+    assert c.reply()[1] == 0
+    assert c.read(100, 5) == b"hello"
+    c.request(CMD_READ, 64 * MiB - 10, 20)          # past the end
+    assert c.reply()[1] == 22                         # EINVAL
+    c.request(CMD_WRITE, 64 * MiB - 2, 4, b"abcd")   # past the end
+    assert c.reply()[1] == 28                         # ENOSPC
+    c.request(42, 0, 0)                               # unknown command
+    assert c.reply()[1] == 22
+    c.request(CMD_READ, 0, 10, flags=1 << 7)          # unknown flag
+    assert c.reply()[1] == 22
+    c.request(CMD_FLUSH, 0, 0)
+    assert c.reply()[1] == 0
+    c.request(CMD_BLOCK_STATUS, 0, 1 * MiB)
+    cookie, err, chunks = c.reply()
+    assert err == 0 and chunks[0][0] == 5
+    ctx, l1, f1 = struct.unpack(">III", chunks[0][1][:12])
+    assert (l1, f1) == (65536, 0)  # block 0 now mapped (the write above)
+    assert c.read(100, 5) == b"hello"
+    c.request(CMD_DISC, 0, 0)
+    c.close()
+
+
+def test_out_of_order_replies(served):
+    """Many requests in flight at once, answered (by cookie) whatever the order."""
+    c = Client(served.sock)
+    c.go("disk", structured=False)
+    cookies = {}
+    for i in range(64):
+        cookies[c.request(CMD_WRITE, i * 4096, 4096, pattern(i, 4096))] = i
+    seen = set()
+    for _ in range(64):
+        cookie, err, _ = c.reply()
+        assert err == 0 and cookie in cookies
+        seen.add(cookie)
+    assert len(seen) == 64
+    for i in (0, 17, 63):
+        assert c.read(i * 4096, 4096) == pattern(i, 4096)
+    c.close()
+
+
+def test_malformed_handshakes_and_requests(served, pool_dir):
+    # bad option magic: dropped
+    c = Client(served.sock)
+    c.option(7, b"", magic=0x1234)
+    with pytest.raises((EOFError, ConnectionError)):
+        c.recv(1)
+    c.close()
+    # an option announcing 1 GiB: refused, not buffered
+    c = Client(served.sock)
+    c.option(99, length=1 << 30)
+    assert c.option_reply()[1] == (1 << 31) + 9   # ERR_TOO_BIG
+    c.close()
+    # unknown option: ERR_UNSUP and the haggling goes on
+    c = Client(served.sock)
+    c.option(99, b"xyz")
+    assert c.option_reply()[1] == (1 << 31) + 1
+    replies = c.go("nope")
+    assert replies[-1][0] == (1 << 31) + 6        # ERR_UNKNOWN
+    assert b"exports: disk, image" in replies[-1][1]
+    assert c.go("disk")[-1][0] == 1                # still usable
+    # a write announcing more than the maximum payload: refused and dropped
+    c.request(CMD_WRITE, 0, 1 << 30)
+    assert c.reply()[1] == 75                      # EOVERFLOW
+    c.close()
+    # bad request magic: dropped
+    c = Client(served.sock)
+    c.go("disk")
+    c.request(CMD_READ, 0, 10, magic=0xDEADBEEF)
+    with pytest.raises((EOFError, ConnectionError)):
+        c.reply()
+    c.close()
+    # a client that vanishes in the middle of a write's payload
+    c = Client(served.sock)
+    c.go("disk")
+    c.s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, CMD_WRITE, 1, 0, 4096) + b"x" * 100)
+    c.close()
+    # SET_META_CONTEXT before structured replies: invalid, connection lives
+    c = Client(served.sock)
+    c.option(10, struct.pack(">I", 4) + b"disk" + struct.pack(">I", 0))
+    assert c.option_reply()[1] == (1 << 31) + 3
+    c.option(2)
+    assert c.option_reply()[1] == 1                # ABORT acknowledged
+    c.close()
+    # the server lives on and the data is intact
+    assert served.alive()
+    c = Client(served.sock)
+    c.go("disk")
+    assert c.read(65536 * 5, 100) == pattern(1, 100)
+    assert c.read(0, 100) == bytes(100)
+    c.close()
+
+
+def test_default_export_and_full_pool(tmp_path):
+    path = tmp_path / "small"
+    with Pool.create(path, 16 * 65536, 65536, commit_interval=0) as pool:
+        pool.create_thin("only", 64 * MiB)
+    s = Served(path, tmp_path / "s.sock")
+    try:
+        c = Client(s.sock)
+        c.go("")                                   # the default export: the only device
+        data = os.urandom(65536)
+        for i in range(16):
+            c.request(CMD_WRITE, i * 65536, 65536, data)
+            assert c.reply()[1] == 0
+        c.request(CMD_WRITE, 20 * 65536, 65536, data)
+        assert c.reply()[1] == 28                  # ENOSPC: the pool is full
+        assert c.read(3 * 65536, 65536) == data    # the connection and data live on
+        c.request(CMD_TRIM, 0, 2 * 65536)
+        assert c.reply()[1] == 0
+        c.request(CMD_WRITE, 20 * 65536, 65536, data)
+        assert c.reply()[1] == 0                   # freed blocks are used again
+        c.close()
+    finally:
+        s.stop()
+
+
+def test_snapshots_while_nbd_clients_write_are_point_in_time(tmp_path):
+    """A client writes sequence numbers through NBD while the pool takes
+    snapshots: each snapshot holds every write acknowledged before it began
+    and none sent after it returned."""
+    pool = Pool.create(tmp_path / "p", 128 * MiB, 65536, commit_interval=0.2)
+    pool.create_thin("disk", 32 * MiB)
+    server = NBDServer(pool, socket_path=str(tmp_path / "s.sock"), workers=4)
+    server.start()
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    c = Client(str(tmp_path / "s.sock"))
+    c.go("disk", structured=False)
+    acked, sent = {}, {}
+    snaps = []
+    stop = threading.Event()
+
+    def writer():
+        for seq in range(1, 3000):
+            slot = seq % 4096
+            sent[seq] = time.monotonic_ns()
+            c.request(CMD_WRITE, slot * 4096, 8, struct.pack(">Q", seq))
+            assert c.reply()[1] == 0
+            acked[seq] = time.monotonic_ns()
+            if stop.is_set():
+                return
+    w = threading.Thread(target=writer)
+    w.start()
+    for i in range(8):
+        time.sleep(0.02)
+        begin = time.monotonic_ns()
+        pool.snapshot("disk", f"s{i}", read_only=True)
+        snaps.append((f"s{i}", begin, time.monotonic_ns()))
+    stop.set()
+    w.join()
+    c.close()
+    server._stop.set()
+    t.join()
+    server.stop()
+    for name, begin, end in snaps:
+        dev = pool.device(name)
+        for seq in acked:
+            slot = seq % 4096
+            got = struct.unpack(">Q", dev.pread(8, slot * 4096))[0]
+            later = [s for s in acked if s % 4096 == slot and s > seq]
+            if acked[seq] < begin and not any(acked[s] < begin for s in later):
+                assert got == seq, f"{name}: write {seq} acknowledged before it is missing"
+            if sent[seq] > end:
+                assert got != seq, f"{name}: write {seq} sent after it is in it"
+    assert pool.check().ok
+    pool.close()
