@@ -2,22 +2,29 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 
-.PHONY: install test demo peers bench bench-micro torture clean
+.PHONY: deps install test demo bench bench-micro torture clean
+
+# The real clients and peers the tests drive (Debian packages); as root.
+DEBS = qemu-utils libnbd-bin nbdkit fio fuse3 thin-provisioning-tools
+deps:               ## Debian packages the tests use (skipped when not root)
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "not root: tests needing $$missing will skip"; fi; \
+	fi
 
 install:            ## build the C core (cffi) and install the package, editable
 	$(PIP) -e '.[test]'
 
-test: install       ## the test suite (a few minutes)
+test: deps install  ## the test suite (a few minutes)
 	$(PYTHON) -m pytest -q
 
 demo:               ## install and run a short tour
 	$(PIP) .
 	cd /tmp && $(PYTHON) $(CURDIR)/examples/demo.py
 
-peers:              ## Debian packages the peer benchmarks drive (qemu-img)
-	command -v qemu-img >/dev/null || (apt-get update -qq && apt-get install -y -qq qemu-utils)
-
-bench: install peers ## engine targets side by side with their peers (~10 min)
+bench: deps install ## engine targets side by side with their peers (~10 min)
 	$(PYTHON) benchmarks/compare.py --runs 5 --json benchmarks/results/engine.json
 
 bench-micro: install ## pytest-benchmark of the hot paths
