@@ -25,8 +25,17 @@ _read = lib.cb_dev_read
 _write = lib.cb_dev_write
 
 
+U64 = 1 << 64
+
+
 def _bad(what, value):
-    return errors.InvalidArgumentError(f"{what} {value!r} is not a non-negative integer")
+    return errors.InvalidArgumentError(f"{what} {value!r} is not an integer from 0 to 2**64-1")
+
+
+def _check(what, value):
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < U64:
+        raise _bad(what, value)
+    return value
 
 
 class Device:
@@ -129,10 +138,7 @@ class Device:
         self._range_call(lib.cb_dev_write_zeroes, offset, length, 1 if may_unmap else 0)
 
     def _range_call(self, fn, offset, length, *extra):
-        for what, v in (("offset", offset), ("length", length)):
-            if not isinstance(v, int) or v < 0:
-                raise _bad(what, v)
-        check(fn(self._h(), self._id, offset, length, *extra))
+        check(fn(self._h(), self._id, _check("offset", offset), _check("length", length), *extra))
 
     def flush(self):
         """Make every write so far durable (commits the pool's transaction)."""
@@ -140,11 +146,10 @@ class Device:
 
     def block_status(self, offset=0, length=None):
         """Mapped and unmapped extents covering [offset, offset + length)."""
+        _check("offset", offset)
         if length is None:
-            length = self.size - offset
-        for what, v in (("offset", offset), ("length", length)):
-            if not isinstance(v, int) or v < 0:
-                raise _bad(what, v)
+            length = max(self.size - offset, 0)
+        _check("length", length)
         out, count = ffi.new("cb_range **"), ffi.new("uint64_t *")
         check(lib.cb_dev_block_status(self._h(), self._id, offset, length, out, count))
         bs = self._pool.block_size
@@ -162,7 +167,7 @@ class Device:
 
     def resize(self, size):
         """Grow or shrink the device; shrinking drops the blocks past the end."""
-        if not isinstance(size, int) or size <= 0 or size % 4096:
+        if _check("device size", size) == 0 or size % 4096:
             raise errors.InvalidArgumentError(
                 f"device size {size!r} is not a positive multiple of 4096")
         check(lib.cb_dev_resize(self._h(), self._id, size))
@@ -185,11 +190,15 @@ class DeviceFile(io.RawIOBase):
         super().__init__()
         if mode not in ("rb", "r+b", "wb", "rb+", "w+b"):
             raise errors.InvalidArgumentError(f"mode {mode!r}: use 'rb' or 'r+b'")
+        device.size  # fails now if the device or its pool is gone
         self._dev = device
         self._writable = "+" in mode or "w" in mode
         self._readable = "r" in mode or "+" in mode
         self._pos = 0
-        self._size = device.size
+
+    @property
+    def _size(self):
+        return self._dev.size  # live: the device may be resized while open
 
     def readable(self):
         return self._readable

@@ -13,7 +13,8 @@ from .errors import PoolLockedError
 
 
 def _holders(fd):
-    """Processes holding a flock on fd's file, from /proc/locks."""
+    """(pid, "WRITE" or "READ") of the processes holding a flock on fd's file,
+    from /proc/locks."""
     st = os.fstat(fd)
     want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     pids = []
@@ -24,7 +25,7 @@ def _holders(fd):
                 if "->" in parts:
                     continue  # a waiter, not a holder
                 if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == want:
-                    pids.append(int(parts[4]))
+                    pids.append((int(parts[4]), parts[3]))
     except OSError:
         pass
     return pids
@@ -33,7 +34,9 @@ def _holders(fd):
 def _describe(pid):
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            cmd = " ".join(f.read().replace(b"\0", b" ").decode(errors="replace").split())
+        if len(cmd) > 100:
+            cmd = cmd[:97] + "..."
     except OSError:
         cmd = ""
     return f"process {pid} ({cmd})" if cmd else f"process {pid}"
@@ -58,9 +61,7 @@ class PoolLock:
                     os.close(self._fd)
                     self._fd = None
                     waited = f" after waiting {timeout:g} s" if timeout else ""
-                    raise PoolLockedError(
-                        f"pool {pool_dir} is in use by {who}{waited}; "
-                        f"{'it is open for writing' if exclusive else 'a writer has it'}") from None
+                    raise PoolLockedError(f"pool {pool_dir} is in use: {who}{waited}") from None
                 time.sleep(0.05)
         if exclusive:
             info = f"pid={os.getpid()}\n".encode()
@@ -71,12 +72,19 @@ class PoolLock:
                 pass
 
     def _who(self):
-        pids = [p for p in _holders(self._fd) if p != os.getpid()]
-        if pids:
-            return ", ".join(_describe(p) for p in pids)
-        if _holders(self._fd):
-            return "this process (another Pool object)"
-        return "another process"
+        holders = _holders(self._fd)
+        writers = [p for p, kind in holders if kind == "WRITE"]
+        readers = [p for p, kind in holders if kind != "WRITE"]
+        parts = []
+        if writers:
+            parts.append("open for writing by " + ", ".join(
+                "this process (another Pool object)" if p == os.getpid() else _describe(p)
+                for p in writers))
+        if readers:
+            parts.append("open read-only by " + ", ".join(
+                "this process (another Pool object)" if p == os.getpid() else _describe(p)
+                for p in readers))
+        return "; ".join(parts) or "another process holds its lock"
 
     def release(self):
         if self._fd is not None:

@@ -105,8 +105,8 @@ _DIFF_KINDS = {1: "left_only", 2: "right_only", 3: "different", 4: "same"}
 
 
 def _uint(what, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise errors.InvalidArgumentError(f"{what} {value!r} is not a non-negative integer")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+        raise errors.InvalidArgumentError(f"{what} {value!r} is not an integer from 0 to 2**64-1")
     return value
 
 
@@ -413,9 +413,10 @@ class Pool:
         out = ffi.new("cb_devinfo *")
         h = self._handle()
         result = []
-        for did in sorted(self._meta):
-            check(lib.cb_dev_info(h, did, out))
-            result.append(self._device_info(did, out))
+        with self._catalog_lock:  # no device vanishes half-way through
+            for did in sorted(self._meta):
+                check(lib.cb_dev_info(h, did, out))
+                result.append(self._device_info(did, out))
         return result
 
     def usage(self, name):

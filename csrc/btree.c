@@ -23,6 +23,15 @@
 
 #include "cowblock.h"
 
+/* Deeper than any real tree: a cycle in corrupt metadata. */
+#define MAX_DEPTH 32
+
+static int too_deep(uint32_t b)
+{
+    return cb_err(EUCLEAN, "metadata is corrupt: a b-tree is deeper than %d levels at block %u "
+                  "(a cycle?)", MAX_DEPTH, b);
+}
+
 static uint32_t max_entries(struct cb_meta *m, uint32_t type)
 {
     return type == CB_BT_INTERNAL ? m->internal_max : type == CB_BT_MAP_LEAF ? m->leaf_max
@@ -109,7 +118,7 @@ static uint8_t *shadow(struct bt_ctx *c, uint32_t *slot, int *err)
     return meta_shadow(c->m, slot, CB_BT_INTERNAL, c->leaf_type, bt_inc_values, err);
 }
 
-static int dec_node(struct bt_ctx *c, uint32_t b);
+static int dec_node(struct bt_ctx *c, uint32_t b, int depth);
 
 /* Drop the reference a leaf entry's value holds (mapping leaves only: see
  * bt_inc_values for device leaves). */
@@ -124,9 +133,11 @@ static int dec_value(struct bt_ctx *c, uint32_t type, const uint8_t *v)
 }
 
 /* Drop one reference to node b; if that was the last, drop what it holds. */
-static int dec_node(struct bt_ctx *c, uint32_t b)
+static int dec_node(struct bt_ctx *c, uint32_t b, int depth)
 {
     uint32_t ref;
+    if (depth > MAX_DEPTH)
+        return too_deep(b);
     int r = sm_get(c->m, &c->m->msm, b, &ref);
     if (r)
         return r;
@@ -137,7 +148,7 @@ static int dec_node(struct bt_ctx *c, uint32_t b)
         uint32_t nr = node_hdr(n)->nr_entries, type = node_type(n), vs = node_hdr(n)->value_size;
         for (uint32_t i = 0; i < nr && !r; i++) {
             if (type == CB_BT_INTERNAL)
-                r = dec_node(c, node_u32_values(n)[i]);
+                r = dec_node(c, node_u32_values(n)[i], depth + 1);
             else
                 r = dec_value(c, type, node_values(n) + (size_t)i * vs);
         }
@@ -147,13 +158,15 @@ static int dec_node(struct bt_ctx *c, uint32_t b)
     return meta_dec(c->m, b, NULL);
 }
 
-int bt_dec_tree(struct bt_ctx *c, uint32_t root) { return root ? dec_node(c, root) : 0; }
+int bt_dec_tree(struct bt_ctx *c, uint32_t root) { return root ? dec_node(c, root, 0) : 0; }
 
 int bt_lookup(struct cb_meta *m, uint32_t root, uint32_t key, void *value, uint32_t vsize)
 {
-    int err = 0;
+    int err = 0, depth = 0;
     uint32_t b = root;
     while (b) {
+        if (++depth > MAX_DEPTH)
+            return too_deep(b);
         const uint8_t *n = meta_read(m, b, CB_BT_INTERNAL, vsize == 4 ? CB_BT_MAP_LEAF : CB_BT_DEV_LEAF,
                                      &err);
         if (!n)
@@ -232,7 +245,9 @@ int bt_insert(struct bt_ctx *c, uint32_t *root, uint32_t key, const void *value,
             return err;
         n = top;
     }
-    for (;;) {
+    for (int depth = 0;; depth++) {
+        if (depth > MAX_DEPTH)
+            return too_deep(*root);
         uint32_t nr = node_hdr(n)->nr_entries;
         uint32_t *keys = node_keys(n);
         if (node_type(n) != CB_BT_INTERNAL) {
@@ -270,9 +285,11 @@ int bt_insert(struct bt_ctx *c, uint32_t *root, uint32_t key, const void *value,
 }
 
 /* Entries under node b (walks the subtree). */
-static int count_entries(struct bt_ctx *c, uint32_t b, uint64_t *count)
+static int count_entries(struct bt_ctx *c, uint32_t b, uint64_t *count, int depth)
 {
     int err = 0;
+    if (depth > MAX_DEPTH)
+        return too_deep(b);
     const uint8_t *n = read_node(c->m, b, c->leaf_type, &err);
     if (!n)
         return err;
@@ -282,7 +299,7 @@ static int count_entries(struct bt_ctx *c, uint32_t b, uint64_t *count)
         return 0;
     }
     for (uint32_t i = 0; i < nr; i++)
-        if ((err = count_entries(c, node_u32_values(n)[i], count)) != 0)
+        if ((err = count_entries(c, node_u32_values(n)[i], count, depth + 1)) != 0)
             return err;
     return 0;
 }
@@ -300,9 +317,11 @@ static void remove_entries(uint8_t *n, uint32_t i, uint32_t j)
 /* Remove keys in [begin, end) below *slot; end is exclusive, 64-bit so that
  * the whole 32-bit key space can be named.  *empty: the node is now empty. */
 static int remove_range(struct bt_ctx *c, uint32_t *slot, uint32_t begin, uint64_t end,
-                        uint64_t *removed, bool *empty)
+                        uint64_t *removed, bool *empty, int depth)
 {
     int err = 0;
+    if (depth > MAX_DEPTH)
+        return too_deep(*slot);
     const uint8_t *ro = read_node(c->m, *slot, c->leaf_type, &err);
     if (!ro)
         return err;
@@ -338,14 +357,14 @@ static int remove_range(struct bt_ctx *c, uint32_t *slot, uint32_t begin, uint64
         uint64_t hi = k + 1 < node_hdr(n)->nr_entries ? keys[k + 1] : (uint64_t)UINT32_MAX + 1;
         bool gone;
         if (lo >= begin && hi <= end) {
-            if ((err = count_entries(c, vals[k], removed)) != 0)
+            if ((err = count_entries(c, vals[k], removed, 1)) != 0)
                 return err;
             gone = true;
-        } else if ((err = remove_range(c, &vals[k], begin, end, removed, &gone)) != 0) {
+        } else if ((err = remove_range(c, &vals[k], begin, end, removed, &gone, depth + 1)) != 0) {
             return err;
         }
         if (gone) {
-            if ((err = dec_node(c, vals[k])) != 0)
+            if ((err = dec_node(c, vals[k], depth + 1)) != 0)
                 return err;
             remove_entries(n, k, k + 1);
         }
@@ -367,11 +386,11 @@ int bt_remove_range(struct bt_ctx *c, uint32_t *root, uint32_t begin, uint64_t e
             return 0;
     }
     bool empty;
-    int err = remove_range(c, root, begin, end, removed, &empty);
+    int err = remove_range(c, root, begin, end, removed, &empty, 0);
     if (err)
         return err;
     if (empty) {
-        err = dec_node(c, *root);
+        err = dec_node(c, *root, 0);
         *root = 0;
         return err;
     }
@@ -383,7 +402,7 @@ int bt_remove_range(struct bt_ctx *c, uint32_t *root, uint32_t begin, uint64_t e
         if (node_type(n) != CB_BT_INTERNAL || node_hdr(n)->nr_entries != 1)
             return 0;
         uint32_t child = node_u32_values(n)[0], old = *root;
-        if ((err = meta_inc(c->m, child)) != 0 || (err = dec_node(c, old)) != 0)
+        if ((err = meta_inc(c->m, child)) != 0 || (err = dec_node(c, old, 0)) != 0)
             return err;
         *root = child;
     }
@@ -408,8 +427,11 @@ int bt_seek(struct bt_cursor *cur, uint32_t root, uint32_t key, bool want_sharin
     struct cb_meta *m = cur->m;
     bool shared = false, has_next = false;
     uint32_t next_key = 0, b = root;
+    int depth = 0, restarts = 0;
     cur->leaf = NULL;
     while (b) {
+        if (++depth > MAX_DEPTH)
+            return too_deep(b);
         const uint8_t *n = read_node(m, b, CB_BT_MAP_LEAF, &err);
         if (!n)
             return err;
@@ -444,8 +466,12 @@ int bt_seek(struct bt_cursor *cur, uint32_t root, uint32_t key, bool want_sharin
         }
         if (!has_next)
             return 0;
-        /* Past this leaf: restart at the next subtree's lower bound. */
+        /* Past this leaf: restart at the next subtree's lower bound (which
+         * only grows; bounded in case corrupt keys say otherwise). */
+        if (next_key <= key || ++restarts > MAX_DEPTH)
+            return cb_err(EUCLEAN, "metadata is corrupt: b-tree keys out of order near block %u", b);
         key = next_key;
+        depth = 0;
         b = root;
         shared = false;
         has_next = false;

@@ -401,6 +401,8 @@ int cb_dev_resize(cb_pool *p, uint32_t id, uint64_t size)
     int r = pool_writable(p);
     if (!r && !d)
         r = no_device(id);
+    if (!r && (d->d.flags & CB_DEV_READ_ONLY))
+        r = cb_err(EROFS, "device %u is read-only", id);
     if (!r)
         r = check_size(p, size);
     if (!r)
@@ -408,20 +410,24 @@ int cb_dev_resize(cb_pool *p, uint32_t id, uint64_t size)
     if (r)
         goto out;
     if (size < d->d.size) {
-        /* Drop every block past the new end; zero the tail of a block the new
-         * end cuts, so that growing again reads zeroes there. */
+        /* First zero the tail of a block the new end cuts (so growing again
+         * reads zeroes there): the one step that may need a new block, done
+         * before anything else changes, so ENOSPC leaves the device as it was.
+         * Then drop every block past the end. */
         uint64_t first_gone = (size + p->block_size - 1) >> p->block_shift;
-        uint64_t removed = 0;
+        uint64_t cut_end = first_gone << p->block_shift, removed = 0;
+        if (cut_end > size && cut_end <= d->d.size &&
+            (r = dev_zero_range_locked(p, d, size, cut_end - size)) != 0)
+            goto out;
         struct bt_ctx mc = map_tree(p);
+        d->changed = true;
+        p->dirty = true;
         if ((r = bt_remove_range(&mc, &d->d.mapping_root, (uint32_t)first_gone,
                                  (uint64_t)UINT32_MAX + 1, &removed)) != 0) {
             r = pool_fail(p, r);
             goto out;
         }
         d->d.mapped_blocks -= removed;
-        uint64_t cut_end = first_gone << p->block_shift;
-        if (cut_end > size && (r = dev_zero_range_locked(p, d, size, cut_end - size)) != 0)
-            goto out;
     }
     d->d.size = size;
     d->changed = true;

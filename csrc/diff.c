@@ -22,6 +22,7 @@ struct item {
     uint64_t hi;      /* upper bound (exclusive), for subtrees */
     uint32_t block;   /* subtree node, 0 for an entry */
     uint32_t value;   /* entry value */
+    uint32_t depth;   /* of a subtree: bounds the walk if corrupt metadata has a cycle */
 };
 
 struct stream {
@@ -48,6 +49,9 @@ static int expand(struct cb_meta *m, struct stream *s)
 {
     struct item it = s->v[--s->n];
     int err = 0;
+    if (it.depth > 32)
+        return cb_err(EUCLEAN, "metadata is corrupt: a mapping tree is deeper than 32 levels at "
+                      "block %u (a cycle?)", it.block);
     const uint8_t *n = meta_read(m, it.block, CB_BT_INTERNAL, CB_BT_MAP_LEAF, &err);
     if (!n)
         return err;
@@ -58,9 +62,9 @@ static int expand(struct cb_meta *m, struct stream *s)
         if (internal) {
             uint64_t lo = keys[i] > it.lo ? keys[i] : it.lo;
             uint64_t hi = i + 1 < nr ? keys[i + 1] : it.hi;
-            err = push(s, (struct item){lo, hi, vals[i], 0});
+            err = push(s, (struct item){lo, hi, vals[i], 0, it.depth + 1});
         } else {
-            err = push(s, (struct item){keys[i], keys[i] + 1ull, 0, vals[i]});
+            err = push(s, (struct item){keys[i], keys[i] + 1ull, 0, vals[i], 0});
         }
     }
     return err;
@@ -96,9 +100,9 @@ static int diff_walk(struct cb_meta *m, uint32_t ra, uint32_t rb, bool with_same
     const uint64_t top = (uint64_t)UINT32_MAX + 1;
     int r = 0;
     if (ra)
-        r = push(&a, (struct item){0, top, ra, 0});
+        r = push(&a, (struct item){0, top, ra, 0, 0});
     if (!r && rb)
-        r = push(&b, (struct item){0, top, rb, 0});
+        r = push(&b, (struct item){0, top, rb, 0, 0});
     while (!r && (a.n || b.n)) {
         struct item *x = a.n ? &a.v[a.n - 1] : NULL, *y = b.n ? &b.v[b.n - 1] : NULL;
         if (x && y && x->block && x->block == y->block) { /* shared subtree */

@@ -440,10 +440,6 @@ def test_read_only_snapshot_refuses_writes(pool, block_size):
     assert ro.pread(4, 0) == pattern(2, 4)
 
 
-@pytest.mark.xfail(reason="BUG: Device.resize() of a read-only device is not refused: "
-                          "cb_dev_resize never checks CB_DEV_READ_ONLY, so shrinking a read-only "
-                          "snapshot silently destroys its data (discard/write_zeroes are refused)",
-                   strict=True)
 def test_read_only_device_refuses_resize(pool, block_size):
     bs = block_size
     a = pool.create_thin("a", 4 * bs)
@@ -1347,13 +1343,6 @@ def test_device_resize_bad_sizes(pool, bad):
     assert dev.size == 8192
 
 
-@pytest.mark.xfail(reason="BUG: a device shrink that fails with NoSpaceError (the block the new "
-                          "end cuts is shared and the pool is full) leaves the device's mapping "
-                          "tree half-changed in memory without marking the device changed; the "
-                          "next commit persists inconsistent reference counts (check() reports "
-                          "errors) and the snapshot then shares a node whose count is 1, so a "
-                          "write to the origin changes the snapshot's data",
-                   strict=True)
 def test_failed_device_shrink_changes_nothing(tmp_path):
     bs = 65536
     with Pool.create(tmp_path / "p", 8 * bs, bs, commit_interval=0) as pool:
@@ -1377,12 +1366,6 @@ def test_failed_device_shrink_changes_nothing(tmp_path):
         assert pool.device("s").pread(4 * bs, 0) == pattern(1, 4 * bs)
 
 
-@pytest.mark.xfail(reason="BUG: Device.resize() shrinking commits halfway: when zeroing a shared "
-                          "cut block needs a block freed by the shrink itself, alloc_data_block "
-                          "commits before the device details are marked changed, so a crash "
-                          "right after that inner commit leaves a pool whose check() fails "
-                          "(data blocks with count 0 still mapped: they could be handed out twice)",
-                   strict=True)
 def test_power_cut_during_device_shrink_leaves_a_consistent_pool(tmp_path):
     bs = 65536
 
@@ -1562,11 +1545,6 @@ def test_read_only_pool(pool, reopen, block_size):
     assert d.pread(2 * bs, 0) == pattern(1, 2 * bs)
 
 
-@pytest.mark.xfail(reason="BUG: DeviceFile caches the device size at open(): after Device.resize() "
-                          "a file opened before it reads past the new end (read() raises "
-                          "InvalidArgumentError instead of returning the bytes up to the end) "
-                          "and refuses writes inside the grown part (NoSpaceError)",
-                   strict=True)
 def test_file_follows_a_device_resize(pool, block_size):
     dev = pool.create_thin("a", 4 * 4096)
     dev.pwrite(b"tail", 4 * 4096 - 4)
@@ -1686,12 +1664,6 @@ def test_random_io_against_a_model(pool, block_size, seed):
             dev.info().mapped_blocks * bs
 
 
-@pytest.mark.xfail(reason="BUG: sizes, offsets and lengths of 2**64 or more escape as a bare "
-                          "OverflowError('int too big to convert') from cffi, not an "
-                          "InvalidArgumentError naming the value, from discard, write_zeroes, "
-                          "block_status, Device.resize, create_thin, Pool.resize, "
-                          "resize_metadata and Pool.create (pread/pwrite handle it)",
-                   strict=True)
 def test_huge_values_are_invalid_arguments(tmp_path, pool):
     dev = pool.create_thin("a", 4 * 4096)
     huge = 2 ** 64

@@ -351,11 +351,6 @@ def test_concurrent_device_management(pool, block_size):
     assert_clean(pool)
 
 
-@pytest.mark.xfail(reason="BUG: Pool.list() takes the device ids first and then asks the C core "
-                          "for each one without the catalog lock, so a device deleted by another "
-                          "thread in between makes list() raise DeviceNotFoundError ('no device "
-                          "with id N') instead of returning the devices that exist",
-                   strict=True)
 def test_list_while_another_thread_creates_and_deletes(tmp_path):
     pool = Pool.create(tmp_path / "p", 64 * 4096, 4096, commit_interval=0)
     for i in range(50):

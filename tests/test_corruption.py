@@ -540,11 +540,6 @@ def test_mapping_to_a_data_block_past_the_end(damaged):
         check_names(pool, f"maps to data block {bad}", "past the end")
 
 
-@pytest.mark.xfail(reason="BUG: a checksum-valid mapping tree with a cycle (an internal node "
-                          "naming itself as a child) makes every read of the device loop "
-                          "forever in bt_seek: the data path has no depth limit, while "
-                          "check() and the device-tree loader stop at 32 levels",
-                   strict=True)
 def test_mapping_tree_cycle_is_reported_not_looped(damaged):
     path, ids, layout = damaged
     root = layout.devices[ids["a"]]["root"]

@@ -160,9 +160,6 @@ def test_readers_coexist_but_exclude_a_writer(pool_path, holder):
         assert not pool.read_only
 
 
-@pytest.mark.xfail(reason="BUG: a writer refused because read-only openers hold the pool is "
-                          "told 'it is open for writing' (PoolLock picks the phrase from the "
-                          "mode asked for, not from what the holders have)", strict=True)
 def test_writer_refused_by_readers_is_told_the_truth(pool_path, holder):
     reader = holder("r")
     with pytest.raises(PoolLockedError) as exc:
