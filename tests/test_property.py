@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initialize,
                                  invariant, precondition, rule)
 
-from cowblock import Pool
+from cowblock import Pool, ReadOnlyError
 from helpers import Model, assert_matches, pattern
 
 NAMES = st.text("abcdefgh", min_size=1, max_size=3)
@@ -115,6 +115,10 @@ class PoolMachine(RuleBasedStateMachine):
         if name not in self.model.devs:
             return
         size = blocks * self.block_size + extra
+        if self.model.read_only[name]:
+            with pytest.raises(ReadOnlyError):
+                self.pool.device(name).resize(size)
+            return
         self.pool.device(name).resize(size)
         self.model.resize(name, size)
 
