@@ -140,3 +140,14 @@ typedef struct {
 } cb_nbd_conn;
 
 int cb_nbd_transmit(cb_pool *p, cb_nbd_conn *conn);
+
+/* ---- bulk mappings, for interchange (thin_dump XML) ----
+ * Every mapping of a device in key order: virtual block, data block, and
+ * whether the data block is shared with another device (keys, values and
+ * shared are malloc()ed arrays; free them with cb_free). */
+int cb_dev_mappings(cb_pool *p, uint32_t id, uint32_t **keys, uint32_t **values,
+                    uint8_t **shared, uint64_t *count);
+/* Map virtual blocks to given data blocks in an empty device (restore):
+ * each data block gains a reference.  Keys must be sorted and unique. */
+int cb_dev_add_mappings(cb_pool *p, uint32_t id, const uint32_t *keys, const uint32_t *values,
+                        uint64_t count);

@@ -496,3 +496,95 @@ out:
     pthread_rwlock_unlock(&p->lock);
     return r;
 }
+
+int cb_dev_mappings(cb_pool *p, uint32_t id, uint32_t **keys, uint32_t **values,
+                    uint8_t **shared, uint64_t *count)
+{
+    *keys = *values = NULL;
+    *shared = NULL;
+    *count = 0;
+    pthread_rwlock_rdlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    int r = d ? 0 : no_device(id);
+    uint64_t n = d ? d->d.mapped_blocks : 0, i = 0;
+    if (!r && n) {
+        *keys = malloc(n * 4);
+        *values = malloc(n * 4);
+        *shared = malloc(n);
+        if (!*keys || !*values || !*shared)
+            r = cb_err(ENOMEM, "out of memory for %llu mappings", (unsigned long long)n);
+    }
+    if (!r && n) {
+        struct bt_cursor cur = {.m = &p->m};
+        for (r = bt_seek(&cur, d->d.mapping_root, 0, true); r == 1;
+             r = bt_next(&cur, d->d.mapping_root, true)) {
+            if (i == n) {
+                r = cb_err(EUCLEAN, "device %u maps more blocks than its count %llu", id,
+                           (unsigned long long)n);
+                break;
+            }
+            uint32_t ref = 1;
+            if (!cur.shared_path && (r = sm_get(&p->m, &p->m.dsm, bt_cur_value(&cur), &ref)) != 0)
+                break;
+            (*keys)[i] = bt_cur_key(&cur);
+            (*values)[i] = bt_cur_value(&cur);
+            (*shared)[i] = cur.shared_path || ref > 1;
+            i++;
+        }
+        if (r == 0 && i != n)
+            r = cb_err(EUCLEAN, "device %u maps %llu blocks, its count says %llu", id,
+                       (unsigned long long)i, (unsigned long long)n);
+    }
+    pthread_rwlock_unlock(&p->lock);
+    if (r < 0) {
+        free(*keys);
+        free(*values);
+        free(*shared);
+        *keys = *values = NULL;
+        *shared = NULL;
+        return r;
+    }
+    *count = i;
+    return 0;
+}
+
+int cb_dev_add_mappings(cb_pool *p, uint32_t id, const uint32_t *keys, const uint32_t *values,
+                        uint64_t count)
+{
+    pthread_rwlock_wrlock(&p->lock);
+    struct cb_dev *d = pool_dev(p, id);
+    int r = pool_writable(p);
+    uint64_t dev_blocks = d ? (d->d.size + p->block_size - 1) >> p->block_shift : 0;
+    if (!r && !d)
+        r = no_device(id);
+    if (!r && d->d.mapping_root)
+        r = cb_err(EINVAL, "device %u already maps blocks", id);
+    for (uint64_t i = 0; !r && i < count; i++) {
+        if (i && keys[i] <= keys[i - 1])
+            r = cb_err(EINVAL, "mappings are not sorted and unique at virtual block %u", keys[i]);
+        else if (keys[i] >= dev_blocks)
+            r = cb_err(EINVAL, "virtual block %u is past the end of device %u (%llu blocks)",
+                       keys[i], id, (unsigned long long)dev_blocks);
+        else if (values[i] >= p->m.sb.nr_data_blocks)
+            r = cb_err(EINVAL, "data block %u is past the end of the pool (%llu blocks)",
+                       values[i], (unsigned long long)p->m.sb.nr_data_blocks);
+    }
+    if (!r)
+        r = meta_reserve_check(&p->m, 2 * (count / 64) + 2 * (count / CB_SM_ENTRIES) + 32);
+    struct bt_ctx c = map_tree(p);
+    for (uint64_t i = 0; !r && i < count; i++) {
+        bool replaced;
+        if ((r = sm_inc(&p->m, &p->m.dsm, values[i])) != 0 ||
+            (r = bt_insert(&c, &d->d.mapping_root, keys[i], &values[i], NULL, &replaced)) != 0)
+            r = pool_fail(p, r);
+        else
+            d->d.mapped_blocks++;
+    }
+    if (!r && count) {
+        d->changed = true;
+        p->dirty = true;
+        r = pool_commit_locked(p);
+    }
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
