@@ -7,16 +7,17 @@
         snap = pool.snapshot("base", "snap", read_only=True)
 """
 from .device import Device, DeviceFile, Extent
-from .errors import (CorruptMetadataError, CowblockError, DeviceExistsError,
+from .errors import (BusyError, CorruptMetadataError, CowblockError, DeviceExistsError,
                      DeviceNotFoundError, HostFileError, InvalidArgumentError, MetadataSpaceError,
                      NeedsCheckError, NoSpaceError, PoolClosedError, PoolExistsError,
                      PoolIOError, PoolLockedError, PoolNotFoundError, ReadOnlyError)
 from .pool import CheckReport, DeviceInfo, DiffRange, Pool, PoolStats, Usage
+from .daemon import PoolProxy, connect
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Pool", "Device", "DeviceFile", "DeviceInfo", "Extent", "Usage", "PoolStats", "DiffRange",
+    "Pool", "connect", "PoolProxy", "BusyError", "Device", "DeviceFile", "DeviceInfo", "Extent", "Usage", "PoolStats", "DiffRange",
     "CheckReport", "CowblockError", "InvalidArgumentError", "DeviceNotFoundError",
     "DeviceExistsError", "PoolClosedError", "NeedsCheckError", "NoSpaceError",
     "MetadataSpaceError", "ReadOnlyError", "CorruptMetadataError", "PoolIOError",

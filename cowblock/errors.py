@@ -98,6 +98,13 @@ class HostFileError(_OSErrorBase):
     hint = "look at that file's disk: free space, permissions, errors"
 
 
+class BusyError(_OSErrorBase):
+    """The device is in use: exported over NBD, or mounted (errno EBUSY)."""
+
+    default_errno = _errno.EBUSY
+    hint = "disconnect its NBD clients (or unmount it) first"
+
+
 class PoolNotFoundError(_OSErrorBase, FileNotFoundError):
     """No pool at that path."""
 

@@ -35,6 +35,8 @@ class DeviceInfo:
     created: datetime.datetime
     transaction_id: int
     labels: dict = field(default_factory=dict)
+    creation_time: int = 0   # the pool's snapshot counter ("time", as dm-thin) at creation
+    snap_time: int = 0       # ... when it was last snapshotted
 
     @property
     def mapped_bytes(self):
@@ -76,6 +78,7 @@ class PoolStats:
     read_only: bool
     uuid: str
     node_capacity: int
+    time: int = 0            # snapshots taken so far: dm-thin's pool "time"
 
 
 @dataclass(frozen=True)
@@ -403,7 +406,8 @@ class Pool:
             mapped_blocks=raw.mapped_blocks, block_size=self.block_size,
             read_only=bool(raw.flags & READ_ONLY_FLAG), origin=origin,
             created=datetime.datetime.fromtimestamp(raw.created_ns / 1e9, datetime.timezone.utc),
-            transaction_id=raw.transaction_id, labels=dict(labels))
+            transaction_id=raw.transaction_id, labels=dict(labels),
+            creation_time=raw.creation_time, snap_time=raw.snap_time)
 
     def info(self, name):
         return self._device_info(self._id(name))
@@ -438,6 +442,30 @@ class Pool:
             lib.cb_free(out[0])
         yield from ranges
 
+    def mappings(self, name):
+        """Every mapping of a device, in order: (virtual block, data block,
+        shared with another device) triples, for interchange formats."""
+        keys, values = ffi.new("uint32_t **"), ffi.new("uint32_t **")
+        shared, count = ffi.new("uint8_t **"), ffi.new("uint64_t *")
+        check(lib.cb_dev_mappings(self._handle(), self._id(name), keys, values, shared, count))
+        try:
+            n = count[0]
+            if not n:
+                return []
+            return list(zip(ffi.unpack(keys[0], n), ffi.unpack(values[0], n),
+                            map(bool, ffi.unpack(shared[0], n))))
+        finally:
+            for ptr in (keys[0], values[0], shared[0]):
+                lib.cb_free(ptr)
+
+    def add_mappings(self, name, pairs):
+        """Map (virtual block, data block) pairs, sorted, into an empty device:
+        restoring from an interchange format.  Each data block gains a reference."""
+        pairs = list(pairs)
+        keys = ffi.new("uint32_t[]", [k for k, _ in pairs] or [0])
+        values = ffi.new("uint32_t[]", [v for _, v in pairs] or [0])
+        check(lib.cb_dev_add_mappings(self._handle(), self._id(name), keys, values, len(pairs)))
+
     # ---- pool ----
     def stats(self):
         s = ffi.new("cb_stats *")
@@ -448,7 +476,8 @@ class Pool:
             metadata_capacity_bytes=s.nr_meta_blocks * 4096,
             metadata_reserve_bytes=s.meta_reserve * 4096, transaction_id=s.transaction_id,
             devices=s.nr_devices, needs_check=bool(s.needs_check), read_only=bool(s.read_only),
-            uuid=str(_uuid.UUID(bytes=bytes(s.pool_uuid))), node_capacity=s.node_capacity)
+            uuid=str(_uuid.UUID(bytes=bytes(s.pool_uuid))), node_capacity=s.node_capacity,
+            time=s.snap_time)
 
     def commit(self):
         """Make every change so far durable, atomically; returns the transaction id."""

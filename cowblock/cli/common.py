@@ -8,7 +8,7 @@ import click
 
 from .. import errors, health
 from ..paths import default_pool_path, open_or_create
-from ..pool import Pool
+from ..daemon import BusyError, connect
 from ..sizes import format_size, parse_size
 
 # Exit codes by exception class (checked in order: subclasses first).
@@ -22,6 +22,7 @@ EXIT_CODES = [
     (errors.CorruptMetadataError, 9), (errors.NeedsCheckError, 9),
     (errors.PoolIOError, 10),
     (errors.HostFileError, 11),
+    (BusyError, 12),
     (errors.CowblockError, 1),
 ]
 EXIT_CHECK_FAILED = 9
@@ -47,13 +48,14 @@ class Settings:
         return self.pool_arg or default_pool_path()
 
     def open(self, read_only=False, create=True):
-        """The pool: the embedded default is made on first use; a pool named with
-        --pool or $COWBLOCK_POOL must exist.  Waits up to --timeout seconds for
-        another command holding it, as LVM does."""
+        """The pool, or a proxy to the daemon (`cowblock serve`) that holds it.
+        The embedded default is made on first use; a pool named with --pool or
+        $COWBLOCK_POOL must exist.  Waits up to --timeout seconds for another
+        command holding it, as LVM does."""
         explicit = bool(self.pool_arg or os.environ.get("COWBLOCK_POOL"))
-        if explicit or not create:
-            return Pool.open(self.pool_path, read_only=read_only, timeout=self.timeout)
-        return open_or_create(self.pool_path, read_only=read_only, timeout=self.timeout)
+        if not explicit and create and not os.path.isfile(os.path.join(self.pool_path, "metadata")):
+            return open_or_create(self.pool_path, read_only=read_only, timeout=self.timeout)
+        return connect(self.pool_path, read_only=read_only, timeout=self.timeout)
 
 
 def pass_settings(fn):

@@ -62,17 +62,18 @@ def parse_listen(text, insecure=False):
 
 class NBDServer:
     def __init__(self, pool, names=None, *, socket_path=None, listen=None, insecure=False,
-                 read_only=False, max_connections=16, workers=4, on_full_wait=0.0, log=None):
+                 read_only=False, max_connections=16, workers=None, on_full_wait=0.0, log=None):
         self.pool = pool
         self.catalog = Catalog(pool, names, read_only)
         self.socket_path = socket_path
         self.listen = parse_listen(listen, insecure) if listen else None
         self.max_connections = max_connections
-        self.workers = workers
+        self.workers = workers or min(os.cpu_count() or 2, 16)
         self.on_full_wait_ms = int(on_full_wait * 1000)
         self.log = log or (lambda msg: None)
         self._lock = threading.Lock()
         self._conns = {}          # thread -> socket
+        self._exports = {}        # thread -> export name, once in transmission
         self._stop = threading.Event()
         self._listener = None
         self._serial = 0
@@ -165,6 +166,8 @@ class NBDServer:
                 self.log(f"connection {serial} from {who}: aborted during the handshake")
                 return
             sock.settimeout(None)
+            with self._lock:
+                self._exports[threading.current_thread()] = session.export.name
             c = ffi.new("cb_nbd_conn *")
             c.dev_id = session.export.dev_id
             c.fd = sock.fileno()
@@ -186,3 +189,9 @@ class NBDServer:
             sock.close()
             with self._lock:
                 self._conns.pop(threading.current_thread(), None)
+                self._exports.pop(threading.current_thread(), None)
+
+    def busy_devices(self):
+        """Names of the devices NBD clients are using now."""
+        with self._lock:
+            return set(self._exports.values())

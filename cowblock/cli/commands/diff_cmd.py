@@ -9,8 +9,10 @@ from ..common import emit, table, with_pool
 @click.option("--same", is_flag=True, help="also list ranges whose mappings are the same")
 @click.option("--content", is_flag=True,
               help="also compare the bytes where mappings differ (different -> changed/equal)")
+@click.option("--format", "fmt", type=click.Choice(["table", "thin-delta"]), default="table",
+              help="thin-delta: thin_delta's XML")
 @with_pool(read_only=True)
-def command(settings, pool, a, b, same, content):
+def command(settings, pool, a, b, same, content, fmt):
     """Block ranges whose mappings differ between A and B (thin_delta's
     left_only / right_only / different / same); reads only what they do not share.
 
@@ -18,6 +20,10 @@ def command(settings, pool, a, b, same, content):
     Example:
       cowblock diff layer1 web-1 --content
     """
+    if fmt == "thin-delta":
+        from ...interop.thinxml import delta
+        click.echo(delta(pool, a, b), nl=False)
+        return
     bs = pool.block_size
     ranges = []
     for r in pool.diff(a, b, same=same):

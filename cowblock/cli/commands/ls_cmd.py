@@ -16,8 +16,10 @@ def device_record(pool, info, usage):
 @click.command("ls")
 @click.option("--usage", is_flag=True, help="add exclusive and shared bytes (walks each tree)")
 @click.option("--tree", is_flag=True, help="show the snapshot tree")
+@click.option("--format", "fmt", type=click.Choice(["table", "thin-ls"]), default="table",
+              help="thin-ls: thin_ls's fields (DEV, MAPPED/EXCLUSIVE/SHARED blocks and bytes, ...)")
 @with_pool(read_only=True)
-def command(settings, pool, usage, tree):
+def command(settings, pool, usage, tree, fmt):
     """List devices, like lvs.
 
     \b
@@ -25,6 +27,12 @@ def command(settings, pool, usage, tree):
       cowblock ls --usage
       cowblock ls --tree
     """
+    if fmt == "thin-ls":
+        from ...interop.thinxml import thin_ls_rows
+        rows = thin_ls_rows(pool)
+        cols = list(rows[0]) if rows else ["DEV"]
+        emit(settings, rows, lambda rs: table([[r[c] for c in cols] for r in rs], cols))
+        return
     records = [device_record(pool, i, usage) for i in pool.list()]
 
     def human(rows):

@@ -167,3 +167,57 @@ def set_(settings, pool, **opts):
     health.configure(pool, **changes)
     emit(settings, health.settings(pool), lambda d: click.echo(
         ", ".join(f"{k}={v}" for k, v in d.items())))
+
+
+@command.command("dump")
+@click.option("--format", "fmt", type=click.Choice(["thin-xml"]), default="thin-xml",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="-",
+              help="output file (default: stdout)")
+@click.option("--names", type=click.Path(dir_okay=False),
+              help="also write names, origins, read-only flags, labels and sizes (JSON) here")
+@with_pool(read_only=True)
+def dump(settings, pool, fmt, output, names):
+    """Write the pool's mappings as thin_dump XML, for thin_restore and a
+    kernel dm-thin pool over the same data file.
+
+    \b
+    Example:
+      cowblock pool dump -o pool.xml --names names.json
+      thin_restore -i pool.xml -o /dev/mapper/meta
+    """
+    from ...interop import thinxml
+    out = sys.stdout if output == "-" else open(output, "w")
+    sidecar = open(names, "w") if names else None
+    try:
+        thinxml.dump(pool, out, sidecar)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+        if sidecar:
+            sidecar.close()
+
+
+@command.command("restore")
+@click.argument("new_pool", type=click.Path(file_okay=False))
+@click.option("--from-xml", "xml_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="thin_dump XML")
+@click.option("--data", "data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="the data device or file the XML maps into")
+@click.option("--names", type=click.Path(exists=True, dir_okay=False),
+              help="the JSON sidecar of `pool dump --names` (else devices are named devN)")
+@click.option("--copy", "mode", flag_value="copy", default=True, help="copy the data file (default)")
+@click.option("--move", "mode", flag_value="move", help="move the data file into the pool")
+@click.option("--reflink", "mode", flag_value="reflink", help="reflink the data file (btrfs, xfs)")
+@click.pass_obj
+def restore(settings, new_pool, xml_path, data, names, mode):
+    """Build a new cowblock pool from thin_dump XML and its data file.
+
+    \b
+    Example:
+      thin_dump /dev/mapper/meta > pool.xml
+      cowblock pool restore --from-xml pool.xml --data /dev/mapper/data /var/lib/cowblock/pool
+    """
+    from ...interop import thinxml
+    thinxml.restore(xml_path, data, new_pool, names_path=names, mode=mode)
+    emit(settings, {"pool": new_pool}, lambda d: click.echo(f"restored pool {new_pool}"))

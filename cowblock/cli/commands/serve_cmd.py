@@ -5,6 +5,7 @@ import time
 
 import click
 
+from ...daemon import ControlServer
 from ...nbd.server import NBDServer
 from ..common import with_pool
 
@@ -29,8 +30,8 @@ def _on_full(text):
 @click.option("--insecure", is_flag=True, help="allow --listen on a non-loopback address")
 @click.option("--read-only", is_flag=True, help="export every device read-only")
 @click.option("--max-connections", type=int, default=16, show_default=True)
-@click.option("--workers", type=int, default=4, show_default=True,
-              help="threads serving each connection's requests")
+@click.option("--workers", type=click.IntRange(1, 64), default=min(os.cpu_count() or 2, 16),
+              show_default="the number of CPUs", help="threads serving each connection's requests")
 @click.option("--on-full", default="error", show_default=True, metavar="error|wait=SECONDS",
               help="when the pool is full: fail writes with ENOSPC, or hold them while it is grown")
 @click.option("--pidfile", type=click.Path(dir_okay=False), help="write the server's pid here once ready")
@@ -39,7 +40,10 @@ def command(settings, pool, names, socket_path, listen, insecure, read_only, max
             workers, on_full, pidfile):
     """Export devices over NBD (all of them, or the NAMEs) for qemu, libnbd
     (nbdinfo, nbdcopy, nbdfuse), fio and nbd-client.  Runs in the foreground;
-    SIGINT or SIGTERM stop it cleanly after committing.
+    SIGINT or SIGTERM stop it cleanly after committing.  While it runs it is
+    the pool's daemon: other cowblock commands reach the pool through its
+    control socket (control.sock in the pool directory), and removing,
+    renaming or shrinking an exported device fails with EBUSY.
 
     \b
     Example:
@@ -56,6 +60,8 @@ def command(settings, pool, names, socket_path, listen, insecure, read_only, max
                        max_connections=max_connections, workers=workers,
                        on_full_wait=_on_full(on_full), log=log)
     address = server.start()
+    control = ControlServer(pool, server.busy_devices, log)
+    control.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server._stop.set())
     if pidfile:
@@ -65,6 +71,7 @@ def command(settings, pool, names, socket_path, listen, insecure, read_only, max
     try:
         server.serve_forever()
     finally:
+        control.stop()
         server.stop()
         if pidfile and os.path.exists(pidfile):
             os.unlink(pidfile)

@@ -1,0 +1,1 @@
+"""Interchange with other systems' formats (dm-thin's thin_dump XML)."""
