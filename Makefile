@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 
-.PHONY: deps install test demo bench bench-micro torture clean
+.PHONY: deps install test demo walkthrough bench bench-micro torture clean
 
 # The real clients and peers the tests drive (Debian packages); as root.
 DEBS = qemu-utils libnbd-bin nbdkit fio fuse3 thin-provisioning-tools
@@ -23,6 +23,9 @@ test: deps install  ## the test suite (a few minutes)
 demo:               ## install and run a short tour
 	$(PIP) .
 	cd /tmp && $(PYTHON) $(CURDIR)/examples/demo.py
+
+walkthrough: install ## images and containers on the default pool, from the CLI
+	bash examples/walkthrough.sh
 
 bench: deps install ## engine targets side by side with their peers (~10 min)
 	$(PYTHON) benchmarks/compare.py --runs 5 --json benchmarks/results/engine.json

@@ -186,6 +186,8 @@ class ControlServer:
                 return args[0] in pool
             if name == "diff":
                 return list(pool.diff(*args, **kwargs))
+            if name == "check" and (kwargs.get("repair") or args):
+                raise BusyError("the pool is being served: stop `cowblock serve` before repairing")
             if name in ("create_thin", "snapshot"):
                 getattr(pool, name)(*args, **kwargs)
                 return None

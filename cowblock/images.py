@@ -310,7 +310,9 @@ def commit_container(pool, container, image_name):
     labels = {KIND: IMAGE}
     if _kind(by_name.get(parent)) == IMAGE:
         labels[PARENT_LABEL] = parent
-    pool.snapshot(container, image_name, read_only=True, labels=labels)
+    from .mount import frozen
+    with frozen(pool.path, container):  # a mounted container's filesystem is clean in the layer
+        pool.snapshot(container, image_name, read_only=True, labels=labels)
     return image_info(pool, image_name)
 
 

@@ -98,9 +98,14 @@ class CheckReport:
     leak_count: int
     nodes_checked: int
     blocks_checked: int
+    repaired: list = field(default_factory=list)   # what a repair found and did
 
     def __str__(self):
         head = "clean" if self.ok else f"{self.error_count} errors, {self.leak_count} leaks"
+        if self.repaired:
+            head += " after the repair"
+            return "\n".join([f"pool check: {head}"] + self.errors + self.leaks
+                             + ["repair:"] + [f"  {line}" for line in self.repaired])
         return "\n".join([f"pool check: {head}"] + self.errors + self.leaks)
 
 
@@ -514,22 +519,30 @@ class Pool:
         check(lib.cb_pool_trim(self._handle(), out))
         return max(0, before - os.stat(data).st_blocks) * 512
 
-    def check(self):
-        """Verify all metadata (like thin_check); commits first when writable."""
+    def check(self, repair=False):
+        """Verify all metadata (like thin_check); commits first when writable.
+
+        repair: set every reference count from the trees (leaks, miscounts),
+        then check again; refused when the trees themselves are damaged."""
         summary = ffi.new("cb_check_summary *")
         report = ffi.new("char **")
-        check(lib.cb_pool_check(self._handle(), summary, report))
+        fn = lib.cb_pool_repair if repair else lib.cb_pool_check
+        check(fn(self._handle(), summary, report))
         try:
             text = ffi.string(report[0]).decode("utf-8", "replace")
         finally:
             lib.cb_free(report[0])
         lines = text.splitlines()
+        repaired = []
+        done = [i for i, ln in enumerate(lines) if ln.startswith("repaired: ")]
+        if done:  # found before the repair, what it did; then the check after it
+            repaired, lines = lines[:done[0] + 1], lines[done[0] + 1:]
         errs = [ln for ln in lines if ln.startswith("error: ")]
         leaks = [ln for ln in lines if ln.startswith("leak: ")]
         return CheckReport(ok=summary.errors == 0 and summary.leaks == 0, errors=errs,
                            leaks=leaks, error_count=summary.errors, leak_count=summary.leaks,
                            nodes_checked=summary.nodes_checked,
-                           blocks_checked=summary.blocks_checked)
+                           blocks_checked=summary.blocks_checked, repaired=repaired)
 
     def _counters(self):
         w, v = ffi.new("uint64_t *"), ffi.new("uint64_t *")

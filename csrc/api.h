@@ -85,6 +85,10 @@ int cb_pool_set_config(cb_pool *p, const void *buf, uint32_t len);
  * every free block, like thin_trim); *bytes gets what was punched. */
 int cb_pool_trim(cb_pool *p, uint64_t *bytes);
 int cb_pool_check(cb_pool *p, cb_check_summary *summary, char **report);
+/* Set every reference count from the trees (leaks and miscounts); refuses
+ * when the trees themselves are damaged.  The summary is of the check run
+ * after the repair; the report lists what was found, then what was done. */
+int cb_pool_repair(cb_pool *p, cb_check_summary *summary, char **report);
 int cb_pool_diff(cb_pool *p, uint32_t a, uint32_t b, int with_same,
                  cb_range **out, uint64_t *count);
 

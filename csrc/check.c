@@ -35,6 +35,8 @@ struct checker {
     size_t len, cap;
     uint64_t lines;
     cb_check_summary *sum;
+    uint64_t count_errors;    /* reference counts and used counters: what repair fixes */
+    uint8_t *sm_pages;        /* bitmap: metadata blocks that are space map pages */
 };
 
 static void say(struct checker *c, bool leak, const char *fmt, ...)
@@ -86,6 +88,13 @@ static void ref_meta(struct checker *c, uint32_t b)
 {
     if (b < c->m->nr_blocks)
         c->meta_refs[b]++;
+}
+
+static void ref_page(struct checker *c, uint32_t b)
+{
+    ref_meta(c, b);
+    if (b < c->m->nr_blocks)
+        c->sm_pages[b >> 3] |= (uint8_t)(1u << (b & 7));
 }
 
 /* Walk a node below bounds [lo, hi); returns its entry count (memoized). */
@@ -210,7 +219,7 @@ static void walk_space_map(struct checker *c, struct cb_sm *sm, const uint32_t *
     char what[96];
     if (root) {
         if (!compare)
-            ref_meta(c, root);
+            ref_page(c, root);
         snprintf(what, sizeof what, "%s space map root", name);
         rp = (const void *)read_block(c, root, CB_BT_SM_INDEX, CB_BT_SM_INDEX, what);
     }
@@ -218,7 +227,7 @@ static void walk_space_map(struct checker *c, struct cb_sm *sm, const uint32_t *
         const struct cb_sm_page *ip = NULL;
         if (rp && rp->entries[i0]) {
             if (!compare)
-                ref_meta(c, rp->entries[i0]);
+                ref_page(c, rp->entries[i0]);
             snprintf(what, sizeof what, "%s space map index %llu", name, (unsigned long long)i0);
             ip = (const void *)read_block(c, rp->entries[i0], CB_BT_SM_INDEX, CB_BT_SM_INDEX, what);
         }
@@ -226,7 +235,7 @@ static void walk_space_map(struct checker *c, struct cb_sm *sm, const uint32_t *
             const struct cb_sm_page *refs = NULL;
             if (ip && ip->entries[i1]) {
                 if (!compare)
-                    ref_meta(c, ip->entries[i1]);
+                    ref_page(c, ip->entries[i1]);
                 snprintf(what, sizeof what, "%s space map page %llu", name,
                          (unsigned long long)(i0 * E + i1));
                 refs = (const void *)read_block(c, ip->entries[i1], CB_BT_SM_REFS, CB_BT_SM_REFS,
@@ -253,6 +262,8 @@ static void walk_space_map(struct checker *c, struct cb_sm *sm, const uint32_t *
                 else if (stored < want)
                     say(c, false, "%s block %llu: reference count %u, but %u references found "
                         "(it could be handed out twice)", name, (unsigned long long)b, stored, want);
+                if (stored < want)
+                    c->count_errors++;
             }
             if (refs && page_nonzero != refs->nr_nonzero)
                 say(c, false, "%s space map page %llu: says %u non-zero counts, holds %u", name,
@@ -260,9 +271,50 @@ static void walk_space_map(struct checker *c, struct cb_sm *sm, const uint32_t *
             nonzero += page_nonzero;
         }
     }
-    if (compare && nonzero != *sm->used)
+    if (compare && nonzero != *sm->used && ++c->count_errors)
         say(c, false, "%s space map: superblock says %llu blocks used, the counts say %llu", name,
             (unsigned long long)*sm->used, (unsigned long long)nonzero);
+}
+
+/* Walk everything and compare; the caller holds the write lock. */
+static int run_check(cb_pool *p, struct checker *c)
+{
+    uint64_t nm = p->m.nr_blocks, nd = p->m.sb.nr_data_blocks;
+    c->p = p;
+    c->m = &p->m;
+    c->meta_refs = calloc(nm, sizeof *c->meta_refs);
+    c->data_refs = calloc(nd, sizeof *c->data_refs);
+    c->visited = calloc((nm + 7) / 8, 1);
+    c->sm_pages = calloc((nm + 7) / 8, 1);
+    c->entries = calloc(nm, sizeof *c->entries);
+    if (!c->meta_refs || !c->data_refs || !c->visited || !c->entries || !c->sm_pages)
+        return cb_err(ENOMEM, "out of memory checking %llu metadata and %llu data blocks",
+                      (unsigned long long)nm, (unsigned long long)nd);
+    c->meta_refs[0] = c->meta_refs[1] = 1;
+    check_devices(c);
+    for (int pass = 0; pass < 2; pass++) {
+        walk_space_map(c, &p->m.dsm, c->data_refs, "data", pass == 1);
+        walk_space_map(c, &p->m.msm, c->meta_refs, "metadata", pass == 1);
+    }
+    c->sum->blocks_checked += nd;
+    return 0;
+}
+
+static void free_checker(struct checker *c)
+{
+    free(c->meta_refs);
+    free(c->data_refs);
+    free(c->visited);
+    free(c->sm_pages);
+    free(c->entries);
+    free(c->report);
+}
+
+static int take_report(struct checker *c, char **report)
+{
+    *report = c->report ? c->report : calloc(1, 1);
+    c->report = NULL;
+    return *report ? 0 : cb_err(ENOMEM, "out of memory");
 }
 
 int cb_pool_check(cb_pool *p, cb_check_summary *sum, char **report)
@@ -273,38 +325,113 @@ int cb_pool_check(cb_pool *p, cb_check_summary *sum, char **report)
     int r = 0;
     if (!p->read_only && !p->failed)
         r = pool_commit_locked(p);
-    if (r) {
-        pthread_rwlock_unlock(&p->lock);
-        return r;
+    struct checker c = {.sum = sum};
+    if (!r)
+        r = run_check(p, &c);
+    if (!r)
+        r = take_report(&c, report);
+    free_checker(&c);
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
+/* Count the non-zero entries of a space map again (the superblock's counter). */
+static int recount_used(struct cb_meta *m, struct cb_sm *sm)
+{
+    uint64_t used = 0;
+    for (uint64_t b = 0; b < sm->nr_blocks; b++) {
+        uint32_t v;
+        int r = sm_get(m, sm, b, &v);
+        if (r)
+            return r;
+        used += v != 0;
     }
-    struct checker c = {.p = p, .m = &p->m, .sum = sum};
-    uint64_t nm = p->m.nr_blocks, nd = p->m.sb.nr_data_blocks;
-    c.meta_refs = calloc(nm, sizeof *c.meta_refs);
-    c.data_refs = calloc(nd, sizeof *c.data_refs);
-    c.visited = calloc((nm + 7) / 8, 1);
-    c.entries = calloc(nm, sizeof *c.entries);
-    if (!c.meta_refs || !c.data_refs || !c.visited || !c.entries) {
-        r = cb_err(ENOMEM, "out of memory checking %llu metadata and %llu data blocks",
-                   (unsigned long long)nm, (unsigned long long)nd);
-        goto out;
+    *sm->used = used;
+    return 0;
+}
+
+int cb_pool_repair(cb_pool *p, cb_check_summary *sum, char **report)
+{
+    memset(sum, 0, sizeof *sum);
+    *report = NULL;
+    pthread_rwlock_wrlock(&p->lock);
+    int r = pool_writable(p);
+    if (!r)
+        r = pool_commit_locked(p);
+    struct checker c = {.sum = sum};
+    if (!r)
+        r = run_check(p, &c);
+    if (!r && sum->errors > c.count_errors)
+        r = cb_err(EUCLEAN, "cannot repair: %llu errors are in the trees themselves, not in "
+                   "reference counts; nothing was changed",
+                   (unsigned long long)(sum->errors - c.count_errors));
+    uint64_t fixed = 0;
+    if (!r && (sum->errors || sum->leaks)) {
+        struct cb_meta *m = &p->m;
+        /* First keep every block in use from being handed out by the page
+         * copies the repair itself makes; then set every count to what the
+         * trees say (space map pages are recounted by those copies). */
+        for (uint64_t b = 2; !r && b < m->nr_blocks; b++)
+            if (c.meta_refs[b])
+                r = sm_reserve(&m->msm, b);
+        for (uint64_t b = 0; !r && b < m->sb.nr_data_blocks; b++)
+            if (c.data_refs[b])
+                r = sm_reserve(&m->dsm, b);
+        for (uint64_t b = 2; !r && b < m->nr_blocks; b++) {
+            uint32_t v;
+            if ((c.sm_pages[b >> 3] & (1u << (b & 7))) || (r = sm_get(m, &m->msm, b, &v)) != 0)
+                continue;
+            if (v != c.meta_refs[b] && !meta_is_new(m, b)) {
+                r = sm_set(m, &m->msm, b, c.meta_refs[b]);
+                fixed++;
+            }
+        }
+        for (uint64_t b = 0; !r && b < m->sb.nr_data_blocks; b++) {
+            uint32_t v;
+            if ((r = sm_get(m, &m->dsm, b, &v)) == 0 && v != c.data_refs[b]) {
+                r = sm_set(m, &m->dsm, b, c.data_refs[b]);
+                fixed++;
+            }
+        }
+        if (!r)
+            r = recount_used(m, &m->dsm);
+        if (!r)
+            r = recount_used(m, &m->msm);
+        if (r) {
+            r = pool_fail(p, r);
+        } else {
+            p->dirty = true;
+            r = pool_commit_locked(p);
+        }
+        /* Check again from scratch: the repair must leave a clean pool. */
+        if (!r) {
+            char *first = c.report;
+            c.report = NULL;
+            free_checker(&c);
+            memset(&c, 0, sizeof c);
+            cb_check_summary again = {0};
+            c.sum = &again;
+            r = run_check(p, &c);
+            c.sum = sum;
+            char line[160];
+            snprintf(line, sizeof line, "repaired: %llu reference counts set from the trees; "
+                     "check afterwards: %llu errors, %llu leaks\n", (unsigned long long)fixed,
+                     (unsigned long long)again.errors, (unsigned long long)again.leaks);
+            size_t n = (first ? strlen(first) : 0) + strlen(line) + (c.report ? strlen(c.report) : 0) + 1;
+            char *all = malloc(n);
+            if (all) {
+                snprintf(all, n, "%s%s%s", first ? first : "", line, c.report ? c.report : "");
+                free(c.report);
+                c.report = all;
+            }
+            free(first);
+            sum->errors = again.errors;
+            sum->leaks = again.leaks;
+        }
     }
-    c.meta_refs[0] = c.meta_refs[1] = 1;
-    check_devices(&c);
-    for (int pass = 0; pass < 2; pass++) {
-        walk_space_map(&c, &p->m.dsm, c.data_refs, "data", pass == 1);
-        walk_space_map(&c, &p->m.msm, c.meta_refs, "metadata", pass == 1);
-    }
-    sum->blocks_checked += nd;
-    *report = c.report;
-    c.report = NULL;
-    if (!*report && !(*report = calloc(1, 1)))
-        r = cb_err(ENOMEM, "out of memory");
-out:
-    free(c.meta_refs);
-    free(c.data_refs);
-    free(c.visited);
-    free(c.entries);
-    free(c.report);
+    if (!r)
+        r = take_report(&c, report);
+    free_checker(&c);
     pthread_rwlock_unlock(&p->lock);
     return r;
 }

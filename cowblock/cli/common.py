@@ -9,6 +9,7 @@ import click
 from .. import errors, health
 from ..paths import default_pool_path, open_or_create
 from ..daemon import BusyError, connect
+from ..mount import MountError
 from ..sizes import format_size, parse_size
 
 # Exit codes by exception class (checked in order: subclasses first).
@@ -23,6 +24,7 @@ EXIT_CODES = [
     (errors.PoolIOError, 10),
     (errors.HostFileError, 11),
     (BusyError, 12),
+    (MountError, 13),
     (errors.CowblockError, 1),
 ]
 EXIT_CHECK_FAILED = 9

@@ -3,7 +3,7 @@ import sys
 
 import click
 
-from ... import health
+from ... import errors, health
 from ...pool import Pool
 from ..common import EXIT_CHECK_FAILED, SIZE, emit, format_size, table, with_pool
 
@@ -116,19 +116,28 @@ def resize(settings, pool, size, metadata):
 
 
 @command.command("check")
-@with_pool(read_only=True)
-def check(settings, pool):
+@click.option("--repair", is_flag=True,
+              help="set every reference count from the trees (leaks, miscounts); refused while "
+                   "the pool is served or when the trees themselves are damaged")
+@click.pass_obj
+def check(settings, repair):
     """Verify all metadata (like thin_check): checksums, tree invariants and
-    every reference count.  Exits 9 when it finds a problem.
+    every reference count.  Exits 9 when a problem remains.
 
     \b
     Example:
       cowblock pool check
+      cowblock pool check --repair
     """
-    report = pool.check()
+    from ...daemon import PoolProxy
+    with settings.open(read_only=not repair, create=False) as pool:
+        if repair and isinstance(pool, PoolProxy):
+            raise errors.BusyError(f"pool {pool.path} is being served: stop `cowblock serve` "
+                                   "before repairing it")
+        report = pool.check(repair=repair)
     emit(settings, {"ok": report.ok, "errors": report.errors, "leaks": report.leaks,
                     "error_count": report.error_count, "leak_count": report.leak_count,
-                    "nodes_checked": report.nodes_checked},
+                    "nodes_checked": report.nodes_checked, "repaired": repair},
          lambda d: click.echo(str(report)))
     if not report.ok:
         sys.exit(EXIT_CHECK_FAILED)

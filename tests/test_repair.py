@@ -1,0 +1,93 @@
+"""pool check --repair: reference counts set back from the trees."""
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from cowblock import CorruptMetadataError, Pool
+from helpers import pattern
+from test_corruption import META, SM_ENTRIES, T_MAP_LEAF, Layout, read_meta, rewrite_block
+
+BS = 4096
+
+
+def make(path):
+    with Pool.create(path, 512 * BS, BS, commit_interval=0) as pool:
+        a = pool.create_thin("a", 64 * BS)
+        a.pwrite(pattern(1, 20 * BS), 0)
+        pool.snapshot("a", "s")
+        a.pwrite(pattern(2, 3 * BS), 4 * BS)
+    return Layout(read_meta(path))
+
+
+def data_ref_page(layout, meta):
+    """The block holding data blocks 0..1015's reference counts."""
+    root = layout.sb["data_sm_root"]
+    index = struct.unpack_from("<I", meta, root * META + 32)[0]
+    return struct.unpack_from("<I", meta, index * META + 32)[0]
+
+
+def damage_counts(path):
+    layout = make(path)
+    meta = read_meta(path)
+    page = data_ref_page(layout, meta)
+
+    def change(blk):
+        def bump(b, delta):
+            off = 32 + 4 * b
+            struct.pack_into("<I", blk, off, struct.unpack_from("<I", blk, off)[0] + delta)
+        bump(0, +1)                       # a mapped block counted once too often: a leak
+        bump(300, +1)                     # a free block counted: a leak
+        struct.pack_into("<I", blk, 32 + 4 * 5, 0)  # a mapped block counted 0: an error
+        nz = sum(1 for i in range(SM_ENTRIES) if struct.unpack_from("<I", blk, 32 + 4 * i)[0])
+        struct.pack_into("<I", blk, 16, nz)  # keep the page's own non-zero count true
+    rewrite_block(path, page, change)
+
+
+def test_repair_fixes_reference_counts(tmp_path):
+    path = tmp_path / "p"
+    damage_counts(path)
+    with Pool.open(path, commit_interval=0) as pool:
+        before = pool.check()
+        assert not before.ok and before.leak_count >= 2 and before.error_count >= 1
+        expect = {n: pool.device(n).pread(64 * BS, 0) for n in ("a", "s")}
+        after = pool.check(repair=True)
+        assert after.ok, str(after)
+        assert after.repaired[-1].startswith("repaired: 3 reference counts")
+        assert any("data block 5" in line for line in after.repaired)
+        for n, data in expect.items():
+            assert pool.device(n).pread(64 * BS, 0) == data
+        # the block that was counted 0 is not handed out again
+        pool.device("a").pwrite(pattern(9, 30 * BS), 30 * BS)
+        assert pool.device("s").pread(64 * BS, 0) == expect["s"]
+        assert pool.check().ok
+    with Pool.open(path) as pool:
+        assert pool.check().ok
+
+
+def test_repair_refuses_damaged_trees(tmp_path):
+    path = tmp_path / "p"
+    layout = make(path)
+    leaf = layout.of_type(T_MAP_LEAF)[0]
+    rewrite_block(path, leaf, lambda blk: struct.pack_into("<I", blk, 32, 0xFFFFFFF0))  # bad key
+    with Pool.open(path, commit_interval=0) as pool:
+        with pytest.raises(CorruptMetadataError) as exc:
+            pool.check(repair=True)
+        assert "cannot repair" in str(exc.value)
+
+
+def test_cli_repair(tmp_path):
+    cowblock = shutil.which("cowblock")
+    if not cowblock:
+        pytest.skip("the cowblock command is not installed")
+    path = tmp_path / "p"
+    damage_counts(path)
+    r = subprocess.run([cowblock, "--pool", str(path), "pool", "check"], capture_output=True)
+    assert r.returncode == 9
+    r = subprocess.run([cowblock, "--pool", str(path), "pool", "check", "--repair"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "repaired" in r.stdout
+    r = subprocess.run([cowblock, "--pool", str(path), "pool", "check"], capture_output=True)
+    assert r.returncode == 0
