@@ -22,8 +22,8 @@ data[32 << 20:36 << 20] = bytes(4 << 20)               # a region zeroed
 open(f"{d}/v2.raw", "wb").write(data)
 PY
 
+say cowblock image import "base-$tag" "$work/base.raw"   # the first write makes the pool
 say cowblock pool info
-say cowblock image import "base-$tag" "$work/base.raw"
 say cowblock image layer "base-$tag" "v2-$tag" "$work/v2.raw"
 say cowblock image ls
 say cowblock container create "v2-$tag" "web-$tag"
