@@ -447,20 +447,34 @@ class Pool:
             lib.cb_free(out[0])
         yield from ranges
 
-    def mappings(self, name):
-        """Every mapping of a device, in order: (virtual block, data block,
-        shared with another device) triples, for interchange formats."""
+    def mappings(self, name=None):
+        """Mappings, in order, as (virtual block, data block, shared with another
+        device) triples: of one device, or of every device as of one instant
+        (a dict name -> list), for interchange formats such as thin_dump XML."""
+        ids, counts = ffi.new("uint32_t **"), ffi.new("uint64_t **")
         keys, values = ffi.new("uint32_t **"), ffi.new("uint32_t **")
-        shared, count = ffi.new("uint8_t **"), ffi.new("uint64_t *")
-        check(lib.cb_dev_mappings(self._handle(), self._id(name), keys, values, shared, count))
+        shared, total, ndev = ffi.new("uint8_t **"), ffi.new("uint64_t *"), ffi.new("uint32_t *")
+        if name is not None:
+            check(lib.cb_dev_mappings(self._handle(), self._id(name), keys, values, shared, total))
+        else:
+            with self._catalog_lock:
+                check(lib.cb_pool_mappings(self._handle(), ids, counts, ndev, keys, values,
+                                           shared, total))
+                names = {did: self._meta[did][0] for did in ffi.unpack(ids[0], ndev[0])}
         try:
-            n = count[0]
-            if not n:
-                return []
-            return list(zip(ffi.unpack(keys[0], n), ffi.unpack(values[0], n),
-                            map(bool, ffi.unpack(shared[0], n))))
+            n = total[0]
+            triples = list(zip(ffi.unpack(keys[0], n), ffi.unpack(values[0], n),
+                               map(bool, ffi.unpack(shared[0], n)))) if n else []
+            if name is not None:
+                return triples
+            out, at = {}, 0
+            for did, cnt in zip(ffi.unpack(ids[0], ndev[0]), ffi.unpack(counts[0], ndev[0])):
+                if did in names:
+                    out[names[did]] = triples[at:at + cnt]
+                at += cnt
+            return out
         finally:
-            for ptr in (keys[0], values[0], shared[0]):
+            for ptr in (ids[0], counts[0], keys[0], values[0], shared[0]):
                 lib.cb_free(ptr)
 
     def add_mappings(self, name, pairs):

@@ -155,3 +155,8 @@ int cb_dev_mappings(cb_pool *p, uint32_t id, uint32_t **keys, uint32_t **values,
  * each data block gains a reference.  Keys must be sorted and unique. */
 int cb_dev_add_mappings(cb_pool *p, uint32_t id, const uint32_t *keys, const uint32_t *values,
                         uint64_t count);
+/* Every device's mappings at one instant (one lock hold: a consistent
+ * metadata snapshot, as thin_dump -m gives): for device i, ids[i] and
+ * counts[i]; its mappings follow the previous devices' in keys/values/shared. */
+int cb_pool_mappings(cb_pool *p, uint32_t **ids, uint64_t **counts, uint32_t *nr_devices,
+                     uint32_t **keys, uint32_t **values, uint8_t **shared, uint64_t *total);

@@ -497,6 +497,50 @@ out:
     return r;
 }
 
+/* Append device d's mappings at keys/values/shared + *at (lock held). */
+static int collect_mappings(cb_pool *p, struct cb_dev *d, uint32_t *keys, uint32_t *values,
+                           uint8_t *shared, uint64_t *at)
+{
+    uint64_t n = d->d.mapped_blocks, i = 0;
+    int r = 0;
+    struct bt_cursor cur = {.m = &p->m};
+    for (r = d->d.mapping_root ? bt_seek(&cur, d->d.mapping_root, 0, true) : 0; r == 1;
+         r = bt_next(&cur, d->d.mapping_root, true)) {
+        if (i == n)
+            return cb_err(EUCLEAN, "device %u maps more blocks than its count %llu", d->id,
+                          (unsigned long long)n);
+        uint32_t ref = 1;
+        if (!cur.shared_path && (r = sm_get(&p->m, &p->m.dsm, bt_cur_value(&cur), &ref)) != 0)
+            return r;
+        keys[*at + i] = bt_cur_key(&cur);
+        values[*at + i] = bt_cur_value(&cur);
+        shared[*at + i] = cur.shared_path || ref > 1;
+        i++;
+    }
+    if (r < 0)
+        return r;
+    if (i != n)
+        return cb_err(EUCLEAN, "device %u maps %llu blocks, its count says %llu", d->id,
+                      (unsigned long long)i, (unsigned long long)n);
+    *at += n;
+    return 0;
+}
+
+static int alloc_mapping_arrays(uint64_t n, uint32_t **keys, uint32_t **values, uint8_t **shared)
+{
+    *keys = malloc(n * 4 + 4);
+    *values = malloc(n * 4 + 4);
+    *shared = malloc(n + 1);
+    if (*keys && *values && *shared)
+        return 0;
+    free(*keys);
+    free(*values);
+    free(*shared);
+    *keys = *values = NULL;
+    *shared = NULL;
+    return cb_err(ENOMEM, "out of memory for %llu mappings", (unsigned long long)n);
+}
+
 int cb_dev_mappings(cb_pool *p, uint32_t id, uint32_t **keys, uint32_t **values,
                     uint8_t **shared, uint64_t *count)
 {
@@ -505,36 +549,9 @@ int cb_dev_mappings(cb_pool *p, uint32_t id, uint32_t **keys, uint32_t **values,
     *count = 0;
     pthread_rwlock_rdlock(&p->lock);
     struct cb_dev *d = pool_dev(p, id);
-    int r = d ? 0 : no_device(id);
-    uint64_t n = d ? d->d.mapped_blocks : 0, i = 0;
-    if (!r && n) {
-        *keys = malloc(n * 4);
-        *values = malloc(n * 4);
-        *shared = malloc(n);
-        if (!*keys || !*values || !*shared)
-            r = cb_err(ENOMEM, "out of memory for %llu mappings", (unsigned long long)n);
-    }
-    if (!r && n) {
-        struct bt_cursor cur = {.m = &p->m};
-        for (r = bt_seek(&cur, d->d.mapping_root, 0, true); r == 1;
-             r = bt_next(&cur, d->d.mapping_root, true)) {
-            if (i == n) {
-                r = cb_err(EUCLEAN, "device %u maps more blocks than its count %llu", id,
-                           (unsigned long long)n);
-                break;
-            }
-            uint32_t ref = 1;
-            if (!cur.shared_path && (r = sm_get(&p->m, &p->m.dsm, bt_cur_value(&cur), &ref)) != 0)
-                break;
-            (*keys)[i] = bt_cur_key(&cur);
-            (*values)[i] = bt_cur_value(&cur);
-            (*shared)[i] = cur.shared_path || ref > 1;
-            i++;
-        }
-        if (r == 0 && i != n)
-            r = cb_err(EUCLEAN, "device %u maps %llu blocks, its count says %llu", id,
-                       (unsigned long long)i, (unsigned long long)n);
-    }
+    int r = d ? alloc_mapping_arrays(d->d.mapped_blocks, keys, values, shared) : no_device(id);
+    if (!r)
+        r = collect_mappings(p, d, *keys, *values, *shared, count);
     pthread_rwlock_unlock(&p->lock);
     if (r < 0) {
         free(*keys);
@@ -542,10 +559,58 @@ int cb_dev_mappings(cb_pool *p, uint32_t id, uint32_t **keys, uint32_t **values,
         free(*shared);
         *keys = *values = NULL;
         *shared = NULL;
-        return r;
+        *count = 0;
     }
-    *count = i;
-    return 0;
+    return r;
+}
+
+int cb_pool_mappings(cb_pool *p, uint32_t **ids, uint64_t **counts, uint32_t *nr_devices,
+                     uint32_t **keys, uint32_t **values, uint8_t **shared, uint64_t *total)
+{
+    *ids = NULL;
+    *counts = NULL;
+    *keys = *values = NULL;
+    *shared = NULL;
+    *nr_devices = 0;
+    *total = 0;
+    /* Mappings change only under the write lock: holding it shared for the
+     * whole walk gives every device as of one instant. */
+    pthread_rwlock_rdlock(&p->lock);
+    uint64_t n = 0;
+    for (uint32_t i = 0; i < p->devs_cap; i++)
+        if (p->devs[i])
+            n += p->devs[i]->d.mapped_blocks;
+    int r = alloc_mapping_arrays(n, keys, values, shared);
+    if (!r) {
+        *ids = malloc(sizeof **ids * (p->nr_devices + 1));
+        *counts = malloc(sizeof **counts * (p->nr_devices + 1));
+        if (!*ids || !*counts)
+            r = cb_err(ENOMEM, "out of memory");
+    }
+    for (uint32_t i = 0; !r && i < p->devs_cap; i++) {
+        struct cb_dev *d = p->devs[i];
+        if (!d)
+            continue;
+        uint64_t before = *total;
+        r = collect_mappings(p, d, *keys, *values, *shared, total);
+        (*ids)[*nr_devices] = d->id;
+        (*counts)[(*nr_devices)++] = *total - before;
+    }
+    pthread_rwlock_unlock(&p->lock);
+    if (r < 0) {
+        free(*ids);
+        free(*counts);
+        free(*keys);
+        free(*values);
+        free(*shared);
+        *ids = NULL;
+        *counts = NULL;
+        *keys = *values = NULL;
+        *shared = NULL;
+        *nr_devices = 0;
+        *total = 0;
+    }
+    return r;
 }
 
 int cb_dev_add_mappings(cb_pool *p, uint32_t id, const uint32_t *keys, const uint32_t *values,

@@ -96,6 +96,76 @@ def test_snapshot_while_an_nbd_client_writes_and_busy_devices(daemon):
     run(path, "rename", "disk", "renamed")            # no client any more
 
 
+def test_cli_snapshots_are_point_in_time_under_a_continuous_nbd_writer(daemon):
+    """A writer logs each acknowledged write while the CLI takes snapshots:
+    every snapshot holds all writes acknowledged before it began, none sent
+    after it returned."""
+    import struct
+    import threading
+    path, sock = daemon
+    c = Client(sock)
+    c.go("disk", structured=False)
+    acked, sent, stop = {}, {}, threading.Event()
+
+    def writer():
+        seq = 0
+        while not stop.is_set() and seq < 20000:
+            seq += 1
+            sent[seq] = time.monotonic_ns()
+            c.request(CMD_WRITE, (seq % 2048) * 4096, 8, struct.pack(">Q", seq))
+            assert c.reply()[1] == 0
+            acked[seq] = time.monotonic_ns()
+    t = threading.Thread(target=writer)
+    t.start()
+    snaps = []
+    for i in range(4):
+        time.sleep(0.05)
+        begin = time.monotonic_ns()
+        run(path, "snapshot", "disk", f"p{i}", "--read-only")
+        snaps.append((f"p{i}", begin, time.monotonic_ns()))
+    stop.set()
+    t.join()
+    c.close()
+    time.sleep(0.2)
+    for name, begin, end in snaps:
+        img = run(path, "read", name, "--length", str(2048 * 4096)).stdout
+        for slot in range(2048):
+            got = struct.unpack(">Q", img[slot * 4096:slot * 4096 + 8])[0]
+            mine = [s for s in acked if s % 2048 == slot]
+            before = [s for s in mine if acked[s] < begin]
+            if before:  # the newest write acknowledged before the snapshot, or a later one
+                assert got >= max(before), (name, slot, got, max(before))
+            assert not (got and sent[got] > end), (name, slot, got)
+
+
+def test_on_full_wait_holds_writes_until_the_pool_grows(tmp_path):
+    path = tmp_path / "small"
+    with Pool.create(path, 8 * 65536, 65536, commit_interval=0) as pool:
+        pool.create_thin("d", 64 * MiB)
+    sock = tmp_path / "s.sock"
+    proc = subprocess.Popen([COWBLOCK, "--pool", str(path), "serve", "--socket", str(sock),
+                             "--on-full", "wait=20"], stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if sock.exists() and (path / "control.sock").exists():
+                break
+            time.sleep(0.05)
+        c = Client(str(sock))
+        c.go("d", structured=False)
+        for i in range(8):
+            c.request(CMD_WRITE, i * 65536, 65536, bytes([i + 1]) * 65536)
+            assert c.reply()[1] == 0
+        c.request(CMD_WRITE, 9 * 65536, 65536, b"\x09" * 65536)  # the pool is full: held
+        time.sleep(0.5)
+        run(path, "pool", "resize", "16M")                        # grow it through the daemon
+        assert c.reply()[1] == 0                                   # and the write goes through
+        assert c.read(9 * 65536, 4) == b"\x09" * 4
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 def test_connect_without_daemon_opens_the_pool(tmp_path):
     with Pool.create(tmp_path / "p", 64 * MiB, 65536):
         pass

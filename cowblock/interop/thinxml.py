@@ -1,7 +1,8 @@
 """dm-thin interchange: the XML that thin_dump writes and thin_restore reads.
 
-dump() writes a pool's mappings so that thin_restore can build kernel dm-thin
-metadata for the pool's data file (which has no header: data block N is at
+dump() writes a pool's mappings, all taken at one instant (as thin_dump -m
+does from a metadata snapshot; it works through the daemon of a served pool
+too), so that thin_restore can build kernel dm-thin metadata for the pool's data file (which has no header: data block N is at
 N * block size, as dm-thin expects).  Per-mapping `time` follows real
 sharing, because the kernel decides copy-on-write from it: a block shared
 with another device gets time 0, below its device's snap_time (which is at
@@ -53,9 +54,12 @@ def dump(pool, out, names_out=None):
               f'flags="0" version="2" data_block_size="{bs // SECTOR}" '
               f'nr_data_blocks="{s.data_blocks}">\n')
     sidecar = {"block_size": bs, "devices": {}}
+    every = pool.mappings()  # every device as of one instant, served or not
     for info in pool.list():
+        if info.name not in every:
+            continue  # created after the instant of the mappings
         snap_time = info.snap_time
-        maps = pool.mappings(info.name)
+        maps = every[info.name]
         keys, values, shared = ([m[i] for m in maps] for i in range(3))
         if any(shared) and snap_time == 0:
             raise errors.CowblockError(
