@@ -105,28 +105,15 @@ def _ensure_daemon(pool_path):
     return nbd, True
 
 
-def mount(pool_path, name, directory, *, mkfs=None, read_only=None):
-    """Mount device `name` of the pool on `directory` (made if missing)."""
-    why = missing_capabilities()
-    if why:
-        raise MountError("this machine cannot mount devices: " + "; ".join(why))
-    pool_path = os.path.abspath(os.fspath(pool_path))
-    directory = os.path.abspath(directory)
-    if any(r["dir"] == directory for r in _records(pool_path)):
-        raise errors.BusyError(f"{directory} is already a cowblock mount")
-    nbd, started = _ensure_daemon(pool_path)
-    with contextlib.closing(connect(pool_path)) as pool:
-        info = pool.info(name)
-    ro = info.read_only if read_only is None else (read_only or info.read_only)
-    run = _run_dir(pool_path)
-    fuse_dir = os.path.join(run, f"fuse-{info.id}")
+def attach_uri(uri, directory, fuse_dir, *, ro=False, mkfs=None, what="the export"):
+    """Mount the filesystem of any NBD export (ours, qemu-nbd's, nbdkit's) on
+    directory: nbdfuse on fuse_dir, a loop device, mount.  Returns
+    (fuse_dir, loop); detach() undoes it."""
     os.makedirs(fuse_dir, exist_ok=True)
     os.makedirs(directory, exist_ok=True)
-    pidfile = os.path.join(run, f"nbdfuse-{info.id}.pid")
+    pidfile, log_path = f"{fuse_dir}.pid", f"{fuse_dir}.log"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(pidfile)
-    uri = f"nbd+unix:///{name}?socket={nbd}"
-    log_path = os.path.join(run, f"nbdfuse-{info.id}.log")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(["nbdfuse", *(["-r"] if ro else []), "-P", pidfile,
                                  os.path.join(fuse_dir, "dev"), uri], stdin=subprocess.DEVNULL,
@@ -147,9 +134,9 @@ def mount(pool_path, name, directory, *, mkfs=None, read_only=None):
         has_fs = subprocess.run(["blkid", "-p", loop], capture_output=True).returncode == 0
         if not has_fs:
             if not mkfs:
-                raise MountError(f"device {name} has no filesystem; pass --mkfs ext4 to make one")
+                raise MountError(f"{what} has no filesystem; pass --mkfs ext4 to make one")
             if ro:
-                raise MountError(f"device {name} is read-only and has no filesystem")
+                raise MountError(f"{what} is read-only and has no filesystem")
             _run(f"mkfs.{mkfs}", "-q", *(["-F"] if mkfs.startswith("ext") else []), loop,
                  what=f"mkfs.{mkfs}")
         fstype = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", loop],
@@ -163,6 +150,32 @@ def mount(pool_path, name, directory, *, mkfs=None, read_only=None):
             subprocess.run(["losetup", "-d", loop], capture_output=True)
         subprocess.run(["fusermount3", "-u", fuse_dir], capture_output=True)
         raise
+    return fuse_dir, loop
+
+
+def detach(directory, loop, fuse_dir):
+    """Undo attach_uri()."""
+    _run("umount", directory, what="umount")
+    subprocess.run(["losetup", "-d", loop], capture_output=True)
+    subprocess.run(["fusermount3", "-u", fuse_dir], capture_output=True)
+
+
+def mount(pool_path, name, directory, *, mkfs=None, read_only=None):
+    """Mount device `name` of the pool on `directory` (made if missing)."""
+    why = missing_capabilities()
+    if why:
+        raise MountError("this machine cannot mount devices: " + "; ".join(why))
+    pool_path = os.path.abspath(os.fspath(pool_path))
+    directory = os.path.abspath(directory)
+    if any(r["dir"] == directory for r in _records(pool_path)):
+        raise errors.BusyError(f"{directory} is already a cowblock mount")
+    nbd, started = _ensure_daemon(pool_path)
+    with contextlib.closing(connect(pool_path)) as pool:
+        info = pool.info(name)
+    ro = info.read_only if read_only is None else (read_only or info.read_only)
+    run = _run_dir(pool_path)
+    fuse_dir, loop = attach_uri(f"nbd+unix:///{name}?socket={nbd}", directory,
+                                os.path.join(run, f"fuse-{info.id}"), ro=ro, mkfs=mkfs, what=name)
     record = {"device": name, "id": info.id, "dir": directory, "loop": loop, "fuse": fuse_dir,
               "read_only": ro, "started_daemon": started}
     d = os.path.join(run, "mounts")
@@ -192,9 +205,7 @@ def umount(directory):
     """Unmount a device mounted with mount(); stops the daemon mount() started
     once nothing of the pool is mounted any more."""
     pool_path, rec = _find(directory)
-    _run("umount", rec["dir"], what="umount")
-    subprocess.run(["losetup", "-d", rec["loop"]], capture_output=True)
-    subprocess.run(["fusermount3", "-u", rec["fuse"]], capture_output=True)
+    detach(rec["dir"], rec["loop"], rec["fuse"])
     d = os.path.join(_run_dir(pool_path), "mounts")
     for name in os.listdir(d):
         with open(os.path.join(d, name)) as f:
