@@ -129,7 +129,7 @@ class Pool:
     writes commit at least every ``commit_interval`` seconds.
     """
 
-    def __init__(self, path, handle, read_only, lock, commit_interval):
+    def __init__(self, path, handle, read_only, lock, commit_interval, background_reclaim=True):
         self.path = os.fspath(path)
         self._h = handle
         self.read_only = read_only
@@ -143,6 +143,7 @@ class Pool:
         self._stop = threading.Event()
         self._committer = None
         self._reclaimer = None
+        self._background_reclaim = background_reclaim
         if not read_only and commit_interval:
             self._committer = threading.Thread(target=self._commit_loop, args=(commit_interval,),
                                                name="cowblock-commit", daemon=True)
@@ -172,9 +173,12 @@ class Pool:
         return cls.open(path, commit_interval=commit_interval)
 
     @classmethod
-    def open(cls, path, read_only=False, *, timeout=0.0, commit_interval=1.0):
+    def open(cls, path, read_only=False, *, timeout=0.0, commit_interval=1.0,
+             background_reclaim=True):
         """Open a pool.  A second writer gets PoolLockedError naming the holder,
-        or waits up to ``timeout`` seconds (None: forever) for it."""
+        or waits up to ``timeout`` seconds (None: forever) for it.
+        background_reclaim: reclaim deferred removals in a thread (else call
+        reclaim())."""
         path = os.fspath(path)
         if not os.path.isfile(os.path.join(path, "metadata")):
             raise errors.PoolNotFoundError(f"no pool at {path} (no metadata file there)")
@@ -182,7 +186,7 @@ class Pool:
         try:
             out = ffi.new("cb_pool **")
             _pool_error(lib.cb_pool_open(path.encode(), 1 if read_only else 0, out))
-            pool = cls(path, out[0], read_only, lock, commit_interval)
+            pool = cls(path, out[0], read_only, lock, commit_interval, background_reclaim)
         except BaseException:
             lock.release()
             raise
@@ -329,7 +333,14 @@ class Pool:
         if deferred:
             self._start_reclaim()
 
+    def reclaim(self):
+        """Finish every deferred removal now, in this thread."""
+        self._reclaim_loop()
+        return not self._reclaim
+
     def _start_reclaim(self):
+        if not self._background_reclaim:
+            return
         if self._reclaimer is None or not self._reclaimer.is_alive():
             self._reclaimer = threading.Thread(target=self._reclaim_loop,
                                                name="cowblock-reclaim", daemon=True)
