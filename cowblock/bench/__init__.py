@@ -1,0 +1,76 @@
+"""`cowblock bench`: block-level CoW against file-level union and qcow2 chains.
+
+run() builds one image (a directory tree with a big file, small files and a
+database-like file), gives it to every system that can run here, runs the
+workloads on each, and returns every figure with the machine's details;
+report.py turns that into a table, JSON, plots and a markdown report.
+"""
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+from . import workloads
+from .systems import all_systems, make_ext4_image
+
+MiB = 1 << 20
+
+
+def machine():
+    info = {"python": platform.python_version(), "kernel": platform.release(),
+            "cpus": os.cpu_count(), "platform": platform.platform()}
+    try:
+        with open("/proc/meminfo") as f:
+            info["memory_kib"] = int(f.readline().split()[1])
+    except OSError:
+        pass
+    return info
+
+
+def run(scale=1.0, runs=5, root=None, synced=False, progress=print):
+    """Every workload on every available system; scale 1.0 is a 1 GiB file and
+    100 containers, 0.05 a quick run."""
+    big = max(4, int(1024 * scale)) * MiB
+    containers = max(5, int(100 * scale))
+    working_set = max(4, int(256 * scale)) * MiB
+    scratch = root or tempfile.mkdtemp(prefix="cowblock-bench-", dir="/var/tmp")
+    os.makedirs(scratch, exist_ok=True)
+    results = {"machine": machine(), "scale": scale, "runs": runs, "synced": synced,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "parameters": {"big_file_bytes": big, "containers": containers,
+                              "working_set_bytes": working_set},
+               "systems": {}, "workloads": {"first_write": {}, "fan_out": {}, "churn": {}}}
+    try:
+        tree = os.path.join(scratch, "tree")
+        workloads.make_tree(tree, big)
+        image = os.path.join(scratch, "image.raw")
+        make_ext4_image(tree, image, big + 64 * MiB + big // 4)
+        for system in all_systems(os.path.join(scratch, "systems"), volatile=not synced):
+            why = system.available()
+            results["systems"][system.name] = {"available": why is None, "skipped": why}
+            if why:
+                progress(f"{system.name}: skipped ({why})")
+                for w in results["workloads"].values():
+                    w[system.name] = {"skipped": why}
+                continue
+            try:
+                progress(f"{system.name}: building the image")
+                system.build_image(tree, image, os.path.getsize(image))
+                progress(f"{system.name}: first write into the big file")
+                results["workloads"]["first_write"][system.name] = workloads.first_write(
+                    system, big, runs, scratch, synced)
+                progress(f"{system.name}: fan-out of {containers} containers")
+                results["workloads"]["fan_out"][system.name] = workloads.fan_out(system, containers)
+                progress(f"{system.name}: churn of a {working_set // MiB} MiB working set")
+                results["workloads"]["churn"][system.name] = workloads.churn(
+                    system, working_set, scratch)
+            except Exception as e:  # a peer failing is reported, not hidden
+                results["systems"][system.name]["error"] = f"{type(e).__name__}: {e}"
+                progress(f"{system.name}: failed: {e}")
+            finally:
+                system.close()
+    finally:
+        if root is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return results

@@ -1,0 +1,135 @@
+"""Reports of `cowblock bench`: a terminal table (rich), a JSON file of every
+figure, PNG plots (matplotlib) and a markdown report."""
+import json
+import os
+
+MiB = 1 << 20
+
+FAIRNESS = """Fairness rules: the same durability on every side (overlayfs mounted with
+`-o volatile` against cowblock without commits; with `--synced`, every write is
+fsynced on every system); sync and cold caches (drop_caches, as root) before
+each first write; space measured the same way for every system, as bytes
+allocated on the host (st_blocks); each time the median of the runs, with min
+and max.  Starting a container means creating its writable root: a snapshot
+(cowblock), an upper and work directory (overlayfs), an overlay file (qcow2).
+File-level workloads run on a real ext4 (cowblock and qcow2, mounted through
+NBD, nbdfuse and a loop device) or on the union mount itself."""
+
+
+def _ms(s):
+    return f"{s * 1e3:,.2f} ms"
+
+
+def _mib(b):
+    return f"{b / MiB:,.2f} MiB"
+
+
+def rows(results):
+    """(workload, system, figure, value) rows for the table and the markdown."""
+    out = []
+    w = results["workloads"]
+    for name, r in w["first_write"].items():
+        if "skipped" in r:
+            out.append(("first 4 KiB write into the big file", name, "skipped", r["skipped"]))
+            continue
+        f, s, sp = r["first_write_s"], r["second_write_s"], r["space_bytes"]
+        out.append(("first 4 KiB write into the big file", name, "time",
+                    f"{_ms(f['median'])} ({_ms(f['min'])} to {_ms(f['max'])})"))
+        out.append(("first 4 KiB write into the big file", name, "second write",
+                    f"{_ms(s['median'])}"))
+        out.append(("first 4 KiB write into the big file", name, "space used", _mib(sp["median"])))
+    for name, r in w["fan_out"].items():
+        if "skipped" in r:
+            continue
+        out.append((f"start {r['containers']} containers", name, "time",
+                    f"{r['seconds']:.3f} s ({r['per_container_ms']:.2f} ms each)"))
+        out.append((f"start {r['containers']} containers", name, "space used",
+                    _mib(r["space_bytes"])))
+    for name, r in w["churn"].items():
+        if "skipped" in r:
+            continue
+        label = f"churn: write {_mib(r['working_set_bytes'])}, commit as a layer, remove"
+        out.append((label, name, "space after writing", _mib(r["written_bytes"])))
+        out.append((label, name, "space with container and layer", _mib(r["after_commit_bytes"])))
+        out.append((label, name, "space after removing the container",
+                    _mib(r["after_remove_bytes"])))
+    for name, s in results["systems"].items():
+        if s.get("error"):
+            out.append(("(system failed)", name, "error", s["error"]))
+    return out
+
+
+def print_table(results):
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"cowblock bench (scale {results['scale']}, {results['runs']} runs)")
+    for c in ("workload", "system", "figure", "value"):
+        t.add_column(c)
+    for r in rows(results):
+        t.add_row(*r)
+    Console().print(t)
+
+
+def write_json(results, path):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+def plots(results, out_dir):
+    """PNG plots: space vs containers, first-write time per system."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results["workloads"]["fan_out"].items():
+        if "space_curve" in r:
+            xs, ys = zip(*r["space_curve"])
+            ax.plot(xs, [y / MiB for y in ys], marker="o", label=name)
+    ax.set_xlabel("containers started")
+    ax.set_ylabel("host space used (MiB)")
+    ax.set_title("Space vs containers")
+    ax.legend()
+    path = os.path.join(out_dir, "space_vs_containers.png")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names, vals, errs = [], [], []
+    for name, r in results["workloads"]["first_write"].items():
+        if "first_write_s" in r:
+            f = r["first_write_s"]
+            names.append(name)
+            vals.append(f["median"] * 1e3)
+            errs.append([[f["median"] * 1e3 - f["min"] * 1e3], [f["max"] * 1e3 - f["median"] * 1e3]])
+    if names:
+        lo = [e[0][0] for e in errs]
+        hi = [e[1][0] for e in errs]
+        ax.bar(names, vals, yerr=[lo, hi], capsize=4)
+        ax.set_yscale("log")
+    ax.set_ylabel("ms (log)")
+    big = results["parameters"]["big_file_bytes"] // MiB
+    ax.set_title(f"First 4 KiB write into a {big} MiB file (copy-up cost)")
+    path = os.path.join(out_dir, "first_write.png")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def markdown(results, path, command, images=()):
+    lines = [f"# cowblock bench: block CoW against file-level union and qcow2", "",
+             f"Command: `{command}`", "",
+             f"Machine: {results['machine'].get('platform')}, {results['machine'].get('cpus')} CPUs; "
+             f"started {results['started']}; scale {results['scale']}, {results['runs']} runs; "
+             f"big file {results['parameters']['big_file_bytes'] // MiB} MiB.", "",
+             FAIRNESS, "", "| workload | system | figure | value |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(results)]
+    skipped = {n: s["skipped"] for n, s in results["systems"].items() if s.get("skipped")}
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(f"{n}: {why}" for n, why in skipped.items())]
+    lines += [""] + [f"![{os.path.basename(i)}]({os.path.basename(i)})" for i in images]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")

@@ -1,0 +1,283 @@
+"""The systems `cowblock bench` compares, each behind one small interface.
+
+A System builds an image from a directory tree, starts containers from it
+(writable roots), mounts a container's filesystem, and reports the bytes it
+allocated on the host (st_blocks, the same way for everyone).  Where a
+system cannot run here, available() says why and the suite reports it as
+skipped; nothing stands in for it.
+
+- cowblock: the tree as an ext4 image (mkfs.ext4 -d) imported into a pool,
+  read-only; containers are writable snapshots; mounted through an NBD
+  server in this process, nbdfuse and a loop device.
+- overlayfs: the kernel's union: the tree is the lower directory, each
+  container an upper and work directory (mounted with -o volatile when asked
+  for no durability).
+- fuse-overlayfs: the same union in FUSE, where installed.
+- qcow2: the same ext4 image as a qcow2 base, containers as external overlays
+  (backing files), mounted through qemu-nbd, nbdfuse and a loop device.
+"""
+import contextlib
+import os
+import shutil
+import subprocess
+import threading
+
+from ..mount import attach_uri, detach, missing_capabilities
+from ..pool import Pool
+from ..transfer import import_file
+
+MiB = 1 << 20
+
+
+def allocated(*paths):
+    """Bytes allocated on the host under paths (st_blocks), files and trees."""
+    total = 0
+    for p in paths:
+        if os.path.isfile(p):
+            total += os.stat(p).st_blocks * 512
+        elif os.path.isdir(p):
+            for root, dirs, files in os.walk(p):
+                for f in files:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(root, f)).st_blocks * 512
+    return total
+
+
+def make_ext4_image(tree, path, size):
+    """A raw ext4 image of size bytes holding the directory tree."""
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", tree, path, str(size // 1024)], check=True,
+                   capture_output=True)
+
+
+def _can_overlay():
+    if os.geteuid() != 0:
+        return "mounting overlayfs needs root here"
+    with open("/proc/filesystems") as f:
+        if "overlay" not in f.read():
+            return "the kernel has no overlayfs"
+    return None
+
+
+class System:
+    name = "?"
+
+    def __init__(self, root):
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+        self.mounted = []
+
+    def available(self):
+        return None
+
+    def flush(self, m):
+        """Push what was written in mount m down to the system's storage."""
+        os.sync()
+
+    def close(self):
+        for m in reversed(self.mounted):
+            with contextlib.suppress(Exception):
+                self.unmount(m)
+        self.mounted = []
+
+
+def _flush_block_mount(directory, fuse_dir):
+    """sync the filesystem, then fsync the FUSE file under the loop device:
+    FUSE's page cache is not flushed by sync alone."""
+    os.sync()
+    fd = os.open(os.path.join(fuse_dir, "dev"), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Cowblock(System):
+    name = "cowblock"
+
+    def flush(self, m):
+        _flush_block_mount(m[0], m[2])
+
+    def available(self):
+        why = missing_capabilities()
+        return "; ".join(why) if why else None
+
+    def build_image(self, tree, image_raw, size):
+        self.pool = Pool.create(os.path.join(self.root, "pool"), 4 * size + 1024 * MiB, 65536,
+                                commit_interval=1.0)
+        import_file(self.pool, "image", image_raw)
+        self.pool.set_read_only("image", True)
+        self.pool.commit()
+        from ..nbd.server import NBDServer
+        self.sock = os.path.join(self.root, "nbd.sock")
+        self.server = NBDServer(self.pool, socket_path=self.sock)
+        self.server.start()
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def new_container(self, name):
+        self.pool.snapshot("image", name)
+
+    def mount(self, name, directory):
+        fuse, loop = attach_uri(f"nbd+unix:///{name}?socket={self.sock}", directory,
+                                os.path.join(self.root, f"fuse-{name}"), what=name)
+        m = (directory, loop, fuse)
+        self.mounted.append(m)
+        return m
+
+    def unmount(self, m):
+        detach(*m)
+        self.mounted.remove(m)
+
+    def remove_container(self, name):
+        self.pool.delete(name)
+
+    def layer_from_container(self, name, layer):
+        self.pool.snapshot(name, layer, read_only=True)
+
+    def space(self):
+        # Blocks freed by removed containers keep their host space until a
+        # trim (thin_trim's job); trim so st_blocks shows what is in use.
+        self.pool.commit()
+        self.pool.trim()
+        return allocated(os.path.join(self.root, "pool"))
+
+    def close(self):
+        super().close()
+        if getattr(self, "server", None):
+            self.server._stop.set()
+            self.thread.join()
+            self.server.stop()
+            self.pool.close()
+
+
+class Overlay(System):
+    name = "overlayfs"
+    fuse = False
+
+    def __init__(self, root, volatile=True):
+        super().__init__(root)
+        self.volatile = volatile
+
+    def available(self):
+        if self.fuse:
+            if not shutil.which("fuse-overlayfs"):
+                return "fuse-overlayfs is not installed (Debian package fuse-overlayfs)"
+            return None if os.path.exists("/dev/fuse") else "/dev/fuse is missing"
+        return _can_overlay()
+
+    def build_image(self, tree, image_raw, size):
+        self.lower = os.path.join(self.root, "lower")
+        subprocess.run(["cp", "-a", tree, self.lower], check=True, capture_output=True)
+        self.layers = [self.lower]
+
+    def new_container(self, name):
+        for d in ("upper", "work"):
+            os.makedirs(os.path.join(self.root, name, d), exist_ok=True)
+
+    def mount(self, name, directory):
+        os.makedirs(directory, exist_ok=True)
+        c = os.path.join(self.root, name)
+        lower = ":".join(reversed(self.layers))  # top layer first
+        opts = f"lowerdir={lower},upperdir={c}/upper,workdir={c}/work"
+        if self.fuse:
+            argv = ["fuse-overlayfs", "-o", opts, directory]
+        else:
+            argv = ["mount", "-t", "overlay", "overlay", "-o",
+                    opts + (",volatile" if self.volatile else ""), directory]
+        subprocess.run(argv, check=True, capture_output=True)
+        m = (directory,)
+        self.mounted.append(m)
+        return m
+
+    def unmount(self, m):
+        argv = ["fusermount3", "-u", m[0]] if self.fuse else ["umount", m[0]]
+        subprocess.run(argv, check=True, capture_output=True)
+        self.mounted.remove(m)
+
+    def remove_container(self, name):
+        shutil.rmtree(os.path.join(self.root, name))
+
+    def layer_from_container(self, name, layer):
+        # cp -a: an upper directory holds whiteouts (character devices) too
+        dest = os.path.join(self.root, "layers", layer)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        subprocess.run(["cp", "-a", os.path.join(self.root, name, "upper"), dest], check=True,
+                       capture_output=True)
+        self.layers.append(dest)
+
+    def space(self):
+        return allocated(self.root)
+
+
+class FuseOverlay(Overlay):
+    name = "fuse-overlayfs"
+    fuse = True
+
+
+class Qcow2(System):
+    name = "qcow2"
+
+    def flush(self, m):
+        _flush_block_mount(m[0], m[2])
+
+    def available(self):
+        for tool in ("qemu-img", "qemu-nbd"):
+            if not shutil.which(tool):
+                return f"{tool} is not installed (Debian package qemu-utils)"
+        why = missing_capabilities()
+        return "; ".join(why) if why else None
+
+    def build_image(self, tree, image_raw, size):
+        self.base = os.path.join(self.root, "base.qcow2")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", image_raw, self.base],
+                       check=True, capture_output=True)
+        self.top = self.base
+        self.servers = {}
+
+    def _overlay(self, name):
+        return os.path.join(self.root, f"{name}.qcow2")
+
+    def new_container(self, name):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", self.top, "-F", "qcow2",
+                        self._overlay(name)], check=True, capture_output=True)
+
+    def mount(self, name, directory):
+        sock = os.path.join(self.root, f"{name}.sock")
+        proc = subprocess.Popen(["qemu-nbd", "-t", "-k", sock, "-f", "qcow2", "--cache=writeback",
+                                 "--aio=threads", self._overlay(name)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(400):
+            if os.path.exists(sock):
+                break
+            threading.Event().wait(0.025)
+        self.servers[name] = proc
+        fuse, loop = attach_uri(f"nbd+unix:///?socket={sock}", directory,
+                                os.path.join(self.root, f"fuse-{name}"), what=name)
+        m = (directory, loop, fuse, name)
+        self.mounted.append(m)
+        return m
+
+    def unmount(self, m):
+        detach(*m[:3])
+        proc = self.servers.pop(m[3])
+        proc.terminate()
+        proc.wait()
+        self.mounted.remove(m)
+
+    def remove_container(self, name):
+        os.unlink(self._overlay(name))
+
+    def layer_from_container(self, name, layer):
+        dest = self._overlay(layer)  # a copy: the container goes on, as with the others
+        shutil.copyfile(self._overlay(name), dest)
+        self.top = dest
+
+    def space(self):
+        return allocated(self.root)
+
+
+def all_systems(root, volatile=True):
+    return [Cowblock(os.path.join(root, "cowblock")),
+            Overlay(os.path.join(root, "overlayfs"), volatile=volatile),
+            FuseOverlay(os.path.join(root, "fuse-overlayfs")),
+            Qcow2(os.path.join(root, "qcow2"))]

@@ -1,0 +1,116 @@
+"""The workloads of `cowblock bench`, each run on every available system.
+
+Fairness (stated in the report too): the same durability on both sides
+(overlayfs with -o volatile against cowblock without commits; the "synced"
+figures fsync the file on every system), cold caches before each first write
+(sync and drop_caches, when root), space measured for every system as
+allocated bytes on the host (st_blocks), each figure the median of repeated
+runs with min and max.
+"""
+import os
+import statistics
+import time
+
+MiB = 1 << 20
+
+
+def drop_caches():
+    os.sync()
+    if os.geteuid() == 0:
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+        except OSError:
+            pass
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": list(values)}
+
+
+def make_tree(root, big_size, small_files=200):
+    """The image content: one big file, and a few hundred small ones."""
+    os.makedirs(os.path.join(root, "etc"), exist_ok=True)
+    chunk = os.urandom(MiB)
+    with open(os.path.join(root, "big.bin"), "wb") as f:
+        for off in range(0, big_size, MiB):
+            f.write(chunk[:min(MiB, big_size - off)])
+    for i in range(small_files):
+        with open(os.path.join(root, "etc", f"f{i:04d}.conf"), "w") as f:
+            f.write(f"setting {i} = {'x' * (i % 500)}\n")
+    with open(os.path.join(root, "db.bin"), "wb") as f:
+        f.write(os.urandom(8 * MiB))
+
+
+def timed_write(path, offset, synced):
+    """open(O_RDWR) + 4 KiB pwrite (+ fsync) + close: where overlayfs copies up."""
+    data = os.urandom(4096)
+    t = time.perf_counter()
+    fd = os.open(path, os.O_RDWR)
+    os.pwrite(fd, data, offset)
+    if synced:
+        os.fsync(fd)
+    os.close(fd)
+    return time.perf_counter() - t
+
+
+def first_write(system, big_size, runs, scratch, synced):
+    """Workload 1: 4 KiB into the middle of the big file, then again."""
+    first, second, space = [], [], []
+    for r in range(runs):
+        name = f"fw{r}"
+        system.new_container(name)
+        mnt = os.path.join(scratch, f"mnt-{system.name}-{name}")
+        m = system.mount(name, mnt)
+        drop_caches()
+        before = system.space()
+        first.append(timed_write(os.path.join(mnt, "big.bin"), big_size // 2, synced))
+        second.append(timed_write(os.path.join(mnt, "big.bin"), big_size // 2 + 8192, synced))
+        system.flush(m)
+        space.append(system.space() - before)
+        system.unmount(m)
+        system.remove_container(name)
+    return {"first_write_s": summary(first), "second_write_s": summary(second),
+            "space_bytes": summary(space)}
+
+
+def fan_out(system, containers):
+    """Workload 3: start many containers from one image (their writable roots)."""
+    before = system.space()
+    curve = []
+    t = time.perf_counter()
+    for i in range(containers):
+        system.new_container(f"fan{i}")
+        if (i + 1) % max(1, containers // 10) == 0 or i + 1 == containers:
+            curve.append((i + 1, system.space() - before))
+    elapsed = time.perf_counter() - t
+    for i in range(containers):
+        system.remove_container(f"fan{i}")
+    return {"containers": containers, "seconds": elapsed,
+            "per_container_ms": elapsed / containers * 1e3,
+            "space_bytes": curve[-1][1], "space_curve": curve}
+
+
+def churn(system, working_set, scratch):
+    """Workload 4: write a working set in a container, commit it as a layer,
+    delete the container: what the host gets back, and what the layer keeps."""
+    base = system.space()
+    system.new_container("churn")
+    mnt = os.path.join(scratch, f"mnt-{system.name}-churn")
+    m = system.mount("churn", mnt)
+    os.makedirs(os.path.join(mnt, "work"), exist_ok=True)
+    chunk = os.urandom(MiB)
+    for i in range(max(1, working_set // MiB)):
+        with open(os.path.join(mnt, "work", f"w{i}"), "wb") as f:
+            f.write(chunk)
+    system.flush(m)
+    system.unmount(m)
+    written = system.space() - base
+    system.layer_from_container("churn", "churn-layer")
+    committed = system.space() - base
+    system.remove_container("churn")
+    removed = system.space() - base
+    return {"working_set_bytes": working_set, "written_bytes": written,
+            "after_commit_bytes": committed, "after_remove_bytes": removed,
+            "reclaimed_bytes": committed - removed}
