@@ -40,3 +40,7 @@ cmp -n 4096 "$work/web.raw" "$work/v2.raw" && echo "first 4 KiB match the image"
 say cowblock container rm "web-$tag" "db-$tag"
 say cowblock rm "web-image-$tag" "v2-$tag" "base-$tag"
 say cowblock pool check
+
+# Last, the quick comparison with overlayfs, fuse-overlayfs and qcow2 (about a minute;
+# systems this machine cannot run are listed as skipped, with the reason).
+say cowblock bench --quick

@@ -45,7 +45,8 @@ def run(scale=1.0, runs=5, root=None, synced=False, progress=print):
         tree = os.path.join(scratch, "tree")
         workloads.make_tree(tree, big)
         image = os.path.join(scratch, "image.raw")
-        make_ext4_image(tree, image, big + 64 * MiB + big // 4)
+        # room in the filesystem for the churn's working set, twice over
+        make_ext4_image(tree, image, big + 2 * working_set + 128 * MiB)
         for system in all_systems(os.path.join(scratch, "systems"), volatile=not synced):
             why = system.available()
             results["systems"][system.name] = {"available": why is None, "skipped": why}
