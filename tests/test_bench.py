@@ -11,7 +11,7 @@ import pytest
 from cowblock import bench
 from cowblock.bench import report
 
-WORKLOADS = ["first_write", "fan_out", "churn"]
+WORKLOADS = ["first_write", "depth", "fan_out", "churn"]
 
 
 @pytest.fixture(scope="module")

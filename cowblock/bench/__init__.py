@@ -28,25 +28,30 @@ def machine():
     return info
 
 
-def run(scale=1.0, runs=5, root=None, synced=False, progress=print):
+def run(scale=1.0, runs=5, root=None, synced=False, progress=print, depths=None):
     """Every workload on every available system; scale 1.0 is a 1 GiB file and
     100 containers, 0.05 a quick run."""
     big = max(4, int(1024 * scale)) * MiB
     containers = max(5, int(100 * scale))
     working_set = max(4, int(256 * scale)) * MiB
+    depths = depths or ([1, 8, 32, 128] if scale >= 0.5 else [1, 4, 8])
     scratch = root or tempfile.mkdtemp(prefix="cowblock-bench-", dir="/var/tmp")
     os.makedirs(scratch, exist_ok=True)
     results = {"machine": machine(), "scale": scale, "runs": runs, "synced": synced,
                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "parameters": {"big_file_bytes": big, "containers": containers,
-                              "working_set_bytes": working_set},
-               "systems": {}, "workloads": {"first_write": {}, "fan_out": {}, "churn": {}}}
+                              "working_set_bytes": working_set, "depths": depths},
+               "systems": {}, "workloads": {"first_write": {}, "depth": {}, "fan_out": {},
+                                            "churn": {}}}
     try:
         tree = os.path.join(scratch, "tree")
         workloads.make_tree(tree, big)
         image = os.path.join(scratch, "image.raw")
-        # room in the filesystem for the churn's working set, twice over
-        make_ext4_image(tree, image, big + 2 * working_set + 128 * MiB)
+        # room in the filesystem for the churn's working set, twice over; and
+        # past its end, room for the layers' own blocks (the depth workload)
+        fs_size = big + 2 * working_set + 128 * MiB
+        make_ext4_image(tree, image, fs_size)
+        os.truncate(image, fs_size + max(depths) * 4096 + 4 * MiB)
         for system in all_systems(os.path.join(scratch, "systems"), volatile=not synced):
             why = system.available()
             results["systems"][system.name] = {"available": why is None, "skipped": why}
@@ -61,6 +66,9 @@ def run(scale=1.0, runs=5, root=None, synced=False, progress=print):
                 progress(f"{system.name}: first write into the big file")
                 results["workloads"]["first_write"][system.name] = workloads.first_write(
                     system, big, runs, scratch, synced)
+                progress(f"{system.name}: read cost at layer depths {depths}")
+                results["workloads"]["depth"][system.name] = workloads.depth(
+                    system, depths, scratch, fs_size, runs)
                 progress(f"{system.name}: fan-out of {containers} containers")
                 results["workloads"]["fan_out"][system.name] = workloads.fan_out(system, containers)
                 progress(f"{system.name}: churn of a {working_set // MiB} MiB working set")

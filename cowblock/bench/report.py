@@ -38,6 +38,12 @@ def rows(results):
         out.append(("first 4 KiB write into the big file", name, "second write",
                     f"{_ms(s['median'])}"))
         out.append(("first 4 KiB write into the big file", name, "space used", _mib(sp["median"])))
+    for name, r in w.get("depth", {}).items():
+        if "skipped" in r:
+            continue
+        for d, v in r.items():
+            out.append((f"cold stat of 200 files / read of 8 MiB at layer depth {d}", name,
+                        "time", f"{_ms(v['stat_all_s'])} / {_ms(v['read_8mib_s'])}"))
     for name, r in w["fan_out"].items():
         if "skipped" in r:
             continue
@@ -91,6 +97,21 @@ def plots(results, out_dir):
     ax.set_title("Space vs containers")
     ax.legend()
     path = os.path.join(out_dir, "space_vs_containers.png")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results["workloads"].get("depth", {}).items():
+        if "skipped" not in r and r:
+            ds = sorted(int(d) for d in r)
+            ax.plot(ds, [r[str(d)]["read_8mib_s"] * 1e3 for d in ds], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("layers")
+    ax.set_ylabel("cold read of an 8 MiB file (ms)")
+    ax.set_title("Read cost vs layer depth")
+    ax.legend()
+    path = os.path.join(out_dir, "time_vs_depth.png")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

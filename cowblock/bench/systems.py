@@ -114,9 +114,6 @@ class Cowblock(System):
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def new_container(self, name):
-        self.pool.snapshot("image", name)
-
     def mount(self, name, directory):
         fuse, loop = attach_uri(f"nbd+unix:///{name}?socket={self.sock}", directory,
                                 os.path.join(self.root, f"fuse-{name}"), what=name)
@@ -133,6 +130,17 @@ class Cowblock(System):
 
     def layer_from_container(self, name, layer):
         self.pool.snapshot(name, layer, read_only=True)
+
+    def add_layer(self, layer, scratch_offset):
+        """A new top image layer holding 4 KiB of its own past the filesystem."""
+        below = getattr(self, "top", "image")
+        dev = self.pool.snapshot(below, layer)
+        dev.pwrite(os.urandom(4096), scratch_offset)
+        self.pool.set_read_only(layer, True)
+        self.top = layer
+
+    def new_container(self, name):
+        self.pool.snapshot(getattr(self, "top", "image"), name)
 
     def space(self):
         # Blocks freed by removed containers keep their host space until a
@@ -205,6 +213,13 @@ class Overlay(System):
                        capture_output=True)
         self.layers.append(dest)
 
+    def add_layer(self, layer, scratch_offset):
+        dest = os.path.join(self.root, "layers", layer)
+        os.makedirs(dest, exist_ok=True)
+        with open(os.path.join(dest, f"{layer}.txt"), "w") as f:
+            f.write(f"{layer}\n")
+        self.layers.append(dest)
+
     def space(self):
         return allocated(self.root)
 
@@ -266,6 +281,12 @@ class Qcow2(System):
 
     def remove_container(self, name):
         os.unlink(self._overlay(name))
+
+    def add_layer(self, layer, scratch_offset):
+        self.new_container(layer)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a {scratch_offset} 4k",
+                        self._overlay(layer)], check=True, capture_output=True)
+        self.top = self._overlay(layer)
 
     def layer_from_container(self, name, layer):
         dest = self._overlay(layer)  # a copy: the container goes on, as with the others

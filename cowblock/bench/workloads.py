@@ -114,3 +114,39 @@ def churn(system, working_set, scratch):
     return {"working_set_bytes": working_set, "written_bytes": written,
             "after_commit_bytes": committed, "after_remove_bytes": removed,
             "reclaimed_bytes": committed - removed}
+
+
+def depth(system, depths, scratch, fs_size, runs=3):
+    """Workload 2: cold lookups and reads through 1..N layers.  Each layer
+    above the image holds a little data of its own (a file for the unions, a
+    few blocks past the filesystem's end for the block systems), and the
+    files read come from the bottom one."""
+    out = {}
+    made = 0
+    for d in depths:
+        while made < d:
+            system.add_layer(f"L{made}", fs_size + made * 4096)
+            made += 1
+        name = f"depth{d}"
+        system.new_container(name)
+        mnt = os.path.join(scratch, f"mnt-{system.name}-{name}")
+        m = system.mount(name, mnt)
+        stats, reads = [], []
+        for _ in range(runs):
+            drop_caches()
+            t = time.perf_counter()
+            etc = os.path.join(mnt, "etc")
+            for f in os.listdir(etc):
+                os.stat(os.path.join(etc, f))
+            stats.append(time.perf_counter() - t)
+            drop_caches()
+            t = time.perf_counter()
+            with open(os.path.join(mnt, "db.bin"), "rb") as f:
+                while f.read(MiB):
+                    pass
+            reads.append(time.perf_counter() - t)
+        system.unmount(m)
+        system.remove_container(name)
+        out[str(d)] = {"stat_all_s": statistics.median(stats), "read_8mib_s": statistics.median(reads),
+                       "stat_runs": stats, "read_runs": reads}
+    return out
