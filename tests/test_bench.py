@@ -11,7 +11,7 @@ import pytest
 from cowblock import bench
 from cowblock.bench import report
 
-WORKLOADS = ["first_write", "depth", "fan_out", "churn"]
+WORKLOADS = ["first_write", "depth", "fan_out", "churn", "realistic_mix"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_json_plots_and_report_are_written(results, tmp_path):
     report.write_json(results, tmp_path / "results.json")
     assert json.loads((tmp_path / "results.json").read_text())["machine"]["cpus"] >= 1
     images = report.plots(results, str(tmp_path))
-    assert images and all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in images)
+    assert len(images) == 4 and all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in images)
     report.markdown(results, str(tmp_path / "report.md"), "cowblock bench --scale 0.01", images)
     text = (tmp_path / "report.md").read_text()
     assert "Fairness rules" in text and "| workload | system |" in text

@@ -42,14 +42,14 @@ def run(scale=1.0, runs=5, root=None, synced=False, progress=print, depths=None)
                "parameters": {"big_file_bytes": big, "containers": containers,
                               "working_set_bytes": working_set, "depths": depths},
                "systems": {}, "workloads": {"first_write": {}, "depth": {}, "fan_out": {},
-                                            "churn": {}}}
+                                            "churn": {}, "realistic_mix": {}}}
     try:
         tree = os.path.join(scratch, "tree")
-        workloads.make_tree(tree, big)
+        workloads.make_tree(tree, big, source_limit=max(2 * MiB, int(64 * MiB * min(scale, 1))))
         image = os.path.join(scratch, "image.raw")
         # room in the filesystem for the churn's working set, twice over; and
         # past its end, room for the layers' own blocks (the depth workload)
-        fs_size = big + 2 * working_set + 128 * MiB
+        fs_size = 2 * big + 2 * working_set + 192 * MiB
         make_ext4_image(tree, image, fs_size)
         os.truncate(image, fs_size + max(depths) * 4096 + 4 * MiB)
         for system in all_systems(os.path.join(scratch, "systems"), volatile=not synced):
@@ -71,6 +71,9 @@ def run(scale=1.0, runs=5, root=None, synced=False, progress=print, depths=None)
                     system, depths, scratch, fs_size, runs)
                 progress(f"{system.name}: fan-out of {containers} containers")
                 results["workloads"]["fan_out"][system.name] = workloads.fan_out(system, containers)
+                progress(f"{system.name}: a realistic mix (sources, a log, a database file)")
+                results["workloads"]["realistic_mix"][system.name] = workloads.realistic_mix(
+                    system, scratch, synced, runs)
                 progress(f"{system.name}: churn of a {working_set // MiB} MiB working set")
                 results["workloads"]["churn"][system.name] = workloads.churn(
                     system, working_set, scratch)

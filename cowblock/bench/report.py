@@ -38,6 +38,12 @@ def rows(results):
         out.append(("first 4 KiB write into the big file", name, "second write",
                     f"{_ms(s['median'])}"))
         out.append(("first 4 KiB write into the big file", name, "space used", _mib(sp["median"])))
+    for name, r in w.get("realistic_mix", {}).items():
+        if "skipped" in r:
+            continue
+        for step, v in r["steps_s"].items():
+            out.append((f"realistic mix: {step}", name, "time", _ms(v["median"])))
+        out.append(("realistic mix", name, "space used", _mib(r["space_bytes"]["median"])))
     for name, r in w.get("depth", {}).items():
         if "skipped" in r:
             continue
@@ -82,7 +88,8 @@ def write_json(results, path):
 
 
 def plots(results, out_dir):
-    """PNG plots: space vs containers, first-write time per system."""
+    """PNG plots: space vs containers, read time vs layer depth, copy-up cost
+    vs file size, first-write time per system."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -112,6 +119,22 @@ def plots(results, out_dir):
     ax.set_title("Read cost vs layer depth")
     ax.legend()
     path = os.path.join(out_dir, "time_vs_depth.png")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results["workloads"]["first_write"].items():
+        if "by_file_size" in r:
+            sizes = sorted(int(s) for s in r["by_file_size"])
+            ax.plot([s / MiB for s in sizes], [r["by_file_size"][str(s)]["median"] * 1e3
+                                              for s in sizes], marker="o", label=name)
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("first 4 KiB write (ms)")
+    ax.set_yscale("log")
+    ax.set_title("Copy-up cost vs file size")
+    ax.legend()
+    path = os.path.join(out_dir, "copy_up_vs_file_size.png")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -8,6 +8,8 @@ allocated bytes on the host (st_blocks), each figure the median of repeated
 runs with min and max.
 """
 import os
+import shutil
+import sysconfig
 import statistics
 import time
 
@@ -29,13 +31,43 @@ def summary(values):
             "runs": list(values)}
 
 
-def make_tree(root, big_size, small_files=200):
-    """The image content: one big file, and a few hundred small ones."""
+SOURCE_LIMIT = 64 * MiB
+
+
+def copy_source_tree(dest, limit):
+    """A real source tree: the Python standard library's .py files (up to
+    limit bytes), as a package set or a checkout would be unpacked."""
+    src = sysconfig.get_paths()["stdlib"]
+    total = 0
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "test", "tests",
+                                                      "__pycache__", "idlelib", "tkinter"))
+        for f in sorted(files):
+            if not f.endswith(".py") or total >= limit:
+                continue
+            rel = os.path.relpath(os.path.join(root, f), src)
+            os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
+            shutil.copyfile(os.path.join(root, f), os.path.join(dest, rel))
+            total += os.path.getsize(os.path.join(dest, rel))
+    return total
+
+
+def big_files(big_size):
+    """The big files of the image, for the copy-up cost against file size."""
+    return {"big-quarter.bin": big_size // 4, "big-half.bin": big_size // 2, "big.bin": big_size}
+
+
+def make_tree(root, big_size, small_files=200, source_limit=SOURCE_LIMIT):
+    """The image content: big files, a few hundred small ones, a
+    database-like file and a real source tree."""
     os.makedirs(os.path.join(root, "etc"), exist_ok=True)
     chunk = os.urandom(MiB)
-    with open(os.path.join(root, "big.bin"), "wb") as f:
-        for off in range(0, big_size, MiB):
-            f.write(chunk[:min(MiB, big_size - off)])
+    for name, size in big_files(big_size).items():
+        with open(os.path.join(root, name), "wb") as f:
+            for off in range(0, size, MiB):
+                f.write(chunk[:min(MiB, size - off)])
+    copy_source_tree(os.path.join(root, "usr", "lib", "python"), source_limit)
+    os.makedirs(os.path.join(root, "var", "log"), exist_ok=True)
     for i in range(small_files):
         with open(os.path.join(root, "etc", f"f{i:04d}.conf"), "w") as f:
             f.write(f"setting {i} = {'x' * (i % 500)}\n")
@@ -56,8 +88,11 @@ def timed_write(path, offset, synced):
 
 
 def first_write(system, big_size, runs, scratch, synced):
-    """Workload 1: 4 KiB into the middle of the big file, then again."""
+    """Workload 1: 4 KiB into the middle of the big file, then again; and the
+    first write into files of a quarter and half that size (copy-up cost
+    against file size)."""
     first, second, space = [], [], []
+    by_size = {size: [] for size in big_files(big_size).values()}
     for r in range(runs):
         name = f"fw{r}"
         system.new_container(name)
@@ -69,10 +104,16 @@ def first_write(system, big_size, runs, scratch, synced):
         second.append(timed_write(os.path.join(mnt, "big.bin"), big_size // 2 + 8192, synced))
         system.flush(m)
         space.append(system.space() - before)
+        by_size[big_size].append(first[-1])
+        for fname, size in big_files(big_size).items():
+            if size != big_size:
+                drop_caches()
+                by_size[size].append(timed_write(os.path.join(mnt, fname), size // 2, synced))
         system.unmount(m)
         system.remove_container(name)
     return {"first_write_s": summary(first), "second_write_s": summary(second),
-            "space_bytes": summary(space)}
+            "space_bytes": summary(space),
+            "by_file_size": {str(s): summary(v) for s, v in by_size.items()}}
 
 
 def fan_out(system, containers):
@@ -150,3 +191,56 @@ def depth(system, depths, scratch, fs_size, runs=3):
         out[str(d)] = {"stat_all_s": statistics.median(stats), "read_8mib_s": statistics.median(reads),
                        "stat_runs": stats, "read_runs": reads}
     return out
+
+
+def realistic_mix(system, scratch, synced, runs=3):
+    """Workload 5: in a container of an image holding a real source tree,
+    modify a few source files, append to a log, and rewrite a database-like
+    file at random offsets; time each step, and the space the container takes."""
+    import random
+    steps = {"modify 20 source files": [], "append 2000 log lines": [],
+             "rewrite 500 random 4 KiB pages of an 8 MiB file": []}
+    space = []
+    for r in range(runs):
+        name = f"mix{r}"
+        system.new_container(name)
+        mnt = os.path.join(scratch, f"mnt-{system.name}-{name}")
+        m = system.mount(name, mnt)
+        drop_caches()
+        before = system.space()
+        sources = []
+        for root, _, files in os.walk(os.path.join(mnt, "usr", "lib", "python")):
+            sources += [os.path.join(root, f) for f in files]
+            if len(sources) > 200:
+                break
+        t = time.perf_counter()
+        for path in sorted(sources)[:20]:
+            with open(path, "a") as f:
+                f.write("# patched in the container\n")
+                if synced:
+                    f.flush()
+                    os.fsync(f.fileno())
+        steps["modify 20 source files"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with open(os.path.join(mnt, "var", "log", "app.log"), "a") as f:
+            for i in range(2000):
+                f.write(f"request {i} served in {i % 97} ms\n")
+            if synced:
+                f.flush()
+                os.fsync(f.fileno())
+        steps["append 2000 log lines"].append(time.perf_counter() - t)
+        rng = random.Random(r)
+        page = os.urandom(4096)
+        t = time.perf_counter()
+        fd = os.open(os.path.join(mnt, "db.bin"), os.O_RDWR)
+        for _ in range(500):
+            os.pwrite(fd, page, rng.randrange(8 * MiB // 4096) * 4096)
+        if synced:
+            os.fsync(fd)
+        os.close(fd)
+        steps["rewrite 500 random 4 KiB pages of an 8 MiB file"].append(time.perf_counter() - t)
+        system.flush(m)
+        space.append(system.space() - before)
+        system.unmount(m)
+        system.remove_container(name)
+    return {"steps_s": {k: summary(v) for k, v in steps.items()}, "space_bytes": summary(space)}
