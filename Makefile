@@ -20,7 +20,7 @@ install:            ## build the C core (cffi) and install the package, editable
 test: deps install  ## the test suite (a few minutes)
 	$(PYTHON) -m pytest -q
 
-demo:               ## install and run a short tour
+demo: deps          ## install and run a short tour
 	$(PIP) .
 	cd /tmp && $(PYTHON) $(CURDIR)/examples/demo.py
 
