@@ -26,6 +26,7 @@ def test_every_system_is_measured_or_skipped_with_a_reason(results):
         assert not s.get("error"), f"{name}: {s['error']}"
         for w in WORKLOADS:
             r = results["workloads"][w][name]
+            assert "error" not in r, (name, w, r.get("error"))
             if s["available"]:
                 assert "skipped" not in r, (name, w)
             else:

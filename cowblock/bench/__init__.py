@@ -5,6 +5,7 @@ database-like file), gives it to every system that can run here, runs the
 workloads on each, and returns every figure with the machine's details;
 report.py turns that into a table, JSON, plots and a markdown report.
 """
+import contextlib
 import os
 import platform
 import shutil
@@ -63,23 +64,34 @@ def run(scale=1.0, runs=5, root=None, synced=False, progress=print, depths=None)
             try:
                 progress(f"{system.name}: building the image")
                 system.build_image(tree, image, os.path.getsize(image))
-                progress(f"{system.name}: first write into the big file")
-                results["workloads"]["first_write"][system.name] = workloads.first_write(
-                    system, big, runs, scratch, synced)
-                progress(f"{system.name}: read cost at layer depths {depths}")
-                results["workloads"]["depth"][system.name] = workloads.depth(
-                    system, depths, scratch, fs_size, runs)
-                progress(f"{system.name}: fan-out of {containers} containers")
-                results["workloads"]["fan_out"][system.name] = workloads.fan_out(system, containers)
-                progress(f"{system.name}: a realistic mix (sources, a log, a database file)")
-                results["workloads"]["realistic_mix"][system.name] = workloads.realistic_mix(
-                    system, scratch, synced, runs)
-                progress(f"{system.name}: churn of a {working_set // MiB} MiB working set")
-                results["workloads"]["churn"][system.name] = workloads.churn(
-                    system, working_set, scratch)
             except Exception as e:  # a peer failing is reported, not hidden
-                results["systems"][system.name]["error"] = f"{type(e).__name__}: {e}"
+                results["systems"][system.name]["error"] = f"building the image: {e}"
                 progress(f"{system.name}: failed: {e}")
+                system.close()
+                continue
+            steps = [
+                ("first_write", "first write into the big file",
+                 lambda s: workloads.first_write(s, big, runs, scratch, synced)),
+                ("realistic_mix", "a realistic mix (sources, a log, a database file)",
+                 lambda s: workloads.realistic_mix(s, scratch, synced, runs)),
+                ("fan_out", f"fan-out of {containers} containers",
+                 lambda s: workloads.fan_out(s, containers)),
+                ("depth", f"read cost at layer depths {depths}",
+                 lambda s: workloads.depth(s, depths, scratch, fs_size, runs)),
+                ("churn", f"churn of a {working_set // MiB} MiB working set",
+                 lambda s: workloads.churn(s, working_set, scratch)),
+            ]
+            try:
+                for key, what, step in steps:
+                    progress(f"{system.name}: {what}")
+                    try:
+                        results["workloads"][key][system.name] = step(system)
+                    except Exception as e:  # reported, and the other workloads go on
+                        results["workloads"][key][system.name] = {"error": f"{type(e).__name__}: {e}"}
+                        progress(f"{system.name}: {key} failed: {e}")
+                        for m in list(system.mounted):
+                            with contextlib.suppress(Exception):
+                                system.unmount(m)
             finally:
                 system.close()
     finally:

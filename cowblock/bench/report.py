@@ -28,6 +28,11 @@ def rows(results):
     """(workload, system, figure, value) rows for the table and the markdown."""
     out = []
     w = results["workloads"]
+    for key, wl in w.items():
+        for name, r in wl.items():
+            if "error" in r:
+                out.append((key, name, "error", r["error"][:300]))
+    w = {k: {n: r for n, r in wl.items() if "error" not in r} for k, wl in w.items()}
     for name, r in w["first_write"].items():
         if "skipped" in r:
             out.append(("first 4 KiB write into the big file", name, "skipped", r["skipped"]))
@@ -67,7 +72,7 @@ def rows(results):
                     _mib(r["after_remove_bytes"])))
     for name, s in results["systems"].items():
         if s.get("error"):
-            out.append(("(system failed)", name, "error", s["error"]))
+            out.append(("(system failed)", name, "error", s["error"][:300]))
     return out
 
 

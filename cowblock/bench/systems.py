@@ -73,6 +73,13 @@ class System:
         """Push what was written in mount m down to the system's storage."""
         os.sync()
 
+    def top_state(self):
+        """What new containers start from (restore it with set_top_state)."""
+        return getattr(self, "top", None)
+
+    def set_top_state(self, state):
+        self.top = state
+
     def close(self):
         for m in reversed(self.mounted):
             with contextlib.suppress(Exception):
@@ -133,14 +140,14 @@ class Cowblock(System):
 
     def add_layer(self, layer, scratch_offset):
         """A new top image layer holding 4 KiB of its own past the filesystem."""
-        below = getattr(self, "top", "image")
+        below = getattr(self, "top", None) or "image"
         dev = self.pool.snapshot(below, layer)
         dev.pwrite(os.urandom(4096), scratch_offset)
         self.pool.set_read_only(layer, True)
         self.top = layer
 
     def new_container(self, name):
-        self.pool.snapshot(getattr(self, "top", "image"), name)
+        self.pool.snapshot(getattr(self, "top", None) or "image", name)
 
     def space(self):
         # Blocks freed by removed containers keep their host space until a
@@ -182,17 +189,24 @@ class Overlay(System):
         for d in ("upper", "work"):
             os.makedirs(os.path.join(self.root, name, d), exist_ok=True)
 
+    def top_state(self):
+        return list(self.layers)
+
+    def set_top_state(self, state):
+        self.layers = list(state)
+
     def mount(self, name, directory):
         os.makedirs(directory, exist_ok=True)
-        c = os.path.join(self.root, name)
-        lower = ":".join(reversed(self.layers))  # top layer first
-        opts = f"lowerdir={lower},upperdir={c}/upper,workdir={c}/work"
+        # Paths relative to the system's root: mount options must fit a page,
+        # and 128 absolute lowerdirs do not.
+        rel = [os.path.relpath(p, self.root) for p in reversed(self.layers)]  # top layer first
+        opts = f"lowerdir={':'.join(rel)},upperdir={name}/upper,workdir={name}/work"
         if self.fuse:
-            argv = ["fuse-overlayfs", "-o", opts, directory]
+            argv = ["fuse-overlayfs", "-o", opts, os.path.abspath(directory)]
         else:
             argv = ["mount", "-t", "overlay", "overlay", "-o",
-                    opts + (",volatile" if self.volatile else ""), directory]
-        subprocess.run(argv, check=True, capture_output=True)
+                    opts + (",volatile" if self.volatile else ""), os.path.abspath(directory)]
+        subprocess.run(argv, check=True, capture_output=True, cwd=self.root)
         m = (directory,)
         self.mounted.append(m)
         return m

@@ -164,6 +164,7 @@ def depth(system, depths, scratch, fs_size, runs=3):
     files read come from the bottom one."""
     out = {}
     made = 0
+    saved = system.top_state()
     for d in depths:
         while made < d:
             system.add_layer(f"L{made}", fs_size + made * 4096)
@@ -190,6 +191,7 @@ def depth(system, depths, scratch, fs_size, runs=3):
         system.remove_container(name)
         out[str(d)] = {"stat_all_s": statistics.median(stats), "read_8mib_s": statistics.median(reads),
                        "stat_runs": stats, "read_runs": reads}
+    system.set_top_state(saved)  # later workloads start from the image again
     return out
 
 
