@@ -360,16 +360,30 @@ int cb_dev_catalog(cb_pool *p, uint32_t id, void *buf, uint32_t cap)
     return r;
 }
 
-int cb_dev_set_catalog(cb_pool *p, uint32_t id, const void *catalog, uint32_t len)
+/* Start a change to device id: take the write lock and check that the pool
+ * is writable, the device exists (and is writable, if asked) and metadata
+ * space for `reserve` blocks is there.  Returns the device, or NULL with *r
+ * set; the caller unlocks in both cases. */
+static struct cb_dev *begin_change(cb_pool *p, uint32_t id, bool need_writable_dev,
+                                   uint64_t reserve, int *r)
 {
     pthread_rwlock_wrlock(&p->lock);
     struct cb_dev *d = pool_dev(p, id);
-    int r = pool_writable(p);
-    if (!r && !d)
-        r = no_device(id);
-    if (!r)
-        r = meta_reserve_check(&p->m, 8);
-    if (!r && (r = set_catalog(p, d, catalog, len)) == 0)
+    *r = pool_writable(p);
+    if (!*r && !d)
+        *r = no_device(id);
+    if (!*r && need_writable_dev && (d->d.flags & CB_DEV_READ_ONLY))
+        *r = cb_err(EROFS, "device %u is read-only", id);
+    if (!*r)
+        *r = meta_reserve_check(&p->m, reserve);
+    return *r ? NULL : d;
+}
+
+int cb_dev_set_catalog(cb_pool *p, uint32_t id, const void *catalog, uint32_t len)
+{
+    int r;
+    struct cb_dev *d = begin_change(p, id, false, 8, &r);
+    if (d && (r = set_catalog(p, d, catalog, len)) == 0)
         r = pool_commit_locked(p);
     pthread_rwlock_unlock(&p->lock);
     return r;
@@ -377,14 +391,9 @@ int cb_dev_set_catalog(cb_pool *p, uint32_t id, const void *catalog, uint32_t le
 
 int cb_dev_set_flags(cb_pool *p, uint32_t id, uint32_t flags)
 {
-    pthread_rwlock_wrlock(&p->lock);
-    struct cb_dev *d = pool_dev(p, id);
-    int r = pool_writable(p);
-    if (!r && !d)
-        r = no_device(id);
-    if (!r)
-        r = meta_reserve_check(&p->m, 8);
-    if (!r) {
+    int r;
+    struct cb_dev *d = begin_change(p, id, false, 8, &r);
+    if (d) {
         d->d.flags = flags;
         d->changed = true;
         p->dirty = true;
@@ -396,17 +405,10 @@ int cb_dev_set_flags(cb_pool *p, uint32_t id, uint32_t flags)
 
 int cb_dev_resize(cb_pool *p, uint32_t id, uint64_t size)
 {
-    pthread_rwlock_wrlock(&p->lock);
-    struct cb_dev *d = pool_dev(p, id);
-    int r = pool_writable(p);
-    if (!r && !d)
-        r = no_device(id);
-    if (!r && (d->d.flags & CB_DEV_READ_ONLY))
-        r = cb_err(EROFS, "device %u is read-only", id);
+    int r;
+    struct cb_dev *d = begin_change(p, id, true, 64, &r);
     if (!r)
         r = check_size(p, size);
-    if (!r)
-        r = meta_reserve_check(&p->m, 64);
     if (r)
         goto out;
     if (size < d->d.size) {
@@ -463,15 +465,12 @@ int cb_dev_usage(cb_pool *p, uint32_t id, uint64_t *exclusive, uint64_t *shared)
 
 int cb_dev_rollback(cb_pool *p, uint32_t id, uint32_t snap_id)
 {
-    pthread_rwlock_wrlock(&p->lock);
-    struct cb_dev *d = pool_dev(p, id), *s = pool_dev(p, snap_id);
-    int r = pool_writable(p);
-    if (!r && (!d || !s))
-        r = no_device(d ? snap_id : id);
+    int r;
+    struct cb_dev *d = begin_change(p, id, true, 32, &r), *s = pool_dev(p, snap_id);
+    if (!r && !s)
+        r = no_device(snap_id);
     if (!r && id == snap_id)
         r = cb_err(EINVAL, "cannot roll device %u back to itself", id);
-    if (!r && (d->d.flags & CB_DEV_READ_ONLY))
-        r = cb_err(EROFS, "device %u is read-only", id);
     if (!r)
         r = meta_reserve_check(&p->m, 2 * (d->d.mapped_blocks / CB_SM_ENTRIES) + 32);
     if (r)
