@@ -561,7 +561,11 @@ class Pool:
         repaired = []
         done = [i for i, ln in enumerate(lines) if ln.startswith("repaired: ")]
         if done:  # found before the repair, what it did; then the check after it
-            repaired, lines = lines[:done[0] + 1], lines[done[0] + 1:]
+            repaired, lines = lines[:done[-1] + 1], lines[done[-1] + 1:]
+            with self._catalog_lock:  # devices whose trees were lost are gone
+                self._names.clear()
+                self._meta.clear()
+                self._load_catalog()
         errs = [ln for ln in lines if ln.startswith("error: ")]
         leaks = [ln for ln in lines if ln.startswith("leak: ")]
         return CheckReport(ok=summary.errors == 0 and summary.leaks == 0, errors=errs,

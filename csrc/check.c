@@ -35,8 +35,11 @@ struct checker {
     size_t len, cap;
     uint64_t lines;
     cb_check_summary *sum;
-    uint64_t count_errors;    /* reference counts and used counters: what repair fixes */
+    uint64_t count_errors;    /* reference counts, used counters, mapped counts: repairable */
+    uint64_t tree_errors;     /* errors inside device mapping trees (repair drops the device) */
     uint8_t *sm_pages;        /* bitmap: metadata blocks that are space map pages */
+    struct u32vec lost;       /* devices whose mapping tree is damaged */
+    struct u32vec recount;    /* devices whose mapped-block count is wrong */
 };
 
 static void say(struct checker *c, bool leak, const char *fmt, ...)
@@ -191,7 +194,7 @@ static void check_devices(struct checker *c)
             snprintf(what, sizeof what, "device %u catalog", id);
             read_block(c, d->d.catalog_block, CB_BT_CATALOG, CB_BT_CATALOG, what);
         }
-        uint64_t mapped = 0;
+        uint64_t mapped = 0, before = c->sum->errors;
         if (d->d.mapping_root) {
             char owner[64];
             snprintf(owner, sizeof owner, "device %u mapping tree", id);
@@ -200,9 +203,15 @@ static void check_devices(struct checker *c)
             uint64_t nblocks = (d->d.size + c->p->block_size - 1) >> c->p->block_shift;
             mapped = walk(c, d->d.mapping_root, CB_BT_MAP_LEAF, 0, nblocks, 0, &leaf_depth, owner);
         }
-        if (mapped != d->d.mapped_blocks)
+        if (c->sum->errors > before) { /* its tree is damaged: repair can only drop it */
+            c->tree_errors += c->sum->errors - before;
+            u32vec_push(&c->lost, id);
+        } else if (mapped != d->d.mapped_blocks) {
             say(c, false, "device %u: mapped-block count says %llu, its tree holds %llu", id,
                 (unsigned long long)d->d.mapped_blocks, (unsigned long long)mapped);
+            c->count_errors++;
+            u32vec_push(&c->recount, id);
+        }
     }
 }
 
@@ -308,6 +317,8 @@ static void free_checker(struct checker *c)
     free(c->sm_pages);
     free(c->entries);
     free(c->report);
+    free(c->lost.v);
+    free(c->recount.v);
 }
 
 static int take_report(struct checker *c, char **report)
@@ -350,6 +361,68 @@ static int recount_used(struct cb_meta *m, struct cb_sm *sm)
     return 0;
 }
 
+/* Count the entries of a mapping tree (repairing a device's mapped count). */
+static uint64_t tree_entries(cb_pool *p, uint32_t root)
+{
+    uint64_t n = 0;
+    struct bt_cursor cur = {.m = &p->m};
+    for (int r = root ? bt_seek(&cur, root, 0, false) : 0; r == 1; r = bt_next(&cur, root, false))
+        n++;
+    return n;
+}
+
+static void append(struct checker *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void append(struct checker *c, const char *fmt, ...)
+{
+    char line[300];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    size_t need = c->len + strlen(line) + 2;
+    if (need > c->cap) {
+        char *r = realloc(c->report, need * 2);
+        if (!r)
+            return;
+        c->report = r;
+        c->cap = need * 2;
+    }
+    c->len += (size_t)sprintf(c->report + c->len, "%s\n", line);
+}
+
+/* Set every reference count to what the trees say (c from run_check). */
+static int fix_counts(cb_pool *p, struct checker *c, uint64_t *fixed)
+{
+    struct cb_meta *m = &p->m;
+    int r = 0;
+    /* Keep every block in use from being handed out by the page copies the
+     * repair itself makes; space map pages are recounted by those copies. */
+    for (uint64_t b = 2; !r && b < m->nr_blocks; b++)
+        if (c->meta_refs[b])
+            r = sm_reserve(&m->msm, b);
+    for (uint64_t b = 2; !r && b < m->nr_blocks; b++) {
+        uint32_t v;
+        if ((c->sm_pages[b >> 3] & (1u << (b & 7))) || (r = sm_get(m, &m->msm, b, &v)) != 0)
+            continue;
+        if (v != c->meta_refs[b] && !meta_is_new(m, b)) {
+            r = sm_set(m, &m->msm, b, c->meta_refs[b]);
+            (*fixed)++;
+        }
+    }
+    for (uint64_t b = 0; !r && b < m->sb.nr_data_blocks; b++) {
+        uint32_t v;
+        if ((r = sm_get(m, &m->dsm, b, &v)) == 0 && v != c->data_refs[b]) {
+            r = sm_set(m, &m->dsm, b, c->data_refs[b]);
+            (*fixed)++;
+        }
+    }
+    if (!r)
+        r = recount_used(m, &m->dsm);
+    if (!r)
+        r = recount_used(m, &m->msm);
+    return r;
+}
+
 int cb_pool_repair(cb_pool *p, cb_check_summary *sum, char **report)
 {
     memset(sum, 0, sizeof *sum);
@@ -361,74 +434,67 @@ int cb_pool_repair(cb_pool *p, cb_check_summary *sum, char **report)
     struct checker c = {.sum = sum};
     if (!r)
         r = run_check(p, &c);
-    if (!r && sum->errors > c.count_errors)
-        r = cb_err(EUCLEAN, "cannot repair: %llu errors are in the trees themselves, not in "
-                   "reference counts; nothing was changed",
-                   (unsigned long long)(sum->errors - c.count_errors));
-    uint64_t fixed = 0;
-    if (!r && (sum->errors || sum->leaks)) {
-        struct cb_meta *m = &p->m;
-        /* First keep every block in use from being handed out by the page
-         * copies the repair itself makes; then set every count to what the
-         * trees say (space map pages are recounted by those copies). */
-        for (uint64_t b = 2; !r && b < m->nr_blocks; b++)
-            if (c.meta_refs[b])
-                r = sm_reserve(&m->msm, b);
-        for (uint64_t b = 0; !r && b < m->sb.nr_data_blocks; b++)
-            if (c.data_refs[b])
-                r = sm_reserve(&m->dsm, b);
-        for (uint64_t b = 2; !r && b < m->nr_blocks; b++) {
-            uint32_t v;
-            if ((c.sm_pages[b >> 3] & (1u << (b & 7))) || (r = sm_get(m, &m->msm, b, &v)) != 0)
-                continue;
-            if (v != c.meta_refs[b] && !meta_is_new(m, b)) {
-                r = sm_set(m, &m->msm, b, c.meta_refs[b]);
-                fixed++;
-            }
-        }
-        for (uint64_t b = 0; !r && b < m->sb.nr_data_blocks; b++) {
-            uint32_t v;
-            if ((r = sm_get(m, &m->dsm, b, &v)) == 0 && v != c.data_refs[b]) {
-                r = sm_set(m, &m->dsm, b, c.data_refs[b]);
-                fixed++;
-            }
-        }
-        if (!r)
-            r = recount_used(m, &m->dsm);
-        if (!r)
-            r = recount_used(m, &m->msm);
-        if (r) {
-            r = pool_fail(p, r);
-        } else {
-            p->dirty = true;
-            r = pool_commit_locked(p);
-        }
-        /* Check again from scratch: the repair must leave a clean pool. */
-        if (!r) {
-            char *first = c.report;
-            c.report = NULL;
-            free_checker(&c);
-            memset(&c, 0, sizeof c);
-            cb_check_summary again = {0};
-            c.sum = &again;
-            r = run_check(p, &c);
-            c.sum = sum;
-            char line[160];
-            snprintf(line, sizeof line, "repaired: %llu reference counts set from the trees; "
-                     "check afterwards: %llu errors, %llu leaks\n", (unsigned long long)fixed,
-                     (unsigned long long)again.errors, (unsigned long long)again.leaks);
-            size_t n = (first ? strlen(first) : 0) + strlen(line) + (c.report ? strlen(c.report) : 0) + 1;
-            char *all = malloc(n);
-            if (all) {
-                snprintf(all, n, "%s%s%s", first ? first : "", line, c.report ? c.report : "");
-                free(c.report);
-                c.report = all;
-            }
-            free(first);
-            sum->errors = again.errors;
-            sum->leaks = again.leaks;
-        }
+    uint64_t structural = sum->errors - c.count_errors - c.tree_errors;
+    if (!r && structural)
+        r = cb_err(EUCLEAN, "cannot repair: %llu errors are outside the devices' mapping trees "
+                   "(superblock, device details or space map structure); nothing was changed",
+                   (unsigned long long)structural);
+    if (r || (!sum->errors && !sum->leaks))
+        goto done;
+    /* 1. Drop the devices whose trees are damaged (their data is lost) and
+     *    correct mapped counts; blocks in use stay reserved meanwhile. */
+    for (uint64_t b = 2; !r && b < p->m.nr_blocks; b++)
+        if (c.meta_refs[b])
+            r = sm_reserve(&p->m.msm, b);
+    struct bt_ctx dc = {&p->m, CB_BT_DEV_LEAF};
+    for (size_t i = 0; !r && i < c.lost.n; i++) {
+        uint32_t id = c.lost.v[i];
+        if ((r = bt_remove(&dc, &p->m.sb.device_root, id, NULL)) < 0)
+            break;
+        r = 0;
+        dev_free(p->devs[id]);
+        p->devs[id] = NULL;
+        p->nr_devices--;
+        append(&c, "repaired: dropped device %u: its mapping tree is damaged, its data is lost", id);
     }
+    for (size_t i = 0; !r && i < c.recount.n; i++) {
+        struct cb_dev *d = p->devs[c.recount.v[i]];
+        uint64_t n = tree_entries(p, d->d.mapping_root);
+        append(&c, "repaired: device %u's mapped-block count set from %llu to %llu", d->id,
+               (unsigned long long)d->d.mapped_blocks, (unsigned long long)n);
+        d->d.mapped_blocks = n;
+        d->changed = true;
+    }
+    p->dirty = true;
+    /* 2. Count again with those devices gone, set every count from the trees,
+     *    commit, and check from scratch: the repair must leave a clean pool. */
+    uint64_t fixed = 0;
+    struct checker c2 = {0};
+    cb_check_summary again = {0};
+    c2.sum = &again;
+    if (!r && (r = run_check(p, &c2)) == 0)
+        r = fix_counts(p, &c2, &fixed);
+    free_checker(&c2);
+    if (r) {
+        r = pool_fail(p, r);
+        goto done;
+    }
+    if ((r = pool_commit_locked(p)) != 0)
+        goto done;
+    memset(&c2, 0, sizeof c2);
+    memset(&again, 0, sizeof again);
+    c2.sum = &again;
+    if ((r = run_check(p, &c2)) == 0) {
+        append(&c, "repaired: %llu reference counts set from the trees; check afterwards: %llu "
+               "errors, %llu leaks", (unsigned long long)fixed, (unsigned long long)again.errors,
+               (unsigned long long)again.leaks);
+        if (c2.report)
+            append(&c, "%s", c2.report);
+        sum->errors = again.errors;
+        sum->leaks = again.leaks;
+    }
+    free_checker(&c2);
+done:
     if (!r)
         r = take_report(&c, report);
     free_checker(&c);

@@ -66,11 +66,25 @@ def test_repair_fixes_reference_counts(tmp_path):
         assert pool.check().ok
 
 
-def test_repair_refuses_damaged_trees(tmp_path):
+def test_repair_drops_devices_whose_tree_is_damaged(tmp_path):
     path = tmp_path / "p"
     layout = make(path)
     leaf = layout.of_type(T_MAP_LEAF)[0]
     rewrite_block(path, leaf, lambda blk: struct.pack_into("<I", blk, 32, 0xFFFFFFF0))  # bad key
+    with Pool.open(path, commit_interval=0) as pool:
+        report = pool.check(repair=True)
+        assert report.ok, str(report)
+        assert any("dropped device" in line and "data is lost" in line for line in report.repaired)
+        assert len(pool.list()) < 2
+    with Pool.open(path) as pool:
+        assert pool.check().ok
+
+
+def test_repair_refuses_damaged_space_maps(tmp_path):
+    path = tmp_path / "p"
+    layout = make(path)
+    page = sorted(b for b, (t, w) in layout.blocks.items() if "data space map page" in w)[0]
+    rewrite_block(path, page, lambda blk: struct.pack_into("<I", blk, 16, 999))  # nr_nonzero
     with Pool.open(path, commit_interval=0) as pool:
         with pytest.raises(CorruptMetadataError) as exc:
             pool.check(repair=True)

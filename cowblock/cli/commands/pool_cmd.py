@@ -230,3 +230,22 @@ def restore(settings, new_pool, xml_path, data, names, mode):
     from ...interop import thinxml
     thinxml.restore(xml_path, data, new_pool, names_path=names, mode=mode)
     emit(settings, {"pool": new_pool}, lambda d: click.echo(f"restored pool {new_pool}"))
+
+
+@command.command("damage")
+@click.argument("kind", type=click.Choice(__import__("cowblock.damage", fromlist=["KINDS"]).KINDS))
+@click.pass_obj
+def damage_(settings, kind):
+    """FOR TESTING: damage the pool's metadata on purpose (a bit flip in a kind
+    of block, truncation, a stale superblock, a wrong block size, or damage that
+    keeps checksums valid), to see `pool check` find it and `--repair` fix it.
+    The pool must not be open.
+
+    \b
+    Example:
+      cowblock --pool /tmp/scratch pool damage refcount
+      cowblock --pool /tmp/scratch pool check --repair
+    """
+    from ...damage import damage
+    what = damage(settings.pool_path, kind)
+    emit(settings, {"damage": kind, "done": what}, lambda d: click.echo(f"damaged: {what}"))
