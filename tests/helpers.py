@@ -1,6 +1,20 @@
 """Shared test helpers: deterministic data and a plain in-memory model."""
 
 
+def write_file(path, content, holes=()):
+    """Write content to path, leaving the (offset, length) ranges (all zero) as holes."""
+    with open(path, "wb") as f:
+        pos = 0
+        for off, n in sorted(holes):
+            assert not any(content[off:off + n])
+            f.write(content[pos:off])
+            f.seek(off + n)
+            pos = off + n
+        f.write(content[pos:])
+        f.truncate(len(content))
+    return path
+
+
 def pattern(seed, length):
     """Deterministic non-zero bytes, different for each seed."""
     unit = bytes(((seed + i) * 31 + 17) % 251 + 1 for i in range(251))

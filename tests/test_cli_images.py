@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from cowblock import Pool
+from helpers import write_file
 
 MiB = 1 << 20
 BS = 64 * 1024
@@ -40,18 +41,6 @@ def as_json(proc):
     return json.loads(proc.stdout)
 
 
-def write_file(path, content, holes=()):
-    """content to path, leaving the (offset, length) ranges (zeroes) as holes."""
-    with open(path, "wb") as f:
-        pos = 0
-        for off, n in sorted(holes):
-            assert not any(content[off:off + n])
-            f.write(content[pos:off])
-            f.seek(off + n)
-            pos = off + n
-        f.write(content[pos:])
-        f.truncate(len(content))
-    return path
 
 
 def nonzero(content, unit):

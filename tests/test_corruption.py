@@ -22,6 +22,7 @@ import pytest
 
 from cowblock import (CorruptMetadataError, InvalidArgumentError, Pool, PoolNotFoundError,
                       ReadOnlyError)
+from cowblock.damage import crc32c
 from helpers import pattern
 
 META = 4096
@@ -44,26 +45,6 @@ BIG_LABELS = {f"label{i}": "v" * 40 for i in range(10)}  # overflows into a cata
 
 
 # ---------------------------------------------------------------- crc32c and the format
-
-def _table():
-    t = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        t.append(c)
-    return t
-
-
-_CRC = _table()
-
-
-def crc32c(data):
-    crc = 0xFFFFFFFF
-    for x in data:
-        crc = _CRC[(crc ^ x) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
 
 def block_csum(block):
     """The checksum a metadata block must carry: crc32c(4..4095) XOR type."""

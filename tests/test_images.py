@@ -7,6 +7,7 @@ import pytest
 
 from cowblock import (DeviceExistsError, DeviceNotFoundError, InvalidArgumentError,
                       NoSpaceError, Pool, ReadOnlyError, images, transfer)
+from helpers import write_file
 
 MiB = 1 << 20
 
@@ -22,18 +23,6 @@ def pool(tmp_path, request):
         p.close()
 
 
-def write_file(path, content, holes=()):
-    """Write content, leaving (offset, length) ranges (all zero) as holes."""
-    with open(path, "wb") as f:
-        pos = 0
-        for off, n in sorted(holes):
-            assert not any(content[off:off + n])
-            f.write(content[pos:off])
-            f.seek(off + n)
-            pos = off + n
-        f.write(content[pos:])
-        f.truncate(len(content))
-    return path
 
 
 def base_content(size=3 * MiB + 1000, seed=1):
