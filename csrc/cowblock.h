@@ -64,6 +64,17 @@ struct cb_sm {
                                   block may still be shared in the last commit */
     struct u32vec dropped_list;
     uint64_t freed_this_txn;   /* blocks freed but not reusable before commit */
+    /* Reads copy data blocks without the pool lock (dataio.c).  A reader
+     * registers under the lock in readers[read_epoch & 1]; a commit keeps the
+     * busy and dropped bits of its transaction set ("held") until every
+     * reader that may have looked those blocks up is done, so a block is
+     * neither reused nor written in place under a reader's feet.  Only the
+     * data space map has readers. */
+    uint32_t readers[2];
+    uint32_t read_epoch;
+    uint32_t held_parity;      /* the readers[] the held blocks wait for */
+    struct u32vec held_busy, held_dropped;
+    uint64_t held_free;        /* freed blocks among held_busy */
 };
 int sm_init(struct cb_sm *sm, uint32_t *root, uint64_t *used, uint64_t nr_blocks);
 void sm_destroy(struct cb_sm *sm);
@@ -76,7 +87,23 @@ int sm_dec(struct cb_meta *m, struct cb_sm *sm, uint64_t b, bool *now_zero);
 /* Find a block with count 0 that was not freed in this transaction, and mark
  * it busy.  Does not set its count. -ENOSPC when there is none. */
 int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out);
+/* After a commit: blocks freed or dropped in the transaction become reusable
+ * (or are held while readers that may see them remain). */
 void sm_commit_done(struct cb_sm *sm);
+/* Register a lock-free reader; call with the pool lock held (any mode). */
+static inline uint32_t sm_read_begin(struct cb_sm *sm)
+{
+    uint32_t parity = __atomic_load_n(&sm->read_epoch, __ATOMIC_RELAXED) & 1;
+    __atomic_add_fetch(&sm->readers[parity], 1, __ATOMIC_ACQ_REL);
+    return parity;
+}
+static inline void sm_read_end(struct cb_sm *sm, uint32_t parity)
+{
+    __atomic_sub_fetch(&sm->readers[parity], 1, __ATOMIC_RELEASE);
+}
+/* Wait (at most timeout_ms, forever if negative) until no reader is copying;
+ * with the pool write lock held no new one can start.  Returns whether none is. */
+bool sm_wait_readers(struct cb_sm *sm, int timeout_ms);
 /* Was b's count decremented in this transaction?  Then the last commit may
  * still share it, and it must not be written in place (see dataio.c). */
 static inline bool sm_dropped(const struct cb_sm *sm, uint64_t b)

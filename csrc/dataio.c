@@ -1,9 +1,9 @@
 /*
  * The data path: reads, writes, discards and block status of thin devices.
  *
- * Reads take the pool lock shared, walk the mapping tree with a cursor and
- * copy straight out of the data file's mapping; unmapped blocks read as
- * zeroes.
+ * Reads take the pool lock shared to walk the mapping tree with a cursor,
+ * then copy straight out of the data file's mapping without it (see
+ * cb_dev_read); unmapped blocks read as zeroes.
  *
  * A write is split into per-block pieces.  For each piece:
  *  - fast path (lock shared): the block is mapped and nothing shares it (no
@@ -44,43 +44,80 @@ static int bad_block(cb_pool *p, uint32_t blk)
                   "the pool (%llu blocks)", blk, (unsigned long long)p->m.sb.nr_data_blocks);
 }
 
-int64_t cb_dev_read(cb_pool *p, uint32_t id, void *buf, uint64_t len, uint64_t off)
+/* One piece of a read: bytes of a data block, or zeroes (src NULL). */
+struct read_extent {
+    const uint8_t *src;
+    uint64_t len;
+};
+enum { READ_BATCH = 64 };
+
+/* Under the lock: resolve [*pos, end) into at most READ_BATCH extents,
+ * merging neighbours (zeroes, or blocks adjacent in the data file). */
+static int read_resolve(cb_pool *p, struct cb_dev *d, uint64_t *pos, uint64_t end,
+                        struct read_extent *ex, int *count)
 {
-    pthread_rwlock_rdlock(&p->lock);
-    struct cb_dev *d = pool_dev(p, id);
-    int r = range_check(p, d, id, "read", off, len);
-    if (r || len == 0)
-        goto out;
-    uint8_t *dst = buf;
-    uint64_t pos = off, end = off + len, bs = p->block_size;
+    uint64_t bs = p->block_size;
+    int n = 0;
     struct bt_cursor cur = {.m = &p->m};
-    int have = d->d.mapping_root ? bt_seek(&cur, d->d.mapping_root, (uint32_t)(pos >> p->block_shift), false) : 0;
-    while (pos < end) {
-        if (have < 0) {
-            r = have;
-            goto out;
-        }
-        uint64_t vb = pos >> p->block_shift, boff = pos & (bs - 1);
-        uint64_t n = bs - boff < end - pos ? bs - boff : end - pos;
+    int have = d->d.mapping_root ? bt_seek(&cur, d->d.mapping_root, (uint32_t)(*pos >> p->block_shift), false) : 0;
+    while (*pos < end) {
+        if (have < 0)
+            return have;
+        uint64_t vb = *pos >> p->block_shift, boff = *pos & (bs - 1);
+        uint64_t len = bs - boff < end - *pos ? bs - boff : end - *pos;
         while (have == 1 && bt_cur_key(&cur) < vb)
             have = bt_next(&cur, d->d.mapping_root, false);
+        if (have < 0)
+            return have;
+        const uint8_t *src = NULL;
         if (have == 1 && bt_cur_key(&cur) == vb) {
             uint32_t blk = bt_cur_value(&cur);
-            if (blk >= p->m.sb.nr_data_blocks) {
-                r = bad_block(p, blk);
-                goto out;
-            }
-            memcpy(dst, p->data_map + ((uint64_t)blk << p->block_shift) + boff, n);
-        } else if (have >= 0) {
-            memset(dst, 0, n);
+            if (blk >= p->m.sb.nr_data_blocks)
+                return bad_block(p, blk);
+            src = p->data_map + ((uint64_t)blk << p->block_shift) + boff;
         }
-        dst += n;
-        pos += n;
+        if (n > 0 && (src ? ex[n - 1].src && ex[n - 1].src + ex[n - 1].len == src : !ex[n - 1].src)) {
+            ex[n - 1].len += len;
+        } else {
+            if (n == READ_BATCH)
+                break;
+            ex[n++] = (struct read_extent){src, len};
+        }
+        *pos += len;
     }
-    if (have < 0)
-        r = have;
-out:
-    pthread_rwlock_unlock(&p->lock);
+    *count = n;
+    return 0;
+}
+
+/* Reads resolve their blocks under the shared lock, then copy without it,
+ * registered as readers with the data space map (which keeps the blocks
+ * from being reused or written in place until they are done): a reader
+ * blocked in a page fault, of a cold data page or of a destination buffer
+ * that is itself slow to fault in, holds up no writer, commit or other
+ * device. */
+int64_t cb_dev_read(cb_pool *p, uint32_t id, void *buf, uint64_t len, uint64_t off)
+{
+    uint8_t *dst = buf;
+    uint64_t pos = off, end = off + len;
+    int r = 0;
+    do {
+        struct read_extent ex[READ_BATCH];
+        int n = 0;
+        pthread_rwlock_rdlock(&p->lock);
+        struct cb_dev *d = pool_dev(p, id);
+        if (!(r = range_check(p, d, id, "read", pos, end - pos)))
+            r = read_resolve(p, d, &pos, end, ex, &n);
+        uint32_t parity = sm_read_begin(&p->m.dsm);
+        pthread_rwlock_unlock(&p->lock);
+        for (int i = 0; i < n && !r; i++) {
+            if (ex[i].src)
+                memcpy(dst, ex[i].src, ex[i].len);
+            else
+                memset(dst, 0, ex[i].len);
+            dst += ex[i].len;
+        }
+        sm_read_end(&p->m.dsm, parity);
+    } while (!r && pos < end);
     return r ? r : (int64_t)len;
 }
 
@@ -159,8 +196,11 @@ static int alloc_data_block(cb_pool *p, uint32_t *nb)
 {
     uint64_t b;
     int r = sm_find_free(&p->m, &p->m.dsm, &b);
-    if (r == -ENOSPC && p->m.dsm.freed_this_txn > 0) {
-        /* Blocks freed in this transaction become reusable once it commits. */
+    if (r == -ENOSPC && (p->m.dsm.freed_this_txn > 0 || p->m.dsm.held_free > 0)) {
+        /* Blocks freed in this transaction become reusable once it commits
+         * and the readers that may still copy from them are done (a reader
+         * stuck for long costs this write its ENOSPC, not a hang). */
+        sm_wait_readers(&p->m.dsm, 1000);
         if ((r = pool_commit_locked(p)) != 0)
             return r;
         p->commits_waited++;

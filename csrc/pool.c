@@ -34,8 +34,10 @@ static int open_at(int dirfd, const char *name, int flags, const char *dir)
 
 static int map_data(cb_pool *p)
 {
-    if (p->data_map)
+    if (p->data_map) {
+        sm_wait_readers(&p->m.dsm, -1); /* they copy from the old mapping */
         munmap(p->data_map, p->data_map_len);
+    }
     p->data_map_len = p->m.sb.nr_data_blocks * p->block_size;
     p->data_map = mmap(NULL, p->data_map_len, PROT_READ, MAP_SHARED, p->data.fd, 0);
     if (p->data_map == MAP_FAILED) {
@@ -192,8 +194,10 @@ int cb_pool_close(cb_pool *p)
     for (uint32_t i = 0; i < p->devs_cap; i++)
         dev_free(p->devs[i]);
     free(p->devs);
-    if (p->data_map)
+    if (p->data_map) {
+        sm_wait_readers(&p->m.dsm, -1);
         munmap(p->data_map, p->data_map_len);
+    }
     int mfd = p->m.file.fd;
     meta_close(&p->m);
     if (mfd >= 0)
@@ -250,11 +254,13 @@ static int commit_locked(cb_pool *p, bool presynced, uint64_t presync_gen)
     if (!p->dirty) {
         if (data_sync && (r = io_fsync(&p->data)) != 0)
             return pool_fail(p, r);
-        return 0;
+        /* Nothing to write, but blocks held for readers may be free to go. */
+        sm_commit_done(&p->m.dsm);
+    } else {
+        if ((r = dev_write_back(p)) != 0 || (r = meta_commit(&p->m, &p->data, data_sync)) != 0)
+            return pool_fail(p, r);
+        p->dirty = false;
     }
-    if ((r = dev_write_back(p)) != 0 || (r = meta_commit(&p->m, &p->data, data_sync)) != 0)
-        return pool_fail(p, r);
-    p->dirty = false;
     for (size_t i = 0; i < p->pending.n; i++) /* still being filled: not free yet */
         if ((r = sm_reserve(&p->m.dsm, p->pending.v[i])) != 0)
             return pool_fail(p, r);

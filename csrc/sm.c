@@ -20,6 +20,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cowblock.h"
 
@@ -76,6 +77,8 @@ void sm_destroy(struct cb_sm *sm)
     free(sm->busy_list.v);
     free(sm->dropped);
     free(sm->dropped_list.v);
+    free(sm->held_busy.v);
+    free(sm->held_dropped.v);
     memset(sm, 0, sizeof *sm);
 }
 
@@ -218,7 +221,7 @@ int sm_dec(struct cb_meta *m, struct cb_sm *sm, uint64_t b, bool *now_zero)
 
 int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out)
 {
-    if (*sm->used + sm->freed_this_txn >= sm->nr_blocks)
+    if (*sm->used + sm->freed_this_txn + sm->held_free >= sm->nr_blocks)
         return -ENOSPC;
     uint64_t n = sm->nr_blocks, scanned = 0, b = sm->alloc_hint % n;
     int err = 0;
@@ -260,21 +263,79 @@ int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out)
     return -ENOSPC;
 }
 
+static void set_bits(uint8_t *map, const struct u32vec *v, bool on)
+{
+    for (size_t i = 0; i < v->n; i++) {
+        uint32_t b = v->v[i];
+        if (on)
+            map[b >> 3] |= (uint8_t)(1u << (b & 7));
+        else
+            map[b >> 3] &= (uint8_t)~(1u << (b & 7));
+    }
+}
+
+/* Search from the lowest block freed: reusing freed blocks first keeps the
+ * sparse metadata file (and the data file) from growing. */
+static void lower_hint(struct cb_sm *sm, const struct u32vec *v)
+{
+    for (size_t i = 0; i < v->n; i++)
+        if (v->v[i] < sm->alloc_hint)
+            sm->alloc_hint = v->v[i];
+}
+
+static void swap_vec(struct u32vec *a, struct u32vec *b)
+{
+    struct u32vec t = *a;
+    *a = *b;
+    *b = t;
+}
+
 void sm_commit_done(struct cb_sm *sm)
 {
-    /* Search from the lowest block freed: reusing freed blocks first keeps the
-     * sparse metadata file (and the data file) from growing. */
-    for (size_t i = 0; i < sm->busy_list.n; i++) {
-        uint32_t b = sm->busy_list.v[i];
-        sm->busy[b >> 3] &= (uint8_t)~(1u << (b & 7));
-        if (b < sm->alloc_hint)
-            sm->alloc_hint = b;
+    uint32_t live[2] = {__atomic_load_n(&sm->readers[0], __ATOMIC_ACQUIRE),
+                        __atomic_load_n(&sm->readers[1], __ATOMIC_ACQUIRE)};
+    bool held = sm->held_busy.n || sm->held_dropped.n;
+    if (held && live[sm->held_parity] == 0) {
+        set_bits(sm->busy, &sm->held_busy, false);
+        set_bits(sm->dropped, &sm->held_dropped, false);
+        lower_hint(sm, &sm->held_busy);
+        sm->held_busy.n = sm->held_dropped.n = 0;
+        sm->held_free = 0;
+        /* A held block may also be busy or dropped in the running lists. */
+        set_bits(sm->busy, &sm->busy_list, true);
+        set_bits(sm->dropped, &sm->dropped_list, true);
+        held = false;
     }
-    sm->busy_list.n = 0;
-    sm->freed_this_txn = 0;
-    for (size_t i = 0; i < sm->dropped_list.n; i++) {
-        uint32_t b = sm->dropped_list.v[i];
-        sm->dropped[b >> 3] &= (uint8_t)~(1u << (b & 7));
+    uint32_t cur = sm->read_epoch & 1;
+    if (!held && live[0] == 0 && live[1] == 0) {
+        set_bits(sm->busy, &sm->busy_list, false);
+        set_bits(sm->dropped, &sm->dropped_list, false);
+        lower_hint(sm, &sm->busy_list);
+        sm->busy_list.n = sm->dropped_list.n = 0;
+        sm->freed_this_txn = 0;
+    } else if (!held && live[cur ^ 1] == 0) {
+        /* Readers from now on count in the other parity, so readers[cur]
+         * draining means every reader that could see these blocks is done. */
+        swap_vec(&sm->held_busy, &sm->busy_list);
+        swap_vec(&sm->held_dropped, &sm->dropped_list);
+        sm->held_free = sm->freed_this_txn;
+        sm->freed_this_txn = 0;
+        sm->held_parity = cur;
+        __atomic_store_n(&sm->read_epoch, sm->read_epoch + 1, __ATOMIC_RELEASE);
     }
-    sm->dropped_list.n = 0;
+    /* else both parities have readers: the running lists stay busy until a
+     * later commit finds the held ones released. */
+}
+
+bool sm_wait_readers(struct cb_sm *sm, int timeout_ms)
+{
+    struct timespec nap = {0, 100000};
+    for (long waited_us = 0;; waited_us += 100) {
+        if (__atomic_load_n(&sm->readers[0], __ATOMIC_ACQUIRE) == 0 &&
+            __atomic_load_n(&sm->readers[1], __ATOMIC_ACQUIRE) == 0)
+            return true;
+        if (timeout_ms >= 0 && waited_us >= (long)timeout_ms * 1000)
+            return false;
+        nanosleep(&nap, NULL);
+    }
 }

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from cowblock import Pool
+import uffd
+from cowblock import NoSpaceError, Pool
 from helpers import pattern
 
 SLOT = 4096
@@ -450,3 +451,61 @@ def test_no_lost_updates_in_shared_blocks_under_snapshots(tmp_path, block_size):
         final = decode(dev.pread(size, 0), "a")
         assert final == [rounds[owner[i]] for i in range(n_pieces)]
         assert_clean(pool)
+
+
+def test_a_reader_stuck_in_a_page_fault_stalls_no_other_device(tmp_path):
+    """A read copies without the pool lock: while one thread is stuck in a
+    page fault inside a read of device a, another device allocates, is
+    snapshotted, committed and read; and the blocks a discard freed under the
+    stuck reader are not handed out until it is done, so it still gets a's
+    data, never another device's."""
+    why = uffd.unavailable()
+    if why:
+        pytest.skip(why)
+    bs = 4096
+    pool = Pool.create(tmp_path / "p", 24 * bs, bs, commit_interval=0)
+    a = pool.create_thin("a", 4 * bs)
+    a.pwrite(pattern(1, 4 * bs), 0)
+    b = pool.create_thin("b", 64 * bs)
+    pool.commit()
+    stall = uffd.StallingBuffer(4 * bs)
+    got = {}
+
+    def read_a():
+        a.readinto(stall.map, 0)
+        got["a"] = bytes(stall.map)
+
+    reader = threading.Thread(target=read_a)
+    reader.start()
+    try:
+        assert stall.wait_for_fault(10), "the reader never reached the buffer"
+        free = pool.stats().data_blocks - pool.stats().data_used
+        done = {}
+
+        def other_devices():
+            a.discard(0, 4 * bs)              # frees a's blocks under the reader
+            pool.commit()
+            for i in range(free):             # every block free before the discard
+                b.pwrite(pattern(100 + i, bs), i * bs)
+            pool.snapshot("b", "b-snap")
+            pool.commit()
+            done["read"] = b.pread(bs, 0)
+            try:
+                b.pwrite(pattern(999, bs), free * bs)   # would need a's old blocks
+            except NoSpaceError:
+                done["held"] = True
+
+        worker = threading.Thread(target=other_devices)
+        worker.start()
+        worker.join(30)
+        assert not worker.is_alive(), "another device stalled behind the stuck reader"
+        assert reader.is_alive(), "the reader was not stuck after all"
+        assert done == {"read": pattern(100, bs), "held": True}
+    finally:
+        stall.release()
+        reader.join(30)
+    assert got["a"] == pattern(1, 4 * bs)
+    b.pwrite(pattern(999, bs), free * bs)  # the reader is done: its blocks are free again
+    assert b.pread(bs, free * bs) == pattern(999, bs)
+    assert pool.check().ok
+    pool.close()
