@@ -34,8 +34,8 @@ bench-micro: install ## pytest-benchmark of the hot paths
 	$(PYTHON) -m pytest benchmarks/ -q -p no:randomly --benchmark-only -o addopts=""
 
 torture: install    ## long crash and property runs: thousands of SIGKILLs
-	COWBLOCK_CRASH_ITERATIONS=5000 COWBLOCK_EXAMPLES=2000 $(PYTHON) -m pytest -q \
-		tests/test_crash.py tests/test_property.py
+	COWBLOCK_CRASH_ITERATIONS=5000 COWBLOCK_NBD_CRASH_ITERATIONS=5000 COWBLOCK_EXAMPLES=2000 \
+		$(PYTHON) -m pytest -q -s tests/test_crash.py tests/test_crash_nbd.py tests/test_property.py
 
 clean:
 	rm -rf build *.egg-info cowblock/_core*.so .pytest_cache .hypothesis

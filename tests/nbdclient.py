@@ -7,6 +7,8 @@ NBDMAGIC, IHAVEOPT, REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x0003
 REQ_MAGIC, SIMPLE_MAGIC, STRUCT_MAGIC = 0x25609513, 0x67446698, 0x668E33EF
 OPT_ABORT, OPT_LIST, OPT_GO, OPT_STRUCTURED, OPT_SET_META = 2, 3, 7, 8, 10
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_BLOCK_STATUS = 0, 1, 2, 3, 4, 7
+CMD_WRITE_ZEROES = 6
+FLAG_FUA, FLAG_NO_HOLE = 1, 2
 
 
 class Client:
@@ -102,6 +104,16 @@ class Client:
             if rtype == 1:
                 buf[off:off + len(p) - 8] = p[8:]
         return bytes(buf)
+
+    def call(self, cmd, offset=0, length=0, data=b"", flags=0):
+        """One request and its reply (nothing else in flight): the error, or
+        0; a READ returns its data instead of 0."""
+        if cmd == CMD_READ:
+            return self.read(offset, length)
+        cookie = self.request(cmd, offset, length, data, flags)
+        got, error, _ = self.reply()
+        assert got == cookie, (got, cookie)
+        return error
 
     def close(self):
         self.s.close()
