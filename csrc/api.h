@@ -115,11 +115,15 @@ int cb_dev_block_status(cb_pool *p, uint32_t id, uint64_t off, uint64_t len,
 
 /* The I/O seam's fault injection, for tests.  mode 0: off.  mode 1: power
  * cut at the Nth write or fsync (counted from this call): every write not yet
- * fsynced is lost (keep_last = 0) or all but the last one are lost
- * (keep_last = 1), then every further I/O fails with EIO.  mode 2: the Nth
- * write or fsync fails with EIO.  Returns the number of I/O operations
- * counted since the last call. */
-int64_t cb_fault_set(int mode, int64_t nth, int keep_last);
+ * fsynced is lost, except all but the last one (flags CB_CUT_KEEP_NEWEST) or
+ * a random half of them (CB_CUT_KEEP_RANDOM); with CB_CUT_TEAR the Nth
+ * operation, if a write, lands torn (its first half); then every further I/O
+ * fails with EIO.  mode 2: the Nth write or fsync fails with EIO.  Returns
+ * the number of I/O operations counted since the last call. */
+#define CB_CUT_KEEP_NEWEST 1
+#define CB_CUT_KEEP_RANDOM 2
+#define CB_CUT_TEAR 4
+int64_t cb_fault_set(int mode, int64_t nth, int flags);
 /* Debug counters: metadata blocks written and read (verified) since open. */
 int cb_pool_counters(cb_pool *p, uint64_t *meta_written, uint64_t *meta_verified);
 

@@ -6,9 +6,12 @@
  * Fault injection (cb_fault_set) is process-wide and meant for tests:
  *  - power cut at the Nth operation: every write made since the last fsync
  *    of its file is undone (its old bytes put back from an undo log kept
- *    while the mode is on), or all but the most recent one with keep_last,
- *    which models a disk that reordered writes; then every later operation
- *    fails with EIO, as if the machine were gone.
+ *    while the mode is on); with CB_CUT_KEEP_NEWEST all but the most recent
+ *    one, with CB_CUT_KEEP_RANDOM a random half of them (seeded by N), which
+ *    model a disk that reordered writes; with CB_CUT_TEAR the Nth operation,
+ *    when it is a write, reaches the disk torn (up to the 512-byte sector
+ *    boundary nearest its middle).  Then every later operation fails with EIO, as if the machine
+ *    were gone.
  *  - fail the Nth operation with EIO, once.
  * When injection is off the only cost is one relaxed load per call.
  */
@@ -32,7 +35,7 @@ static pthread_mutex_t fault_lock = PTHREAD_MUTEX_INITIALIZER;
 static int fault_mode;
 static int64_t fault_nth;
 static int64_t fault_count;
-static int fault_keep_last;
+static int fault_flags;
 static bool dead;
 static struct undo_rec *undo;
 static size_t undo_n, undo_cap;
@@ -52,9 +55,13 @@ static void undo_clear_fd(int fd)
 static void undo_all(void)
 {
     size_t n = undo_n;
-    if (fault_keep_last && n > 0)
+    if ((fault_flags & CB_CUT_KEEP_NEWEST) && n > 0)
         n--; /* the newest write reached the disk, the older ones did not */
+    uint64_t rng = (uint64_t)fault_nth * 0x9E3779B97F4A7C15ull + 1;
     for (size_t i = n; i-- > 0;) {
+        rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+        if ((fault_flags & CB_CUT_KEEP_RANDOM) && (rng >> 63))
+            continue; /* this one reached the disk */
         ssize_t r = pwrite(undo[i].fd, undo[i].old, undo[i].len, (off_t)undo[i].off);
         (void)r;
     }
@@ -78,8 +85,10 @@ static void undo_record(int fd, uint64_t off, size_t len)
     undo[undo_n++] = (struct undo_rec){fd, off, r > 0 ? (size_t)r : 0, old};
 }
 
-/* Returns 0 to go ahead, or -EIO when this operation is the one that fails. */
-static int fault_gate(struct cb_file *f, const char *op, bool is_write, uint64_t off, size_t len)
+/* Returns 0 to go ahead, -EIO when this operation is the one that fails, or
+ * 1 when it is a write to tear: write *torn bytes of it, then fail. */
+static int fault_gate(struct cb_file *f, const char *op, bool is_write, uint64_t off, size_t len,
+                      size_t *torn)
 {
     if (__atomic_load_n(&fault_mode, __ATOMIC_RELAXED) == FAULT_OFF)
         return 0;
@@ -94,7 +103,14 @@ static int fault_gate(struct cb_file *f, const char *op, bool is_write, uint64_t
         if (fault_count == fault_nth) {
             undo_all();
             dead = true;
-            ret = cb_err(EIO, "%s of %s failed: simulated power cut", op, f->name);
+            /* Disks tear at sector boundaries of the device, not of the write. */
+            uint64_t cut = (off + len / 2) & ~(uint64_t)511;
+            if (torn && (fault_flags & CB_CUT_TEAR) && cut > off) {
+                *torn = (size_t)(cut - off);
+                ret = 1;
+            } else {
+                ret = cb_err(EIO, "%s of %s failed: simulated power cut", op, f->name);
+            }
             goto out;
         }
         if (is_write)
@@ -116,7 +132,7 @@ static void fault_synced(struct cb_file *f)
     pthread_mutex_unlock(&fault_lock);
 }
 
-int64_t cb_fault_set(int mode, int64_t nth, int keep_last)
+int64_t cb_fault_set(int mode, int64_t nth, int flags)
 {
     pthread_mutex_lock(&fault_lock);
     int64_t counted = fault_count;
@@ -125,7 +141,7 @@ int64_t cb_fault_set(int mode, int64_t nth, int keep_last)
     undo_n = 0;
     fault_mode = mode;
     fault_nth = nth;
-    fault_keep_last = keep_last;
+    fault_flags = flags;
     fault_count = 0;
     dead = false;
     pthread_mutex_unlock(&fault_lock);
@@ -141,14 +157,8 @@ static int io_error(struct cb_file *f, const char *op, uint64_t off, int err)
                   strerror(err));
 }
 
-int io_pwritev(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off)
+static int write_all(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off)
 {
-    size_t total = 0;
-    for (int i = 0; i < cnt; i++)
-        total += iov[i].iov_len;
-    int r = fault_gate(f, "write", true, off, total);
-    if (r)
-        return r;
     while (cnt > 0) {
         ssize_t n = pwritev(f->fd, iov, cnt > 1024 ? 1024 : cnt, (off_t)off);
         if (n < 0) {
@@ -170,6 +180,30 @@ int io_pwritev(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off)
     return 0;
 }
 
+/* Write the first torn bytes of the vector: what a power cut mid-write leaves. */
+static int write_torn(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off, size_t torn)
+{
+    int keep = 0;
+    while (keep < cnt && torn > 0) {
+        if (iov[keep].iov_len > torn)
+            iov[keep].iov_len = torn;
+        torn -= iov[keep++].iov_len;
+    }
+    write_all(f, iov, keep, off);
+    return cb_err(EIO, "write of %s failed: simulated power cut (torn write)", f->name);
+}
+
+int io_pwritev(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off)
+{
+    size_t total = 0, torn = 0;
+    for (int i = 0; i < cnt; i++)
+        total += iov[i].iov_len;
+    int r = fault_gate(f, "write", true, off, total, &torn);
+    if (r > 0)
+        return write_torn(f, iov, cnt, off, torn);
+    return r ? r : write_all(f, iov, cnt, off);
+}
+
 int io_pwrite(struct cb_file *f, const void *buf, size_t len, uint64_t off)
 {
     struct iovec iov = {(void *)buf, len};
@@ -182,7 +216,7 @@ int io_write_zeroes(struct cb_file *f, uint64_t off, uint64_t len)
 {
     /* Large ranges: let the filesystem zero them (also allocates space). */
     if (len >= (1u << 20)) {
-        int r = fault_gate(f, "zero", true, off, len);
+        int r = fault_gate(f, "zero", true, off, len, NULL);
         if (r)
             return r;
         if (fallocate(f->fd, FALLOC_FL_ZERO_RANGE, (off_t)off, (off_t)len) == 0)
@@ -210,7 +244,7 @@ int io_write_zeroes(struct cb_file *f, uint64_t off, uint64_t len)
 
 int io_fsync(struct cb_file *f)
 {
-    int r = fault_gate(f, "fsync", false, 0, 0);
+    int r = fault_gate(f, "fsync", false, 0, 0, NULL);
     if (r)
         return r;
     if (fdatasync(f->fd) != 0)
@@ -221,7 +255,7 @@ int io_fsync(struct cb_file *f)
 
 int io_truncate(struct cb_file *f, uint64_t size)
 {
-    int r = fault_gate(f, "truncate", false, 0, 0);
+    int r = fault_gate(f, "truncate", false, 0, 0, NULL);
     if (r)
         return r;
     if (ftruncate(f->fd, (off_t)size) != 0)
@@ -231,7 +265,7 @@ int io_truncate(struct cb_file *f, uint64_t size)
 
 int io_punch_hole(struct cb_file *f, uint64_t off, uint64_t len)
 {
-    int r = fault_gate(f, "punch", true, off, len);
+    int r = fault_gate(f, "punch", true, off, len, NULL);
     if (r)
         return r;
     if (fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) != 0)

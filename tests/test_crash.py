@@ -5,7 +5,9 @@ runs a few dozen; `make torture` thousands).
 """
 import os
 import random
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -15,9 +17,11 @@ import pytest
 from cowblock import Pool
 from cowblock._native import lib
 from crashlib import BS, generate, parse_log, run_op, verify
+from helpers import pattern
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KILLS = int(os.environ.get("COWBLOCK_CRASH_ITERATIONS", "30"))
+POWER_WORKLOADS = int(os.environ.get("COWBLOCK_POWER_WORKLOADS", "2"))
 
 
 def test_sigkill_at_random_moments(tmp_path):
@@ -42,13 +46,13 @@ def test_sigkill_at_random_moments(tmp_path):
     assert survived >= KILLS // 2, "the child rarely got going: raise the sleep"
 
 
-def run_with_power_cut(pool_dir, ops, nth, keep_last):
+def run_with_power_cut(pool_dir, ops, nth, flags):
     """Run ops until the simulated power cut at I/O number nth; returns the
     log the way the crash worker would have written it."""
     with Pool.create(pool_dir, 2048 * BS, BS, commit_interval=0) as pool:
         initial = pool.stats().transaction_id
     pool = Pool.open(pool_dir, commit_interval=0)
-    lib.cb_fault_set(1, nth, 1 if keep_last else 0)
+    lib.cb_fault_set(1, nth, flags)
     started, commits = -1, []
     try:
         for i, op in enumerate(ops):
@@ -73,22 +77,139 @@ POWER_OPS = [("create", "a", 48 * BS), ("write", "a", 5, 1, 3 * BS), ("write", "
              ("commit",)]
 
 
-@pytest.mark.parametrize("keep_last", [False, True], ids=["drop-all", "keep-newest"])
-def test_power_cut_at_every_io(tmp_path, keep_last):
+CUTS = {"drop-all": 0, "keep-newest": lib.CB_CUT_KEEP_NEWEST, "keep-random": lib.CB_CUT_KEEP_RANDOM,
+        "torn": lib.CB_CUT_TEAR, "torn-keep-random": lib.CB_CUT_TEAR | lib.CB_CUT_KEEP_RANDOM}
+
+
+@pytest.mark.parametrize("cut", list(CUTS))
+def test_power_cut_at_every_io(tmp_path, cut):
     """Cut the power at each write and fsync in turn (every I/O the workload
     makes, the commits' included); unsynced writes are lost, or all but the
-    newest.  The pool must reopen to a commit at or after the last one that
-    returned, matching the model."""
-    _, _, _, total = run_with_power_cut(tmp_path / "count", POWER_OPS, 0, False)
+    newest, or a random half of them (a disk that reordered them), and the
+    write the power cut interrupts lands torn, half written.  The pool must
+    reopen to a commit at or after the last one that returned, matching the
+    model."""
+    _, _, _, total = run_with_power_cut(tmp_path / "count", POWER_OPS, 0, 0)
     assert total > 20
     for nth in range(1, total + 1):
         pool_dir = tmp_path / f"cut{nth}"
-        initial, started, commits, _ = run_with_power_cut(pool_dir, POWER_OPS, nth, keep_last)
+        initial, started, commits, _ = run_with_power_cut(pool_dir, POWER_OPS, nth, CUTS[cut])
         with Pool.open(pool_dir, commit_interval=0) as pool:
             try:
                 verify(pool, POWER_OPS, started, commits, initial)
             except AssertionError as e:
                 raise AssertionError(f"power cut at I/O {nth} of {total}: {e}") from None
+
+
+@pytest.mark.parametrize("cut", ["drop-all", "torn-keep-random"])
+def test_power_cut_at_every_io_of_random_workloads(tmp_path, cut):
+    """The same, over random workloads of the SIGKILL test
+    (COWBLOCK_POWER_WORKLOADS of them; `make torture` runs hundreds)."""
+    cuts = 0
+    for w in range(POWER_WORKLOADS):
+        ops = generate(1000 + w, 40) + [("commit",)]  # close() commits nothing more
+        _, _, _, total = run_with_power_cut(tmp_path / f"count{w}", ops, 0, 0)
+        for nth in range(1, total + 1):
+            pool_dir = tmp_path / f"w{w}cut{nth}"
+            initial, started, commits, _ = run_with_power_cut(pool_dir, ops, nth, CUTS[cut])
+            with Pool.open(pool_dir, commit_interval=0) as pool:
+                try:
+                    verify(pool, ops, started, commits, initial)
+                except AssertionError as e:
+                    raise AssertionError(f"workload {w}, power cut at I/O {nth} of {total}: "
+                                         f"{e}") from None
+            shutil.rmtree(pool_dir)
+            cuts += 1
+    print(f"{cuts} power cuts ({cut}) over {POWER_WORKLOADS} workloads, each reopened and verified")
+
+
+def test_torn_superblock_write_is_all_or_nothing(tmp_path):
+    """The superblock write is the commit point.  Torn in half, it holds the
+    new first half (everything that changes between commits lies there) and
+    the old second half: the pool opens at the new commit or, if the halves
+    do not agree, at the one before; either way exactly, never in between."""
+    pool = Pool.create(tmp_path / "p", 256 * BS, BS, commit_interval=0)
+    dev = pool.create_thin("a", 16 * BS)
+    dev.pwrite(pattern(1, 2 * BS), 0)
+    pool.commit()
+    before = pool.stats().transaction_id
+    dev.pwrite(pattern(2, BS), 4 * BS)
+    # A commit is: data fsync, new blocks, fsync, superblock, fsync.
+    lib.cb_fault_set(2, 0, 0)  # count only
+    pool.commit()
+    ios = lib.cb_fault_set(0, 0, 0)
+    assert ios >= 5
+    dev.pwrite(pattern(3, BS), 5 * BS)  # the next commit has the same shape
+    lib.cb_fault_set(1, ios - 1, lib.CB_CUT_TEAR)  # its superblock write, the one before last
+    with pytest.raises(OSError):
+        pool.commit()
+    pool.close()  # failed: it writes nothing more
+    lib.cb_fault_set(0, 0, 0)
+    slot = ((before + 2) % 2) * 4096
+    raw = (tmp_path / "p" / "metadata").read_bytes()[slot:slot + 4096]
+    assert struct.unpack_from("<Q", raw, 64)[0] == before + 2, "the tear missed the superblock"
+    with Pool.open(tmp_path / "p", commit_interval=0) as pool:
+        txn = pool.stats().transaction_id
+        assert txn in (before + 1, before + 2)
+        newest = pattern(3, BS) if txn == before + 2 else bytes(BS)
+        assert pool.device("a").pread(6 * BS, 0) == (pattern(1, 2 * BS) + bytes(2 * BS)
+                                                    + pattern(2, BS) + newest)
+        assert pool.check().ok
+
+
+def run_with_failed_io(pool_dir, log, ops, nth):
+    """Run ops in a forked child whose I/O number nth fails with EIO; the
+    child stops at the first error without closing the pool, as if it died
+    there.  Returns the crash log."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            pool = Pool.open(pool_dir, commit_interval=0)
+            lib.cb_fault_set(2, nth, 0)
+            for i, op in enumerate(ops):
+                os.write(fd, f"S {i}\n".encode())
+                if run_op(pool, op):
+                    os.write(fd, f"C {i} {pool.stats().transaction_id}\n".encode())
+        except OSError:
+            os.write(fd, b"F\n")
+        except BaseException:  # noqa: B902 - anything else is a failure
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"the child failed at I/O {nth}"
+    text = log.read_text()
+    return parse_log(text) + ("F" in text.split(),)
+
+
+def test_failed_io_at_every_point(tmp_path):
+    """Fail each write and fsync of the workload in turn (one I/O error, not a
+    power cut).  The operation fails with an error, and the pool reopens to a
+    commit at or after the last one that returned, matching the model."""
+    _, _, _, total = run_with_power_cut(tmp_path / "count", POWER_OPS, 0, 0)
+    failed_commits = failures = 0
+    for nth in range(1, total + 1):
+        pool_dir, log = tmp_path / f"fail{nth}", tmp_path / f"log{nth}"
+        with Pool.create(pool_dir, 2048 * BS, BS, commit_interval=0) as pool:
+            initial = pool.stats().transaction_id
+        started, commits, failed = run_with_failed_io(pool_dir, log, POWER_OPS, nth)
+        failures += failed
+        # Read-only first: a writable open of a pool flagged needs-check
+        # checks it and clears the flag, which is a commit of its own.
+        with Pool.open(pool_dir, read_only=True) as pool:
+            try:
+                verify(pool, POWER_OPS, started, commits, initial)
+            except AssertionError as e:
+                raise AssertionError(f"failed I/O {nth} of {total}: {e}") from None
+            flagged = pool.stats().needs_check
+            contents = {d.name: pool.device(d.name).pread(d.size, 0) for d in pool.list()}
+        with Pool.open(pool_dir, commit_interval=0) as pool:
+            assert not pool.stats().needs_check
+            assert {d.name: pool.device(d.name).pread(d.size, 0) for d in pool.list()} == contents
+        failed_commits += flagged
+    assert failures > total * 3 // 4 and failed_commits > total // 3, \
+        f"of {total} I/Os, {failures} failed an operation and {failed_commits} a commit"
 
 
 def test_failed_fsync_turns_pool_read_only(tmp_path):
