@@ -9,6 +9,7 @@
  * Errors: -EINVAL bad argument, -ENOENT unknown device, -EEXIST, -EROFS
  * write to a read-only device or pool, -ENOSPC data or metadata space
  * exhausted, -EUCLEAN corrupt metadata, -EIO an I/O error, -EBUSY, -ENOMEM.
+ * A NULL uuid16 argument asks for a random UUID.
  * A failed fsync, or any failure part-way through a metadata change, turns
  * the pool read-only with needs_check set; a failed data write does not (the
  * data of that range is undefined, as on a disk that returned EIO).

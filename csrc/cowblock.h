@@ -10,6 +10,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
+#include <sys/random.h>
 #include <sys/uio.h>
 
 #include "format.h"
@@ -30,6 +32,14 @@ int cb_err(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* ---- checksum (crc32c.c) ---- */
 uint32_t cb_crc32c(uint32_t crc, const void *buf, size_t len);
 uint32_t cb_block_csum(const void *block, uint32_t type);
+/* A UUID given by the caller, or a random one when it passes NULL. */
+static inline void uuid_or_random(uint8_t dst[16], const uint8_t *src)
+{
+    if (src)
+        memcpy(dst, src, 16);
+    else if (getrandom(dst, 16, 0) != 16)
+        memset(dst, 0, 16);
+}
 
 /* ---- the I/O seam (io.c): every persistent write goes through here ---- */
 struct cb_file {

@@ -68,7 +68,8 @@ static int add_dev(cb_pool *p, uint32_t id, const struct cb_dev_detail *d, const
     }
     dev->id = id;
     dev->d = *d;
-    memcpy(c, cat, d->catalog_len);
+    if (d->catalog_len)
+        memcpy(c, cat, d->catalog_len);
     dev->catalog = c;
     p->devs[id] = dev;
     p->nr_devices++;
@@ -142,6 +143,8 @@ int dev_write_back(cb_pool *p)
 /* Store a device's catalog: inline in the detail, or in its own block. */
 static int set_catalog(cb_pool *p, struct cb_dev *d, const void *cat, uint32_t len)
 {
+    if (!cat) /* no catalog */
+        cat = "", len = 0;
     if (len > CB_CATALOG_MAX)
         return cb_err(EINVAL, "device catalog of %u bytes is larger than %zu (names and labels "
                       "too long)", len, (size_t)CB_CATALOG_MAX);
@@ -243,7 +246,7 @@ int cb_dev_create(cb_pool *p, uint64_t size, const uint8_t *uuid16, const void *
     d.created_ns = now_ns();
     d.transaction_id = p->m.sb.transaction_id + 1;
     d.creation_time = d.snap_time = p->m.sb.snap_time;
-    memcpy(d.uuid, uuid16, 16);
+    uuid_or_random(d.uuid, uuid16);
     if ((r = new_device(p, &d, catalog, catalog_len, id_out)) == 0)
         r = pool_commit_locked(p);
 out:
@@ -279,7 +282,7 @@ int cb_dev_snapshot(cb_pool *p, uint32_t origin, uint32_t flags, const uint8_t *
     d.transaction_id = p->m.sb.transaction_id + 1;
     d.origin_id = origin;
     d.creation_time = d.snap_time = p->m.sb.snap_time;
-    memcpy(d.uuid, uuid16, 16);
+    uuid_or_random(d.uuid, uuid16);
     o->d.snap_time = p->m.sb.snap_time;
     o->changed = true;
     if ((r = new_device(p, &d, catalog, catalog_len, id_out)) != 0) {

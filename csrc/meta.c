@@ -390,7 +390,7 @@ int meta_format(struct cb_meta *m, int fd, uint64_t nr_blocks, uint32_t block_si
     m->sb.magic = CB_MAGIC;
     m->sb.version = CB_FORMAT_VERSION;
     m->sb.data_block_size = block_size;
-    memcpy(m->sb.pool_uuid, uuid, 16);
+    uuid_or_random(m->sb.pool_uuid, uuid);
     m->sb.created_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
     m->sb.nr_data_blocks = nr_data_blocks;
     m->sb.nr_meta_blocks = nr_blocks;
