@@ -25,7 +25,11 @@ def check_name(name):
 
 
 def encode(name, labels):
-    labels = dict(labels or {})
+    try:
+        labels = {} if labels is None else dict(labels)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"labels {labels!r:.100} are not a dict of strings to strings") from None
     for k, v in labels.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise InvalidArgumentError(f"label {k!r}={v!r}: labels map strings to strings")

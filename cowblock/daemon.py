@@ -12,11 +12,18 @@ Requests: {"call": name, "args": [...], "kwargs": {...}}; device calls are
 {"error": {"class": name, "message": text, "errno": n}}; bytes travel as
 {"$bytes": base64}.  Only the pool owner's uid (or root) may connect
 (SO_PEERCRED), and the socket is 0600.
+
+Only the calls named in POOL_CALLS and DEVICE_CALLS run.  A malformed
+request (not JSON, not a request object, a bad $-value, nesting deeper than
+MAX_DEPTH, more than MAX_ITEMS JSON values) gets an InvalidArgumentError
+reply and the connection goes on; a length over MAX_MESSAGE gets one and the
+connection is dropped.  device.pread reads at most MAX_READ bytes a call.
 """
 import base64
 import dataclasses
 import datetime
 import errno as _errno
+import inspect
 import json
 import os
 import socket
@@ -26,10 +33,13 @@ import threading
 from . import errors
 from .device import Extent
 from .errors import BusyError
-from .pool import CheckReport, DeviceInfo, DiffRange, PoolStats, Usage
+from .pool import CheckReport, DeviceInfo, DiffRange, Pool, PoolStats, Usage
 
 CONTROL_SOCKET = "control.sock"
 MAX_MESSAGE = 64 << 20
+MAX_ITEMS = 1 << 20      # JSON values in one request (each costs tens of bytes to parse)
+MAX_DEPTH = 32           # nesting of one message's values
+MAX_READ = 32 << 20      # bytes of one device.pread (its reply is base64, 4/3 larger)
 
 # What the proxy may call: pool methods, and device methods by name.
 POOL_CALLS = {"create_thin", "snapshot", "delete", "rename", "set_read_only", "set_labels",
@@ -63,18 +73,29 @@ def _encode(v):
     return v
 
 
-def _decode(v):
+def _decode(v, depth=0):
+    """The inverse of _encode; anything malformed is an InvalidArgumentError."""
+    if depth > MAX_DEPTH:
+        raise errors.InvalidArgumentError(f"control message nested deeper than {MAX_DEPTH}")
     if isinstance(v, list):
-        return [_decode(x) for x in v]
+        return [_decode(x, depth + 1) for x in v]
     if isinstance(v, dict):
-        if "$bytes" in v:
-            return base64.b64decode(v["$bytes"])
-        if "$datetime" in v:
-            return datetime.datetime.fromisoformat(v["$datetime"])
-        if "$dict" in v:
-            return {_decode(k): _decode(x) for k, x in v["$dict"]}
-        if "$type" in v:
-            return _TYPES[v["$type"]](**{k: _decode(x) for k, x in v["fields"].items()})
+        try:
+            if "$bytes" in v:
+                return base64.b64decode(v["$bytes"], validate=True)
+            if "$datetime" in v:
+                return datetime.datetime.fromisoformat(v["$datetime"])
+            if "$dict" in v:
+                return {_decode(k, depth + 1): _decode(x, depth + 1) for k, x in v["$dict"]}
+            if "$type" in v:
+                cls, fields = _TYPES[v["$type"]], v["fields"]
+                return cls(**{k: _decode(x, depth + 1) for k, x in fields.items()})
+        except errors.CowblockError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise errors.InvalidArgumentError(
+                f"malformed {next(k for k in v if k.startswith('$'))} value in a control "
+                f"message: {type(e).__name__}: {e}") from None
     return v
 
 
@@ -83,23 +104,42 @@ def _send(sock, obj):
     sock.sendall(struct.pack(">I", len(data)) + data)
 
 
-def _recv(sock):
-    head = b""
-    while len(head) < 4:
-        chunk = sock.recv(4 - len(head))
-        if not chunk:
-            raise EOFError("connection closed")
-        head += chunk
-    (n,) = struct.unpack(">I", head)
-    if n > MAX_MESSAGE:
-        raise errors.InvalidArgumentError(f"control message of {n} bytes is over the limit")
+def _recv_exact(sock, n):
     buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(min(n - len(buf), 1 << 20))
         if not chunk:
             raise EOFError("connection closed")
         buf += chunk
-    return json.loads(buf)
+    return buf
+
+
+def _recv_frame(sock):
+    """One message's bytes; a length over MAX_MESSAGE is refused unread (and
+    the stream is lost: the caller closes the connection)."""
+    (n,) = struct.unpack(">I", _recv_exact(sock, 4))
+    if n > MAX_MESSAGE:
+        raise errors.InvalidArgumentError(f"control message of {n} bytes is over the limit "
+                                          f"of {MAX_MESSAGE}")
+    return _recv_exact(sock, n)
+
+
+def _parse(buf, max_items=None):
+    """The JSON of one message.  The daemon passes max_items: parsing
+    allocates tens of bytes per JSON value, so a request's number of values
+    is bounded as well as its bytes."""
+    items = buf.count(b",") + buf.count(b"[") + buf.count(b"{") if max_items else 0
+    if items > (max_items or 0):
+        raise errors.InvalidArgumentError(
+            f"control message of {items} JSON values is over the limit of {MAX_ITEMS}")
+    try:
+        return json.loads(buf)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError
+        raise errors.InvalidArgumentError(f"control message is not JSON: {e}") from None
+
+
+def _recv(sock):
+    return _parse(_recv_frame(sock))
 
 
 # ---- the daemon side ----
@@ -158,31 +198,58 @@ class ControlServer:
                 return
             while True:
                 try:
-                    req = _recv(conn)
-                except (EOFError, OSError, ValueError, errors.CowblockError):
+                    frame = _recv_frame(conn)
+                except (EOFError, OSError):
+                    return
+                except errors.CowblockError as e:  # too long: the stream is lost
+                    try:
+                        _send(conn, _error_reply(e))
+                    except OSError:
+                        pass
                     return
                 try:
-                    reply = {"ok": _encode(self.call(req.get("call"), _decode(req.get("args", [])),
-                                                     _decode(req.get("kwargs", {}))))}
-                except Exception as e:  # every error goes back to the caller, typed
-                    reply = {"error": {"class": type(e).__name__, "message": str(e),
-                                       "errno": getattr(e, "errno", None)}}
-                try:
-                    _send(conn, reply)
+                    try:
+                        _send(conn, self.handle(frame))
+                    except (TypeError, ValueError) as e:  # a result JSON cannot carry
+                        _send(conn, _error_reply(e))
                 except OSError:
                     return
 
+    def handle(self, frame):
+        """The reply (a JSON-ready dict) to one request message's bytes."""
+        try:
+            req = _parse(frame, MAX_ITEMS)
+            if not isinstance(req, dict):
+                raise errors.InvalidArgumentError("a control request is a JSON object")
+            name, args, kwargs = req.get("call"), req.get("args", []), req.get("kwargs", {})
+            if not isinstance(name, str):
+                raise errors.InvalidArgumentError(f"control call name {name!r:.100} is not a string")
+            if not isinstance(args, list):
+                raise errors.InvalidArgumentError(f"control call {name!r:.100}: args is not a list")
+            args, kwargs = _decode(args), _decode(kwargs)
+            if not isinstance(kwargs, dict):
+                raise errors.InvalidArgumentError(f"control call {name!r:.100}: kwargs is not an object")
+            return {"ok": _encode(self.call(name, args, kwargs))}
+        except Exception as e:  # every error goes back to the caller, typed
+            return _error_reply(e)
+
     def call(self, name, args, kwargs):
         pool = self.pool
-        if name in BUSY_CALLS or (name == "device.resize"):
-            target = args[0] if args else None
-            if target in self.busy_devices():
-                if name != "device.resize" or args[1] < pool.info(target).size:
-                    raise BusyError(f"device {target!r} is exported over NBD: {name} refused")
+        if not isinstance(name, str):
+            raise errors.InvalidArgumentError(f"control call name {name!r:.100} is not a string")
+        args, kwargs = list(args), dict(kwargs)
+        if not all(isinstance(k, str) for k in kwargs):
+            raise errors.InvalidArgumentError(f"control call {name!r:.100}: keyword names must be strings")
         if name in POOL_CALLS:
+            if name in BUSY_CALLS:
+                target = _bind(getattr(Pool, name), name, args, kwargs)
+                if isinstance(target, str) and target in self.busy_devices():
+                    raise BusyError(f"device {target!r} is exported over NBD: {name} refused")
             if name == "get_config":
+                _no_args(name, args, kwargs, 0)
                 return pool.config
             if name == "contains":
+                _no_args(name, args, kwargs, 1)
                 return args[0] in pool
             if name == "diff":
                 return list(pool.diff(*args, **kwargs))
@@ -192,11 +259,48 @@ class ControlServer:
                 getattr(pool, name)(*args, **kwargs)
                 return None
             return getattr(pool, name)(*args, **kwargs)
-        if name and name.startswith("device.") and name[7:] in DEVICE_CALLS:
-            dev = pool.device(args[0])
-            attr = getattr(dev, name[7:])
-            return attr if name[7:] in ("size", "read_only") else attr(*args[1:], **kwargs)
-        raise errors.InvalidArgumentError(f"unknown control call {name!r}")
+        if name.startswith("device.") and name[7:] in DEVICE_CALLS:
+            method = name[7:]
+            if not args:
+                raise TypeError(f"{name} needs the device name as its first argument")
+            target, rest = args[0], args[1:]
+            dev = pool.device(target)
+            if method in ("size", "read_only"):
+                _no_args(name, rest, kwargs, 0)
+                return getattr(dev, method)
+            if method == "resize" and isinstance(target, str) and target in self.busy_devices():
+                new = rest[0] if rest else kwargs.get("size")
+                if not isinstance(new, int) or new < dev.size:   # growing is fine
+                    raise BusyError(f"device {target!r} is exported over NBD: {name} refused")
+            if method == "pread":
+                length = rest[0] if rest else kwargs.get("length")
+                if isinstance(length, int) and length > MAX_READ:
+                    raise errors.InvalidArgumentError(
+                        f"device.pread of {length} bytes: at most {MAX_READ} bytes a call "
+                        "through the control socket")
+            return getattr(dev, method)(*rest, **kwargs)
+        raise errors.InvalidArgumentError(f"unknown control call {name!r:.100}")
+
+
+def _error_reply(e):
+    return {"error": {"class": type(e).__name__, "message": str(e),
+                      "errno": getattr(e, "errno", None)}}
+
+
+def _no_args(name, args, kwargs, n):
+    if len(args) != n or kwargs:
+        raise TypeError(f"{name} takes {n} argument{'s' if n != 1 else ''}")
+
+
+def _bind(method, name, args, kwargs):
+    """The device name a pool call is about (its first parameter, however
+    it was passed), so that keyword arguments cannot dodge the busy check."""
+    try:
+        bound = inspect.signature(method).bind(None, *args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{name}: {e}") from None
+    params = list(inspect.signature(method).parameters)
+    return bound.arguments.get(params[1]) if len(params) > 1 else None
 
 
 # ---- the client side ----
@@ -315,7 +419,6 @@ class DeviceProxy:
 def connect(path, *, read_only=False, timeout=0.0, commit_interval=1.0):
     """The pool at path: a PoolProxy to its daemon when one holds it, else the
     Pool itself (opened with the arguments given)."""
-    from .pool import Pool
     ctl = os.path.join(os.fspath(path), CONTROL_SOCKET)
     if os.path.exists(ctl):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -4,6 +4,7 @@ Buffers cross into C without copies (``ffi.from_buffer``); the C calls
 release the GIL, so threads doing I/O run in parallel.
 """
 import io
+import operator
 from dataclasses import dataclass
 
 from . import errors
@@ -26,6 +27,7 @@ _write = lib.cb_dev_write
 
 
 U64 = 1 << 64
+_BIG_READ = 1 << 20  # pread checks lengths over this against the size before allocating
 
 
 def _bad(what, value):
@@ -90,9 +92,16 @@ class Device:
     # ---- I/O ----
     def pread(self, length, offset):
         """Read length bytes at offset (any alignment); holes read as zeroes."""
-        buf = bytearray(length) if isinstance(length, int) and length >= 0 else None
-        if buf is None:
+        if not isinstance(length, int) or not 0 <= length < U64:
             raise _bad("length", length)
+        if length > _BIG_READ:  # refuse a read past the end before allocating for it
+            end = _check("offset", offset) + length
+            size = self.size
+            if end > size:
+                raise errors.InvalidArgumentError(
+                    f"read of {length} bytes at offset {offset} is past the end of the device "
+                    f"({size} bytes)")
+        buf = bytearray(length)
         self.readinto(buf, offset)
         return bytes(buf)
 
@@ -113,6 +122,8 @@ class Device:
             r = _read(self._pool._h, self._id, p, len(p), offset)
         except (OverflowError, TypeError) as e:
             raise self._bad_call(e, offset) from None
+        except BufferError as e:
+            raise TypeError(f"readinto needs a writable, contiguous bytes-like buffer: {e}") from None
         if r < 0:
             check(r)
         return r
@@ -124,6 +135,8 @@ class Device:
             r = _write(self._pool._h, self._id, p, len(p), offset)
         except (OverflowError, TypeError) as e:
             raise self._bad_call(e, offset) from None
+        except BufferError as e:
+            raise TypeError(f"pwrite needs a contiguous bytes-like object: {e}") from None
         if r < 0:
             check(r)
         return r
@@ -178,6 +191,9 @@ class Device:
         if _check("device size", size) == 0 or size % 4096:
             raise errors.InvalidArgumentError(
                 f"device size {size!r} is not a positive multiple of 4096")
+        if -(-size // self._pool.block_size) > 1 << 32:  # see pool._max_blocks
+            raise errors.InvalidArgumentError(
+                f"device size {size} is more than 2^32 blocks of {self._pool.block_size}")
         check(lib.cb_dev_resize(self._h(), self._id, size))
 
     def open(self, mode="r+b"):
@@ -219,6 +235,8 @@ class DeviceFile(io.RawIOBase):
 
     def readinto(self, b):
         self._checkClosed()
+        if not self._readable:
+            raise io.UnsupportedOperation("not readable")
         n = min(len(memoryview(b).cast("B")), max(self._size - self._pos, 0))
         if n <= 0:
             return 0
@@ -242,6 +260,9 @@ class DeviceFile(io.RawIOBase):
 
     def seek(self, offset, whence=io.SEEK_SET):
         self._checkClosed()
+        offset = operator.index(offset)  # TypeError for non-integers, as io does
+        if whence not in (io.SEEK_SET, io.SEEK_CUR, io.SEEK_END):
+            raise errors.InvalidArgumentError(f"invalid whence {whence!r}: use 0, 1 or 2")
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
         if base + offset < 0:
             raise errors.InvalidArgumentError(f"seek to {base + offset} is before the start")

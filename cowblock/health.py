@@ -23,16 +23,34 @@ DEFAULTS = {"low_water_data": 10, "low_water_metadata": 10, "min_free_space": 5,
 
 
 def settings(pool):
-    return {**DEFAULTS, **pool.config.get("health", {})}
+    config = pool.config
+    stored = config.get("health") if isinstance(config, dict) else None
+    if not isinstance(stored, dict):
+        return dict(DEFAULTS)
+    try:
+        validate(stored)
+    except InvalidArgumentError:  # written by something else: keep the defaults
+        return dict(DEFAULTS)
+    return {**DEFAULTS, **stored}
+
+
+def validate(changes):
+    """Refuse unknown settings and values out of range (percentages 0-100,
+    hook a command string or None)."""
+    for key, value in changes.items():
+        if key not in DEFAULTS:
+            raise InvalidArgumentError(f"unknown health setting {key!r}; known: {sorted(DEFAULTS)}")
+        if key == "hook":
+            if value is not None and not isinstance(value, str):
+                raise InvalidArgumentError(f"hook {value!r} is not a command string or None")
+        elif (not isinstance(value, (int, float)) or isinstance(value, bool)
+              or not 0 <= value <= 100):
+            raise InvalidArgumentError(f"{key} {value!r} is not a percentage from 0 to 100")
 
 
 def configure(pool, **changes):
     """Change health settings (percentages 0-100, hook a command or None)."""
-    for key, value in changes.items():
-        if key not in DEFAULTS:
-            raise InvalidArgumentError(f"unknown health setting {key!r}; known: {sorted(DEFAULTS)}")
-        if key != "hook" and not (isinstance(value, (int, float)) and 0 <= value <= 100):
-            raise InvalidArgumentError(f"{key} {value!r} is not a percentage from 0 to 100")
+    validate(changes)
     config = pool.config
     config["health"] = {**config.get("health", {}), **changes}
     pool.set_config(config)

@@ -6,6 +6,7 @@ periodic commit, argument checking, and Python types for what it returns.
 """
 import datetime
 import json
+import math
 import os
 import threading
 import uuid as _uuid
@@ -118,6 +119,39 @@ def _uint(what, value):
     return value
 
 
+def _max_blocks(size, block_size):
+    """Refuse a device of more than 2^32 blocks (mapping keys are 32-bit).
+    Checked here as well as in C: the C check rounds size up to whole blocks
+    in 64 bits, which wraps for sizes within a block of 2^64."""
+    if -(-size // block_size) > 1 << 32:
+        raise errors.InvalidArgumentError(
+            f"device size {size} is more than 2^32 blocks of {block_size}")
+
+
+def _pool_path(path):
+    """A pool directory path as str (bytes and path-likes too); a NUL byte
+    would cut the path short in C, so it is refused."""
+    try:
+        path = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise errors.InvalidArgumentError(
+            f"pool path {path!r} is not a str, bytes or os.PathLike") from None
+    if not path or "\0" in path:
+        raise errors.InvalidArgumentError(f"pool path {path!r} is empty or has a NUL byte")
+    return path
+
+
+def _seconds(what, value, *, none_ok, inf_ok=False):
+    if value is None and none_ok:
+        return value
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value)
+            or value < 0 or (math.isinf(value) and not inf_ok)):
+        raise errors.InvalidArgumentError(
+            f"{what} {value!r} is not a{'' if inf_ok else ' finite'} number of seconds >= 0"
+            + (" (or None)" if none_ok else ""))
+    return value
+
+
 def _pool_error(code):
     return check(code, not_found=errors.PoolNotFoundError, exists=errors.PoolExistsError)
 
@@ -159,16 +193,17 @@ class Pool:
         _uint("data size", data_size)
         _uint("block size", block_size)
         _uint("metadata size", metadata_size)
+        _seconds("commit_interval", commit_interval, none_ok=True)
         if block_size < 4096 or block_size > 1 << 30 or block_size & (block_size - 1):
             raise errors.InvalidArgumentError(
                 f"block size {block_size} is not a power of two from 4096 (4 KiB) to 1073741824 (1 GiB)")
         if data_size < block_size or data_size % block_size:
             raise errors.InvalidArgumentError(
                 f"data size {data_size} is not a positive multiple of the block size {block_size}")
-        path = os.fspath(path)
+        path = _pool_path(path)
         if os.path.exists(os.path.join(path, "metadata")):
             raise errors.PoolExistsError(f"a pool exists at {path} already")
-        _pool_error(lib.cb_pool_create(path.encode(), data_size, block_size, metadata_size,
+        _pool_error(lib.cb_pool_create(os.fsencode(path), data_size, block_size, metadata_size,
                                        _node_capacity, _uuid.uuid4().bytes))
         return cls.open(path, commit_interval=commit_interval)
 
@@ -179,13 +214,15 @@ class Pool:
         or waits up to ``timeout`` seconds (None: forever) for it.
         background_reclaim: reclaim deferred removals in a thread (else call
         reclaim())."""
-        path = os.fspath(path)
+        path = _pool_path(path)
+        _seconds("timeout", timeout, none_ok=True, inf_ok=True)
+        _seconds("commit_interval", commit_interval, none_ok=True)
         if not os.path.isfile(os.path.join(path, "metadata")):
             raise errors.PoolNotFoundError(f"no pool at {path} (no metadata file there)")
         lock = PoolLock(path, exclusive=not read_only, timeout=timeout)
         try:
             out = ffi.new("cb_pool **")
-            _pool_error(lib.cb_pool_open(path.encode(), 1 if read_only else 0, out))
+            _pool_error(lib.cb_pool_open(os.fsencode(path), 1 if read_only else 0, out))
             pool = cls(path, out[0], read_only, lock, commit_interval, background_reclaim)
         except BaseException:
             lock.release()
@@ -259,6 +296,8 @@ class Pool:
             self._meta[did] = (name, labels)
 
     def _id(self, name):
+        if self._h is None:
+            raise errors.PoolClosedError(f"pool {self.path} is closed")
         try:
             return self._names[name]
         except (KeyError, TypeError):
@@ -277,6 +316,7 @@ class Pool:
         if size == 0 or size % 4096:
             raise errors.InvalidArgumentError(
                 f"device size {size} is not a positive multiple of 4096")
+        _max_blocks(size, self.block_size)
         with self._catalog_lock:
             self._new_name(name)
             health.check_room_for_device(self)
@@ -312,7 +352,10 @@ class Pool:
         return Device(self, self._id(name))
 
     def __contains__(self, name):
-        return name in self._names
+        try:
+            return name in self._names
+        except TypeError:  # unhashable: no device has such a name
+            return False
 
     def delete(self, name, *, deferred=False):
         """Delete a device; every block only it used is freed.
@@ -491,9 +534,14 @@ class Pool:
     def add_mappings(self, name, pairs):
         """Map (virtual block, data block) pairs, sorted, into an empty device:
         restoring from an interchange format.  Each data block gains a reference."""
-        pairs = list(pairs)
-        keys = ffi.new("uint32_t[]", [k for k, _ in pairs] or [0])
-        values = ffi.new("uint32_t[]", [v for _, v in pairs] or [0])
+        try:
+            pairs = [(k, v) for k, v in pairs]
+            keys = ffi.new("uint32_t[]", [k for k, _ in pairs] or [0])
+            values = ffi.new("uint32_t[]", [v for _, v in pairs] or [0])
+        except (TypeError, ValueError, OverflowError) as e:
+            raise errors.InvalidArgumentError(
+                "mappings must be (virtual block, data block) pairs of integers from 0 to "
+                f"2**32-1: {e}") from None
         check(lib.cb_dev_add_mappings(self._handle(), self._id(name), keys, values, len(pairs)))
 
     # ---- pool ----
@@ -532,7 +580,20 @@ class Pool:
         return json.loads(ffi.buffer(buf, n)[:]) if n else {}
 
     def set_config(self, settings):
-        blob = json.dumps(settings, separators=(",", ":"), sort_keys=True).encode()
+        """Replace the pool settings: a dict of JSON values, with string keys."""
+        if not isinstance(settings, dict):
+            raise errors.InvalidArgumentError(
+                f"pool configuration {settings!r:.100} is not a dict")
+        if "health" in settings:
+            if not isinstance(settings["health"], dict):
+                raise errors.InvalidArgumentError(
+                    f"health settings {settings['health']!r:.100} are not a dict")
+            health.validate(settings["health"])
+        try:
+            blob = json.dumps(settings, separators=(",", ":"), sort_keys=True,
+                              allow_nan=False).encode()
+        except (TypeError, ValueError) as e:
+            raise errors.InvalidArgumentError(f"pool configuration is not plain JSON: {e}") from None
         check(lib.cb_pool_set_config(self._handle(), blob, len(blob)))
 
     def trim(self):

@@ -171,3 +171,128 @@ def test_connect_without_daemon_opens_the_pool(tmp_path):
         pass
     with cowblock.connect(tmp_path / "p") as pool:
         assert isinstance(pool, Pool)
+
+
+# ---- the control socket against hostile clients (what fuzz/atheris/fuzz_control.py found) ----
+
+def _control(tmp_path, busy=("busy",)):
+    import cowblock.daemon as D
+    pool = Pool.create(tmp_path / "cp", 64 * MiB, 65536, commit_interval=0)
+    pool.create_thin("disk", MiB)
+    pool.create_thin("busy", MiB)
+    pool.snapshot("disk", "snap", read_only=True)
+    return pool, D.ControlServer(pool, lambda: set(busy))
+
+
+def _frame(obj):
+    import struct
+    body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def _exchange(server, *frames):
+    """Send frames on a socketpair to the daemon's own loop; its replies."""
+    import socket
+    import struct
+    import threading
+    srv, cli = socket.socketpair()
+    t = threading.Thread(target=server._serve, args=(srv,))
+    t.start()
+    cli.sendall(b"".join(frames))
+    cli.shutdown(socket.SHUT_WR)
+    out = b""
+    try:
+        while chunk := cli.recv(1 << 20):
+            out += chunk
+    except ConnectionResetError:  # the daemon dropped the stream with input unread
+        pass
+    t.join(timeout=30)
+    cli.close()
+    replies, pos = [], 0
+    while pos < len(out):
+        (n,) = struct.unpack_from(">I", out, pos)
+        replies.append(json.loads(out[pos + 4:pos + 4 + n]))
+        pos += 4 + n
+    return replies
+
+
+def _req(call, *args, **kwargs):
+    return _frame({"call": call, "args": list(args), "kwargs": kwargs})
+
+
+def test_control_keyword_arguments_cannot_dodge_the_busy_check(tmp_path):
+    """The busy check looked at args[0] only: delete(name="busy") removed a
+    device that an NBD client was using."""
+    pool, server = _control(tmp_path)
+    replies = _exchange(server, _req("delete", name="busy"), _req("rename", old="busy", new="x"),
+                        _req("rollback", name="busy", snapshot="disk"),
+                        _req("rollback", "busy", snapshot="disk"),
+                        _req("device.resize", "busy", size=65536), _req("device.resize", "busy"),
+                        _req("device.resize", "busy", "1"),
+                        _req("device.resize", "busy", size=2 * MiB))
+    assert [r.get("error", {}).get("class") for r in replies] == ["BusyError"] * 7 + [None]
+    assert pool.info("busy").size == 2 * MiB
+    pool.close()
+
+
+def test_control_malformed_requests_get_typed_errors_and_the_connection_goes_on(tmp_path):
+    """Malformed messages closed the connection without a word (invalid JSON),
+    killed the serving thread with a traceback (nesting deeper than the
+    recursion limit), or came back as KeyError, IndexError, AttributeError,
+    binascii.Error... from the decoder.  Now each gets an
+    InvalidArgumentError (TypeError for a wrong number of arguments) and
+    the next request on the connection is served."""
+    pool, server = _control(tmp_path)
+    bad = [b"{x}", b"\xff\xfe[", b"[1,2]", b"[" * 100000, b"null",
+           {"call": ["list"]}, {"call": "list", "args": "disk"}, {"call": "list", "kwargs": [1]},
+           {"call": "info", "args": [{"$bytes": "!!"}]}, {"call": "info", "args": [{"$bytes": 5}]},
+           {"call": "info", "args": [{"$type": "Nope", "fields": {}}]},
+           {"call": "info", "args": [{"$type": "Usage"}]},
+           {"call": "info", "args": [{"$dict": [[[1], 2]]}]},
+           {"call": "info", "args": [{"$datetime": "yesterday"}]},
+           {"call": "info", "args": json.loads("[" * 40 + '"disk"' + "]" * 40)},
+           {"call": "contains"}, {"call": "device.size"}, {"call": "device.size", "args": ["disk", 1]},
+           {"call": "set_labels", "args": ["disk", "ab"]}, {"call": "add_mappings", "args": ["disk", 5]},
+           {"call": "set_config", "args": [{"health": "x"}]}]
+    replies = _exchange(server, *[_frame(b) for b in bad], _req("list"))
+    assert len(replies) == len(bad) + 1
+    for req, reply in zip(bad, replies):
+        assert reply["error"]["class"] in ("InvalidArgumentError", "TypeError"), (req, reply)
+        assert reply["error"]["message"]
+    assert [d["fields"]["name"] for d in replies[-1]["ok"]] == ["disk", "busy", "snap"]
+    pool.create_thin("after", MiB)   # set_config was refused: new devices still work
+    pool.close()
+
+
+def test_control_exposes_only_the_public_calls(tmp_path):
+    pool, server = _control(tmp_path)
+    private = ["_h", "_names", "__class__", "__init__", "close", "_load_catalog", "device",
+               "device._raw", "device._pool", "device.__class__", "device.__init__", "open",
+               "Pool.open", "create", "device.open"]
+    replies = _exchange(server, *[_req(name, "disk") for name in private])
+    for name, reply in zip(private, replies):
+        assert reply["error"]["class"] == "InvalidArgumentError", (name, reply)
+        assert "unknown control call" in reply["error"]["message"]
+    pool.close()
+
+
+def test_control_message_limits(tmp_path):
+    """A request is bounded in bytes (MAX_MESSAGE), in JSON values
+    (MAX_ITEMS: parsing takes tens of bytes per value) and in what it asks
+    for (a device.pread of 8 GiB allocated 8 GiB before failing)."""
+    import struct
+    import cowblock.daemon as D
+    pool, server = _control(tmp_path)
+    pool.device("disk").resize(1 << 40)
+    many = b"[" + b"0," * D.MAX_ITEMS + b"0]"
+    replies = _exchange(server, _req("device.pread", "disk", 8 << 30, 0), _frame(many),
+                        _req("device.pread", "disk", 5, 0),
+                        struct.pack(">I", D.MAX_MESSAGE + 1), _req("list"))
+    assert replies[0]["error"]["class"] == "InvalidArgumentError"
+    assert "at most" in replies[0]["error"]["message"]
+    assert replies[1]["error"]["class"] == "InvalidArgumentError"
+    assert "JSON values" in replies[1]["error"]["message"]
+    assert "ok" in replies[2]
+    assert replies[3]["error"]["class"] == "InvalidArgumentError"   # then the stream is dropped
+    assert len(replies) == 4
+    pool.close()
