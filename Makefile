@@ -5,7 +5,8 @@ PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 .PHONY: deps install test demo walkthrough bench bench-micro torture clean
 
 # The real clients and peers the tests drive (Debian packages); as root.
-DEBS = qemu-utils libnbd-bin nbdkit fio fuse3 fuse-overlayfs thin-provisioning-tools e2fsprogs
+DEBS = qemu-utils libnbd-bin nbdkit fio fuse3 fuse-overlayfs thin-provisioning-tools e2fsprogs \
+       clang libclang-rt-14-dev
 deps:               ## Debian packages the tests use (skipped when not root)
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -479,14 +479,22 @@ int bt_seek(struct bt_cursor *cur, uint32_t root, uint32_t key, bool want_sharin
     return 0;
 }
 
+/* Every step must go to a greater key: on damaged metadata (unsorted keys,
+ * a subtree reachable twice) a walk would otherwise go round forever, or
+ * for an exponential time. */
 int bt_next(struct bt_cursor *cur, uint32_t root, bool want_sharing)
 {
-    if (++cur->pos < cur->nr)
-        return 1;
-    uint32_t last = node_keys(cur->leaf)[cur->nr - 1];
-    if (last == UINT32_MAX)
-        return 0;
-    return bt_seek(cur, root, last + 1, want_sharing);
+    uint32_t prev = bt_cur_key(cur);
+    int r = 1;
+    if (++cur->pos >= cur->nr) {
+        if (prev == UINT32_MAX)
+            return 0;
+        r = bt_seek(cur, root, prev + 1, want_sharing);
+    }
+    if (r == 1 && bt_cur_key(cur) <= prev)
+        return cb_err(EUCLEAN, "metadata block %u is corrupt: its keys are out of order (%u "
+                      "after %u)", cur->leaf_block, bt_cur_key(cur), prev);
+    return r;
 }
 
 uint32_t bt_cur_key(const struct bt_cursor *cur) { return node_keys(cur->leaf)[cur->pos]; }

@@ -43,6 +43,7 @@ def test_sigkill_at_random_moments(tmp_path):
         with Pool.open(pool_dir, commit_interval=0) as pool:
             verify(pool, ops, started, commits, initial)
         survived += started >= 0
+    print(f"{KILLS} SIGKILLs, {survived} of them mid-workload, each reopened and verified")
     assert survived >= KILLS // 2, "the child rarely got going: raise the sleep"
 
 

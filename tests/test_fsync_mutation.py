@@ -8,14 +8,12 @@ power-cut test.
 """
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, "tests")
+from corebuild import ROOT, TESTS, build_core_copy, loaded_core
 
 
 def commit_fsyncs(source):
@@ -25,20 +23,15 @@ def commit_fsyncs(source):
 
 
 def build_mutant(tmp, which):
-    src = os.path.join(tmp, "csrc")
-    shutil.copytree(os.path.join(ROOT, "csrc"), src)
-    path = os.path.join(src, "meta.c")
-    text = open(path).read()
-    offsets, base = commit_fsyncs(text)
-    at = base + offsets[which]
-    end = text.index(")", at) + 1
-    text = text[:at] + "0" + text[end:]  # "r = io_fsync(f)" becomes "r = 0"
-    open(path, "w").write(text)
-    shutil.copytree(os.path.join(ROOT, "cowblock"), os.path.join(tmp, "cowblock"),
-                    ignore=shutil.ignore_patterns("_core*", "__pycache__"))
-    build = (f"import sys; sys.path.insert(0, {src!r}); import build_ffi; "
-             f"build_ffi.ffibuilder.compile(tmpdir={tmp!r})")
-    subprocess.run([sys.executable, "-c", build], cwd=tmp, check=True, capture_output=True)
+    def drop_fsync(src):
+        path = os.path.join(src, "meta.c")
+        text = open(path).read()
+        offsets, base = commit_fsyncs(text)
+        at = base + offsets[which]
+        end = text.index(")", at) + 1
+        open(path, "w").write(text[:at] + "0" + text[end:])  # "r = io_fsync(f)" becomes "r = 0"
+
+    build_core_copy(tmp, drop_fsync)
 
 
 def test_commit_path_has_three_fsyncs():
@@ -53,8 +46,7 @@ def test_power_cut_test_fails_without_fsync(tmp_path, which):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                           os.path.join(TESTS, "test_crash.py"), "-k", "power_cut"],
                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
-    probe = subprocess.run([sys.executable, "-c", "import cowblock._core as c; print(c.__file__)"],
-                           cwd=str(tmp_path), env=env, capture_output=True, text=True)
-    assert probe.stdout.startswith(str(tmp_path)), f"the mutant was not loaded: {probe.stdout}"
+    core = loaded_core(str(tmp_path), env)
+    assert core.startswith(str(tmp_path)), f"the mutant was not loaded: {core}"
     assert run.returncode == 1 and "failed" in run.stdout, \
         f"the power-cut test passed without fsync #{which}:\n{run.stdout[-2000:]}"
