@@ -2,9 +2,10 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 
-.PHONY: deps install test demo walkthrough bench bench-micro torture clean
+.PHONY: deps install test demo walkthrough bench bench-micro torture fuzz clean
 
-# The real clients and peers the tests drive (Debian packages); as root.
+# The real clients and peers the tests drive, and clang for the fuzz
+# harnesses (Debian packages); as root.
 DEBS = qemu-utils libnbd-bin nbdkit fio fuse3 fuse-overlayfs thin-provisioning-tools e2fsprogs \
        clang libclang-rt-14-dev
 deps:               ## Debian packages the tests use (skipped when not root)
@@ -34,9 +35,25 @@ bench: deps install ## engine targets side by side with their peers (~10 min)
 bench-micro: install ## pytest-benchmark of the hot paths
 	$(PYTHON) -m pytest benchmarks/ -q -p no:randomly --benchmark-only -o addopts=""
 
-torture: install    ## long crash and property runs: thousands of SIGKILLs
-	COWBLOCK_CRASH_ITERATIONS=5000 COWBLOCK_NBD_CRASH_ITERATIONS=5000 COWBLOCK_EXAMPLES=2000 \
+torture: install    ## long crash, power-cut and property runs: thousands of SIGKILLs
+	COWBLOCK_CRASH_ITERATIONS=5000 COWBLOCK_NBD_CRASH_ITERATIONS=5000 COWBLOCK_POWER_WORKLOADS=100 \
+		COWBLOCK_EXAMPLES=2000 \
 		$(PYTHON) -m pytest -q -s tests/test_crash.py tests/test_crash_nbd.py tests/test_property.py
+
+FUZZ_RUNS ?= 1000000
+FUZZ_WORK ?= /var/tmp/cowblock-fuzz
+fuzz: deps install  ## a million executions of each fuzz harness (FUZZ_RUNS), corpora in FUZZ_WORK
+	fuzz/libfuzzer/build.sh
+	mkdir -p $(FUZZ_WORK)/nbd_transmit $(FUZZ_WORK)/metadata $(FUZZ_WORK)/handshake $(FUZZ_WORK)/control
+	fuzz/libfuzzer/out/fuzz_nbd_transmit -runs=$(FUZZ_RUNS) -timeout=30 -max_len=16384 \
+		-dict=fuzz/libfuzzer/nbd.dict -artifact_prefix=$(FUZZ_WORK)/ \
+		$(FUZZ_WORK)/nbd_transmit fuzz/libfuzzer/corpus/nbd_transmit
+	fuzz/libfuzzer/out/fuzz_metadata -runs=$(FUZZ_RUNS) -timeout=30 -max_len=4096 \
+		-artifact_prefix=$(FUZZ_WORK)/ $(FUZZ_WORK)/metadata fuzz/libfuzzer/corpus/metadata
+	$(PYTHON) fuzz/atheris/fuzz_handshake.py -runs=$(FUZZ_RUNS) -timeout=30 \
+		-artifact_prefix=$(FUZZ_WORK)/ $(FUZZ_WORK)/handshake
+	$(PYTHON) fuzz/atheris/fuzz_control.py -runs=$(FUZZ_RUNS) -timeout=60 \
+		-artifact_prefix=$(FUZZ_WORK)/ $(FUZZ_WORK)/control
 
 clean:
 	rm -rf build *.egg-info cowblock/_core*.so .pytest_cache .hypothesis

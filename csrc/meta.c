@@ -425,7 +425,8 @@ static int cmp_u32(const void *a, const void *b)
 static int write_new_blocks(struct cb_meta *m)
 {
     struct u32vec *dl = &m->dirty_list;
-    qsort(dl->v, dl->n, sizeof *dl->v, cmp_u32);
+    if (dl->n)
+        qsort(dl->v, dl->n, sizeof *dl->v, cmp_u32);
     size_t i = 0;
     while (i < dl->n) {
         if (!m->dirty[dl->v[i]]) { /* freed again in this transaction */

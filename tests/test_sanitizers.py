@@ -24,6 +24,12 @@ TEST_FILES = os.environ.get(
     "COWBLOCK_SANITIZER_TESTS",
     "test_api.py test_hostile_api.py test_property.py test_corruption.py test_damage.py "
     "test_repair.py test_concurrency.py test_crash.py test_full_pool.py test_nbd.py").split()
+# Long runs stay out, and so do the tests that drive outside clients (qemu,
+# libnbd, fio): the sanitizer runtime, preloaded, would be loaded into them
+# too, and qemu-io deadlocks in it at exit.  The NBD server is still tested
+# under the sanitizers by the raw-client protocol tests.
+SKIP = ("not sigkill and not random_workloads and not qemu and not nbdinfo and not nbdcopy "
+        "and not fio")
 FUZZ_RUNS = {"fuzz_nbd_transmit": 20000, "fuzz_metadata": 3000}
 
 
@@ -52,7 +58,7 @@ def test_core_tests_pass_under_asan_and_ubsan(tmp_path):
     assert loaded_core(str(build), env).startswith(str(build))
     files = [os.path.join(TESTS, f) for f in TEST_FILES if os.path.exists(os.path.join(TESTS, f))]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                          "-k", "not sigkill and not random_workloads", *files],
+                          "-k", SKIP, *files],
                          cwd=str(build), env=env, capture_output=True, text=True, timeout=1200)
     reports = sanitizer_reports(logs)
     assert not reports, f"sanitizer reports:\n{reports[:6000]}"
