@@ -21,9 +21,10 @@ def test_fuzz_harness_short_run(tmp_path, name):
     cmd = [sys.executable, os.path.join(ROOT, "fuzz", "atheris", f"fuzz_{name}.py"),
            f"-runs={HARNESSES[name]}", "-max_total_time=25", "-timeout=60",
            f"-artifact_prefix={tmp_path}/", str(corpus)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = dict(os.environ, COWBLOCK_FUZZ_TMPDIR=str(tmp_path))   # its pool goes there too
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     tail = "\n".join(r.stderr.splitlines()[-60:])
-    crashes = [p.name for p in tmp_path.iterdir() if p.name.split("-")[0] in
-               ("crash", "timeout", "oom", "leak", "slow")]
+    crashes = [p.name for p in tmp_path.iterdir()
+               if p.name.startswith(("crash-", "timeout-", "oom-", "leak-"))]
     assert r.returncode == 0 and not crashes, f"exit {r.returncode}, {crashes}:\n{tail}"
     assert "Done" in r.stderr, tail

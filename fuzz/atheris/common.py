@@ -20,13 +20,33 @@ if REPO not in sys.path:  # fuzz this tree, whatever is installed
 MAX_INPUT = 64 << 10   # bytes of one input that reach the socket (more fits no buffer)
 
 
-def scratch_dir(prefix):
-    """A directory for the harness's pool, in memory when /dev/shm is there,
-    removed at exit."""
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    path = tempfile.mkdtemp(prefix=prefix, dir=base)
-    atexit.register(shutil.rmtree, path, True)
+def _own_dir(prefix, base):
+    """A new directory named after this process, after removing those that
+    earlier runs left: libFuzzer ends the process with exit(), which runs
+    no Python atexit handler, so a harness cannot clean up after itself."""
+    base = base or tempfile.gettempdir()
+    for entry in os.listdir(base):
+        if not entry.startswith(prefix):
+            continue
+        pid = entry[len(prefix):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
+            except OSError:
+                pass
+    path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
+    atexit.register(shutil.rmtree, path, True)   # when Python does exit normally
     return path
+
+
+def scratch_dir(prefix):
+    """A directory for the harness's pool: under $COWBLOCK_FUZZ_TMPDIR when
+    set, else in memory (/dev/shm) when it is there."""
+    base = os.environ.get("COWBLOCK_FUZZ_TMPDIR") or (
+        "/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+    return _own_dir(prefix, base)
 
 
 def libfuzzer_argv(argv, name):
@@ -38,9 +58,7 @@ def libfuzzer_argv(argv, name):
     dirs = [a for a in argv[1:] if not a.startswith("-")]
     seeds = os.path.join(HERE, "corpus", name)
     if not dirs:
-        work = tempfile.mkdtemp(prefix=f"cowblock-{name}-corpus-")
-        atexit.register(shutil.rmtree, work, True)
-        dirs = [work]
+        dirs = [_own_dir(f"cowblock-fuzz-{name}-corpus-", os.environ.get("COWBLOCK_FUZZ_TMPDIR"))]
     if os.path.isdir(seeds) and os.path.abspath(seeds) not in map(os.path.abspath, dirs):
         dirs.append(seeds)
     dictionary = os.path.join(HERE, f"{name}.dict")
