@@ -191,9 +191,6 @@ class Device:
         if _check("device size", size) == 0 or size % 4096:
             raise errors.InvalidArgumentError(
                 f"device size {size!r} is not a positive multiple of 4096")
-        if -(-size // self._pool.block_size) > 1 << 32:  # see pool._max_blocks
-            raise errors.InvalidArgumentError(
-                f"device size {size} is more than 2^32 blocks of {self._pool.block_size}")
         check(lib.cb_dev_resize(self._h(), self._id, size))
 
     def open(self, mode="r+b"):

@@ -119,15 +119,6 @@ def _uint(what, value):
     return value
 
 
-def _max_blocks(size, block_size):
-    """Refuse a device of more than 2^32 blocks (mapping keys are 32-bit).
-    Checked here as well as in C: the C check rounds size up to whole blocks
-    in 64 bits, which wraps for sizes within a block of 2^64."""
-    if -(-size // block_size) > 1 << 32:
-        raise errors.InvalidArgumentError(
-            f"device size {size} is more than 2^32 blocks of {block_size}")
-
-
 def _pool_path(path):
     """A pool directory path as str (bytes and path-likes too); a NUL byte
     would cut the path short in C, so it is refused."""
@@ -316,7 +307,6 @@ class Pool:
         if size == 0 or size % 4096:
             raise errors.InvalidArgumentError(
                 f"device size {size} is not a positive multiple of 4096")
-        _max_blocks(size, self.block_size)
         with self._catalog_lock:
             self._new_name(name)
             health.check_room_for_device(self)

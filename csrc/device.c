@@ -198,7 +198,8 @@ static int check_size(cb_pool *p, uint64_t size)
     if (size == 0 || size % 4096)
         return cb_err(EINVAL, "device size %llu is not a positive multiple of 4096",
                       (unsigned long long)size);
-    if (((size + p->block_size - 1) >> p->block_shift) > ((uint64_t)1 << 32))
+    uint64_t blocks = (size >> p->block_shift) + ((size & (p->block_size - 1)) != 0);
+    if (blocks > ((uint64_t)1 << 32))
         return cb_err(EINVAL, "device size %llu is more than 2^32 blocks of %u",
                       (unsigned long long)size, p->block_size);
     return 0;

@@ -12,6 +12,7 @@ reads, sizes, flags and labels exactly as a plain in-memory model says, and
 pool.check() is clean at the end.  COWBLOCK_EXAMPLES sets the number of
 examples, as for tests/test_property.py.
 """
+import errno
 import io
 import math
 import os
@@ -26,6 +27,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 from cowblock import (CowblockError, DeviceExistsError, DeviceFile, DeviceNotFoundError,
                       InvalidArgumentError, Pool, PoolClosedError, PoolExistsError,
                       PoolLockedError, PoolNotFoundError, ReadOnlyError)
+from cowblock._native import ffi, lib
 from cowblock.catalog import NAME_RE
 from helpers import Model, assert_matches, pattern
 
@@ -716,7 +718,8 @@ def test_device_sizes_within_a_block_of_2_64_are_refused(pool64k):
     """C's check of 2^32 blocks rounded the size up in 64 bits, which wrapped
     for sizes past 2^64 - block size: such a device was accepted, its block
     numbers were cut to 32 bits, a write at 2^48 landed on block 0 and
-    pool.check() found the mapping tree corrupt."""
+    pool.check() found the mapping tree corrupt.  Checked through the C API
+    too, since other tools call it directly."""
     for size in ((1 << 64) - 4096, (1 << 64) - 61440, (1 << 48) + 4096):
         with pytest.raises(InvalidArgumentError, match="2\\^32 blocks"):
             pool64k.create_thin("big", size)
@@ -727,6 +730,9 @@ def test_device_sizes_within_a_block_of_2_64_are_refused(pool64k):
     with pytest.raises(InvalidArgumentError, match="2\\^32 blocks"):
         dev.resize((1 << 64) - 4096)
     assert dev.size == 1 << 48
+    out = ffi.new("uint32_t *")
+    assert lib.cb_dev_create(pool64k._handle(), (1 << 64) - 4096, ffi.NULL, b"", 0, out) == -errno.EINVAL
+    assert lib.cb_dev_resize(pool64k._handle(), dev.id, (1 << 64) - 4096) == -errno.EINVAL
 
 
 def test_pool_paths_with_nul_bytes_create_nothing(tmp_path):
@@ -773,7 +779,6 @@ def test_set_config_refuses_what_would_break_the_pool(pool64k):
     pool64k.set_config({"health": {"min_free_space": 0, "hook": None}, "other": [1]})
     pool64k.create_thin("d", 4096)
     # a bad config stored by something else is ignored, not fatal
-    from cowblock._native import lib
     blob = b'{"health":"x"}'
     assert lib.cb_pool_set_config(pool64k._h, blob, len(blob)) == 0
     pool64k.create_thin("e", 4096)
