@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -347,3 +348,48 @@ def test_snapshots_while_nbd_clients_write_are_point_in_time(tmp_path):
                 assert got != seq, f"{name}: write {seq} sent after it is in it"
     assert pool.check().ok
     pool.close()
+
+
+@pytest.mark.parametrize("limit", ["options", "seconds"])
+def test_a_busy_client_cannot_hold_the_handshake_forever(tmp_path, monkeypatch, limit):
+    """The socket timeout stops a silent client; a client that keeps sending
+    options (each answered) is stopped by the limits on options and on the
+    handshake's total time."""
+    from cowblock.nbd import protocol as P
+    from cowblock.nbd.handshake import HandshakeError, negotiate
+    from cowblock.nbd.server import Catalog
+    monkeypatch.setattr(P, "MAX_OPTIONS", 10 if limit == "options" else 10**6)
+    monkeypatch.setattr(P, "HANDSHAKE_SECONDS", 10**6 if limit == "options" else 0.5)
+    with Pool.create(tmp_path / "p", 1 << 20, 4096) as pool:
+        pool.create_thin("disk", 1 << 16)
+        server, client = socket.socketpair()
+        server.settimeout(5)
+        ended = {}
+
+        def serve():
+            try:
+                negotiate(server, Catalog(pool, None, False))
+            except (HandshakeError, TimeoutError) as e:  # the deadline may end a read
+                ended["why"] = str(e)
+            server.close()
+
+        t = threading.Thread(target=serve)
+        t.start()
+        client.recv(18)
+        client.sendall(struct.pack(">I", 3))
+        sent = 0
+        try:
+            while t.is_alive() and sent < 1000:
+                client.sendall(struct.pack(">QII", P.IHAVEOPT, 99, 0))  # unknown: ERR_UNSUP
+                sent += 1
+                time.sleep(0.1 if limit == "seconds" else 0)
+        except OSError:
+            pass
+        t.join(10)
+        client.close()
+        assert not t.is_alive()
+        if limit == "options":
+            assert "10 options" in ended["why"]
+        else:
+            assert "s allowed" in ended["why"] or "timed out" in ended["why"], ended
+            assert sent < 50

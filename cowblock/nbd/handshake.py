@@ -7,6 +7,7 @@ caller drops the connection; an unknown option gets ERR_UNSUP and the
 haggling goes on, as the spec requires.
 """
 import struct
+import time
 from dataclasses import dataclass, field
 
 from . import protocol as P
@@ -113,14 +114,24 @@ def _match_contexts(queries):
 
 def negotiate(sock, catalog):
     """catalog.resolve(name) -> Export (raises LookupError with a message);
-    catalog.names() -> exported names."""
+    catalog.names() -> exported names.  A client gets P.MAX_OPTIONS options
+    and P.HANDSHAKE_SECONDS in all: a busy one cannot hold a connection slot
+    forever any more than a silent one (the socket's own timeout) can."""
+    deadline = time.monotonic() + P.HANDSHAKE_SECONDS
+    per_read = sock.gettimeout()
     sock.sendall(struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT, P.CLIENT_FLAGS))
     (cflags,) = struct.unpack(">I", _recv(sock, 4))
     if cflags & ~P.CLIENT_FLAGS:
         raise HandshakeError(f"unknown client flags {cflags:#x}")
     no_zeroes = bool(cflags & P.FLAG_NO_ZEROES)
     structured, contexts = False, {}
-    while True:
+    for options in range(P.MAX_OPTIONS + 1):
+        left = deadline - time.monotonic()
+        if options == P.MAX_OPTIONS or left <= 0:
+            raise HandshakeError(f"the handshake went on for {options} options and "
+                                 f"{P.HANDSHAKE_SECONDS - left:.0f} s, more than the "
+                                 f"{P.MAX_OPTIONS} and {P.HANDSHAKE_SECONDS} s allowed")
+        sock.settimeout(left if per_read is None else min(per_read, left))
         magic, opt, length = struct.unpack(">QII", _recv(sock, 16))
         if magic != P.IHAVEOPT:
             raise HandshakeError(f"bad option magic {magic:#x}")

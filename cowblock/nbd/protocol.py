@@ -34,6 +34,9 @@ SEND_FAST_ZERO = 1 << 11
 
 MAX_PAYLOAD = 32 << 20
 MAX_OPTION_LENGTH = 64 << 10           # longer option data is refused, not buffered
+MAX_OPTIONS = 65536                    # options in one handshake (nbdinfo --list sends one
+                                       # INFO per export, so this is not small)
+HANDSHAKE_SECONDS = 300                # the whole handshake, however busy the client is
 
 CONTEXT_ALLOCATION = "base:allocation"
 CONTEXT_SHARED = "cowblock:shared"
