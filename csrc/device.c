@@ -95,6 +95,12 @@ static int load_leaf_entry(cb_pool *p, uint32_t id, const struct cb_dev_detail *
     }
     if (d->size % 4096 || (d->size >> p->block_shift) > ((uint64_t)1 << 32))
         return cb_err(EUCLEAN, "device %u is corrupt: size %llu", id, (unsigned long long)d->size);
+    /* Devices live in an array indexed by id: a wild id would cost gigabytes. */
+    if (id >= p->m.sb.next_dev_id || id >= CB_MAX_DEV_ID)
+        return cb_err(EUCLEAN, "device-details tree is corrupt: device id %u, but ids given out "
+                      "so far are below %u", id, p->m.sb.next_dev_id);
+    if (id < p->devs_cap && p->devs[id])
+        return cb_err(EUCLEAN, "device-details tree is corrupt: device %u appears twice", id);
     return add_dev(p, id, d, cat);
 }
 
@@ -210,7 +216,7 @@ static int new_device(cb_pool *p, const struct cb_dev_detail *tmpl, const void *
                       uint32_t *id_out)
 {
     uint32_t id = p->m.sb.next_dev_id;
-    if (id >= (1u << 24))
+    if (id >= CB_MAX_DEV_ID)
         return cb_err(ENOSPC, "device ids are exhausted (dm-thin's 24 bits)");
     struct cb_dev_detail d = *tmpl;
     d.catalog_len = 0;

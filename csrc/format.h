@@ -156,6 +156,8 @@ struct cb_sm_page {
 };
 
 #define CB_MAX_BLOCKS ((uint64_t)CB_SM_ENTRIES * CB_SM_ENTRIES * CB_SM_ENTRIES)
+/* Device ids are below 2^24, as dm-thin's; they are never reused. */
+#define CB_MAX_DEV_ID (1u << 24)
 
 _Static_assert(sizeof(struct cb_superblock) == CB_META_BLOCK_SIZE, "superblock size");
 _Static_assert(sizeof(struct cb_node_header) == 32, "node header size");
