@@ -393,3 +393,73 @@ def test_a_busy_client_cannot_hold_the_handshake_forever(tmp_path, monkeypatch, 
         else:
             assert "s allowed" in ended["why"] or "timed out" in ended["why"], ended
             assert sent < 50
+
+
+def test_two_clients_fill_the_pool_then_it_grows_under_them(tmp_path):
+    """Two NBD clients write two devices at once until the pool is full:
+    writes that need a block get ENOSPC, nothing else fails (overwrites of
+    blocks a device owns, reads), nothing written changes; the pool is grown
+    through the control socket while served, and the retries succeed."""
+    import cowblock
+    path = tmp_path / "p"
+    with Pool.create(path, 32 * 65536, 65536, commit_interval=0) as pool:
+        pool.set_config({"health": {"min_free_space": 0}})
+        pool.create_thin("a", 64 * MiB)
+        pool.create_thin("b", 64 * MiB)
+    s = Served(path, tmp_path / "s.sock")
+    try:
+        written, refused = {}, {}
+
+        def fill(name, seed):
+            c = Client(s.sock)
+            c.go(name)
+            written[name], refused[name] = {}, []
+            for i in range(32):
+                data = pattern(seed + i, 65536)
+                c.request(CMD_WRITE, i * 65536, 65536, data)
+                err = c.reply()[1]
+                if err == 0:
+                    written[name][i] = data
+                else:
+                    assert err == 28, f"{name} block {i}: error {err}, not ENOSPC"
+                    refused[name].append(i)
+            c.close()
+
+        threads = [threading.Thread(target=fill, args=(n, k)) for n, k in (("a", 0), ("b", 100))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(written["a"]) + len(written["b"]) == 32      # every block given out once
+        assert len(refused["a"]) + len(refused["b"]) == 32
+        for name, seed in (("a", 0), ("b", 100)):
+            c = Client(s.sock)
+            c.go(name)
+            for i, data in written[name].items():
+                assert c.read(i * 65536, 65536) == data
+            if written[name]:                                    # an owned block: in place
+                i = next(iter(written[name]))
+                c.request(CMD_WRITE, i * 65536, 4096, b"o" * 4096)
+                assert c.reply()[1] == 0
+                written[name][i] = b"o" * 4096 + written[name][i][4096:]
+            c.close()
+        with cowblock.connect(path) as pool:                     # through the daemon
+            pool.resize(96 * 65536)
+        for name, seed in (("a", 0), ("b", 100)):
+            c = Client(s.sock)
+            c.go(name)
+            for i in refused[name]:
+                c.request(CMD_WRITE, i * 65536, 65536, pattern(seed + i, 65536))
+                assert c.reply()[1] == 0
+                written[name][i] = pattern(seed + i, 65536)
+            for i, data in written[name].items():
+                assert c.read(i * 65536, 65536) == data
+            c.close()
+    finally:
+        s.stop()
+    with Pool.open(path) as pool:
+        assert pool.check().ok
+        for name in ("a", "b"):
+            dev = pool.device(name)
+            for i, data in written[name].items():
+                assert dev.pread(65536, i * 65536) == data
