@@ -463,3 +463,64 @@ def test_two_clients_fill_the_pool_then_it_grows_under_them(tmp_path):
             dev = pool.device(name)
             for i, data in written[name].items():
                 assert dev.pread(65536, i * 65536) == data
+
+
+def test_two_clients_exhaust_metadata_then_it_grows_under_them(tmp_path):
+    """The same with metadata: scattered 4 KiB writes from two clients until
+    the metadata runs short.  ENOSPC for what needs more, the pool stays
+    writable (the reserve keeps commits possible, FLUSH works), and growing
+    the metadata through the control socket lets the retries through."""
+    import cowblock
+    path = tmp_path / "p"
+    blocks = 65536
+    with Pool.create(path, 2 * blocks * 4096, 4096, metadata_size=1 << 20,
+                     commit_interval=0) as pool:
+        pool.set_config({"health": {"min_free_space": 0}})
+        pool.create_thin("a", blocks * 4096)
+        pool.create_thin("b", blocks * 4096)
+    s = Served(path, tmp_path / "s.sock")
+    try:
+        written, refused = {"a": {}, "b": {}}, {"a": [], "b": []}
+
+        def scatter(name, seed):
+            c = Client(s.sock)
+            c.go(name)
+            for i in range(blocks // 2):
+                b = (i * 2654435761 + seed) % blocks
+                data = pattern(seed + i, 512)
+                c.request(CMD_WRITE, b * 4096, 512, data)
+                err = c.reply()[1]
+                if err:
+                    assert err == 28, f"{name}: error {err}, not ENOSPC"
+                    refused[name].append((b, data))
+                    if len(refused[name]) > 20:
+                        break
+                else:
+                    written[name][b] = data
+            c.request(CMD_FLUSH, 0, 0)                  # commits still work
+            assert c.reply()[1] == 0
+            c.close()
+
+        threads = [threading.Thread(target=scatter, args=(n, k)) for n, k in (("a", 0), ("b", 7))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert refused["a"] or refused["b"], "the metadata never ran short"
+        with cowblock.connect(path) as pool:
+            assert not pool.stats().read_only and not pool.stats().needs_check
+            pool.resize_metadata(4 << 20)
+        for name in ("a", "b"):
+            c = Client(s.sock)
+            c.go(name)
+            for b, data in refused[name]:
+                c.request(CMD_WRITE, b * 4096, 512, data)
+                assert c.reply()[1] == 0
+                written[name][b] = data
+            for b, data in written[name].items():
+                assert c.read(b * 4096, 512) == data
+            c.close()
+    finally:
+        s.stop()
+    with Pool.open(path) as pool:
+        assert pool.check().ok
