@@ -95,6 +95,11 @@ static int load_leaf_entry(cb_pool *p, uint32_t id, const struct cb_dev_detail *
     }
     if (d->size % 4096 || (d->size >> p->block_shift) > ((uint64_t)1 << 32))
         return cb_err(EUCLEAN, "device %u is corrupt: size %llu", id, (unsigned long long)d->size);
+    /* Callers size arrays by it: it must be possible, not just plausible. */
+    uint64_t dev_blocks = (d->size >> p->block_shift) + ((d->size & (p->block_size - 1)) != 0);
+    if (d->mapped_blocks > dev_blocks || d->mapped_blocks > p->m.sb.nr_data_blocks)
+        return cb_err(EUCLEAN, "device %u is corrupt: %llu mapped blocks, more than its size "
+                      "or the pool holds", id, (unsigned long long)d->mapped_blocks);
     /* Devices live in an array indexed by id: a wild id would cost gigabytes. */
     if (id >= p->m.sb.next_dev_id || id >= CB_MAX_DEV_ID)
         return cb_err(EUCLEAN, "device-details tree is corrupt: device id %u, but ids given out "
