@@ -78,8 +78,12 @@ static int verify_block(struct cb_meta *m, uint32_t b, const uint8_t *blk, uint3
         uint32_t vs = h->type == CB_BT_DEV_LEAF ? sizeof(struct cb_dev_detail) : 4;
         if (n->value_size != vs)
             return corrupt(b, "node value size", vs, n->value_size);
-        if (n->max_entries == 0 || (uint64_t)n->max_entries * (4 + vs) > CB_NODE_SPACE)
-            return corrupt(b, "node capacity", CB_NODE_SPACE / (4 + vs), n->max_entries);
+        /* Every node of a type has the pool's capacity: a split moves half
+         * of a node into a new one, which must have room for it. */
+        uint32_t cap = h->type == CB_BT_INTERNAL ? m->internal_max
+                       : h->type == CB_BT_MAP_LEAF ? m->leaf_max : m->dev_leaf_max;
+        if (n->max_entries != cap)
+            return corrupt(b, "node capacity", cap, n->max_entries);
         if (n->nr_entries > n->max_entries)
             return corrupt(b, "node entry count", n->max_entries, n->nr_entries);
     }
@@ -94,9 +98,19 @@ const uint8_t *meta_read(struct cb_meta *m, uint32_t b, uint32_t t1, uint32_t t2
                       type_name(t1), b, (unsigned long long)m->nr_blocks - 1);
         return NULL;
     }
-    if (m->dirty[b])
-        return m->dirty[b];
-    const uint8_t *blk = m->map + (uint64_t)b * CB_META_BLOCK_SIZE;
+    const uint8_t *blk = m->dirty[b];
+    if (blk) {
+        /* New in this transaction, so not verified; but a damaged pointer
+         * can still name it, and a block of another type must not be taken
+         * for what the pointer expects. */
+        uint32_t type = ((const struct cb_block_header *)blk)->type;
+        if (type == t1 || type == t2)
+            return blk;
+        *err = cb_err(EUCLEAN, "metadata block %u is corrupt: expected a %s, found a %s", b,
+                      type_name(t1), type_name(type));
+        return NULL;
+    }
+    blk = m->map + (uint64_t)b * CB_META_BLOCK_SIZE;
     uint8_t bit = (uint8_t)(1u << (b & 7));
     if (!(__atomic_load_n(&m->verified[b >> 3], __ATOMIC_ACQUIRE) & bit)) {
         int r = verify_block(m, b, blk, t1, t2);
@@ -196,11 +210,11 @@ uint8_t *meta_shadow(struct cb_meta *m, uint32_t *slot, uint32_t t1, uint32_t t2
                       old);
         return NULL;
     }
-    if (m->dirty[old] && ref == 1)
-        return m->dirty[old];
     const uint8_t *src = meta_read(m, old, t1, t2, err);
     if (!src)
         return NULL;
+    if (src == m->dirty[old] && ref == 1) /* new in this transaction: already ours */
+        return m->dirty[old];
     uint32_t nb;
     uint8_t *buf = meta_alloc_uncounted(m, ((const struct cb_block_header *)src)->type, &nb, err);
     if (!buf)
