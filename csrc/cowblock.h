@@ -230,6 +230,11 @@ struct cb_pool {
     struct cb_file data;
     uint8_t *data_map;         /* read-only shared mmap of the data file */
     uint64_t data_map_len;
+    struct retired_map {       /* mappings replaced by a resize while readers used them */
+        uint8_t *addr;
+        uint64_t len;
+    } *retired;
+    size_t nr_retired;
     struct cb_meta m;
     struct cb_dev **devs;      /* indexed by id */
     uint32_t devs_cap;

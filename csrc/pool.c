@@ -34,8 +34,15 @@ static int open_at(int dirfd, const char *name, int flags, const char *dir)
 
 static int map_data(cb_pool *p)
 {
-    if (p->data_map) {
-        sm_wait_readers(&p->m.dsm, -1); /* they copy from the old mapping */
+    if (p->data_map && !sm_wait_readers(&p->m.dsm, 0)) {
+        /* Readers still copy from the old mapping: keep it until close
+         * rather than wait for them with the write lock held. */
+        struct retired_map *v = realloc(p->retired, (p->nr_retired + 1) * sizeof *v);
+        if (!v)
+            return cb_err(ENOMEM, "out of memory");
+        v[p->nr_retired++] = (struct retired_map){p->data_map, p->data_map_len};
+        p->retired = v;
+    } else if (p->data_map) {
         munmap(p->data_map, p->data_map_len);
     }
     p->data_map_len = p->m.sb.nr_data_blocks * p->block_size;
@@ -194,10 +201,12 @@ int cb_pool_close(cb_pool *p)
     for (uint32_t i = 0; i < p->devs_cap; i++)
         dev_free(p->devs[i]);
     free(p->devs);
-    if (p->data_map) {
-        sm_wait_readers(&p->m.dsm, -1);
+    sm_wait_readers(&p->m.dsm, -1);
+    if (p->data_map)
         munmap(p->data_map, p->data_map_len);
-    }
+    for (size_t i = 0; i < p->nr_retired; i++)
+        munmap(p->retired[i].addr, p->retired[i].len);
+    free(p->retired);
     int mfd = p->m.file.fd;
     meta_close(&p->m);
     if (mfd >= 0)

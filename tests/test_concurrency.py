@@ -456,9 +456,9 @@ def test_no_lost_updates_in_shared_blocks_under_snapshots(tmp_path, block_size):
 def test_a_reader_stuck_in_a_page_fault_stalls_no_other_device(tmp_path):
     """A read copies without the pool lock: while one thread is stuck in a
     page fault inside a read of device a, another device allocates, is
-    snapshotted, committed and read; and the blocks a discard freed under the
-    stuck reader are not handed out until it is done, so it still gets a's
-    data, never another device's."""
+    snapshotted, committed, read and grown; and the blocks a discard freed
+    under the stuck reader are not handed out until it is done, so it still
+    gets a's data, never another device's."""
     why = uffd.unavailable()
     if why:
         pytest.skip(why)
@@ -494,13 +494,16 @@ def test_a_reader_stuck_in_a_page_fault_stalls_no_other_device(tmp_path):
                 b.pwrite(pattern(999, bs), free * bs)   # would need a's old blocks
             except NoSpaceError:
                 done["held"] = True
+            pool.resize(32 * bs)                  # remaps the data file under the reader
+            b.pwrite(pattern(998, bs), (free + 1) * bs)
+            done["grown"] = b.pread(bs, (free + 1) * bs) == pattern(998, bs)
 
         worker = threading.Thread(target=other_devices)
         worker.start()
         worker.join(30)
         assert not worker.is_alive(), "another device stalled behind the stuck reader"
         assert reader.is_alive(), "the reader was not stuck after all"
-        assert done == {"read": pattern(100, bs), "held": True}
+        assert done == {"read": pattern(100, bs), "held": True, "grown": True}
     finally:
         stall.release()
         reader.join(30)
