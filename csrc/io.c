@@ -70,8 +70,13 @@ static void undo_all(void)
     undo_n = 0;
 }
 
+/* The old bytes of the sectors a write touches: a disk loses or keeps
+ * whole 512-byte sectors, never parts of one. */
 static void undo_record(int fd, uint64_t off, size_t len)
 {
+    uint64_t end = (off + len + 511) & ~(uint64_t)511;
+    off &= ~(uint64_t)511;
+    len = (size_t)(end - off);
     if (undo_n == undo_cap) {
         undo_cap = undo_cap ? undo_cap * 2 : 256;
         undo = realloc(undo, undo_cap * sizeof *undo);
