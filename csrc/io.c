@@ -106,14 +106,14 @@ static int fault_gate(struct cb_file *f, const char *op, bool is_write, uint64_t
     fault_count++;
     if (fault_mode == FAULT_POWER_CUT) {
         if (fault_count == fault_nth) {
-            undo_all();
             dead = true;
             /* Disks tear at sector boundaries of the device, not of the write. */
             uint64_t cut = (off + len / 2) & ~(uint64_t)511;
             if (torn && (fault_flags & CB_CUT_TEAR) && cut > off) {
                 *torn = (size_t)(cut - off);
-                ret = 1;
+                ret = 1; /* the caller writes the torn part, then loses the rest */
             } else {
+                undo_all();
                 ret = cb_err(EIO, "%s of %s failed: simulated power cut", op, f->name);
             }
             goto out;
@@ -185,7 +185,10 @@ static int write_all(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off
     return 0;
 }
 
-/* Write the first torn bytes of the vector: what a power cut mid-write leaves. */
+/* Write the first torn bytes of the vector, then lose the unsynced writes:
+ * in that order, the torn sectors hold what the page cache held around the
+ * write, as the sectors a disk writes do, and an older write lost after
+ * them takes whole sectors with it. */
 static int write_torn(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off, size_t torn)
 {
     int keep = 0;
@@ -195,6 +198,9 @@ static int write_torn(struct cb_file *f, struct iovec *iov, int cnt, uint64_t of
         torn -= iov[keep++].iov_len;
     }
     write_all(f, iov, keep, off);
+    pthread_mutex_lock(&fault_lock);
+    undo_all();
+    pthread_mutex_unlock(&fault_lock);
     return cb_err(EIO, "write of %s failed: simulated power cut (torn write)", f->name);
 }
 
