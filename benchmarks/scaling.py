@@ -25,6 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nbd_compare import Server  # noqa: E402
 
+import cowblock  # noqa: E402
 from cowblock import Pool  # noqa: E402
 
 MiB = 1 << 20
@@ -91,6 +92,9 @@ def fio_run(sock, targets, rw, seconds, size):
 
 
 LAYOUTS = {"1 device": ["a"], "2 devices": ["a", "b"], "1 device, 2 workers": ["a", "a"]}
+# Each round: the three layouts interleaved per workload; first writes last,
+# since they replace snapshots (deleting the old ones costs metadata work).
+PLAN = [(kind, layout) for kind in ("read", "overwrite", "first write") for layout in LAYOUTS]
 
 
 def main():
@@ -113,32 +117,29 @@ def main():
             fill(pool, "b", size)
             pool.commit()
             for _ in range(args.runs):
-                for layout, targets in LAYOUTS.items():
-                    for kind in ("read", "overwrite", "first write"):
-                        names = targets
-                        if kind == "first write":
-                            snaps = fresh_snapshots(pool, sorted(set(targets)))
-                            names = [f"{t}-snap" for t in targets]
-                            assert set(names) == set(snaps)
-                        iops = api_run(pool, names, "read" if kind == "read" else "write",
-                                       args.seconds, size)
-                        results.setdefault(("api", kind, layout), []).append(iops)
+                for kind, layout in PLAN:
+                    targets = LAYOUTS[layout]
+                    names = targets
+                    if kind == "first write":
+                        fresh_snapshots(pool, sorted(set(targets)))
+                        names = [f"{t}-snap" for t in targets]
+                    iops = api_run(pool, names, "read" if kind == "read" else "write",
+                                   args.seconds, size)
+                    results.setdefault(("api", kind, layout), []).append(iops)
         if shutil.which("fio"):
             server = Server(["cowblock", "--pool", pool_dir, "serve", "--socket", sock],
                             sock, "cowblock serve")
             try:
-                with_proxy = __import__("cowblock").connect
                 for _ in range(args.runs):
-                    for layout, targets in LAYOUTS.items():
-                        for kind, rw in (("read", "randread"), ("overwrite", "randwrite"),
-                                         ("first write", "randwrite")):
-                            names = targets
-                            if kind == "first write":
-                                with with_proxy(pool_dir) as pool:
-                                    fresh_snapshots(pool, sorted(set(targets)))
-                                names = [f"{t}-snap" for t in targets]
-                            iops = fio_run(sock, names, rw, args.seconds, size)
-                            results.setdefault(("nbd", kind, layout), []).append(iops)
+                    for kind, layout in PLAN:
+                        targets, rw = LAYOUTS[layout], "randread" if kind == "read" else "randwrite"
+                        names = targets
+                        if kind == "first write":
+                            with cowblock.connect(pool_dir) as pool:
+                                fresh_snapshots(pool, sorted(set(targets)))
+                            names = [f"{t}-snap" for t in targets]
+                        iops = fio_run(sock, names, rw, args.seconds, size)
+                        results.setdefault(("nbd", kind, layout), []).append(iops)
             finally:
                 server.stop()
     finally:
