@@ -78,6 +78,23 @@ POWER_OPS = [("create", "a", 48 * BS), ("write", "a", 5, 1, 3 * BS), ("write", "
              ("commit",)]
 
 
+def cut_at_every_io(tmp_path, ops, flags, label):
+    """Count the I/Os of ops, then cut the power at each in turn, reopen and
+    verify; returns the number of cuts."""
+    tmp_path.mkdir(exist_ok=True)
+    _, _, _, total = run_with_power_cut(tmp_path / "count", ops, 0, 0)
+    for nth in range(1, total + 1):
+        pool_dir = tmp_path / f"cut{nth}"
+        initial, started, commits, _ = run_with_power_cut(pool_dir, ops, nth, flags)
+        with Pool.open(pool_dir, commit_interval=0) as pool:
+            try:
+                verify(pool, ops, started, commits, initial)
+            except AssertionError as e:
+                raise AssertionError(f"{label}power cut at I/O {nth} of {total}: {e}") from None
+        shutil.rmtree(pool_dir)
+    return total
+
+
 CUTS = {"drop-all": 0, "keep-newest": lib.CB_CUT_KEEP_NEWEST, "keep-random": lib.CB_CUT_KEEP_RANDOM,
         "torn": lib.CB_CUT_TEAR, "torn-keep-random": lib.CB_CUT_TEAR | lib.CB_CUT_KEEP_RANDOM}
 
@@ -90,16 +107,7 @@ def test_power_cut_at_every_io(tmp_path, cut):
     write the power cut interrupts lands torn, half written.  The pool must
     reopen to a commit at or after the last one that returned, matching the
     model."""
-    _, _, _, total = run_with_power_cut(tmp_path / "count", POWER_OPS, 0, 0)
-    assert total > 20
-    for nth in range(1, total + 1):
-        pool_dir = tmp_path / f"cut{nth}"
-        initial, started, commits, _ = run_with_power_cut(pool_dir, POWER_OPS, nth, CUTS[cut])
-        with Pool.open(pool_dir, commit_interval=0) as pool:
-            try:
-                verify(pool, POWER_OPS, started, commits, initial)
-            except AssertionError as e:
-                raise AssertionError(f"power cut at I/O {nth} of {total}: {e}") from None
+    assert cut_at_every_io(tmp_path, POWER_OPS, CUTS[cut], "") > 20
 
 
 @pytest.mark.parametrize("cut", ["drop-all", "torn-keep-random"])
@@ -109,18 +117,7 @@ def test_power_cut_at_every_io_of_random_workloads(tmp_path, cut):
     cuts = 0
     for w in range(POWER_WORKLOADS):
         ops = generate(1000 + w, 40) + [("commit",)]  # close() commits nothing more
-        _, _, _, total = run_with_power_cut(tmp_path / f"count{w}", ops, 0, 0)
-        for nth in range(1, total + 1):
-            pool_dir = tmp_path / f"w{w}cut{nth}"
-            initial, started, commits, _ = run_with_power_cut(pool_dir, ops, nth, CUTS[cut])
-            with Pool.open(pool_dir, commit_interval=0) as pool:
-                try:
-                    verify(pool, ops, started, commits, initial)
-                except AssertionError as e:
-                    raise AssertionError(f"workload {w}, power cut at I/O {nth} of {total}: "
-                                         f"{e}") from None
-            shutil.rmtree(pool_dir)
-            cuts += 1
+        cuts += cut_at_every_io(tmp_path / f"w{w}", ops, CUTS[cut], f"workload {w}, ")
     print(f"{cuts} power cuts ({cut}) over {POWER_WORKLOADS} workloads, each reopened and verified")
 
 
