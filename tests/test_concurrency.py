@@ -411,17 +411,23 @@ def test_no_lost_updates_in_shared_blocks_under_snapshots(tmp_path, block_size):
             def go():
                 mine = [i for i in range(n_pieces) if owner[i] == t]
                 seq = 0
-                while not stop.is_set():
-                    seq += 1
-                    for i in mine:
-                        dev.pwrite(payload(t, seq), i * piece)
-                    rounds[t] = seq
+                try:
+                    while not stop.is_set():
+                        seq += 1
+                        for i in mine:
+                            dev.pwrite(payload(t, seq), i * piece)
+                        rounds[t] = seq
+                finally:
+                    stop.set()  # a writer that failed must not leave the snapshotter waiting
             return go
 
         def snapshotter():
+            # Paced by the writers, not the clock (a sanitizer build is slow):
+            # snapshot k waits until every writer has done k + 2 rounds.
             try:
                 for k in range(30):
-                    time.sleep(0.002)
+                    while min(rounds) < k + 2 and not stop.is_set():
+                        time.sleep(0.001)
                     snaps.append(pool.snapshot("a", f"s{k}", read_only=True))
             finally:
                 stop.set()
