@@ -12,7 +12,7 @@ from .errors import (BusyError, CorruptMetadataError, CowblockError, DeviceExist
                      NeedsCheckError, NoSpaceError, PoolClosedError, PoolExistsError,
                      PoolIOError, PoolLockedError, PoolNotFoundError, ReadOnlyError)
 from .pool import CheckReport, DeviceInfo, DiffRange, Pool, PoolStats, Usage
-from .daemon import PoolProxy, connect
+from .control.client import PoolProxy, connect
 
 __version__ = "0.1.0"
 

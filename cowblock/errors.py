@@ -140,3 +140,19 @@ def from_code(code, message, *, not_found=DeviceNotFoundError, exists=DeviceExis
     if err == _errno.EIO:
         return PoolIOError(message)
     return PoolIOError(message, err)
+
+
+class MountError(CowblockError):
+    """This machine cannot mount a device, or a mount step failed."""
+
+
+class DaemonError(CowblockError):
+    """The pool daemon could not be started or reached, or it failed."""
+
+    hint = "see `cowblock daemon status`; its log is in the runtime directory it names"
+
+
+class VersionError(DaemonError):
+    """The pool daemon and this client speak different control protocols."""
+
+    hint = "stop the old daemon (`cowblock daemon stop`); the next command starts a new one"

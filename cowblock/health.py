@@ -66,6 +66,7 @@ class Health:
     low_water_metadata: float
     min_free_space: float
     warnings: list = field(default_factory=list)
+    hook: "str | None" = None
 
     @property
     def below_low_water(self):
@@ -84,7 +85,8 @@ def pool_health(pool):
     meta_free = 100.0 * max(0, usable_meta - s.metadata_used_bytes) / max(usable_meta, 1)
     provisioned = sum(d.size for d in pool.list())
     h = Health(data_free, meta_free, provisioned, s.data_blocks * s.block_size,
-               cfg["low_water_data"], cfg["low_water_metadata"], cfg["min_free_space"])
+               cfg["low_water_data"], cfg["low_water_metadata"], cfg["min_free_space"],
+               hook=cfg["hook"])
     if data_free < h.low_water_data:
         h.warnings.append(f"pool data space is low: {data_free:.1f}% free, under the low-water "
                           f"mark of {h.low_water_data}%; grow it with `cowblock pool resize`")
@@ -93,6 +95,22 @@ def pool_health(pool):
                           f"low-water mark of {h.low_water_metadata}%; grow it with "
                           f"`cowblock pool resize --metadata SIZE`")
     return h
+
+
+def report(pool):
+    """Everything `cowblock pool info` shows: sizes, space, health settings."""
+    s, h, cfg = pool.stats(), pool_health(pool), settings(pool)
+    return {"path": pool.path, "uuid": s.uuid, "block_size": s.block_size,
+            "data_size": s.data_blocks * s.block_size, "data_used": s.data_used * s.block_size,
+            "data_free": s.data_free * s.block_size, "data_free_pct": round(h.data_free_pct, 2),
+            "metadata_capacity": s.metadata_capacity_bytes, "metadata_used": s.metadata_used_bytes,
+            "metadata_free_pct": round(h.metadata_free_pct, 2),
+            "metadata_reserve": s.metadata_reserve_bytes, "transaction_id": s.transaction_id,
+            "devices": s.devices, "provisioned": h.provisioned_bytes,
+            "overprovisioned": h.overprovisioned, "low_water_data": h.low_water_data,
+            "low_water_metadata": h.low_water_metadata, "min_free_space": h.min_free_space,
+            "hook": cfg["hook"], "below_low_water": h.below_low_water,
+            "needs_check": s.needs_check, "read_only": s.read_only, "warnings": h.warnings}
 
 
 def run_hook(pool_path, hook, health):

@@ -310,9 +310,9 @@ def commit_container(pool, container, image_name):
     labels = {KIND: IMAGE}
     if _kind(by_name.get(parent)) == IMAGE:
         labels[PARENT_LABEL] = parent
-    from .mount import frozen
-    with frozen(pool.path, container):  # a mounted container's filesystem is clean in the layer
-        pool.snapshot(container, image_name, read_only=True, labels=labels)
+    # (run by the daemon, a mounted container's filesystem is frozen around
+    # this: see the call table, control.calls)
+    pool.snapshot(container, image_name, read_only=True, labels=labels)
     return image_info(pool, image_name)
 
 
@@ -328,6 +328,5 @@ def remove_containers(pool, names, deferred=False):
     names = list(dict.fromkeys(names))
     for name in names:
         _require(pool, name, CONTAINER, "remove the container")
-    for name in names:
-        pool.delete(name, deferred=deferred)
+    pool.delete(*names, deferred=deferred)
     return names

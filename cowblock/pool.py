@@ -4,6 +4,7 @@ The C core (csrc/) owns blocks, mappings, reference counts and commits;
 this layer adds names and labels (cowblock.catalog), the pool lock, the
 periodic commit, argument checking, and Python types for what it returns.
 """
+import dataclasses
 import datetime
 import json
 import math
@@ -38,6 +39,8 @@ class DeviceInfo:
     labels: dict = field(default_factory=dict)
     creation_time: int = 0   # the pool's snapshot counter ("time", as dm-thin) at creation
     snap_time: int = 0       # ... when it was last snapshotted
+    exclusive_blocks: "int | None" = None   # with usage=True: blocks only it maps
+    shared_blocks: "int | None" = None      # ... and blocks it shares with another device
 
     @property
     def mapped_bytes(self):
@@ -347,22 +350,26 @@ class Pool:
         except TypeError:  # unhashable: no device has such a name
             return False
 
-    def delete(self, name, *, deferred=False):
-        """Delete a device; every block only it used is freed.
+    def delete(self, *names, deferred=False):
+        """Delete devices; every block only they used is freed.  Every name
+        must exist before any device is removed.
 
-        deferred: return at once; the device is marked for removal in the
+        deferred: return at once; each device is marked for removal in the
         metadata (hidden, its name free again) and its blocks are reclaimed
         by a background thread, or at the next open if the pool closes first."""
         with self._catalog_lock:
-            did = self._id(name)
-            if deferred:
-                info = self._info(did)
-                check(lib.cb_dev_set_flags(self._handle(), did, info.flags | DELETING_FLAG))
-                self._reclaim.append(did)
-            else:
-                check(lib.cb_dev_delete(self._handle(), did))
-            del self._names[name]
-            del self._meta[did]
+            ids = [self._id(name) for name in names]
+            if len(set(ids)) != len(ids):
+                raise errors.InvalidArgumentError(f"a device is named twice in {list(names)}")
+            for name, did in zip(names, ids):
+                if deferred:
+                    info = self._info(did)
+                    check(lib.cb_dev_set_flags(self._handle(), did, info.flags | DELETING_FLAG))
+                    self._reclaim.append(did)
+                else:
+                    check(lib.cb_dev_delete(self._handle(), did))
+                del self._names[name]
+                del self._meta[did]
         if deferred:
             self._start_reclaim()
 
@@ -435,6 +442,18 @@ class Pool:
         with self._catalog_lock:
             check(lib.cb_dev_rollback(self._handle(), self._id(name), self._id(snapshot)))
 
+    def update(self, name, *, read_only=None, labels=None):
+        """Change a device's read-only flag and/or labels (a dict of changes:
+        a value of None or "" removes that label); returns its DeviceInfo."""
+        if read_only is not None:
+            self.set_read_only(name, read_only)
+        if labels:
+            if not isinstance(labels, dict):
+                raise errors.InvalidArgumentError(f"label changes {labels!r:.100} are not a dict")
+            merged = {**self.info(name).labels, **labels}
+            self.set_labels(name, {k: v for k, v in merged.items() if v not in (None, "")})
+        return self.info(name)
+
     def set_read_only(self, name, flag=True):
         did = self._id(name)
         info = self._info(did)
@@ -458,25 +477,37 @@ class Pool:
             transaction_id=raw.transaction_id, labels=dict(labels),
             creation_time=raw.creation_time, snap_time=raw.snap_time)
 
-    def info(self, name):
-        return self._device_info(self._id(name))
+    def info(self, name, *, usage=False):
+        """A device's DeviceInfo; usage: with its exclusive and shared blocks
+        (walks its tree)."""
+        did = self._id(name)
+        return self._with_usage(self._device_info(did), did) if usage else self._device_info(did)
 
-    def list(self):
-        """Every device, in id (creation) order."""
+    def list(self, *, usage=False):
+        """Every device, in id (creation) order; usage: as info(usage=True)."""
         out = ffi.new("cb_devinfo *")
         h = self._handle()
         result = []
         with self._catalog_lock:  # no device vanishes half-way through
             for did in sorted(self._meta):
                 check(lib.cb_dev_info(h, did, out))
-                result.append(self._device_info(did, out))
+                info = self._device_info(did, out)
+                result.append(self._with_usage(info, did) if usage else info)
         return result
+
+    def _usage(self, did):
+        ex, sh = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        check(lib.cb_dev_usage(self._handle(), did, ex, sh))
+        return Usage(ex[0], sh[0], self.block_size)
+
+    def _with_usage(self, info, did):
+        u = self._usage(did)
+        return dataclasses.replace(info, exclusive_blocks=u.exclusive_blocks,
+                                   shared_blocks=u.shared_blocks)
 
     def usage(self, name):
         """Exclusive and shared blocks of a device, like thin_ls (walks its tree)."""
-        ex, sh = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        check(lib.cb_dev_usage(self._handle(), self._id(name), ex, sh))
-        return Usage(ex[0], sh[0], self.block_size)
+        return self._usage(self._id(name))
 
     def diff(self, a, b, *, same=False):
         """Yield DiffRange runs of virtual blocks whose mappings differ between

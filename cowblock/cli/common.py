@@ -7,9 +7,9 @@ import sys
 import click
 
 from .. import errors, health
+from ..control import client
+from ..errors import BusyError
 from ..paths import default_pool_path, open_or_create
-from ..daemon import BusyError, connect
-from ..mount import MountError
 from ..sizes import format_size, parse_size
 
 # Exit codes by exception class (checked in order: subclasses first).
@@ -24,7 +24,8 @@ EXIT_CODES = [
     (errors.PoolIOError, 10),
     (errors.HostFileError, 11),
     (BusyError, 12),
-    (MountError, 13),
+    (errors.MountError, 13),
+    (errors.DaemonError, 14),
     (errors.CowblockError, 1),
 ]
 EXIT_CHECK_FAILED = 9
@@ -50,14 +51,24 @@ class Settings:
         return self.pool_arg or default_pool_path()
 
     def open(self, read_only=False, create=True):
-        """The pool, or a proxy to the daemon (`cowblock serve`) that holds it.
-        The embedded default is made on first use; a pool named with --pool or
+        """The pool, or a proxy to the daemon that holds it.  The embedded
+        default is made on first use; a pool named with --pool or
         $COWBLOCK_POOL must exist.  Waits up to --timeout seconds for another
         command holding it, as LVM does."""
         explicit = bool(self.pool_arg or os.environ.get("COWBLOCK_POOL"))
         if not explicit and create and not os.path.isfile(os.path.join(self.pool_path, "metadata")):
             return open_or_create(self.pool_path, read_only=read_only, timeout=self.timeout)
-        return connect(self.pool_path, read_only=read_only, timeout=self.timeout)
+        return client.connect(self.pool_path, read_only=read_only, timeout=self.timeout,
+                              on_note=note)
+
+    def daemon(self):
+        """A proxy to the pool's daemon (started if none runs), and whether
+        this command started it."""
+        return client.daemon(self.pool_path, timeout=self.timeout, on_note=note)
+
+
+def note(text):
+    click.echo(f"cowblock: note: {text}", err=True)
 
 
 def pass_settings(fn):
@@ -65,18 +76,22 @@ def pass_settings(fn):
 
 
 def with_pool(read_only=False):
-    """Open the pool around the command and pass it as the first argument."""
+    """Open the pool around the command and pass it as the first argument;
+    then report the pool's health (through a daemon, as part of the
+    command's own reply)."""
     def wrap(fn):
         @click.pass_obj
         @functools.wraps(fn)
         def run(settings, *args, **kwargs):
             # Only commands that write make the default pool on first use.
             with settings.open(read_only=read_only, create=not read_only) as pool:
-                h = health.pool_health(pool)
-                for warning in h.warnings:
-                    click.echo(f"cowblock: warning: {warning}", err=True)
-                hook = health.settings(pool)["hook"] if h.below_low_water else None
+                if isinstance(pool, client.PoolProxy):
+                    pool.want_health = True
                 result = fn(settings, pool, *args, **kwargs)
+                h = getattr(pool, "health", None) or client.run(pool, health.pool_health)
+                hook = h.hook if h.below_low_water else None
+            for warning in h.warnings:
+                click.echo(f"cowblock: warning: {warning}", err=True)
             if hook:  # after closing: the hook may well open the pool itself
                 status = health.run_hook(settings.pool_path, hook, h)
                 if status:

@@ -13,7 +13,7 @@ from .. import errors
 from .common import Settings, exit_code
 
 COMMANDS = ["pool", "create", "snapshot", "rm", "rename", "resize", "set", "rollback", "ls",
-            "info", "diff", "read", "write", "import", "export", "image", "container", "serve", "mount", "umount", "bench"]
+            "info", "diff", "read", "write", "import", "export", "image", "container", "serve", "mount", "umount", "daemon", "bench"]
 
 
 class LazyGroup(click.Group):

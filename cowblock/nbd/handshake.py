@@ -32,6 +32,7 @@ class Session:
     structured: bool
     contexts: dict = field(default_factory=dict)   # context name -> id
     read_only: bool = False
+    release: object = None     # what catalog.claim gave: called when the connection ends
 
 
 def _recv(sock, n):
@@ -112,9 +113,26 @@ def _match_contexts(queries):
     return out
 
 
+def _send_info(sock, opt, export, structured, infos):
+    """The replies to INFO or GO: what the client asked to know, then ACK."""
+    flags = transmission_flags(export, structured)
+    _reply(sock, opt, P.REP_INFO, struct.pack(">HQH", P.INFO_EXPORT, export.size, flags))
+    preferred = min(export.block_size, P.MAX_PAYLOAD)
+    _reply(sock, opt, P.REP_INFO, struct.pack(">HIII", P.INFO_BLOCK_SIZE, 512, preferred,
+                                              P.MAX_PAYLOAD))
+    if P.INFO_NAME in infos:
+        _reply(sock, opt, P.REP_INFO, struct.pack(">H", P.INFO_NAME) + export.name.encode())
+    if P.INFO_DESCRIPTION in infos:
+        _reply(sock, opt, P.REP_INFO, struct.pack(">H", P.INFO_DESCRIPTION)
+               + f"cowblock thin device {export.name}".encode())
+    _reply(sock, opt, P.REP_ACK)
+
+
 def negotiate(sock, catalog):
     """catalog.resolve(name) -> Export (raises LookupError with a message);
-    catalog.names() -> exported names.  A client gets P.MAX_OPTIONS options
+    catalog.names() -> exported names; catalog.claim(export) -> a release
+    callable, or raises PermissionError with a message when the export may
+    not be used now (a device mounted read-write elsewhere).  A client gets P.MAX_OPTIONS options
     and P.HANDSHAKE_SECONDS in all: a busy one cannot hold a connection slot
     forever any more than a silent one (the socket's own timeout) can."""
     deadline = time.monotonic() + P.HANDSHAKE_SECONDS
@@ -142,11 +160,17 @@ def negotiate(sock, catalog):
         if opt == P.OPT_EXPORT_NAME:
             try:
                 export = catalog.resolve(data.decode("utf-8", "replace"))
-            except LookupError as e:  # no error reply exists for this option
+                release = catalog.claim(export)
+            except (LookupError, PermissionError) as e:  # no error reply exists for this option
                 raise HandshakeError(str(e)) from None
             flags = transmission_flags(export, False)
-            sock.sendall(struct.pack(">QH", export.size, flags) + (b"" if no_zeroes else bytes(124)))
-            return Session(export, False, {}, export.read_only)
+            try:
+                sock.sendall(struct.pack(">QH", export.size, flags)
+                             + (b"" if no_zeroes else bytes(124)))
+            except BaseException:
+                release()
+                raise
+            return Session(export, False, {}, export.read_only, release)
         if opt == P.OPT_ABORT:
             _reply(sock, opt, P.REP_ACK)
             return None
@@ -169,19 +193,22 @@ def negotiate(sock, catalog):
             except LookupError as e:
                 _error(sock, opt, P.REP_ERR_UNKNOWN, str(e))
                 continue
-            flags = transmission_flags(export, structured)
-            _reply(sock, opt, P.REP_INFO, struct.pack(">HQH", P.INFO_EXPORT, export.size, flags))
-            preferred = min(export.block_size, P.MAX_PAYLOAD)
-            _reply(sock, opt, P.REP_INFO, struct.pack(">HIII", P.INFO_BLOCK_SIZE, 512, preferred,
-                                                      P.MAX_PAYLOAD))
-            if P.INFO_NAME in infos:
-                _reply(sock, opt, P.REP_INFO, struct.pack(">H", P.INFO_NAME) + export.name.encode())
-            if P.INFO_DESCRIPTION in infos:
-                _reply(sock, opt, P.REP_INFO, struct.pack(">H", P.INFO_DESCRIPTION)
-                       + f"cowblock thin device {export.name}".encode())
-            _reply(sock, opt, P.REP_ACK)
+            release = None
             if opt == P.OPT_GO:
-                return Session(export, structured, contexts if structured else {}, export.read_only)
+                try:
+                    release = catalog.claim(export)
+                except PermissionError as e:
+                    _error(sock, opt, P.REP_ERR_POLICY, str(e))
+                    continue
+            try:
+                _send_info(sock, opt, export, structured, infos)
+            except BaseException:
+                if release:
+                    release()
+                raise
+            if opt == P.OPT_GO:
+                return Session(export, structured, contexts if structured else {},
+                               export.read_only, release)
         elif opt == P.OPT_STRUCTURED_REPLY:
             if data:
                 _error(sock, opt, P.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")

@@ -20,12 +20,24 @@ from .protocol import CONTEXT_ALLOCATION, CONTEXT_SHARED
 
 
 class Catalog:
-    """The exports: the named devices, or every device of the pool."""
+    """The exports: the named devices, or every device of the pool.
+    admit(export) -> a release callable, or raises BusyError: the daemon's
+    rule on who may use a device at once (None: anyone)."""
 
-    def __init__(self, pool, names, read_only):
+    def __init__(self, pool, names, read_only, admit=None):
         self.pool, self.only, self.read_only = pool, list(names or []), read_only
+        self.admit = admit
         for name in self.only:
             pool.device(name)  # unknown names fail at start
+
+    def claim(self, export):
+        """Called as a client enters transmission: what to call when it leaves."""
+        if self.admit is None:
+            return lambda: None
+        try:
+            return self.admit(export)
+        except errors.BusyError as e:
+            raise PermissionError(str(e)) from None
 
     def names(self):
         return self.only or [d.name for d in self.pool.list()]
@@ -62,9 +74,10 @@ def parse_listen(text, insecure=False):
 
 class NBDServer:
     def __init__(self, pool, names=None, *, socket_path=None, listen=None, insecure=False,
-                 read_only=False, max_connections=16, workers=None, on_full_wait=0.0, log=None):
+                 read_only=False, max_connections=16, workers=None, on_full_wait=0.0, log=None,
+                 admit=None):
         self.pool = pool
-        self.catalog = Catalog(pool, names, read_only)
+        self.catalog = Catalog(pool, names, read_only, admit)
         self.socket_path = socket_path
         self.listen = parse_listen(listen, insecure) if listen else None
         self.max_connections = max_connections
@@ -153,6 +166,7 @@ class NBDServer:
     # ---- one connection ----
     def _handle(self, sock, serial, peer):
         who = peer if peer else "unix socket"
+        release = None
         try:
             if self.listen:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -166,8 +180,10 @@ class NBDServer:
                 self.log(f"connection {serial} from {who}: aborted during the handshake")
                 return
             sock.settimeout(None)
+            release = session.release
             with self._lock:
-                self._exports[threading.current_thread()] = session.export.name
+                self._exports[threading.current_thread()] = (session.export.name,
+                                                             session.read_only)
             c = ffi.new("cb_nbd_conn *")
             c.dev_id = session.export.dev_id
             c.fd = sock.fileno()
@@ -190,8 +206,15 @@ class NBDServer:
             with self._lock:
                 self._conns.pop(threading.current_thread(), None)
                 self._exports.pop(threading.current_thread(), None)
+            if release:
+                release()
 
     def busy_devices(self):
         """Names of the devices NBD clients are using now."""
         with self._lock:
-            return set(self._exports.values())
+            return {name for name, _ in self._exports.values()}
+
+    def connections(self):
+        """(device name, read-only) of each connection in transmission."""
+        with self._lock:
+            return list(self._exports.values())

@@ -2,6 +2,7 @@
 import click
 
 from ... import images
+from ...control.client import run
 from ..common import emit, format_size, table, with_pool
 
 
@@ -28,7 +29,7 @@ def create(settings, pool, image, name):
     Example:
       cowblock container create debian-web web-1
     """
-    c = images.create_container(pool, image, name)
+    c = run(pool, images.create_container, image, name)
     emit(settings, c.to_dict(), lambda d: click.echo(f"created container {name} from {image}"))
 
 
@@ -44,7 +45,7 @@ def commit(settings, pool, name, image):
     Example:
       cowblock container commit web-1 debian-web-v2
     """
-    i = images.commit_container(pool, name, image)
+    i = run(pool, images.commit_container, name, image)
     emit(settings, i.to_dict(),
          lambda d: click.echo(f"committed {name} as image {image} "
                               f"(layers: {' > '.join(d['layers'])})"))
@@ -62,7 +63,7 @@ def rm(settings, pool, names, deferred):
     Example:
       cowblock container rm web-1 web-2
     """
-    removed = images.remove_containers(pool, names, deferred=deferred)
+    removed = run(pool, images.remove_containers, list(names), deferred=deferred)
     emit(settings, {"removed": removed, "deferred": deferred},
          lambda d: click.echo(f"removed {', '.join(removed)}"
                               + (" (reclaim deferred)" if deferred else "")))
@@ -82,4 +83,4 @@ def ls(settings, pool):
         table([[r["name"], r["image"] or "-", format_size(r["size"]), format_size(r["mapped"]),
                 r["created"].replace("T", " ")] for r in rows],
               ["NAME", "IMAGE", "SIZE", "MAPPED", "CREATED"])
-    emit(settings, [c.to_dict() for c in images.list_containers(pool)], human)
+    emit(settings, [c.to_dict() for c in run(pool, images.list_containers)], human)

@@ -2,6 +2,7 @@
 import click
 
 from ... import images
+from ...control.client import run
 from ..common import emit, format_size, table, with_pool
 from .import_cmd import progress_bar
 
@@ -77,4 +78,4 @@ def ls(settings, pool):
                 len(r["layers"]), ",".join(r["containers"]) or "-", r["created"].replace("T", " ")]
                for r in rows], ["NAME", "PARENT", "SIZE", "MAPPED", "LAYERS", "CONTAINERS",
                                 "CREATED"])
-    emit(settings, [i.to_dict() for i in images.list_images(pool)], human)
+    emit(settings, [i.to_dict() for i in run(pool, images.list_images)], human)

@@ -14,7 +14,7 @@ def command(settings, pool, name):
     Example:
       cowblock info base --json
     """
-    record = device_record(pool, pool.info(name), usage=True)
+    record = device_record(pool.info(name, usage=True))
 
     def human(d):
         rows = [(k, format_size(v) if k in ("size", "mapped", "exclusive", "shared") else v)

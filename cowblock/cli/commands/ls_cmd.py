@@ -3,13 +3,14 @@ import click
 from ..common import emit, format_size, table, with_pool
 
 
-def device_record(pool, info, usage):
+def device_record(info):
+    """What ls and info show of a DeviceInfo (with its usage, if it has it)."""
     d = {"name": info.name, "id": info.id, "uuid": info.uuid, "origin": info.origin,
          "size": info.size, "mapped": info.mapped_bytes, "read_only": info.read_only,
          "created": info.created.isoformat(timespec="seconds"), "labels": info.labels}
-    if usage:
-        u = pool.usage(info.name)
-        d.update(exclusive=u.exclusive_bytes, shared=u.shared_bytes)
+    if info.exclusive_blocks is not None:
+        d.update(exclusive=info.exclusive_blocks * info.block_size,
+                 shared=info.shared_blocks * info.block_size)
     return d
 
 
@@ -33,7 +34,7 @@ def command(settings, pool, usage, tree, fmt):
         cols = list(rows[0]) if rows else ["DEV"]
         emit(settings, rows, lambda rs: table([[r[c] for c in cols] for r in rs], cols))
         return
-    records = [device_record(pool, i, usage) for i in pool.list()]
+    records = [device_record(i) for i in pool.list(usage=usage)]
 
     def human(rows):
         if tree:

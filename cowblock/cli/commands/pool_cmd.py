@@ -5,7 +5,8 @@ import click
 
 from ... import errors, health
 from ...pool import Pool
-from ..common import EXIT_CHECK_FAILED, SIZE, emit, format_size, table, with_pool
+from ...control.client import run
+from ..common import EXIT_CHECK_FAILED, SIZE, emit, format_size, note, table, with_pool
 
 
 @click.group("pool")
@@ -41,21 +42,6 @@ def create(settings, size, block_size, metadata_size):
                               f"{format_size(d['block_size'])} blocks"))
 
 
-def _info(pool):
-    s, h = pool.stats(), health.pool_health(pool)
-    return {"path": pool.path, "uuid": s.uuid, "block_size": s.block_size,
-            "data_size": s.data_blocks * s.block_size, "data_used": s.data_used * s.block_size,
-            "data_free": s.data_free * s.block_size, "data_free_pct": round(h.data_free_pct, 2),
-            "metadata_capacity": s.metadata_capacity_bytes, "metadata_used": s.metadata_used_bytes,
-            "metadata_free_pct": round(h.metadata_free_pct, 2),
-            "metadata_reserve": s.metadata_reserve_bytes, "transaction_id": s.transaction_id,
-            "devices": s.devices, "provisioned": h.provisioned_bytes,
-            "overprovisioned": h.overprovisioned, "low_water_data": h.low_water_data,
-            "low_water_metadata": h.low_water_metadata, "min_free_space": h.min_free_space,
-            "hook": health.settings(pool)["hook"], "below_low_water": h.below_low_water,
-            "needs_check": s.needs_check, "read_only": s.read_only, "warnings": h.warnings}
-
-
 @command.command("info")
 @with_pool(read_only=True)
 def info(settings, pool):
@@ -87,7 +73,7 @@ def info(settings, pool):
         if d["overprovisioned"]:
             click.echo("warning: the devices' total size over-provisions the pool: writes can "
                        "fill it before the devices are full")
-    emit(settings, _info(pool), human)
+    emit(settings, run(pool, health.report), human)
 
 
 @command.command("resize")
@@ -129,11 +115,10 @@ def check(settings, repair):
       cowblock pool check
       cowblock pool check --repair
     """
-    from ...daemon import PoolProxy
-    with settings.open(read_only=not repair, create=False) as pool:
-        if repair and isinstance(pool, PoolProxy):
-            raise errors.BusyError(f"pool {pool.path} is being served: stop `cowblock serve` "
-                                   "before repairing it")
+    from ...control import client
+    pool = client.open_exclusive(settings.pool_path, timeout=settings.timeout, on_note=note) \
+        if repair else settings.open(read_only=True, create=False)
+    with pool:
         report = pool.check(repair=repair)
     emit(settings, {"ok": report.ok, "errors": report.errors, "leaks": report.leaks,
                     "error_count": report.error_count, "leak_count": report.leak_count,

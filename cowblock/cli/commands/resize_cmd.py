@@ -14,6 +14,6 @@ def command(settings, pool, name, size):
     Example:
       cowblock resize base 20G
     """
-    pool.device(name).resize(size)
+    pool.device(name).resize(size)   # one round trip through a daemon
     emit(settings, {"name": name, "size": size},
          lambda d: click.echo(f"{name} is now {format_size(size)}"))

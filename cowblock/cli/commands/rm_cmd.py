@@ -16,9 +16,6 @@ def command(settings, pool, names, deferred):
       cowblock rm old-container other-container
       cowblock rm --deferred big-device
     """
-    for name in names:
-        pool.device(name)  # every name must exist before anything is removed
-    for name in names:
-        pool.delete(name, deferred=deferred)
+    pool.delete(*names, deferred=deferred)   # every name must exist before any goes
     emit(settings, {"removed": list(names), "deferred": deferred},
          lambda d: click.echo(f"removed {', '.join(names)}" + (" (reclaim deferred)" if deferred else "")))

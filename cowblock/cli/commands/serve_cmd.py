@@ -5,9 +5,9 @@ import time
 
 import click
 
-from ...daemon import ControlServer
-from ...nbd.server import NBDServer
-from ..common import with_pool
+from ... import errors
+from ...control import client
+from ..common import emit
 
 
 def _on_full(text):
@@ -21,29 +21,47 @@ def _on_full(text):
     raise click.BadParameter(f"{text!r}: use 'error' or 'wait=SECONDS'", param_hint="--on-full")
 
 
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
 @click.command("serve")
 @click.argument("names", nargs=-1)
 @click.option("--socket", "socket_path", metavar="PATH",
-              help="Unix socket to listen on (default: nbd.sock in the pool directory); 0600")
+              help="Unix socket to listen on (default: nbd.sock in the daemon's runtime "
+                   "directory); 0600")
 @click.option("--listen", metavar="HOST:PORT", help="listen on TCP instead (loopback only "
                                                     "unless --insecure)")
 @click.option("--insecure", is_flag=True, help="allow --listen on a non-loopback address")
 @click.option("--read-only", is_flag=True, help="export every device read-only")
-@click.option("--max-connections", type=int, default=16, show_default=True)
+@click.option("--shared", is_flag=True,
+              help="allow read-write use of devices that are mounted or exported elsewhere "
+                   "with --shared too (cluster filesystems)")
+@click.option("--max-connections", type=click.IntRange(1, 4096), default=16, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=min(os.cpu_count() or 2, 16),
               show_default="the number of CPUs", help="threads serving each connection's requests")
 @click.option("--on-full", default="error", show_default=True, metavar="error|wait=SECONDS",
               help="when the pool is full: fail writes with ENOSPC, or hold them while it is grown")
-@click.option("--pidfile", type=click.Path(dir_okay=False), help="write the server's pid here once ready")
-@with_pool()
-def command(settings, pool, names, socket_path, listen, insecure, read_only, max_connections,
-            workers, on_full, pidfile):
+@click.option("--detach", is_flag=True,
+              help="leave the listener to the daemon and return (`cowblock daemon status` "
+                   "lists it, `cowblock daemon stop` ends it)")
+@click.option("--pidfile", type=click.Path(dir_okay=False),
+              help="write this command's pid here once it serves")
+@click.pass_obj
+def command(settings, names, socket_path, listen, insecure, read_only, shared, max_connections,
+            workers, on_full, detach, pidfile):
     """Export devices over NBD (all of them, or the NAMEs) for qemu, libnbd
-    (nbdinfo, nbdcopy, nbdfuse), fio and nbd-client.  Runs in the foreground;
-    SIGINT or SIGTERM stop it cleanly after committing.  While it runs it is
-    the pool's daemon: other cowblock commands reach the pool through its
-    control socket (control.sock in the pool directory), and removing,
-    renaming or shrinking an exported device fails with EBUSY.
+    (nbdinfo, nbdcopy, nbdfuse), fio and nbd-client.  The pool's daemon
+    serves them (it is started if none runs); this command stays in the
+    foreground printing its clients' connections until SIGINT or SIGTERM,
+    which remove its listener (and stop the daemon if this command started
+    it and nothing else is attached).  Other listeners and mounts of the
+    pool are not disturbed.  Removing, renaming or shrinking a device
+    while an NBD client uses it fails with EBUSY.
 
     \b
     Example:
@@ -53,27 +71,54 @@ def command(settings, pool, names, socket_path, listen, insecure, read_only, max
     """
     if socket_path and listen:
         raise click.UsageError("give --socket or --listen, not both")
+
     def log(msg):
         click.echo(f"{time.strftime('%H:%M:%S')} {msg}", err=True)
-    server = NBDServer(pool, names, socket_path=socket_path or os.path.join(pool.path, "nbd.sock"),
-                       listen=listen, insecure=insecure, read_only=read_only,
-                       max_connections=max_connections, workers=workers,
-                       on_full_wait=_on_full(on_full), log=log)
-    address = server.start()
-    control = ControlServer(pool, server.busy_devices, log)
-    control.start()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: server._stop.set())
-    if pidfile:
-        with open(pidfile, "w") as f:
-            f.write(f"{os.getpid()}\n")
-    log(f"serving {', '.join(server.catalog.names()) or 'no devices'} on {address}")
-    try:
-        server.serve_forever()
-    finally:
-        control.stop()
-        server.stop()
+    proxy, started = settings.daemon()
+    with proxy:
+        listener = proxy.serve(list(names), socket=os.path.abspath(socket_path) if socket_path
+                               else None, listen=listen, insecure=insecure, read_only=read_only,
+                               shared=shared, max_connections=max_connections, workers=workers,
+                               on_full_wait=_on_full(on_full), owned=not detach)
+        exports = ", ".join(listener["exports"]) if isinstance(listener["exports"], list) \
+            else "every device"
+        if detach:
+            emit(settings, listener, lambda d: click.echo(
+                f"serving {exports} on {d['address']} (listener {d['id']} of daemon "
+                f"{proxy.runtime.pid()})"))
+            return
+        log(f"serving {exports} on {listener['address']}"
+            + (" read-only" if read_only else ""))
+        if pidfile:
+            with open(pidfile, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        lost = _follow(proxy, listener["id"], log)
         if pidfile and os.path.exists(pidfile):
             os.unlink(pidfile)
+        if lost:
+            log("the pool daemon stopped or removed this listener")
+            sys.exit(14)
+        try:
+            proxy.unserve(listener["id"])
+            if started:
+                proxy.stop(if_idle=True)
+        except errors.DaemonError:
+            pass   # the daemon went away meanwhile: nothing is left to remove
         log("stopped; pool committed")
-    sys.stdout.flush()
+
+
+def _follow(proxy, listener_id, log):
+    """Print the listener's log until SIGINT/SIGTERM (returns False) or until
+    the daemon ends it (returns True)."""
+    watcher = client.Client(proxy.runtime, timeout=None)
+    old = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for event in watcher.events("watch", listener_id):
+            log(event)
+        return True
+    except _Stop:
+        return False
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        watcher.close()

@@ -20,12 +20,7 @@ def command(settings, pool, name, read_only, labels):
     """
     if read_only is None and not labels:
         raise click.UsageError("give --read-only, --writable or --label")
-    if read_only is not None:
-        pool.set_read_only(name, read_only)
-    if labels:
-        merged = {**pool.info(name).labels, **parse_labels(labels)}
-        pool.set_labels(name, {k: v for k, v in merged.items() if v != ""})
-    info = pool.info(name)
+    info = pool.update(name, read_only=read_only, labels=parse_labels(labels))
     emit(settings, {"name": name, "read_only": info.read_only, "labels": info.labels},
          lambda d: click.echo(f"{name}: {'read-only' if d['read_only'] else 'writable'}"
                               + "".join(f", {k}={v}" for k, v in d["labels"].items())))

@@ -1,0 +1,156 @@
+"""The control call table: every call a client may make of the pool daemon.
+
+This table is the one description of the control API.  The daemon's
+dispatch (control.server) and the client's proxy (control.client) are both
+derived from it: a call missing here does not exist on either side.
+
+Each Call names:
+  target   what runs in the daemon, as "module:qualname"; it takes the pool
+           first (Pool methods take it as self; "device" calls take the
+           device, found by the name the client sends first; "daemon" calls
+           take the daemon and the caller's session)
+  busy     the parameter naming the device(s) the call must not touch while
+           they are in use (exported over NBD, mounted, their file open):
+           such a call fails with EBUSY naming the user
+  busy_if  when given, the busy rule applies only if busy_if(device, args)
+  freeze   the parameter naming a device whose mounted filesystem is frozen
+           (fsfreeze) for the instant of the call, so a snapshot of it is clean
+  returns  "device": the call makes a device; the reply is its DeviceInfo and
+           the proxy returns a device of the proxy
+  limit    a check of the arguments before the call runs
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .. import errors
+from .protocol import MAX_READ
+
+POOL, DEVICE, FUNCTION, DAEMON = "pool", "device", "function", "daemon"
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str
+    kind: str
+    target: str
+    busy: Optional[str] = None
+    busy_if: Optional[Callable] = None
+    freeze: Optional[str] = None
+    returns: Optional[str] = None
+    limit: Optional[Callable] = None
+
+
+def _shrinks(device, args):
+    return not isinstance(args.get("size"), int) or args["size"] < device.size
+
+
+def _pread_limit(args):
+    length = args.get("length")
+    if isinstance(length, int) and length > MAX_READ:
+        raise errors.InvalidArgumentError(
+            f"device.pread of {length} bytes: at most {MAX_READ} bytes a call through the "
+            "control socket")
+
+
+def _no_repair(args):
+    if args.get("repair"):
+        raise errors.BusyError("a repair needs the pool to itself, not through its daemon: "
+                               "stop what is attached (`cowblock daemon stop`) first")
+
+
+def _pool(name, busy=None, **kw):
+    return Call(name, POOL, f"cowblock.pool:Pool.{name}", busy=busy, **kw)
+
+
+def _device(name, **kw):
+    return Call(f"device.{name}", DEVICE, f"cowblock.device:Device.{name}", **kw)
+
+
+def _function(name, target, **kw):
+    return Call(name, FUNCTION, target, **kw)
+
+
+def _daemon(name, method=None, **kw):
+    return Call(name, DAEMON, f"cowblock.daemon:PoolDaemon.call_{method or name}", **kw)
+
+
+_TABLE = [
+    # the pool
+    _pool("create_thin", returns="device"),
+    _pool("snapshot", returns="device", freeze="origin"),
+    _pool("delete", busy="names"),
+    _pool("rename", busy="old"),
+    _pool("rollback", busy="name"),
+    _pool("set_read_only", busy="name", busy_if=lambda dev, a: a.get("flag", True)),
+    _pool("set_labels"),
+    _pool("update", busy="name", busy_if=lambda dev, a: a.get("read_only") is True),
+    _pool("info"),
+    _pool("list"),
+    _pool("usage"),
+    _pool("stats"),
+    _pool("commit"),
+    _pool("resize"),
+    _pool("resize_metadata"),
+    _pool("set_config"),
+    _pool("trim"),
+    _pool("check", limit=lambda a: _no_repair(a)),
+    _pool("mappings"),
+    _pool("add_mappings"),
+    _pool("pending_removals"),
+    _function("contains", "cowblock.control.calls:contains"),
+    _function("get_config", "cowblock.control.calls:get_config"),
+    _function("diff", "cowblock.control.calls:diff"),
+    # a device's I/O and properties
+    _device("pread", limit=_pread_limit),
+    _device("pwrite"),
+    _device("discard"),
+    _device("write_zeroes"),
+    _device("flush"),
+    _device("block_status"),
+    _device("resize", busy="self", busy_if=_shrinks),
+    Call("device.size", DEVICE, "cowblock.control.calls:device_size"),
+    Call("device.read_only", DEVICE, "cowblock.control.calls:device_read_only"),
+    # what a CLI command does in one round trip
+    _function("health", "cowblock.health:pool_health"),
+    _function("pool_report", "cowblock.health:report"),
+    _function("list_images", "cowblock.images:list_images"),
+    _function("image_info", "cowblock.images:image_info"),
+    _function("list_containers", "cowblock.images:list_containers"),
+    _function("container_info", "cowblock.images:container_info"),
+    _function("create_container", "cowblock.images:create_container"),
+    _function("commit_container", "cowblock.images:commit_container", freeze="container"),
+    _function("remove_containers", "cowblock.images:remove_containers", busy="names"),
+    _function("device_length", "cowblock.transfer:device_length"),
+    # the daemon itself
+    _daemon("status"),
+    _daemon("stop"),
+    _daemon("serve"),
+    _daemon("unserve"),
+    _daemon("watch"),
+    _daemon("mount"),
+    _daemon("umount"),
+]
+
+CALLS = {c.name: c for c in _TABLE}
+BY_TARGET = {c.target: c for c in _TABLE}
+
+
+# ---- small targets: what the Pool API has as properties or generators ----
+def contains(pool, name):
+    return name in pool
+
+
+def get_config(pool):
+    return pool.config
+
+
+def diff(pool, a, b, *, same=False):
+    return list(pool.diff(a, b, same=same))
+
+
+def device_size(device):
+    return device.size
+
+
+def device_read_only(device):
+    return device.read_only
