@@ -79,14 +79,18 @@ class RuntimeDir:
     def exists(self):
         return os.path.isdir(self.path)
 
-    def pid(self):
-        """The pid in the pid file if that process is alive, else None."""
+    def recorded_pid(self):
+        """The pid in the pid file (alive or not), or None."""
         try:
             with open(self.pidfile) as f:
-                pid = int(f.read().split()[0])
+                return int(f.read().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        return pid if process_alive(pid) else None
+
+    def pid(self):
+        """The pid in the pid file if that process is alive, else None."""
+        pid = self.recorded_pid()
+        return pid if pid is not None and process_alive(pid) else None
 
     def write_pid(self):
         tmp = f"{self.pidfile}.tmp"

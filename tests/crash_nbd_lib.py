@@ -36,6 +36,8 @@ import time
 
 import cowblock
 from cowblock import Pool, errors
+from cowblock.control.client import PoolProxy
+from cowblock.runtime import RuntimeDir
 from helpers import Model, pattern
 from nbdclient import (CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
                        FLAG_FUA, FLAG_NO_HOLE, Client)
@@ -76,27 +78,30 @@ class Tracker:
 
 
 class Server:
-    """`cowblock serve` on a pool, in its own process group."""
+    """The pool's daemon (`cowblock daemon`, in the foreground, in its own
+    process group) with an NBD listener: the process that holds the pool."""
 
     def __init__(self, pool_dir, log_path):
         self.pool_dir = str(pool_dir)
         self.sock = os.path.join(self.pool_dir, "nbd.sock")
-        self.control = os.path.join(self.pool_dir, "control.sock")
+        self.control = RuntimeDir(self.pool_dir).control
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "cowblock", "--pool", self.pool_dir,
-                                      "serve", "--socket", self.sock, "--workers", "2"],
-                                     stdout=self.log, stderr=self.log, env=env,
+                                      "daemon"], stdout=self.log, stderr=self.log, env=env,
                                      start_new_session=True)
         self.killed_at = None          # when the SIGKILL went out
         deadline = time.monotonic() + 30
-        while not (os.path.exists(self.sock) and os.path.exists(self.control)):
+        rt = RuntimeDir(self.pool_dir)   # (a killed predecessor's socket may still be there)
+        while not (rt.recorded_pid() == self.proc.pid and os.path.exists(self.control)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                raise AssertionError("the server did not start: "
+                raise AssertionError("the daemon did not start: "
                                      + open(log_path, errors="replace").read())
             time.sleep(0.01)
+        with cowblock.connect(self.pool_dir) as proxy:
+            proxy.serve([], socket=self.sock, workers=2, owned=False)
 
     def kill(self):
         if self.proc.poll() is None:
@@ -124,7 +129,7 @@ class Workload:
         self.counter = 0
         self.sent = time.monotonic()
         self.proxy = cowblock.connect(server.pool_dir)
-        assert isinstance(self.proxy, cowblock.daemon.PoolProxy)
+        assert isinstance(self.proxy, PoolProxy)
 
     # ---- transport ----
     def conn(self, name):
@@ -156,6 +161,8 @@ class Workload:
         self.sent = time.monotonic()
         try:
             r = getattr(self.proxy, call)(*args, **kwargs)
+        except errors.DaemonError as e:   # the daemon died under the call
+            raise Lost() from e
         except errors.CowblockError:
             raise
         except LOST as e:

@@ -7,8 +7,8 @@ system cannot run here, available() says why and the suite reports it as
 skipped; nothing stands in for it.
 
 - cowblock: the tree as an ext4 image (mkfs.ext4 -d) imported into a pool,
-  read-only; containers are writable snapshots; mounted through an NBD
-  server in this process, nbdfuse and a loop device.
+  read-only; containers are writable snapshots; mounted by the pool's
+  daemon (its device file, a loop device), as `cowblock mount` does.
 - overlayfs: the kernel's union: the tree is the lower directory, each
   container an upper and work directory (mounted with -o volatile when asked
   for no durability).
@@ -22,9 +22,38 @@ import shutil
 import subprocess
 import threading
 
-from ..mount import attach_uri, detach, missing_capabilities
+from ..attach import blockdev, nbdfuse
+from ..control import client
 from ..pool import Pool
 from ..transfer import import_file
+
+
+def missing_capabilities():
+    return blockdev.missing_capabilities() + nbdfuse.missing()
+
+
+def attach_export(uri, directory, fuse_dir):
+    """Mount the filesystem of an NBD export (qemu-nbd's) on directory:
+    nbdfuse, a loop device, mount.  Returns what detach_export() undoes."""
+    os.makedirs(directory, exist_ok=True)
+    f = nbdfuse.NbdfuseFile(uri, fuse_dir)
+    try:
+        loop = blockdev.loop_attach(f.path, False)
+        try:
+            blockdev.mount(loop, directory, blockdev.fs_type(loop), False)
+        except BaseException:
+            blockdev.loop_detach(loop)
+            raise
+    except BaseException:
+        f.close()
+        raise
+    return f, loop
+
+
+def detach_export(directory, f, loop):
+    blockdev.umount(directory)
+    blockdev.loop_detach(loop)
+    f.close()
 
 MiB = 1 << 20
 
@@ -87,11 +116,11 @@ class System:
         self.mounted = []
 
 
-def _flush_block_mount(directory, fuse_dir):
+def _flush_block_mount(device_file):
     """sync the filesystem, then fsync the FUSE file under the loop device:
     FUSE's page cache is not flushed by sync alone."""
     os.sync()
-    fd = os.open(os.path.join(fuse_dir, "dev"), os.O_RDONLY)
+    fd = os.open(device_file, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -102,34 +131,26 @@ class Cowblock(System):
     name = "cowblock"
 
     def flush(self, m):
-        _flush_block_mount(m[0], m[2])
+        _flush_block_mount(m["file"])
 
     def available(self):
         why = missing_capabilities()
         return "; ".join(why) if why else None
 
     def build_image(self, tree, image_raw, size):
-        self.pool = Pool.create(os.path.join(self.root, "pool"), 4 * size + 1024 * MiB, 65536,
-                                commit_interval=1.0)
-        import_file(self.pool, "image", image_raw)
-        self.pool.set_read_only("image", True)
-        self.pool.commit()
-        from ..nbd.server import NBDServer
-        self.sock = os.path.join(self.root, "nbd.sock")
-        self.server = NBDServer(self.pool, socket_path=self.sock)
-        self.server.start()
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        path = os.path.join(self.root, "pool")
+        with Pool.create(path, 4 * size + 1024 * MiB, 65536) as pool:
+            import_file(pool, "image", image_raw)
+            pool.set_read_only("image", True)
+        self.pool, _ = client.daemon(path)   # the pool's daemon, as `cowblock mount` uses it
 
     def mount(self, name, directory):
-        fuse, loop = attach_uri(f"nbd+unix:///{name}?socket={self.sock}", directory,
-                                os.path.join(self.root, f"fuse-{name}"), what=name)
-        m = (directory, loop, fuse)
+        m = self.pool.mount(name, os.path.abspath(directory))
         self.mounted.append(m)
         return m
 
     def unmount(self, m):
-        detach(*m)
+        self.pool.umount(m["dir"])
         self.mounted.remove(m)
 
     def remove_container(self, name):
@@ -158,10 +179,8 @@ class Cowblock(System):
 
     def close(self):
         super().close()
-        if getattr(self, "server", None):
-            self.server._stop.set()
-            self.thread.join()
-            self.server.stop()
+        if getattr(self, "pool", None):
+            self.pool.stop(force=True)
             self.pool.close()
 
 
@@ -247,7 +266,7 @@ class Qcow2(System):
     name = "qcow2"
 
     def flush(self, m):
-        _flush_block_mount(m[0], m[2])
+        _flush_block_mount(m[2].path)
 
     def available(self):
         for tool in ("qemu-img", "qemu-nbd"):
@@ -280,14 +299,14 @@ class Qcow2(System):
                 break
             threading.Event().wait(0.025)
         self.servers[name] = proc
-        fuse, loop = attach_uri(f"nbd+unix:///?socket={sock}", directory,
-                                os.path.join(self.root, f"fuse-{name}"), what=name)
-        m = (directory, loop, fuse, name)
+        f, loop = attach_export(f"nbd+unix:///?socket={sock}", directory,
+                                os.path.join(self.root, f"fuse-{name}"))
+        m = (directory, loop, f, name)
         self.mounted.append(m)
         return m
 
     def unmount(self, m):
-        detach(*m[:3])
+        detach_export(m[0], m[2], m[1])
         proc = self.servers.pop(m[3])
         proc.terminate()
         proc.wait()

@@ -26,12 +26,16 @@ import threading
 import time
 
 from .. import errors
-from ..runtime import RuntimeDir
+from ..runtime import RuntimeDir, process_alive
 from . import protocol as P
 from .calls import BY_TARGET, CALLS, DAEMON, DEVICE, FUNCTION, POOL
 
 START_TIMEOUT = 60.0      # seconds a daemon may take to report ready
-CALL_TIMEOUT = 120.0      # seconds a call may take before the daemon counts as hung
+# Seconds a call may take before the daemon counts as hung, and seconds an
+# auto-started daemon lives on with nothing attached; both can be set in
+# the environment (scripts and tests that want them shorter).
+CALL_TIMEOUT = float(os.environ.get("COWBLOCK_CONTROL_TIMEOUT", 300))
+GRACE = os.environ.get("COWBLOCK_DAEMON_GRACE")
 DAEMON_STARTING = 10.0    # seconds to wait for the socket of a daemon that holds the lock
 
 
@@ -133,9 +137,14 @@ class PoolProxy:
             return self._local.call(name, list(args), kwargs)
         try:
             value = self._client.call(name, *args, health=self.want_health, **kwargs)
-        except ConnectionLost:
+        except ConnectionLost as e:
             if CALLS.get(name) is not None and CALLS[name].kind == DAEMON:
                 raise
+            pid = self.runtime.recorded_pid()
+            if pid is not None and not process_alive(pid):   # killed, not stopped
+                raise errors.DaemonError(
+                    f"the pool daemon (pid {pid}) died during {name}; the next command "
+                    "cleans up after it") from e
             self._reconnect()
             return self.call(name, *args, **kwargs)
         if self._client.last_health is not None:
@@ -374,6 +383,7 @@ def _start(runtime, grace):
     r, w = os.pipe()
     argv = [sys.executable, "-m", "cowblock.daemon", "--pool", runtime.pool_path,
             "--auto", "--ready-fd", str(w)]
+    grace = grace if grace is not None else GRACE
     if grace is not None:
         argv += ["--grace", str(grace)]
     try:

@@ -235,9 +235,16 @@ class ControlServer:
             device_name = args[0]
             device = pool.device(device_name)
             bound = self._bind(name, sig, (device, *args[1:]), kwargs)
+            subject = device
         else:
             device_name = None
             bound = self._bind(name, sig, (pool, *args), kwargs)
+            subject = pool
+        if spec.kind in (POOL, DEVICE) and spec.target.startswith(("cowblock.pool:Pool.",
+                                                                  "cowblock.device:Device.")):
+            # the bound method of the object itself: the daemon uses only its public API
+            method = getattr(subject, spec.target.rsplit(".", 1)[1])
+            target = lambda *a, **k: method(*a[1:], **k)  # noqa: E731
         with_defaults = sig.bind(*bound.args, **bound.kwargs)
         with_defaults.apply_defaults()
         arguments = dict(with_defaults.arguments)

@@ -50,6 +50,7 @@ from ..runtime import RuntimeDir
 from . import leftovers
 
 DEFAULT_GRACE = 5.0
+EVENTS_KEPT = 1000    # log lines a listener keeps for a watcher that comes later
 STREAMED = P.STREAMED
 
 
@@ -71,8 +72,23 @@ class Listener:
     shared: bool
     session: Optional[int]          # the control session that owns it; None: the daemon
     mount: Optional[int] = None     # the mount whose device file it serves (internal)
-    watchers: list = field(default_factory=list)
     thread: Optional[threading.Thread] = None
+    events: list = field(default_factory=list)   # its log lines, the last EVENTS_KEPT
+    seen: int = 0                   # how many were ever logged
+    ended: bool = False
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def add_event(self, msg):
+        with self.changed:
+            self.events.append(msg)
+            del self.events[:-EVENTS_KEPT]
+            self.seen += 1
+            self.changed.notify_all()
+
+    def end(self):
+        with self.changed:
+            self.ended = True
+            self.changed.notify_all()
 
     @property
     def address(self):
@@ -333,16 +349,14 @@ class PoolDaemon:
         lst.server.stop()          # finishes in-flight requests, commits
         if lst.thread:
             lst.thread.join(timeout=30)
-        for q in list(lst.watchers):
-            q.append(None)
+        lst.end()
         if lst.mount is None:
             self.log(f"listener {lst.id} on {lst.address}: stopped")
 
     def _listener_log(self, lst, msg):
         if lst.mount is None:
             self.log(f"listener {lst.id}: {msg}")
-            for q in list(lst.watchers):
-                q.append(msg)
+            lst.add_event(msg)
 
     # ---- mounts ----
     def mount(self, name, directory, *, mkfs=None, read_only=None, shared=False):
@@ -408,29 +422,30 @@ class PoolDaemon:
         return {"removed": listener}
 
     def call_watch(self, session, listener):
-        """Stream the log lines of a listener until it or the connection ends."""
+        """Stream the log lines of a listener (from its first) until it or the
+        connection ends."""
         with self._lock:
             lst = self.listeners.get(listener)
         if lst is None:
             raise errors.InvalidArgumentError(f"no NBD listener {listener!r} in this daemon")
-        queue = []
-        lst.watchers.append(queue)
+        sent = 0
         try:
-            while not self._stopping:
-                while queue:
-                    msg = queue.pop(0)
-                    if msg is None:
-                        return STREAMED
+            while True:
+                with lst.changed:
+                    lst.changed.wait_for(lambda: lst.seen > sent or lst.ended or self._stopping,
+                                         timeout=0.2)
+                    new = lst.events[len(lst.events) - (lst.seen - sent):] if lst.seen > sent \
+                        else []
+                    sent, ended = lst.seen, lst.ended or self._stopping
+                for msg in new:
                     session.send({"event": msg})
-                readable, _, _ = select.select([session.conn], [], [], 0.2)
-                if readable and not session.conn.recv(1, 0):
+                if ended:
+                    return STREAMED
+                readable, _, _ = select.select([session.conn], [], [], 0)
+                if readable and not session.conn.recv(1):
                     return STREAMED     # the client closed its end
-            return STREAMED
         except OSError:
             return STREAMED
-        finally:
-            with contextlib.suppress(ValueError):
-                lst.watchers.remove(queue)
 
     def call_mount(self, session, name, directory, *, mkfs=None, read_only=None, shared=False):
         return self.mount(name, directory, mkfs=mkfs, read_only=read_only,

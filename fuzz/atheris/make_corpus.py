@@ -62,8 +62,11 @@ HANDSHAKES = {
 }
 
 
+VERSION = 2   # cowblock.control.protocol.VERSION
+
+
 def frame(call, *args, **kwargs):
-    body = json.dumps({"call": call, "args": list(args), "kwargs": kwargs},
+    body = json.dumps({"v": VERSION, "call": call, "args": list(args), "kwargs": kwargs},
                       separators=(",", ":")).encode()
     return struct.pack(">I", len(body)) + body
 
@@ -87,7 +90,12 @@ CONTROL = {
     "busy": frame("delete", "busy") + frame("rename", "busy", "x")
     + frame("device.resize", "busy", 1 << 21) + frame("device.resize", "busy", 4096),
     "rename_labels_ro": frame("rename", "disk", "disk2") + frame("rename", "disk2", "disk")
-    + frame("set_labels", "disk", {"$dict": [["a", "b"]]}) + frame("set_read_only", "disk", False),
+    + frame("set_labels", "disk", {"$dict": [["a", "b"]]}) + frame("set_read_only", "disk", False)
+    + frame("update", "disk", labels={"c": "d"}) + frame("update", "busy", read_only=True),
+    "functions": frame("health") + frame("pool_report") + frame("list_images")
+    + frame("list_containers") + frame("device_length", "disk") + frame("info", "disk", usage=True)
+    + frame("list", usage=True) + frame("pending_removals"),
+    "old_version": struct.pack(">I", 16) + b'{"call":"list"}',
     "rollback_mappings": frame("snapshot", "disk", "s1") + frame("rollback", "disk", "s1")
     + frame("mappings", "disk") + frame("create_thin", "e", 65536)
     + frame("add_mappings", "e", [[0, 1]]) + frame("delete", "e") + frame("delete", "s1"),
