@@ -15,13 +15,53 @@ import pytest
 COWBLOCK = shutil.which("cowblock")
 pytestmark = pytest.mark.skipif(COWBLOCK is None, reason="the cowblock command is not installed")
 
-# subcommand -> arguments naming an unknown device (None: no device argument)
-SUBCOMMANDS = {
-    "create": None, "snapshot": ["nope", "x"], "rm": ["nope"], "rename": ["nope", "x"],
+
+
+def _walk(group, ctx, prefix=()):
+    """Every command of the CLI, found by walking click's command tree, as
+    (words, click command): a new command cannot be left out."""
+    import click
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        words = (*prefix, name)
+        yield words, cmd
+        if isinstance(cmd, click.Group):
+            yield from _walk(cmd, click.Context(cmd, parent=ctx), words)
+
+
+def _commands():
+    import click
+    from cowblock.cli.main import cli
+    return {" ".join(w): c for w, c in _walk(cli, click.Context(cli))}
+
+
+COMMANDS = _commands()
+# command -> arguments naming an unknown device; every command with a NAME,
+# ORIGIN or SNAPSHOT argument must be here
+UNKNOWN_DEVICE = {
+    "snapshot": ["nope", "x"], "rm": ["nope"], "rename": ["nope", "x"],
     "resize": ["nope", "8M"], "set": ["nope", "--read-only"], "rollback": ["nope", "x"],
-    "ls": None, "info": ["nope"], "diff": ["nope", "x"], "read": ["nope"], "write": ["nope"],
+    "info": ["nope"], "diff": ["nope", "x"], "read": ["nope"], "write": ["nope"],
+    "export": ["nope", "/dev/null"], "container create": ["nope", "c"],
+    "container commit": ["nope", "i"], "container rm": ["nope"],
+    "image layer": ["nope", "l", "/dev/null"], "mount": ["nope", "/tmp/cowblock-test-mnt"],
+    "serve": ["nope", "--socket", "/tmp/cowblock-test.sock"],
 }
-POOL_SUBCOMMANDS = ["create", "info", "resize", "check", "trim", "set"]
+# commands that take no device name but a name of something new or a file
+NO_DEVICE_ARGUMENT = {"create", "import", "image import", "pool restore", "pool damage",
+                      "umount", "bench", "daemon", "daemon stop", "daemon status", "ls",
+                      "image ls", "container ls", "image", "container", "pool", "pool create",
+                      "pool info", "pool resize", "pool check", "pool trim", "pool set",
+                      "pool dump"}
+SUBCOMMANDS = sorted(COMMANDS)
+
+
+def test_every_command_is_covered_by_the_contract_tests():
+    """Each command says whether it names an existing device (and is then
+    run with an unknown one): a new command fails here until it does."""
+    assert set(UNKNOWN_DEVICE) | NO_DEVICE_ARGUMENT == set(COMMANDS), \
+        set(COMMANDS) ^ (set(UNKNOWN_DEVICE) | NO_DEVICE_ARGUMENT)
+    assert not set(UNKNOWN_DEVICE) & NO_DEVICE_ARGUMENT
 
 
 def run(pool, *args, stdin=None, check=True):
@@ -41,25 +81,34 @@ def pool(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("sub", list(SUBCOMMANDS) + [f"pool {p}" for p in POOL_SUBCOMMANDS])
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
 def test_help_shows_an_example(tmp_path, sub):
     r = run(tmp_path / "none", *sub.split(), "--help")
     out = r.stdout.decode()
     assert "Usage: cowblock" in out and "Example:" in out
 
 
-@pytest.mark.parametrize("sub", list(SUBCOMMANDS) + [f"pool {p}" for p in POOL_SUBCOMMANDS])
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
 def test_bad_option_exits_2_with_usage(pool, sub):
     r = run(pool, *sub.split(), "--no-such-option", check=False)
     assert r.returncode == 2
     assert b"Usage:" in r.stderr and b"no-such-option" in r.stderr
 
 
-@pytest.mark.parametrize("sub", [s for s, a in SUBCOMMANDS.items() if a])
+@pytest.mark.parametrize("sub", [s for s in SUBCOMMANDS if any(
+    p.required and p.param_type_name == "argument" for p in COMMANDS[s].params)])
+def test_missing_input_exits_2_naming_it(pool, sub):
+    r = run(pool, *sub.split(), check=False, stdin=b"")
+    assert r.returncode == 2, r.stderr
+    assert b"Missing argument" in r.stderr and b"Usage:" in r.stderr
+
+
+@pytest.mark.parametrize("sub", sorted(UNKNOWN_DEVICE))
 def test_unknown_device_exits_3(pool, sub):
-    r = run(pool, sub, *SUBCOMMANDS[sub], check=False, stdin=b"")
+    r = run(pool, *sub.split(), *UNKNOWN_DEVICE[sub], check=False, stdin=b"")
     assert r.returncode == 3, r.stderr
     assert b"no device named 'nope'" in r.stderr
+    assert b"Traceback" not in r.stderr
 
 
 def test_missing_pool_exits_3(tmp_path):
