@@ -122,8 +122,8 @@ class PoolProxy:
         self.runtime = runtime
         self.path = runtime.pool_path
         self.read_only = False
-        self.health = None          # the pool's health, from the last reply that carried it
-        self.want_health = False    # ask for it with every call
+        self.health = None          # the pool's health, from the reply that carried it
+        self.want_health = False    # ask for it with the next call (once: it walks every device)
         self._client = client
         self._local = None          # the pool opened here, once the daemon has gone
         self._on_note = on_note
@@ -135,8 +135,9 @@ class PoolProxy:
         """Run control call `name` (see control.calls)."""
         if self._local is not None:
             return self._local.call(name, list(args), kwargs)
+        want, self.want_health = self.want_health, False
         try:
-            value = self._client.call(name, *args, health=self.want_health, **kwargs)
+            value = self._client.call(name, *args, health=want, **kwargs)
         except ConnectionLost as e:
             if CALLS.get(name) is not None and CALLS[name].kind == DAEMON:
                 raise
@@ -146,6 +147,7 @@ class PoolProxy:
                     f"the pool daemon (pid {pid}) died during {name}; the next command "
                     "cleans up after it") from e
             self._reconnect()
+            self.want_health = want
             return self.call(name, *args, **kwargs)
         if self._client.last_health is not None:
             self.health = self._client.last_health
