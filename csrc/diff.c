@@ -36,7 +36,7 @@ static int push(struct stream *s, struct item it)
         size_t cap = s->cap ? s->cap * 2 : 256;
         struct item *v = realloc(s->v, cap * sizeof *v);
         if (!v)
-            return cb_err(ENOMEM, "out of memory walking two trees");
+            return cb_err(CB_E_NO_MEMORY, "out of memory walking two trees");
         s->v = v;
         s->cap = cap;
     }
@@ -49,9 +49,9 @@ static int expand(struct cb_meta *m, struct stream *s)
 {
     struct item it = s->v[--s->n];
     int err = 0;
-    if (it.depth > 32)
-        return cb_err(EUCLEAN, "metadata is corrupt: a mapping tree is deeper than 32 levels at "
-                      "block %u (a cycle?)", it.block);
+    if (it.depth > CB_MAX_TREE_DEPTH)
+        return cb_err(CB_E_CORRUPT, "metadata is corrupt: a mapping tree is deeper than %d levels at "
+                      "block %u (a cycle?)", CB_MAX_TREE_DEPTH, it.block);
     const uint8_t *n = meta_read(m, it.block, CB_BT_INTERNAL, CB_BT_MAP_LEAF, &err);
     if (!n)
         return err;
@@ -159,7 +159,7 @@ int cb_pool_diff(cb_pool *p, uint32_t a, uint32_t b, int with_same, cb_range **o
     struct cb_dev *da = pool_dev(p, a), *db = pool_dev(p, b);
     int r = 0;
     if (!da || !db) {
-        r = cb_err(ENOENT, "no device with id %u", da ? b : a);
+        r = cb_err(CB_E_NOT_FOUND, "no device with id %u", da ? b : a);
     } else {
         struct out o = {0};
         r = diff_walk(&p->m, da->d.mapping_root, db->d.mapping_root, with_same != 0, &o);
