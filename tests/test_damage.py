@@ -137,3 +137,18 @@ def test_walks_over_a_leaf_whose_keys_go_back_end_with_an_error(pool_dir):
         assert not t.is_alive(), f"a walk went round forever after {sorted(done)}"
         assert all("out of order" in why for name, why in done.items() if name != "diff"), done
         assert not pool.check().ok
+
+
+@pytest.mark.parametrize("kind", ["refcount", "mapped-count", "flip:map-leaf", "block-size"])
+def test_damage_writes_only_the_blocks_it_changes(pool_dir, kind):
+    """The metadata file is sparse (64 MiB, a few blocks written): damaging
+    one block writes that block, not the whole file."""
+    meta = pool_dir / "metadata"
+    before, allocated = meta.read_bytes(), meta.stat().st_blocks
+    damage(pool_dir, kind)
+    after = meta.read_bytes()
+    block = format.META_BLOCK_SIZE
+    changed = [n for n in range(len(before) // block)
+               if before[n * block:(n + 1) * block] != after[n * block:(n + 1) * block]]
+    assert len(changed) == 1, changed
+    assert meta.stat().st_blocks <= allocated + block // 512
