@@ -112,6 +112,11 @@ _CHECK_KINDS = {lib.CB_CHECK_ERROR: "error", lib.CB_CHECK_LEAK: "leak",
 _CHECK_SPACES = {lib.CB_SPACE_METADATA: "metadata", lib.CB_SPACE_DATA: "data"}
 
 
+def _of_repair(record):
+    """Found by the check a repair ran first, or done by the repair."""
+    return record.before_repair or record.kind == "repaired"
+
+
 def _check_record(r):
     space = _CHECK_SPACES.get(r.space)
     return CheckRecord(
@@ -161,7 +166,8 @@ class CheckReport:
         return "\n".join([f"pool check: {head}"] + self.errors + self.leaks + warnings)
 
 
-_DIFF_KINDS = {1: "left_only", 2: "right_only", 3: "different", 4: "same"}
+_DIFF_KINDS = {lib.CB_DIFF_LEFT_ONLY: "left_only", lib.CB_DIFF_RIGHT_ONLY: "right_only",
+               lib.CB_DIFF_DIFFERENT: "different", lib.CB_DIFF_SAME: "same"}
 
 
 def _uint(what, value):
@@ -661,9 +667,7 @@ class Pool:
             records = [_check_record(out[0][i]) for i in range(count[0])]
         finally:
             lib.cb_free(out[0])
-        def of_repair(r):
-            return r.before_repair or r.kind == "repaired"
-        done = [r for r in records if of_repair(r)]
+        done = [r for r in records if _of_repair(r)]
         if any(r.kind == "repaired" for r in done):
             with self._catalog_lock:  # devices whose trees were lost are gone
                 self._names.clear()
@@ -675,7 +679,7 @@ class Pool:
                            error_count=summary.errors, leak_count=summary.leaks,
                            nodes_checked=summary.nodes_checked,
                            blocks_checked=summary.blocks_checked,
-                           records=[r for r in records if not of_repair(r)], repair_records=done,
+                           records=[r for r in records if not _of_repair(r)], repair_records=done,
                            warnings=health.permission_warnings(self.path))
 
     def _counters(self):

@@ -76,11 +76,20 @@ typedef struct {
     uint8_t uuid[16];
 } cb_devinfo;
 
+/* What a run of blocks is: for block status, and for diff. */
+enum cb_range_kind {
+    CB_RANGE_UNMAPPED = 0,
+    CB_RANGE_MAPPED = 1,
+    CB_RANGE_SHARED = 2,      /* mapped, and the data block is shared with another device */
+    CB_DIFF_LEFT_ONLY = 1,
+    CB_DIFF_RIGHT_ONLY = 2,
+    CB_DIFF_DIFFERENT = 3,
+    CB_DIFF_SAME = 4,
+};
 typedef struct {
     uint64_t begin;    /* first virtual block */
     uint64_t length;   /* blocks */
-    uint32_t kind;     /* block status: 0 unmapped, 1 mapped, 2 mapped and shared;
-                          diff: 1 left_only, 2 right_only, 3 different, 4 same */
+    uint32_t kind;     /* enum cb_range_kind */
     uint32_t padding;
 } cb_range;
 

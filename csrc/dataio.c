@@ -590,7 +590,7 @@ int cb_dev_block_status(cb_pool *p, uint32_t id, uint64_t off, uint64_t len, cb_
         uint64_t key = have == 1 ? bt_cur_key(&cur) : last + 1;
         if (key > vb) { /* a hole up to the next mapping */
             uint64_t hole_end = key < last + 1 ? key : last + 1;
-            r = cb_range_push(out, count, &cap, vb, hole_end - vb, 0);
+            r = cb_range_push(out, count, &cap, vb, hole_end - vb, CB_RANGE_UNMAPPED);
             vb = hole_end;
             continue;
         }
@@ -598,7 +598,7 @@ int cb_dev_block_status(cb_pool *p, uint32_t id, uint64_t off, uint64_t len, cb_
         if (!cur.shared_path && (r = sm_get(&p->m, &p->m.dsm, bt_cur_value(&cur), &ref)) != 0)
             break;
         bool shared = cur.shared_path || ref > 1 || sm_dropped(&p->m.dsm, bt_cur_value(&cur));
-        r = cb_range_push(out, count, &cap, vb, 1, shared ? 2 : 1);
+        r = cb_range_push(out, count, &cap, vb, 1, shared ? CB_RANGE_SHARED : CB_RANGE_MAPPED);
         vb++;
         have = bt_next(&cur, d->d.mapping_root, true);
     }

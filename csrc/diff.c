@@ -15,7 +15,6 @@
 
 #include "cowblock.h"
 
-enum { LEFT_ONLY = 1, RIGHT_ONLY = 2, DIFFERENT = 3, SAME = 4 };
 
 struct item {
     uint64_t lo;      /* lower bound of keys (the key itself for an entry) */
@@ -89,7 +88,7 @@ static int emit_same_subtree(struct cb_meta *m, struct stream *s, struct out *o)
         if (s->v[s->n - 1].block)
             r = expand(m, s);
         else
-            r = emit(o, s->v[--s->n].lo, SAME);
+            r = emit(o, s->v[--s->n].lo, CB_DIFF_SAME);
     }
     return r;
 }
@@ -122,9 +121,9 @@ static int diff_walk(struct cb_meta *m, uint32_t ra, uint32_t rb, bool with_same
             act_on_a = x->block != 0; /* a tie: open a subtree first */
         else { /* the same key on both sides */
             if (x->value != y->value)
-                r = emit(o, x->lo, DIFFERENT);
+                r = emit(o, x->lo, CB_DIFF_DIFFERENT);
             else if (with_same)
-                r = emit(o, x->lo, SAME);
+                r = emit(o, x->lo, CB_DIFF_SAME);
             a.n--;
             b.n--;
             continue;
@@ -134,14 +133,14 @@ static int diff_walk(struct cb_meta *m, uint32_t ra, uint32_t rb, bool with_same
             if (x->block)
                 r = expand(m, &a);
             else {
-                r = emit(o, x->lo, LEFT_ONLY);
+                r = emit(o, x->lo, CB_DIFF_LEFT_ONLY);
                 a.n--;
             }
         } else {
             if (y->block)
                 r = expand(m, &b);
             else {
-                r = emit(o, y->lo, RIGHT_ONLY);
+                r = emit(o, y->lo, CB_DIFF_RIGHT_ONLY);
                 b.n--;
             }
         }
