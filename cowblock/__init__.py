@@ -11,14 +11,14 @@ from .errors import (BusyError, CorruptMetadataError, CowblockError, DeviceExist
                      DeviceNotFoundError, HostFileError, InvalidArgumentError, MetadataSpaceError,
                      NeedsCheckError, NoSpaceError, PoolClosedError, PoolExistsError,
                      PoolIOError, PoolLockedError, PoolNotFoundError, ReadOnlyError)
-from .pool import CheckReport, DeviceInfo, DiffRange, Pool, PoolStats, Usage
+from .pool import CheckRecord, CheckReport, DeviceInfo, DiffRange, Pool, PoolStats, Usage
 from .control.client import PoolProxy, connect
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Pool", "connect", "PoolProxy", "BusyError", "Device", "DeviceFile", "DeviceInfo", "Extent", "Usage", "PoolStats", "DiffRange",
-    "CheckReport", "CowblockError", "InvalidArgumentError", "DeviceNotFoundError",
+    "CheckReport", "CheckRecord", "CowblockError", "InvalidArgumentError", "DeviceNotFoundError",
     "DeviceExistsError", "PoolClosedError", "NeedsCheckError", "NoSpaceError",
     "MetadataSpaceError", "ReadOnlyError", "CorruptMetadataError", "PoolIOError",
     "PoolLockedError", "PoolNotFoundError", "PoolExistsError", "HostFileError",

@@ -9,7 +9,8 @@ def last_error():
 
 
 def check(code, **kw):
-    """Raise the cowblock exception for a negative C return code."""
+    """Raise the cowblock exception for a negative C return code (its class
+    chosen by the kind of error the core recorded, never by its message)."""
     if code < 0:
-        raise errors.from_code(code, last_error(), **kw)
+        raise errors.from_code(code, last_error(), lib.cb_error_kind(code), **kw)
     return code

@@ -10,10 +10,11 @@ device details.
 import json
 import re
 
+from . import format
 from .errors import InvalidArgumentError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+:@-]{0,127}\Z")
-MAX_BYTES = 4076  # CB_CATALOG_MAX in csrc/format.h
+MAX_BYTES = format.CATALOG_MAX
 
 
 def check_name(name):

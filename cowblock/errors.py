@@ -1,11 +1,15 @@
 """One exception hierarchy for everything cowblock raises.
 
-Each C error code maps to one class (``from_code``), so callers can catch
-by meaning: ``NoSpaceError`` is an ``OSError`` with errno ENOSPC, bad
-arguments are ``ValueError``s, unknown names are ``LookupError``s.  Every
-message names the bad value; ``hint`` says what to do about it.
+Each kind of C error (enum cb_error_kind in csrc/api.h) maps to one class
+(``from_code``), so callers can catch by meaning: ``NoSpaceError`` is an
+``OSError`` with errno ENOSPC (``MetadataSpaceError`` when the metadata ran
+out), bad arguments are ``ValueError``s, unknown names are
+``LookupError``s.  Every message names the bad value; ``hint`` says what to
+do about it.
 """
 import errno as _errno
+
+from ._core import lib
 
 
 class CowblockError(Exception):
@@ -73,7 +77,7 @@ class ReadOnlyError(_OSErrorBase):
 class CorruptMetadataError(_OSErrorBase):
     """Metadata failed a checksum or an invariant (errno EUCLEAN)."""
 
-    default_errno = 117  # EUCLEAN
+    default_errno = _errno.EUCLEAN
     hint = "run pool.check() (cowblock pool check) to see the extent of the damage"
 
 
@@ -118,28 +122,40 @@ class PoolExistsError(_OSErrorBase, FileExistsError):
     default_errno = _errno.EEXIST
 
 
-def from_code(code, message, *, not_found=DeviceNotFoundError, exists=DeviceExistsError):
-    """The exception for a negative errno returned by the C core."""
-    err = -code
-    if err == _errno.EINVAL:
-        return InvalidArgumentError(message)
-    if err == _errno.ENOENT:
-        return not_found(message)
-    if err == _errno.EEXIST:
-        return exists(message)
-    if err == _errno.EROFS:
-        return ReadOnlyError(message)
-    if err == _errno.ENOSPC:
-        if message.startswith("metadata space"):
-            return MetadataSpaceError(message)
-        return NoSpaceError(message)
-    if err == 117:
-        return CorruptMetadataError(message)
-    if err == _errno.ENOMEM:
-        return MemoryError(message)
-    if err == _errno.EIO:
-        return PoolIOError(message)
-    return PoolIOError(message, err)
+class MissingExtraError(CowblockError, ImportError):
+    """An optional feature needs a package that is not installed."""
+
+
+# The class for each kind of C error; "not_found" and "exists" are the
+# caller's (a device's, or a pool's).
+_BY_KIND = {
+    lib.CB_E_INVALID: InvalidArgumentError,
+    lib.CB_E_NOT_FOUND: "not_found",
+    lib.CB_E_EXISTS: "exists",
+    lib.CB_E_READ_ONLY: ReadOnlyError,
+    lib.CB_E_DATA_SPACE: NoSpaceError,
+    lib.CB_E_METADATA_SPACE: MetadataSpaceError,
+    lib.CB_E_HOST_SPACE: NoSpaceError,
+    lib.CB_E_LIMIT: NoSpaceError,
+    lib.CB_E_CORRUPT: CorruptMetadataError,
+    lib.CB_E_IO: PoolIOError,
+    lib.CB_E_NO_MEMORY: MemoryError,
+    lib.CB_E_OVERFLOW: PoolIOError,
+    lib.CB_E_BUSY: BusyError,
+}
+
+
+def from_code(code, message, kind=None, *, not_found=DeviceNotFoundError,
+              exists=DeviceExistsError):
+    """The exception for a negative errno the C core just returned; kind is
+    its enum cb_error_kind (by default, what the core recorded with it)."""
+    if kind is None:
+        kind = lib.cb_error_kind(code)
+    cls = _BY_KIND.get(kind, PoolIOError)
+    cls = {"not_found": not_found, "exists": exists}.get(cls, cls)
+    if issubclass(cls, _OSErrorBase):
+        return cls(message, -code)
+    return cls(message)
 
 
 class MountError(CowblockError):

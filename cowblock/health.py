@@ -12,11 +12,16 @@ opens the pool sees the same ones:
                                        mark is crossed; it gets COWBLOCK_POOL,
                                        COWBLOCK_DATA_FREE_PCT and
                                        COWBLOCK_METADATA_FREE_PCT
+
+It also warns when the pool's files are open to other users: a pool is made
+owner-only (directory 0700, data and metadata 0600) and should stay so.
 """
 import os
+import stat
 import subprocess
 from dataclasses import dataclass, field
 
+from . import format
 from .errors import InvalidArgumentError, NoSpaceError
 
 DEFAULTS = {"low_water_data": 10, "low_water_metadata": 10, "min_free_space": 5, "hook": None}
@@ -94,6 +99,7 @@ def pool_health(pool):
         h.warnings.append(f"pool metadata space is low: {meta_free:.1f}% free, under the "
                           f"low-water mark of {h.low_water_metadata}%; grow it with "
                           f"`cowblock pool resize --metadata SIZE`")
+    h.warnings.extend(permission_warnings(pool.path))
     return h
 
 
@@ -111,6 +117,43 @@ def report(pool):
             "low_water_metadata": h.low_water_metadata, "min_free_space": h.min_free_space,
             "hook": cfg["hook"], "below_low_water": h.below_low_water,
             "needs_check": s.needs_check, "read_only": s.read_only, "warnings": h.warnings}
+
+
+# The permission bits a pool directory is made without (CB_POOL_DIR_MODE is
+# owner-only): group and others.
+_OWNER_ONLY = 0o777 & ~format.CONSTANTS["CB_POOL_DIR_MODE"]
+
+
+def _exposed(pool_dir):
+    """(path, mode, what) of the pool directory and files that others can reach."""
+    paths = [(pool_dir, "pool directory")] + [
+        (os.path.join(pool_dir, name), "pool file") for name in ("data", "metadata")]
+    exposed = []
+    for path, what in paths:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            continue
+        if mode & _OWNER_ONLY:
+            exposed.append((path, mode, what))
+    return exposed
+
+
+def permission_warnings(pool_dir):
+    """A sentence for each pool path that other local users can read or enter."""
+    return [f"{what} {path} is mode {mode:04o}: other local users can read the devices' "
+            f"blocks; make it owner-only with `cowblock pool check --repair` (or chmod go-rwx)"
+            for path, mode, what in _exposed(pool_dir)]
+
+
+def tighten_permissions(pool_dir):
+    """Take group and other permissions off the pool directory and files;
+    returns a sentence for each one changed."""
+    done = []
+    for path, mode, what in _exposed(pool_dir):
+        os.chmod(path, mode & ~_OWNER_ONLY)
+        done.append(f"{what} {path}: mode {mode:04o} set to {mode & ~_OWNER_ONLY:04o} (owner only)")
+    return done
 
 
 def run_hook(pool_path, hook, health):

@@ -12,15 +12,16 @@ import os
 import threading
 import uuid as _uuid
 from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
 
-from . import catalog, errors, health
+from . import catalog, errors, format, health
 from ._native import check, ffi, lib
 from .device import Device
 from .lock import PoolLock
 
 DEFAULT_BLOCK_SIZE = 65536
-READ_ONLY_FLAG = 1  # CB_DEV_READ_ONLY
-DELETING_FLAG = 2   # CB_DEV_DELETING: removal deferred, reclaimed in the background
+READ_ONLY_FLAG = format.DEV_READ_ONLY
+DELETING_FLAG = format.DEV_DELETING   # removal deferred, reclaimed in the background
 RECLAIM_CHUNK = 1 << 30  # bytes unmapped per step of a deferred removal
 
 
@@ -93,27 +94,83 @@ class DiffRange:
     length: int
 
 
+class CheckRecord(NamedTuple):
+    """One problem a check found, or one thing a repair did (cb_check_record).
+    A tuple, so that it crosses the daemon's control socket as a list."""
+    kind: str                       # "error", "leak" or "repaired"
+    message: str
+    block: Optional[int] = None     # the block it concerns ...
+    space: Optional[str] = None     # ... counted in "metadata" or "data"
+    device: Optional[int] = None    # the id of the device it concerns
+    expected: Optional[int] = None  # what the references (or the structure) call for
+    found: Optional[int] = None     # what is stored
+    before_repair: bool = False     # found by the check a repair ran first
+
+    def __str__(self):
+        return f"{self.kind}: {self.message}"
+
+
+_CHECK_KINDS = {lib.CB_CHECK_ERROR: "error", lib.CB_CHECK_LEAK: "leak",
+                lib.CB_CHECK_REPAIRED: "repaired"}
+_CHECK_SPACES = {lib.CB_SPACE_METADATA: "metadata", lib.CB_SPACE_DATA: "data"}
+
+
+def _of_repair(record):
+    """Found by the check a repair ran first, or done by the repair."""
+    return record.before_repair or record.kind == "repaired"
+
+
+def _check_record(r):
+    space = _CHECK_SPACES.get(r.space)
+    return CheckRecord(
+        kind=_CHECK_KINDS[r.kind], message=ffi.string(r.message).decode("utf-8", "replace"),
+        block=r.block if space else None, space=space, device=r.device or None,
+        expected=r.expected if r.has_values else None, found=r.found if r.has_values else None,
+        before_repair=bool(r.before_repair))
+
+
 @dataclass(frozen=True)
 class CheckReport:
+    """What pool.check() found: counts, and records (CheckRecord) of the
+    problems; errors, leaks and repaired are the same records as lines."""
     ok: bool
-    errors: list
-    leaks: list
     error_count: int
     leak_count: int
     nodes_checked: int
     blocks_checked: int
-    repaired: list = field(default_factory=list)   # what a repair found and did
+    records: list = field(default_factory=list)         # the problems this check found
+    repair_records: list = field(default_factory=list)  # what a repair found first, and did
+    warnings: list = field(default_factory=list)        # not errors: e.g. pool files others can read
+
+    def __post_init__(self):  # records arrive from the control socket as plain lists
+        for name in ("records", "repair_records"):
+            object.__setattr__(self, name, [r if isinstance(r, CheckRecord) else CheckRecord(*r)
+                                            for r in getattr(self, name)])
+
+    @property
+    def errors(self):
+        return [str(r) for r in self.records if r.kind == "error"]
+
+    @property
+    def leaks(self):
+        return [str(r) for r in self.records if r.kind == "leak"]
+
+    @property
+    def repaired(self):
+        return [str(r) for r in self.repair_records]
 
     def __str__(self):
         head = "clean" if self.ok else f"{self.error_count} errors, {self.leak_count} leaks"
+        warnings = [f"warning: {w}" for w in self.warnings]
         if self.repaired:
             head += " after the repair"
-            return "\n".join([f"pool check: {head}"] + self.errors + self.leaks
+            return "\n".join([f"pool check: {head}"] + self.errors + self.leaks + warnings
                              + ["repair:"] + [f"  {line}" for line in self.repaired])
-        return "\n".join([f"pool check: {head}"] + self.errors + self.leaks)
+        return "\n".join([f"pool check: {head}"] + self.errors + self.leaks + warnings)
 
 
-_DIFF_KINDS = {1: "left_only", 2: "right_only", 3: "different", 4: "same"}
+_DIFF_KINDS = {lib.CB_DIFF_LEFT_ONLY: "left_only", lib.CB_DIFF_RIGHT_ONLY: "right_only",
+               lib.CB_DIFF_DIFFERENT: "different", lib.CB_DIFF_SAME: "same"}
 
 
 def _uint(what, value):
@@ -571,9 +628,10 @@ class Pool:
         check(lib.cb_pool_stats(self._handle(), s))
         return PoolStats(
             block_size=s.data_block_size, data_blocks=s.nr_data_blocks, data_used=s.data_used,
-            data_free=s.data_free, metadata_used_bytes=s.meta_used * 4096,
-            metadata_capacity_bytes=s.nr_meta_blocks * 4096,
-            metadata_reserve_bytes=s.meta_reserve * 4096, transaction_id=s.transaction_id,
+            data_free=s.data_free, metadata_used_bytes=s.meta_used * format.META_BLOCK_SIZE,
+            metadata_capacity_bytes=s.nr_meta_blocks * format.META_BLOCK_SIZE,
+            metadata_reserve_bytes=s.meta_reserve * format.META_BLOCK_SIZE,
+            transaction_id=s.transaction_id,
             devices=s.nr_devices, needs_check=bool(s.needs_check), read_only=bool(s.read_only),
             uuid=str(_uuid.UUID(bytes=bytes(s.pool_uuid))), node_capacity=s.node_capacity,
             time=s.snap_time)
@@ -596,8 +654,8 @@ class Pool:
     @property
     def config(self):
         """Pool settings (a dict) kept in the superblock, committed atomically."""
-        buf = ffi.new("char[]", 3072)
-        n = check(lib.cb_pool_config(self._handle(), buf, 3072))
+        buf = ffi.new("char[]", format.POOL_CONFIG_MAX)
+        n = check(lib.cb_pool_config(self._handle(), buf, format.POOL_CONFIG_MAX))
         return json.loads(ffi.buffer(buf, n)[:]) if n else {}
 
     def set_config(self, settings):
@@ -630,30 +688,30 @@ class Pool:
         """Verify all metadata (like thin_check); commits first when writable.
 
         repair: set every reference count from the trees (leaks, miscounts),
-        then check again; refused when the trees themselves are damaged."""
+        then check again; refused when the trees themselves are damaged.  It
+        also takes the pool files' permissions back to owner-only."""
         summary = ffi.new("cb_check_summary *")
-        report = ffi.new("char **")
+        out, count = ffi.new("cb_check_record **"), ffi.new("uint64_t *")
         fn = lib.cb_pool_repair if repair else lib.cb_pool_check
-        check(fn(self._handle(), summary, report))
+        check(fn(self._handle(), summary, out, count))
         try:
-            text = ffi.string(report[0]).decode("utf-8", "replace")
+            records = [_check_record(out[0][i]) for i in range(count[0])]
         finally:
-            lib.cb_free(report[0])
-        lines = text.splitlines()
-        repaired = []
-        done = [i for i, ln in enumerate(lines) if ln.startswith("repaired: ")]
-        if done:  # found before the repair, what it did; then the check after it
-            repaired, lines = lines[:done[-1] + 1], lines[done[-1] + 1:]
+            lib.cb_free(out[0])
+        done = [r for r in records if _of_repair(r)]
+        if any(r.kind == "repaired" for r in done):
             with self._catalog_lock:  # devices whose trees were lost are gone
                 self._names.clear()
                 self._meta.clear()
                 self._load_catalog()
-        errs = [ln for ln in lines if ln.startswith("error: ")]
-        leaks = [ln for ln in lines if ln.startswith("leak: ")]
-        return CheckReport(ok=summary.errors == 0 and summary.leaks == 0, errors=errs,
-                           leaks=leaks, error_count=summary.errors, leak_count=summary.leaks,
+        if repair:
+            done += [CheckRecord("repaired", line) for line in health.tighten_permissions(self.path)]
+        return CheckReport(ok=summary.errors == 0 and summary.leaks == 0,
+                           error_count=summary.errors, leak_count=summary.leaks,
                            nodes_checked=summary.nodes_checked,
-                           blocks_checked=summary.blocks_checked, repaired=repaired)
+                           blocks_checked=summary.blocks_checked,
+                           records=[r for r in records if not _of_repair(r)], repair_records=done,
+                           warnings=health.permission_warnings(self.path))
 
     def _counters(self):
         w, v = ffi.new("uint64_t *"), ffi.new("uint64_t *")

@@ -4,16 +4,41 @@
  * This file is also the cffi cdef (csrc/build_ffi.py reads it), so it holds
  * plain declarations only.  Every int-returning call returns 0 (or a count)
  * on success and a negative errno on failure; cb_last_error() then gives a
- * message for the calling thread naming what went wrong.
+ * message for the calling thread naming what went wrong, and
+ * cb_error_kind() what kind of failure it was.
  *
- * Errors: -EINVAL bad argument, -ENOENT unknown device, -EEXIST, -EROFS
- * write to a read-only device or pool, -ENOSPC data or metadata space
- * exhausted, -EUCLEAN corrupt metadata, -EIO an I/O error, -EBUSY, -ENOMEM.
  * A NULL uuid16 argument asks for a random UUID.
  * A failed fsync, or any failure part-way through a metadata change, turns
  * the pool read-only with needs_check set; a failed data write does not (the
  * data of that range is undefined, as on a disk that returned EIO).
  */
+
+/* What went wrong, so that a caller can act on a failure without reading its
+ * message.  Each kind has one errno (returned negated); kinds that share an
+ * errno tell apart what the errno alone cannot (which space ran out). */
+enum cb_error_kind {
+    CB_E_NONE = 0,
+    CB_E_INVALID = 1,         /* EINVAL: a bad argument, or features this build does not know */
+    CB_E_NOT_FOUND = 2,       /* ENOENT: no such device, or a pool file is missing */
+    CB_E_EXISTS = 3,          /* EEXIST */
+    CB_E_READ_ONLY = 4,       /* EROFS: a read-only device or pool */
+    CB_E_DATA_SPACE = 5,      /* ENOSPC: every data block is in use */
+    CB_E_METADATA_SPACE = 6,  /* ENOSPC: metadata blocks exhausted, or down to the reserve */
+    CB_E_HOST_SPACE = 7,      /* ENOSPC: the filesystem that holds the pool files is full */
+    CB_E_LIMIT = 8,           /* ENOSPC: a counter of the format is used up (device ids, snapshot time) */
+    CB_E_CORRUPT = 9,         /* EUCLEAN: metadata failed a checksum or an invariant */
+    CB_E_IO = 10,             /* EIO: an I/O error, or the pool is read-only after one */
+    CB_E_NO_MEMORY = 11,      /* ENOMEM */
+    CB_E_OVERFLOW = 12,       /* EOVERFLOW: a reference count would overflow */
+    CB_E_BUSY = 13,           /* EBUSY: in use */
+};
+
+const char *cb_last_error(void);
+/* The kind of the failure `code` (a negative errno) that a call just returned
+ * to this thread: the kind recorded with its message, or, when the call
+ * recorded none for that errno, the kind the errno stands for. */
+int cb_error_kind(int code);
+void cb_free(void *p);
 
 typedef struct cb_pool cb_pool;
 
@@ -51,11 +76,20 @@ typedef struct {
     uint8_t uuid[16];
 } cb_devinfo;
 
+/* What a run of blocks is: for block status, and for diff. */
+enum cb_range_kind {
+    CB_RANGE_UNMAPPED = 0,
+    CB_RANGE_MAPPED = 1,
+    CB_RANGE_SHARED = 2,      /* mapped, and the data block is shared with another device */
+    CB_DIFF_LEFT_ONLY = 1,
+    CB_DIFF_RIGHT_ONLY = 2,
+    CB_DIFF_DIFFERENT = 3,
+    CB_DIFF_SAME = 4,
+};
 typedef struct {
     uint64_t begin;    /* first virtual block */
     uint64_t length;   /* blocks */
-    uint32_t kind;     /* block status: 0 unmapped, 1 mapped, 2 mapped and shared;
-                          diff: 1 left_only, 2 right_only, 3 different, 4 same */
+    uint32_t kind;     /* enum cb_range_kind */
     uint32_t padding;
 } cb_range;
 
@@ -66,8 +100,29 @@ typedef struct {
     uint64_t leaks;
 } cb_check_summary;
 
-const char *cb_last_error(void);
-void cb_free(void *p);
+/* One problem a check found, or one thing a repair did. */
+enum cb_check_kind {
+    CB_CHECK_ERROR = 1,       /* wrong: a count too low, a broken tree, a bad block */
+    CB_CHECK_LEAK = 2,        /* a stored count above the references found: space lost, no harm */
+    CB_CHECK_REPAIRED = 3,    /* what a repair did */
+};
+/* Which blocks a record's block number counts in. */
+enum cb_check_space {
+    CB_SPACE_NONE = 0,        /* the record names no block */
+    CB_SPACE_METADATA = 1,
+    CB_SPACE_DATA = 2,
+};
+typedef struct {
+    uint32_t kind;            /* enum cb_check_kind */
+    uint32_t before_repair;   /* 1: found by the check a repair ran first, since repaired */
+    uint32_t space;           /* enum cb_check_space */
+    uint32_t device;          /* id of the device concerned, 0 = none */
+    uint64_t block;           /* the block concerned (space says of which kind) */
+    uint64_t expected;        /* with has_values: what the references or the */
+    uint64_t found;           /*   structure call for, and what is stored */
+    uint32_t has_values;
+    char message[484];        /* the whole sentence, as a person reads it */
+} cb_check_record;
 
 int cb_pool_create(const char *dir, uint64_t data_size, uint32_t block_size,
                    uint64_t meta_size, uint32_t node_capacity, const uint8_t *uuid16);
@@ -85,11 +140,16 @@ int cb_pool_set_config(cb_pool *p, const void *buf, uint32_t len);
 /* Give the unused part of the data file back to the host (punch holes in
  * every free block, like thin_trim); *bytes gets what was punched. */
 int cb_pool_trim(cb_pool *p, uint64_t *bytes);
-int cb_pool_check(cb_pool *p, cb_check_summary *summary, char **report);
+/* Verify all metadata.  *records gets what was found (at most 1000 are
+ * listed; the summary counts all), malloc()ed: free it with cb_free. */
+int cb_pool_check(cb_pool *p, cb_check_summary *summary, cb_check_record **records,
+                  uint64_t *count);
 /* Set every reference count from the trees (leaks and miscounts); refuses
  * when the trees themselves are damaged.  The summary is of the check run
- * after the repair; the report lists what was found, then what was done. */
-int cb_pool_repair(cb_pool *p, cb_check_summary *summary, char **report);
+ * after the repair; the records list what was found (before_repair), what
+ * was done (CB_CHECK_REPAIRED), then what the check after it found. */
+int cb_pool_repair(cb_pool *p, cb_check_summary *summary, cb_check_record **records,
+                   uint64_t *count);
 int cb_pool_diff(cb_pool *p, uint32_t a, uint32_t b, int with_same,
                  cb_range **out, uint64_t *count);
 
@@ -165,3 +225,30 @@ int cb_dev_add_mappings(cb_pool *p, uint32_t id, const uint32_t *keys, const uin
  * counts[i]; its mappings follow the previous devices' in keys/values/shared. */
 int cb_pool_mappings(cb_pool *p, uint32_t **ids, uint64_t **counts, uint32_t *nr_devices,
                      uint32_t **keys, uint32_t **values, uint8_t **shared, uint64_t *total);
+
+/* ---- the on-disk format (format.c), for tools that read pool files ----
+ * Every field of every record of csrc/format.h with its offset and size
+ * (offsetof, sizeof), and the format's constants, so that no other
+ * language writes the layout down again (cowblock/format.py reads these). */
+typedef struct {
+    const char *record;       /* "superblock", "node_header", ... */
+    uint32_t size;            /* sizeof the whole record */
+} cb_format_record;
+typedef struct {
+    const char *record;
+    const char *name;
+    uint32_t offset;          /* offsetof */
+    uint32_t size;            /* sizeof the field */
+    uint32_t item_size;       /* sizeof one element: the field's own size unless it is an array */
+} cb_format_field;
+typedef struct {
+    const char *name;         /* the C name: "CB_META_BLOCK_SIZE", "CB_BT_MAP_LEAF", ... */
+    uint64_t value;
+} cb_format_constant;
+const cb_format_record *cb_format_records(uint32_t *count);
+const cb_format_field *cb_format_fields(uint32_t *count);
+const cb_format_constant *cb_format_constants(uint32_t *count);
+/* CRC-32C as the format uses it: crc32c(crc, buf) continues from crc (0 to
+ * start); cb_block_csum is a metadata block's checksum, salted with its type. */
+uint32_t cb_crc32c(uint32_t crc, const void *buf, size_t len);
+uint32_t cb_block_csum(const void *block, uint32_t type);

@@ -24,11 +24,11 @@
 #include "cowblock.h"
 
 /* Deeper than any real tree: a cycle in corrupt metadata. */
-#define MAX_DEPTH 32
+#define MAX_DEPTH CB_MAX_TREE_DEPTH
 
 static int too_deep(uint32_t b)
 {
-    return cb_err(EUCLEAN, "metadata is corrupt: a b-tree is deeper than %d levels at block %u "
+    return cb_err(CB_E_CORRUPT, "metadata is corrupt: a b-tree is deeper than %d levels at block %u "
                   "(a cycle?)", MAX_DEPTH, b);
 }
 
@@ -174,7 +174,7 @@ int bt_lookup(struct cb_meta *m, uint32_t root, uint32_t key, void *value, uint3
         uint32_t nr = node_hdr(n)->nr_entries;
         if (node_type(n) == CB_BT_INTERNAL) {
             if (nr == 0)
-                return cb_err(EUCLEAN, "metadata block %u is corrupt: empty internal node", b);
+                return cb_err(CB_E_CORRUPT, "metadata block %u is corrupt: empty internal node", b);
             b = node_u32_values(n)[child_index(n, key)];
             continue;
         }
@@ -446,7 +446,7 @@ int bt_seek(struct bt_cursor *cur, uint32_t root, uint32_t key, bool want_sharin
         uint32_t nr = node_hdr(n)->nr_entries;
         if (node_type(n) == CB_BT_INTERNAL) {
             if (nr == 0)
-                return cb_err(EUCLEAN, "metadata block %u is corrupt: empty internal node", b);
+                return cb_err(CB_E_CORRUPT, "metadata block %u is corrupt: empty internal node", b);
             uint32_t i = child_index(n, key);
             if (i + 1 < nr) {
                 has_next = true;
@@ -469,7 +469,7 @@ int bt_seek(struct bt_cursor *cur, uint32_t root, uint32_t key, bool want_sharin
         /* Past this leaf: restart at the next subtree's lower bound (which
          * only grows; bounded in case corrupt keys say otherwise). */
         if (next_key <= key || ++restarts > MAX_DEPTH)
-            return cb_err(EUCLEAN, "metadata is corrupt: b-tree keys out of order near block %u", b);
+            return cb_err(CB_E_CORRUPT, "metadata is corrupt: b-tree keys out of order near block %u", b);
         key = next_key;
         depth = 0;
         b = root;
@@ -492,7 +492,7 @@ int bt_next(struct bt_cursor *cur, uint32_t root, bool want_sharing)
         r = bt_seek(cur, root, prev + 1, want_sharing);
     }
     if (r == 1 && bt_cur_key(cur) <= prev)
-        return cb_err(EUCLEAN, "metadata block %u is corrupt: its keys are out of order (%u "
+        return cb_err(CB_E_CORRUPT, "metadata block %u is corrupt: its keys are out of order (%u "
                       "after %u)", cur->leaf_block, bt_cur_key(cur), prev);
     return r;
 }

@@ -10,7 +10,7 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["errors.c", "crc32c.c", "io.c", "meta.c", "sm.c", "btree.c", "pool.c",
+SOURCES = ["errors.c", "crc32c.c", "format.c", "io.c", "meta.c", "sm.c", "btree.c", "pool.c",
            "device.c", "dataio.c", "diff.c", "check.c", "nbd/transmit.c"]
 
 # COWBLOCK_SANITIZE=address (or address,undefined) builds the core with

@@ -15,6 +15,10 @@
  * their parent's bounds, uniform leaf depth), each device's mapped-block
  * count and size bound, and the space map counters.
  *
+ * Each finding is a record (cb_check_record): its kind, the block or device
+ * it concerns, what was expected and what was found where a count or a
+ * value was compared, and the sentence a person reads.
+ *
  * The caller holds the pool lock exclusively and has committed.
  */
 #include <stdarg.h>
@@ -31,9 +35,9 @@ struct checker {
     uint32_t *data_refs;
     uint8_t *visited;         /* nodes already walked */
     uint64_t *entries;        /* entries below each visited node */
-    char *report;
-    size_t len, cap;
-    uint64_t lines;
+    cb_check_record *records;
+    size_t nr_records, cap_records;
+    uint64_t findings;        /* errors and leaks found, listed or not */
     cb_check_summary *sum;
     uint64_t count_errors;    /* reference counts, used counters, mapped counts: repairable */
     uint64_t tree_errors;     /* errors inside device mapping trees (repair drops the device) */
@@ -42,47 +46,98 @@ struct checker {
     struct u32vec recount;    /* devices whose mapped-block count is wrong */
 };
 
-static void say(struct checker *c, bool leak, const char *fmt, ...)
+/* What a record is about. */
+struct about {
+    uint32_t space, device;
+    uint64_t block;
+    bool has_values;
+    uint64_t expected, found;
+};
+static const struct about nothing;
+
+static struct about meta_block(uint32_t b, uint32_t device)
+{
+    return (struct about){.space = CB_SPACE_METADATA, .device = device, .block = b};
+}
+
+static struct about space_block(bool data, uint64_t b)
+{
+    return (struct about){.space = data ? CB_SPACE_DATA : CB_SPACE_METADATA, .block = b};
+}
+
+static struct about device(uint32_t id) { return (struct about){.device = id}; }
+
+static struct about values(struct about a, uint64_t expected, uint64_t found)
+{
+    a.has_values = true;
+    a.expected = expected;
+    a.found = found;
+    return a;
+}
+
+static void vrecord(struct checker *c, uint32_t kind, struct about a, const char *fmt, va_list ap)
+{
+    if (c->nr_records == c->cap_records) {
+        size_t cap = c->cap_records ? 2 * c->cap_records : 16;
+        cb_check_record *r = realloc(c->records, cap * sizeof *r);
+        if (!r)
+            return; /* counted in the summary all the same */
+        c->records = r;
+        c->cap_records = cap;
+    }
+    cb_check_record *r = &c->records[c->nr_records++];
+    *r = (cb_check_record){.kind = kind, .space = a.space, .device = a.device, .block = a.block,
+                           .has_values = a.has_values, .expected = a.expected, .found = a.found};
+    vsnprintf(r->message, sizeof r->message, fmt, ap);
+}
+
+/* Something done (by a repair): always listed. */
+static void record(struct checker *c, uint32_t kind, struct about a, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void record(struct checker *c, uint32_t kind, struct about a, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vrecord(c, kind, a, fmt, ap);
+    va_end(ap);
+}
+
+/* Something found: counted, and listed up to the first 1000. */
+static void say(struct checker *c, bool leak, struct about a, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void say(struct checker *c, bool leak, struct about a, const char *fmt, ...)
 {
     if (leak)
         c->sum->leaks++;
     else
         c->sum->errors++;
-    if (c->lines++ >= 1000)
-        return; /* counted, not listed */
-    char line[600];
+    if (c->findings++ >= 1000)
+        return;
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(line, sizeof line, fmt, ap);
+    vrecord(c, leak ? CB_CHECK_LEAK : CB_CHECK_ERROR, a, fmt, ap);
     va_end(ap);
-    if (n < 0)
-        return;
-    size_t need = c->len + (size_t)n + 16;
-    if (need > c->cap) {
-        size_t cap = need * 2;
-        char *r = realloc(c->report, cap);
-        if (!r)
-            return;
-        c->report = r;
-        c->cap = cap;
-    }
-    c->len += (size_t)sprintf(c->report + c->len, "%s: %s\n", leak ? "leak" : "error", line);
 }
 
 /* Verify a committed block from the file, not from the verified cache. */
 static const uint8_t *read_block(struct checker *c, uint32_t b, uint32_t t1, uint32_t t2,
-                                 const char *what)
+                                 const char *what, uint32_t dev)
 {
     if (b < 2 || b >= c->m->nr_blocks) {
-        say(c, false, "%s points at metadata block %u, outside 2..%llu", what, b,
-            (unsigned long long)c->m->nr_blocks - 1);
+        say(c, false, meta_block(b, dev), "%s points at metadata block %u, outside 2..%llu", what,
+            b, (unsigned long long)c->m->nr_blocks - 1);
         return NULL;
     }
     c->m->verified[b >> 3] &= (uint8_t)~(1u << (b & 7));
     int err = 0;
     const uint8_t *blk = meta_read(c->m, b, t1, t2, &err);
-    if (!blk)
-        say(c, false, "%s: %s", what, cb_last_error());
+    if (!blk) {
+        struct about a = meta_block(b, dev);
+        uint64_t expected, found;
+        if (cb_last_error_values(&expected, &found))
+            a = values(a, expected, found);
+        say(c, false, a, "%s: %s", what, cb_last_error());
+    }
     c->sum->blocks_checked++;
     return blk;
 }
@@ -101,18 +156,20 @@ static void ref_page(struct checker *c, uint32_t b)
 }
 
 /* Walk a node below bounds [lo, hi); returns its entry count (memoized). */
+/* dev: the device whose mapping tree this is, 0 for the device-details tree. */
 static uint64_t walk(struct checker *c, uint32_t b, uint32_t leaf_type, uint64_t lo, uint64_t hi,
-                     int depth, int *leaf_depth, const char *owner)
+                     int depth, int *leaf_depth, const char *owner, uint32_t dev)
 {
     char what[128];
     snprintf(what, sizeof what, "%s, node %u", owner, b);
-    if (depth > 32) {
-        say(c, false, "%s: tree deeper than 32 levels (a cycle?)", what);
+    struct about here = meta_block(b, dev);
+    if (depth > CB_MAX_TREE_DEPTH) {
+        say(c, false, here, "%s: tree deeper than %d levels (a cycle?)", what, CB_MAX_TREE_DEPTH);
         return 0;
     }
     if (b < c->m->nr_blocks && (c->visited[b >> 3] & (1u << (b & 7))))
         return c->entries[b];
-    const uint8_t *n = read_block(c, b, CB_BT_INTERNAL, leaf_type, what);
+    const uint8_t *n = read_block(c, b, CB_BT_INTERNAL, leaf_type, what, dev);
     if (!n)
         return 0;
     c->visited[b >> 3] |= (uint8_t)(1u << (b & 7));
@@ -121,16 +178,16 @@ static uint64_t walk(struct checker *c, uint32_t b, uint32_t leaf_type, uint64_t
     const uint32_t *keys = node_keys(n);
     bool internal = node_hdr(n)->h.type == CB_BT_INTERNAL;
     if (nr == 0)
-        say(c, false, "%s: empty node", what);
+        say(c, false, here, "%s: empty node", what);
     uint64_t count = 0;
     for (uint32_t i = 0; i < nr; i++) {
         if (i > 0 && keys[i] <= keys[i - 1])
-            say(c, false, "%s: keys not sorted: key %u at %u follows %u", what, keys[i], i,
+            say(c, false, here, "%s: keys not sorted: key %u at %u follows %u", what, keys[i], i,
                 keys[i - 1]);
         if (keys[i] < lo || keys[i] >= hi)
             if (!(internal && i == 0 && keys[i] < lo)) /* a root's first bound may be lower */
-                say(c, false, "%s: key %u outside its parent's range [%llu, %llu)", what, keys[i],
-                    (unsigned long long)lo, (unsigned long long)hi);
+                say(c, false, here, "%s: key %u outside its parent's range [%llu, %llu)", what,
+                    keys[i], (unsigned long long)lo, (unsigned long long)hi);
     }
     if (internal) {
         for (uint32_t i = 0; i < nr; i++) {
@@ -138,20 +195,20 @@ static uint64_t walk(struct checker *c, uint32_t b, uint32_t leaf_type, uint64_t
             ref_meta(c, child);
             uint64_t clo = keys[i] > lo ? keys[i] : lo;
             uint64_t chi = i + 1 < nr ? keys[i + 1] : hi;
-            count += walk(c, child, leaf_type, clo, chi, depth + 1, leaf_depth, owner);
+            count += walk(c, child, leaf_type, clo, chi, depth + 1, leaf_depth, owner, dev);
         }
     } else {
         if (*leaf_depth < 0)
             *leaf_depth = depth;
         else if (*leaf_depth != depth)
-            say(c, false, "%s: leaf at depth %d, others at %d (tree unbalanced)", what, depth,
-                *leaf_depth);
+            say(c, false, values(here, (uint64_t)*leaf_depth, (uint64_t)depth),
+                "%s: leaf at depth %d, others at %d (tree unbalanced)", what, depth, *leaf_depth);
         if (leaf_type == CB_BT_MAP_LEAF) {
             for (uint32_t i = 0; i < nr; i++) {
                 uint32_t v = node_u32_values(n)[i];
                 if (v >= c->m->sb.nr_data_blocks)
-                    say(c, false, "%s: virtual block %u maps to data block %u, past the end of the "
-                        "pool (%llu blocks)", what, keys[i], v,
+                    say(c, false, here, "%s: virtual block %u maps to data block %u, past the end "
+                        "of the pool (%llu blocks)", what, keys[i], v,
                         (unsigned long long)c->m->sb.nr_data_blocks);
                 else
                     c->data_refs[v]++;
@@ -171,11 +228,12 @@ static void check_devices(struct checker *c)
         ref_meta(c, root);
         int leaf_depth = -1;
         in_tree = walk(c, root, CB_BT_DEV_LEAF, 0, (uint64_t)UINT32_MAX + 1, 0, &leaf_depth,
-                       "device-details tree");
+                       "device-details tree", 0);
     }
     if (in_tree != c->p->nr_devices)
-        say(c, false, "device-details tree holds %llu devices, %u are loaded",
-            (unsigned long long)in_tree, c->p->nr_devices);
+        say(c, false, values(nothing, c->p->nr_devices, in_tree),
+            "device-details tree holds %llu devices, %u are loaded", (unsigned long long)in_tree,
+            c->p->nr_devices);
     for (uint32_t id = 0; id < c->p->devs_cap; id++) {
         struct cb_dev *d = c->p->devs[id];
         if (!d)
@@ -183,16 +241,18 @@ static void check_devices(struct checker *c)
         struct cb_dev_detail stored;
         int r = bt_lookup(c->m, root, id, &stored, sizeof stored);
         if (r != 1)
-            say(c, false, "device %u is not in the device-details tree", id);
+            say(c, false, device(id), "device %u is not in the device-details tree", id);
         else if (memcmp(&stored, &d->d, sizeof stored))
-            say(c, false, "device %u: its committed details differ from the loaded ones", id);
+            say(c, false, device(id), "device %u: its committed details differ from the loaded ones",
+                id);
         if (id >= c->m->sb.next_dev_id)
-            say(c, false, "device %u: id not below next_dev_id %u", id, c->m->sb.next_dev_id);
+            say(c, false, device(id), "device %u: id not below next_dev_id %u", id,
+                c->m->sb.next_dev_id);
         if (d->d.catalog_block) {
             ref_meta(c, d->d.catalog_block);
             char what[64];
             snprintf(what, sizeof what, "device %u catalog", id);
-            read_block(c, d->d.catalog_block, CB_BT_CATALOG, CB_BT_CATALOG, what);
+            read_block(c, d->d.catalog_block, CB_BT_CATALOG, CB_BT_CATALOG, what, id);
         }
         uint64_t mapped = 0, before = c->sum->errors;
         if (d->d.mapping_root) {
@@ -201,13 +261,15 @@ static void check_devices(struct checker *c)
             ref_meta(c, d->d.mapping_root);
             int leaf_depth = -1;
             uint64_t nblocks = (d->d.size + c->p->block_size - 1) >> c->p->block_shift;
-            mapped = walk(c, d->d.mapping_root, CB_BT_MAP_LEAF, 0, nblocks, 0, &leaf_depth, owner);
+            mapped = walk(c, d->d.mapping_root, CB_BT_MAP_LEAF, 0, nblocks, 0, &leaf_depth, owner,
+                          id);
         }
         if (c->sum->errors > before) { /* its tree is damaged: repair can only drop it */
             c->tree_errors += c->sum->errors - before;
             u32vec_push(&c->lost, id);
         } else if (mapped != d->d.mapped_blocks) {
-            say(c, false, "device %u: mapped-block count says %llu, its tree holds %llu", id,
+            say(c, false, values(device(id), mapped, d->d.mapped_blocks),
+                "device %u: mapped-block count says %llu, its tree holds %llu", id,
                 (unsigned long long)d->d.mapped_blocks, (unsigned long long)mapped);
             c->count_errors++;
             u32vec_push(&c->recount, id);
@@ -221,6 +283,7 @@ static void check_devices(struct checker *c)
 static void walk_space_map(struct checker *c, struct cb_sm *sm, const uint32_t *expected,
                            const char *name, bool compare)
 {
+    bool data = sm == &c->m->dsm;
     const uint64_t E = CB_SM_ENTRIES;
     uint64_t nonzero = 0, nb = sm->nr_blocks;
     uint32_t root = *sm->root;
@@ -230,7 +293,7 @@ static void walk_space_map(struct checker *c, struct cb_sm *sm, const uint32_t *
         if (!compare)
             ref_page(c, root);
         snprintf(what, sizeof what, "%s space map root", name);
-        rp = (const void *)read_block(c, root, CB_BT_SM_INDEX, CB_BT_SM_INDEX, what);
+        rp = (const void *)read_block(c, root, CB_BT_SM_INDEX, CB_BT_SM_INDEX, what, 0);
     }
     for (uint64_t i0 = 0; i0 * E * E < nb; i0++) {
         const struct cb_sm_page *ip = NULL;
@@ -238,7 +301,8 @@ static void walk_space_map(struct checker *c, struct cb_sm *sm, const uint32_t *
             if (!compare)
                 ref_page(c, rp->entries[i0]);
             snprintf(what, sizeof what, "%s space map index %llu", name, (unsigned long long)i0);
-            ip = (const void *)read_block(c, rp->entries[i0], CB_BT_SM_INDEX, CB_BT_SM_INDEX, what);
+            ip = (const void *)read_block(c, rp->entries[i0], CB_BT_SM_INDEX, CB_BT_SM_INDEX, what,
+                                          0);
         }
         for (uint64_t i1 = 0; i1 < E && (i0 * E + i1) * E < nb; i1++) {
             const struct cb_sm_page *refs = NULL;
@@ -248,7 +312,7 @@ static void walk_space_map(struct checker *c, struct cb_sm *sm, const uint32_t *
                 snprintf(what, sizeof what, "%s space map page %llu", name,
                          (unsigned long long)(i0 * E + i1));
                 refs = (const void *)read_block(c, ip->entries[i1], CB_BT_SM_REFS, CB_BT_SM_REFS,
-                                                what);
+                                                what, 0);
             }
             if (!compare)
                 continue;
@@ -259,29 +323,33 @@ static void walk_space_map(struct checker *c, struct cb_sm *sm, const uint32_t *
                 uint32_t stored = refs ? refs->entries[k] : 0;
                 if (b >= nb) {
                     if (stored)
-                        say(c, false, "%s space map counts block %llu past its end", name,
+                        say(c, false, space_block(data, b),
+                            "%s space map counts block %llu past its end", name,
                             (unsigned long long)b);
                     continue;
                 }
                 page_nonzero += stored != 0;
                 uint32_t want = expected[b];
+                struct about a = values(space_block(data, b), want, stored);
                 if (stored > want)
-                    say(c, true, "%s block %llu: reference count %u, but %u references found",
+                    say(c, true, a, "%s block %llu: reference count %u, but %u references found",
                         name, (unsigned long long)b, stored, want);
                 else if (stored < want)
-                    say(c, false, "%s block %llu: reference count %u, but %u references found "
+                    say(c, false, a, "%s block %llu: reference count %u, but %u references found "
                         "(it could be handed out twice)", name, (unsigned long long)b, stored, want);
                 if (stored < want)
                     c->count_errors++;
             }
             if (refs && page_nonzero != refs->nr_nonzero)
-                say(c, false, "%s space map page %llu: says %u non-zero counts, holds %u", name,
+                say(c, false, values(meta_block(ip->entries[i1], 0), page_nonzero, refs->nr_nonzero),
+                    "%s space map page %llu: says %u non-zero counts, holds %u", name,
                     (unsigned long long)(i0 * E + i1), refs->nr_nonzero, page_nonzero);
             nonzero += page_nonzero;
         }
     }
     if (compare && nonzero != *sm->used && ++c->count_errors)
-        say(c, false, "%s space map: superblock says %llu blocks used, the counts say %llu", name,
+        say(c, false, values(nothing, nonzero, *sm->used),
+            "%s space map: superblock says %llu blocks used, the counts say %llu", name,
             (unsigned long long)*sm->used, (unsigned long long)nonzero);
 }
 
@@ -297,7 +365,7 @@ static int run_check(cb_pool *p, struct checker *c)
     c->sm_pages = calloc((nm + 7) / 8, 1);
     c->entries = calloc(nm, sizeof *c->entries);
     if (!c->meta_refs || !c->data_refs || !c->visited || !c->entries || !c->sm_pages)
-        return cb_err(ENOMEM, "out of memory checking %llu metadata and %llu data blocks",
+        return cb_err(CB_E_NO_MEMORY, "out of memory checking %llu metadata and %llu data blocks",
                       (unsigned long long)nm, (unsigned long long)nd);
     c->meta_refs[0] = c->meta_refs[1] = 1;
     check_devices(c);
@@ -316,22 +384,24 @@ static void free_checker(struct checker *c)
     free(c->visited);
     free(c->sm_pages);
     free(c->entries);
-    free(c->report);
+    free(c->records);
     free(c->lost.v);
     free(c->recount.v);
 }
 
-static int take_report(struct checker *c, char **report)
+static int take_records(struct checker *c, cb_check_record **records, uint64_t *count)
 {
-    *report = c->report ? c->report : calloc(1, 1);
-    c->report = NULL;
-    return *report ? 0 : cb_err(ENOMEM, "out of memory");
+    *records = c->records ? c->records : malloc(sizeof **records);
+    *count = c->nr_records;
+    c->records = NULL;
+    return *records ? 0 : cb_err(CB_E_NO_MEMORY, "out of memory");
 }
 
-int cb_pool_check(cb_pool *p, cb_check_summary *sum, char **report)
+int cb_pool_check(cb_pool *p, cb_check_summary *sum, cb_check_record **records, uint64_t *count)
 {
     memset(sum, 0, sizeof *sum);
-    *report = NULL;
+    *records = NULL;
+    *count = 0;
     pthread_rwlock_wrlock(&p->lock);
     int r = 0;
     if (!p->read_only && !p->failed)
@@ -340,7 +410,7 @@ int cb_pool_check(cb_pool *p, cb_check_summary *sum, char **report)
     if (!r)
         r = run_check(p, &c);
     if (!r)
-        r = take_report(&c, report);
+        r = take_records(&c, records, count);
     free_checker(&c);
     pthread_rwlock_unlock(&p->lock);
     return r;
@@ -369,25 +439,6 @@ static uint64_t tree_entries(cb_pool *p, uint32_t root)
     for (int r = root ? bt_seek(&cur, root, 0, false) : 0; r == 1; r = bt_next(&cur, root, false))
         n++;
     return n;
-}
-
-static void append(struct checker *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void append(struct checker *c, const char *fmt, ...)
-{
-    char line[300];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    size_t need = c->len + strlen(line) + 2;
-    if (need > c->cap) {
-        char *r = realloc(c->report, need * 2);
-        if (!r)
-            return;
-        c->report = r;
-        c->cap = need * 2;
-    }
-    c->len += (size_t)sprintf(c->report + c->len, "%s\n", line);
 }
 
 /* Set every reference count to what the trees say (c from run_check). */
@@ -423,10 +474,12 @@ static int fix_counts(cb_pool *p, struct checker *c, uint64_t *fixed)
     return r;
 }
 
-int cb_pool_repair(cb_pool *p, cb_check_summary *sum, char **report)
+int cb_pool_repair(cb_pool *p, cb_check_summary *sum, cb_check_record **records,
+                   uint64_t *count)
 {
     memset(sum, 0, sizeof *sum);
-    *report = NULL;
+    *records = NULL;
+    *count = 0;
     pthread_rwlock_wrlock(&p->lock);
     int r = pool_writable(p);
     if (!r)
@@ -436,11 +489,13 @@ int cb_pool_repair(cb_pool *p, cb_check_summary *sum, char **report)
         r = run_check(p, &c);
     uint64_t structural = sum->errors - c.count_errors - c.tree_errors;
     if (!r && structural)
-        r = cb_err(EUCLEAN, "cannot repair: %llu errors are outside the devices' mapping trees "
+        r = cb_err(CB_E_CORRUPT, "cannot repair: %llu errors are outside the devices' mapping trees "
                    "(superblock, device details or space map structure); nothing was changed",
                    (unsigned long long)structural);
     if (r || (!sum->errors && !sum->leaks))
         goto done;
+    for (size_t i = 0; i < c.nr_records; i++) /* all repaired, or dropped, below */
+        c.records[i].before_repair = 1;
     /* 1. Drop the devices whose trees are damaged (their data is lost) and
      *    correct mapped counts; blocks in use stay reserved meanwhile. */
     for (uint64_t b = 2; !r && b < p->m.nr_blocks; b++)
@@ -455,12 +510,14 @@ int cb_pool_repair(cb_pool *p, cb_check_summary *sum, char **report)
         dev_free(p->devs[id]);
         p->devs[id] = NULL;
         p->nr_devices--;
-        append(&c, "repaired: dropped device %u: its mapping tree is damaged, its data is lost", id);
+        record(&c, CB_CHECK_REPAIRED, device(id),
+               "dropped device %u: its mapping tree is damaged, its data is lost", id);
     }
     for (size_t i = 0; !r && i < c.recount.n; i++) {
         struct cb_dev *d = p->devs[c.recount.v[i]];
         uint64_t n = tree_entries(p, d->d.mapping_root);
-        append(&c, "repaired: device %u's mapped-block count set from %llu to %llu", d->id,
+        record(&c, CB_CHECK_REPAIRED, values(device(d->id), n, d->d.mapped_blocks),
+               "device %u's mapped-block count set from %llu to %llu", d->id,
                (unsigned long long)d->d.mapped_blocks, (unsigned long long)n);
         d->d.mapped_blocks = n;
         d->changed = true;
@@ -485,18 +542,21 @@ int cb_pool_repair(cb_pool *p, cb_check_summary *sum, char **report)
     memset(&again, 0, sizeof again);
     c2.sum = &again;
     if ((r = run_check(p, &c2)) == 0) {
-        append(&c, "repaired: %llu reference counts set from the trees; check afterwards: %llu "
-               "errors, %llu leaks", (unsigned long long)fixed, (unsigned long long)again.errors,
-               (unsigned long long)again.leaks);
-        if (c2.report)
-            append(&c, "%s", c2.report);
+        record(&c, CB_CHECK_REPAIRED, nothing, "%llu reference counts set from the trees; check "
+               "afterwards: %llu errors, %llu leaks", (unsigned long long)fixed,
+               (unsigned long long)again.errors, (unsigned long long)again.leaks);
+        for (size_t i = 0; i < c2.nr_records; i++) { /* what the check after it found */
+            cb_check_record *f = &c2.records[i];
+            struct about a = {f->space, f->device, f->block, f->has_values, f->expected, f->found};
+            record(&c, f->kind, a, "%s", f->message);
+        }
         sum->errors = again.errors;
         sum->leaks = again.leaks;
     }
     free_checker(&c2);
 done:
     if (!r)
-        r = take_report(&c, report);
+        r = take_records(&c, records, count);
     free_checker(&c);
     pthread_rwlock_unlock(&p->lock);
     return r;

@@ -26,12 +26,17 @@
 #endif
 
 /* ---- errors (errors.c) ---- */
-/* Record a message for the calling thread and return -err. */
-int cb_err(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Record a message and its kind for the calling thread; returns -errno of
+ * the kind (enum cb_error_kind in api.h). */
+int cb_err(enum cb_error_kind kind, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Attach the values a failed comparison expected and found to the error just
+ * recorded (check reports them); cb_err forgets them. */
+void cb_err_values(uint64_t expected, uint64_t found);
+bool cb_last_error_values(uint64_t *expected, uint64_t *found);
+/* The errno of a kind. */
+int cb_kind_errno(int kind);
 
-/* ---- checksum (crc32c.c) ---- */
-uint32_t cb_crc32c(uint32_t crc, const void *buf, size_t len);
-uint32_t cb_block_csum(const void *block, uint32_t type);
+/* ---- checksum (crc32c.c): cb_crc32c and cb_block_csum are in api.h ---- */
 /* A UUID given by the caller, or a random one when it passes NULL. */
 static inline void uuid_or_random(uint8_t dst[16], const uint8_t *src)
 {
@@ -211,7 +216,7 @@ static inline struct cb_node_header *node_hdr(const uint8_t *n) { return (struct
 static inline uint32_t *node_keys(const uint8_t *n) { return (uint32_t *)(n + sizeof(struct cb_node_header)); }
 static inline uint8_t *node_values(const uint8_t *n)
 {
-    return (uint8_t *)(n + sizeof(struct cb_node_header) + 4u * node_hdr(n)->max_entries);
+    return (uint8_t *)(n + sizeof(struct cb_node_header) + CB_NODE_KEY_SIZE * node_hdr(n)->max_entries);
 }
 static inline uint32_t *node_u32_values(const uint8_t *n) { return (uint32_t *)node_values(n); }
 

@@ -30,9 +30,9 @@ static int range_check(cb_pool *p, struct cb_dev *d, uint32_t id, const char *op
 {
     (void)p;
     if (!d)
-        return cb_err(ENOENT, "no device with id %u", id);
+        return cb_err(CB_E_NOT_FOUND, "no device with id %u", id);
     if (off > d->d.size || len > d->d.size - off)
-        return cb_err(EINVAL, "%s of %llu bytes at offset %llu is past the end of the device "
+        return cb_err(CB_E_INVALID, "%s of %llu bytes at offset %llu is past the end of the device "
                       "(%llu bytes)", op, (unsigned long long)len, (unsigned long long)off,
                       (unsigned long long)d->d.size);
     return 0;
@@ -40,7 +40,7 @@ static int range_check(cb_pool *p, struct cb_dev *d, uint32_t id, const char *op
 
 static int bad_block(cb_pool *p, uint32_t blk)
 {
-    return cb_err(EUCLEAN, "metadata is corrupt: a mapping names data block %u, past the end of "
+    return cb_err(CB_E_CORRUPT, "metadata is corrupt: a mapping names data block %u, past the end of "
                   "the pool (%llu blocks)", blk, (unsigned long long)p->m.sb.nr_data_blocks);
 }
 
@@ -207,7 +207,7 @@ static int alloc_data_block(cb_pool *p, uint32_t *nb)
         r = sm_find_free(&p->m, &p->m.dsm, &b);
     }
     if (r == -ENOSPC)
-        return cb_err(ENOSPC, "the pool is out of data space: all %llu blocks are in use; grow it "
+        return cb_err(CB_E_DATA_SPACE, "the pool is out of data space: all %llu blocks are in use; grow it "
                       "with resize", (unsigned long long)p->m.sb.nr_data_blocks);
     if (r)
         return r;
@@ -277,7 +277,7 @@ static int cell_acquire(cb_pool *p, uint32_t dev, uint32_t vb)
         struct cb_cell *c = realloc(p->cells, cap * sizeof *c);
         if (!c) {
             pthread_mutex_unlock(&p->cell_lock);
-            return cb_err(ENOMEM, "out of memory");
+            return cb_err(CB_E_NO_MEMORY, "out of memory");
         }
         p->cells = c;
         p->cap_cells = cap;
@@ -361,7 +361,7 @@ static int write_piece(cb_pool *p, uint32_t id, uint32_t vb, uint64_t boff, cons
         struct cb_dev *d = pool_dev(p, id);
         uint32_t old = 0, nb = 0;
         bool exclusive = false;
-        int mapped = !d ? cb_err(ENOENT, "no device with id %u", id) : pool_writable(p);
+        int mapped = !d ? cb_err(CB_E_NOT_FOUND, "no device with id %u", id) : pool_writable(p);
         if (!mapped)
             mapped = lookup(p, d, vb, &old, &exclusive);
         if (mapped < 0 || (mapped && exclusive) || (!mapped && skip_unmapped)) {
@@ -410,7 +410,7 @@ static int write_range(cb_pool *p, uint32_t id, const void *src, uint64_t len, u
         uint64_t boff = pos & (bs - 1);
         pthread_rwlock_rdlock(&p->lock);
         struct cb_dev *d = pool_dev(p, id);
-        int r = !d ? cb_err(ENOENT, "no device with id %u", id) : pool_writable(p);
+        int r = !d ? cb_err(CB_E_NOT_FOUND, "no device with id %u", id) : pool_writable(p);
         uint64_t run = 0; /* bytes of the in-place run starting at pos */
         uint32_t first_blk = 0;
         while (!r && pos + run < end) {
@@ -453,7 +453,7 @@ static int check_write(cb_pool *p, uint32_t id, const char *op, uint64_t off, ui
     if (!r)
         r = pool_writable(p);
     if (!r && (d->d.flags & CB_DEV_READ_ONLY))
-        r = cb_err(EROFS, "device %u is read-only", id);
+        r = cb_err(CB_E_READ_ONLY, "device %u is read-only", id);
     pthread_rwlock_unlock(&p->lock);
     return r;
 }
@@ -506,7 +506,7 @@ int cb_dev_discard(cb_pool *p, uint32_t id, uint64_t off, uint64_t len)
         return r;
     pthread_rwlock_wrlock(&p->lock);
     struct cb_dev *d = pool_dev(p, id);
-    r = d ? pool_writable(p) : cb_err(ENOENT, "no device with id %u", id);
+    r = d ? pool_writable(p) : cb_err(CB_E_NOT_FOUND, "no device with id %u", id);
     if (!r) {
         uint64_t first, last;
         whole_blocks(p, d, off, len, &first, &last);
@@ -542,7 +542,7 @@ int cb_dev_write_zeroes(cb_pool *p, uint32_t id, uint64_t off, uint64_t len, int
         return write_range(p, id, NULL, len, off, false);
     pthread_rwlock_wrlock(&p->lock);
     struct cb_dev *d = pool_dev(p, id);
-    r = d ? pool_writable(p) : cb_err(ENOENT, "no device with id %u", id);
+    r = d ? pool_writable(p) : cb_err(CB_E_NOT_FOUND, "no device with id %u", id);
     if (!r)
         r = dev_zero_range_locked(p, d, off, len);
     pthread_rwlock_unlock(&p->lock);
@@ -560,7 +560,7 @@ int cb_range_push(cb_range **v, uint64_t *n, uint64_t *cap, uint64_t begin, uint
         uint64_t c = *cap ? *cap * 2 : 64;
         cb_range *nv = realloc(*v, c * sizeof *nv);
         if (!nv)
-            return cb_err(ENOMEM, "out of memory for %llu ranges", (unsigned long long)c);
+            return cb_err(CB_E_NO_MEMORY, "out of memory for %llu ranges", (unsigned long long)c);
         *v = nv;
         *cap = c;
     }
@@ -590,7 +590,7 @@ int cb_dev_block_status(cb_pool *p, uint32_t id, uint64_t off, uint64_t len, cb_
         uint64_t key = have == 1 ? bt_cur_key(&cur) : last + 1;
         if (key > vb) { /* a hole up to the next mapping */
             uint64_t hole_end = key < last + 1 ? key : last + 1;
-            r = cb_range_push(out, count, &cap, vb, hole_end - vb, 0);
+            r = cb_range_push(out, count, &cap, vb, hole_end - vb, CB_RANGE_UNMAPPED);
             vb = hole_end;
             continue;
         }
@@ -598,7 +598,7 @@ int cb_dev_block_status(cb_pool *p, uint32_t id, uint64_t off, uint64_t len, cb_
         if (!cur.shared_path && (r = sm_get(&p->m, &p->m.dsm, bt_cur_value(&cur), &ref)) != 0)
             break;
         bool shared = cur.shared_path || ref > 1 || sm_dropped(&p->m.dsm, bt_cur_value(&cur));
-        r = cb_range_push(out, count, &cap, vb, 1, shared ? 2 : 1);
+        r = cb_range_push(out, count, &cap, vb, 1, shared ? CB_RANGE_SHARED : CB_RANGE_MAPPED);
         vb++;
         have = bt_next(&cur, d->d.mapping_root, true);
     }

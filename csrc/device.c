@@ -28,7 +28,7 @@ struct cb_dev *pool_dev(cb_pool *p, uint32_t id)
     return id < p->devs_cap ? p->devs[id] : NULL;
 }
 
-static int no_device(uint32_t id) { return cb_err(ENOENT, "no device with id %u", id); }
+static int no_device(uint32_t id) { return cb_err(CB_E_NOT_FOUND, "no device with id %u", id); }
 
 void dev_free(struct cb_dev *d)
 {
@@ -47,7 +47,7 @@ static int dev_slot(cb_pool *p, uint32_t id)
         cap *= 2;
     struct cb_dev **v = realloc(p->devs, cap * sizeof *v);
     if (!v)
-        return cb_err(ENOMEM, "out of memory for %u devices", cap);
+        return cb_err(CB_E_NO_MEMORY, "out of memory for %u devices", cap);
     memset(v + p->devs_cap, 0, (cap - p->devs_cap) * sizeof *v);
     p->devs = v;
     p->devs_cap = cap;
@@ -64,7 +64,7 @@ static int add_dev(cb_pool *p, uint32_t id, const struct cb_dev_detail *d, const
     if (!dev || !c) {
         free(dev);
         free(c);
-        return cb_err(ENOMEM, "out of memory loading device %u", id);
+        return cb_err(CB_E_NO_MEMORY, "out of memory loading device %u", id);
     }
     dev->id = id;
     dev->d = *d;
@@ -81,7 +81,7 @@ static int load_leaf_entry(cb_pool *p, uint32_t id, const struct cb_dev_detail *
     const uint8_t *cat = d->catalog;
     int err = 0;
     if (d->catalog_len > CB_CATALOG_MAX)
-        return cb_err(EUCLEAN, "device %u is corrupt: catalog length %u exceeds %zu", id,
+        return cb_err(CB_E_CORRUPT, "device %u is corrupt: catalog length %u exceeds %zu", id,
                       d->catalog_len, (size_t)CB_CATALOG_MAX);
     if (d->catalog_len > CB_CATALOG_INLINE) {
         const struct cb_catalog_block *cb = (const void *)meta_read(&p->m, d->catalog_block,
@@ -89,31 +89,32 @@ static int load_leaf_entry(cb_pool *p, uint32_t id, const struct cb_dev_detail *
         if (!cb)
             return err;
         if (cb->len != d->catalog_len)
-            return cb_err(EUCLEAN, "device %u is corrupt: catalog block %u holds %u bytes, the "
+            return cb_err(CB_E_CORRUPT, "device %u is corrupt: catalog block %u holds %u bytes, the "
                           "device says %u", id, d->catalog_block, cb->len, d->catalog_len);
         cat = cb->bytes;
     }
     if (d->size % 4096 || (d->size >> p->block_shift) > ((uint64_t)1 << 32))
-        return cb_err(EUCLEAN, "device %u is corrupt: size %llu", id, (unsigned long long)d->size);
+        return cb_err(CB_E_CORRUPT, "device %u is corrupt: size %llu", id, (unsigned long long)d->size);
     /* Callers size arrays by it: it must be possible, not just plausible. */
     uint64_t dev_blocks = (d->size >> p->block_shift) + ((d->size & (p->block_size - 1)) != 0);
     if (d->mapped_blocks > dev_blocks || d->mapped_blocks > p->m.sb.nr_data_blocks)
-        return cb_err(EUCLEAN, "device %u is corrupt: %llu mapped blocks, more than its size "
+        return cb_err(CB_E_CORRUPT, "device %u is corrupt: %llu mapped blocks, more than its size "
                       "or the pool holds", id, (unsigned long long)d->mapped_blocks);
     /* Devices live in an array indexed by id: a wild id would cost gigabytes. */
     if (id >= p->m.sb.next_dev_id || id >= CB_MAX_DEV_ID)
-        return cb_err(EUCLEAN, "device-details tree is corrupt: device id %u, but ids given out "
+        return cb_err(CB_E_CORRUPT, "device-details tree is corrupt: device id %u, but ids given out "
                       "so far are below %u", id, p->m.sb.next_dev_id);
     if (id < p->devs_cap && p->devs[id])
-        return cb_err(EUCLEAN, "device-details tree is corrupt: device %u appears twice", id);
+        return cb_err(CB_E_CORRUPT, "device-details tree is corrupt: device %u appears twice", id);
     return add_dev(p, id, d, cat);
 }
 
 static int load_node(cb_pool *p, uint32_t b, int depth)
 {
     int err = 0;
-    if (depth > 32)
-        return cb_err(EUCLEAN, "device-details tree is corrupt: deeper than 32 levels at block %u", b);
+    if (depth > CB_MAX_TREE_DEPTH)
+        return cb_err(CB_E_CORRUPT, "device-details tree is corrupt: deeper than %d levels at block %u",
+                      CB_MAX_TREE_DEPTH, b);
     const uint8_t *n = meta_read(&p->m, b, CB_BT_INTERNAL, CB_BT_DEV_LEAF, &err);
     if (!n)
         return err;
@@ -157,11 +158,11 @@ static int set_catalog(cb_pool *p, struct cb_dev *d, const void *cat, uint32_t l
     if (!cat) /* no catalog */
         cat = "", len = 0;
     if (len > CB_CATALOG_MAX)
-        return cb_err(EINVAL, "device catalog of %u bytes is larger than %zu (names and labels "
+        return cb_err(CB_E_INVALID, "device catalog of %u bytes is larger than %zu (names and labels "
                       "too long)", len, (size_t)CB_CATALOG_MAX);
     uint8_t *copy = malloc(len ? len : 1);
     if (!copy)
-        return cb_err(ENOMEM, "out of memory");
+        return cb_err(CB_E_NO_MEMORY, "out of memory");
     memcpy(copy, cat, len);
     int err = 0;
     if (len <= CB_CATALOG_INLINE) {
@@ -207,11 +208,11 @@ static uint64_t now_ns(void)
 static int check_size(cb_pool *p, uint64_t size)
 {
     if (size == 0 || size % 4096)
-        return cb_err(EINVAL, "device size %llu is not a positive multiple of 4096",
+        return cb_err(CB_E_INVALID, "device size %llu is not a positive multiple of 4096",
                       (unsigned long long)size);
     uint64_t blocks = (size >> p->block_shift) + ((size & (p->block_size - 1)) != 0);
     if (blocks > ((uint64_t)1 << 32))
-        return cb_err(EINVAL, "device size %llu is more than 2^32 blocks of %u",
+        return cb_err(CB_E_INVALID, "device size %llu is more than 2^32 blocks of %u",
                       (unsigned long long)size, p->block_size);
     return 0;
 }
@@ -222,7 +223,7 @@ static int new_device(cb_pool *p, const struct cb_dev_detail *tmpl, const void *
 {
     uint32_t id = p->m.sb.next_dev_id;
     if (id >= CB_MAX_DEV_ID)
-        return cb_err(ENOSPC, "device ids are exhausted (dm-thin's 24 bits)");
+        return cb_err(CB_E_LIMIT, "device ids are exhausted (dm-thin's 24 bits)");
     struct cb_dev_detail d = *tmpl;
     d.catalog_len = 0;
     d.catalog_block = 0;
@@ -279,7 +280,7 @@ int cb_dev_snapshot(cb_pool *p, uint32_t origin, uint32_t flags, const uint8_t *
     if (r)
         goto out;
     if (p->m.sb.snap_time + 1 >= (1u << 24)) {
-        r = cb_err(ENOSPC, "snapshot time counter is exhausted (dm-thin's 24 bits)");
+        r = cb_err(CB_E_LIMIT, "snapshot time counter is exhausted (dm-thin's 24 bits)");
         goto out;
     }
     /* The snapshot shares the origin's whole tree: one reference, no walk. */
@@ -388,7 +389,7 @@ static struct cb_dev *begin_change(cb_pool *p, uint32_t id, bool need_writable_d
     if (!*r && !d)
         *r = no_device(id);
     if (!*r && need_writable_dev && (d->d.flags & CB_DEV_READ_ONLY))
-        *r = cb_err(EROFS, "device %u is read-only", id);
+        *r = cb_err(CB_E_READ_ONLY, "device %u is read-only", id);
     if (!*r)
         *r = meta_reserve_check(&p->m, reserve);
     return *r ? NULL : d;
@@ -485,7 +486,7 @@ int cb_dev_rollback(cb_pool *p, uint32_t id, uint32_t snap_id)
     if (!r && !s)
         r = no_device(snap_id);
     if (!r && id == snap_id)
-        r = cb_err(EINVAL, "cannot roll device %u back to itself", id);
+        r = cb_err(CB_E_INVALID, "cannot roll device %u back to itself", id);
     if (!r)
         r = meta_reserve_check(&p->m, 2 * (d->d.mapped_blocks / CB_SM_ENTRIES) + 32);
     if (r)
@@ -521,7 +522,7 @@ static int collect_mappings(cb_pool *p, struct cb_dev *d, uint32_t *keys, uint32
     for (r = d->d.mapping_root ? bt_seek(&cur, d->d.mapping_root, 0, true) : 0; r == 1;
          r = bt_next(&cur, d->d.mapping_root, true)) {
         if (i == n)
-            return cb_err(EUCLEAN, "device %u maps more blocks than its count %llu", d->id,
+            return cb_err(CB_E_CORRUPT, "device %u maps more blocks than its count %llu", d->id,
                           (unsigned long long)n);
         uint32_t ref = 1;
         if (!cur.shared_path && (r = sm_get(&p->m, &p->m.dsm, bt_cur_value(&cur), &ref)) != 0)
@@ -534,7 +535,7 @@ static int collect_mappings(cb_pool *p, struct cb_dev *d, uint32_t *keys, uint32
     if (r < 0)
         return r;
     if (i != n)
-        return cb_err(EUCLEAN, "device %u maps %llu blocks, its count says %llu", d->id,
+        return cb_err(CB_E_CORRUPT, "device %u maps %llu blocks, its count says %llu", d->id,
                       (unsigned long long)i, (unsigned long long)n);
     *at += n;
     return 0;
@@ -552,7 +553,7 @@ static int alloc_mapping_arrays(uint64_t n, uint32_t **keys, uint32_t **values, 
     free(*shared);
     *keys = *values = NULL;
     *shared = NULL;
-    return cb_err(ENOMEM, "out of memory for %llu mappings", (unsigned long long)n);
+    return cb_err(CB_E_NO_MEMORY, "out of memory for %llu mappings", (unsigned long long)n);
 }
 
 int cb_dev_mappings(cb_pool *p, uint32_t id, uint32_t **keys, uint32_t **values,
@@ -599,7 +600,7 @@ int cb_pool_mappings(cb_pool *p, uint32_t **ids, uint64_t **counts, uint32_t *nr
         *ids = malloc(sizeof **ids * (p->nr_devices + 1));
         *counts = malloc(sizeof **counts * (p->nr_devices + 1));
         if (!*ids || !*counts)
-            r = cb_err(ENOMEM, "out of memory");
+            r = cb_err(CB_E_NO_MEMORY, "out of memory");
     }
     for (uint32_t i = 0; !r && i < p->devs_cap; i++) {
         struct cb_dev *d = p->devs[i];
@@ -637,15 +638,15 @@ int cb_dev_add_mappings(cb_pool *p, uint32_t id, const uint32_t *keys, const uin
     if (!r && !d)
         r = no_device(id);
     if (!r && d->d.mapping_root)
-        r = cb_err(EINVAL, "device %u already maps blocks", id);
+        r = cb_err(CB_E_INVALID, "device %u already maps blocks", id);
     for (uint64_t i = 0; !r && i < count; i++) {
         if (i && keys[i] <= keys[i - 1])
-            r = cb_err(EINVAL, "mappings are not sorted and unique at virtual block %u", keys[i]);
+            r = cb_err(CB_E_INVALID, "mappings are not sorted and unique at virtual block %u", keys[i]);
         else if (keys[i] >= dev_blocks)
-            r = cb_err(EINVAL, "virtual block %u is past the end of device %u (%llu blocks)",
+            r = cb_err(CB_E_INVALID, "virtual block %u is past the end of device %u (%llu blocks)",
                        keys[i], id, (unsigned long long)dev_blocks);
         else if (values[i] >= p->m.sb.nr_data_blocks)
-            r = cb_err(EINVAL, "data block %u is past the end of the pool (%llu blocks)",
+            r = cb_err(CB_E_INVALID, "data block %u is past the end of the pool (%llu blocks)",
                        values[i], (unsigned long long)p->m.sb.nr_data_blocks);
     }
     if (!r)

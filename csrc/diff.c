@@ -15,7 +15,6 @@
 
 #include "cowblock.h"
 
-enum { LEFT_ONLY = 1, RIGHT_ONLY = 2, DIFFERENT = 3, SAME = 4 };
 
 struct item {
     uint64_t lo;      /* lower bound of keys (the key itself for an entry) */
@@ -36,7 +35,7 @@ static int push(struct stream *s, struct item it)
         size_t cap = s->cap ? s->cap * 2 : 256;
         struct item *v = realloc(s->v, cap * sizeof *v);
         if (!v)
-            return cb_err(ENOMEM, "out of memory walking two trees");
+            return cb_err(CB_E_NO_MEMORY, "out of memory walking two trees");
         s->v = v;
         s->cap = cap;
     }
@@ -49,9 +48,9 @@ static int expand(struct cb_meta *m, struct stream *s)
 {
     struct item it = s->v[--s->n];
     int err = 0;
-    if (it.depth > 32)
-        return cb_err(EUCLEAN, "metadata is corrupt: a mapping tree is deeper than 32 levels at "
-                      "block %u (a cycle?)", it.block);
+    if (it.depth > CB_MAX_TREE_DEPTH)
+        return cb_err(CB_E_CORRUPT, "metadata is corrupt: a mapping tree is deeper than %d levels at "
+                      "block %u (a cycle?)", CB_MAX_TREE_DEPTH, it.block);
     const uint8_t *n = meta_read(m, it.block, CB_BT_INTERNAL, CB_BT_MAP_LEAF, &err);
     if (!n)
         return err;
@@ -89,7 +88,7 @@ static int emit_same_subtree(struct cb_meta *m, struct stream *s, struct out *o)
         if (s->v[s->n - 1].block)
             r = expand(m, s);
         else
-            r = emit(o, s->v[--s->n].lo, SAME);
+            r = emit(o, s->v[--s->n].lo, CB_DIFF_SAME);
     }
     return r;
 }
@@ -122,9 +121,9 @@ static int diff_walk(struct cb_meta *m, uint32_t ra, uint32_t rb, bool with_same
             act_on_a = x->block != 0; /* a tie: open a subtree first */
         else { /* the same key on both sides */
             if (x->value != y->value)
-                r = emit(o, x->lo, DIFFERENT);
+                r = emit(o, x->lo, CB_DIFF_DIFFERENT);
             else if (with_same)
-                r = emit(o, x->lo, SAME);
+                r = emit(o, x->lo, CB_DIFF_SAME);
             a.n--;
             b.n--;
             continue;
@@ -134,14 +133,14 @@ static int diff_walk(struct cb_meta *m, uint32_t ra, uint32_t rb, bool with_same
             if (x->block)
                 r = expand(m, &a);
             else {
-                r = emit(o, x->lo, LEFT_ONLY);
+                r = emit(o, x->lo, CB_DIFF_LEFT_ONLY);
                 a.n--;
             }
         } else {
             if (y->block)
                 r = expand(m, &b);
             else {
-                r = emit(o, y->lo, RIGHT_ONLY);
+                r = emit(o, y->lo, CB_DIFF_RIGHT_ONLY);
                 b.n--;
             }
         }
@@ -159,7 +158,7 @@ int cb_pool_diff(cb_pool *p, uint32_t a, uint32_t b, int with_same, cb_range **o
     struct cb_dev *da = pool_dev(p, a), *db = pool_dev(p, b);
     int r = 0;
     if (!da || !db) {
-        r = cb_err(ENOENT, "no device with id %u", da ? b : a);
+        r = cb_err(CB_E_NOT_FOUND, "no device with id %u", da ? b : a);
     } else {
         struct out o = {0};
         r = diff_walk(&p->m, da->d.mapping_root, db->d.mapping_root, with_same != 0, &o);

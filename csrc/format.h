@@ -16,6 +16,9 @@
  *   lock      flock()ed: exclusively by the writer (which writes "pid=N" into
  *             it, informational only), shared by read-only openers
  *
+ * The directory is made CB_POOL_DIR_MODE and data and metadata
+ * CB_POOL_FILE_MODE, whatever the umask: only the owner reads the blocks.
+ *
  * Metadata block numbers and data block numbers are 32-bit: a pool holds up
  * to CB_MAX_BLOCKS data blocks and a device up to 2^32 blocks.
  */
@@ -35,6 +38,10 @@
 #define CB_COMPAT_SUPPORTED 0u
 
 #define CB_POOL_CONFIG_MAX 3072u
+
+/* Modes of a new pool directory and of its data and metadata files. */
+#define CB_POOL_DIR_MODE 0700u
+#define CB_POOL_FILE_MODE 0600u
 
 /* Superblock flags. */
 #define CB_SB_NEEDS_CHECK 1u /* a change failed part-way (I/O error, fsync failure,
@@ -107,6 +114,7 @@ struct cb_node_header {
 };
 
 #define CB_NODE_SPACE (CB_META_BLOCK_SIZE - sizeof(struct cb_node_header))
+#define CB_NODE_KEY_SIZE sizeof(uint32_t)  /* keys[i] is at header + i * this */
 
 /* ---- Device details: the value of a device-details b-tree entry --------- */
 #define CB_DEV_READ_ONLY 1u
@@ -158,6 +166,8 @@ struct cb_sm_page {
 #define CB_MAX_BLOCKS ((uint64_t)CB_SM_ENTRIES * CB_SM_ENTRIES * CB_SM_ENTRIES)
 /* Device ids are below 2^24, as dm-thin's; they are never reused. */
 #define CB_MAX_DEV_ID (1u << 24)
+/* Deeper b-trees are corrupt (a cycle, most likely): every walk stops there. */
+#define CB_MAX_TREE_DEPTH 32
 
 _Static_assert(sizeof(struct cb_superblock) == CB_META_BLOCK_SIZE, "superblock size");
 _Static_assert(sizeof(struct cb_node_header) == 32, "node header size");

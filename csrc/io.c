@@ -100,7 +100,7 @@ static int fault_gate(struct cb_file *f, const char *op, bool is_write, uint64_t
     pthread_mutex_lock(&fault_lock);
     int ret = 0;
     if (dead) {
-        ret = cb_err(EIO, "%s of %s failed: simulated power cut", op, f->name);
+        ret = cb_err(CB_E_IO, "%s of %s failed: simulated power cut", op, f->name);
         goto out;
     }
     fault_count++;
@@ -114,14 +114,14 @@ static int fault_gate(struct cb_file *f, const char *op, bool is_write, uint64_t
                 ret = 1; /* the caller writes the torn part, then loses the rest */
             } else {
                 undo_all();
-                ret = cb_err(EIO, "%s of %s failed: simulated power cut", op, f->name);
+                ret = cb_err(CB_E_IO, "%s of %s failed: simulated power cut", op, f->name);
             }
             goto out;
         }
         if (is_write)
             undo_record(f->fd, off, len);
     } else if (fault_mode == FAULT_FAIL && fault_count == fault_nth) {
-        ret = cb_err(EIO, "%s of %s failed: injected I/O error", op, f->name);
+        ret = cb_err(CB_E_IO, "%s of %s failed: injected I/O error", op, f->name);
     }
 out:
     pthread_mutex_unlock(&fault_lock);
@@ -156,9 +156,9 @@ int64_t cb_fault_set(int mode, int64_t nth, int flags)
 static int io_error(struct cb_file *f, const char *op, uint64_t off, int err)
 {
     if (err == ENOSPC || err == EDQUOT)
-        return cb_err(ENOSPC, "%s of %s at byte %llu: the host filesystem is full", op, f->name,
+        return cb_err(CB_E_HOST_SPACE, "%s of %s at byte %llu: the host filesystem is full", op, f->name,
                       (unsigned long long)off);
-    return cb_err(EIO, "%s of %s at byte %llu failed: %s", op, f->name, (unsigned long long)off,
+    return cb_err(CB_E_IO, "%s of %s at byte %llu failed: %s", op, f->name, (unsigned long long)off,
                   strerror(err));
 }
 
@@ -201,7 +201,7 @@ static int write_torn(struct cb_file *f, struct iovec *iov, int cnt, uint64_t of
     pthread_mutex_lock(&fault_lock);
     undo_all();
     pthread_mutex_unlock(&fault_lock);
-    return cb_err(EIO, "write of %s failed: simulated power cut (torn write)", f->name);
+    return cb_err(CB_E_IO, "write of %s failed: simulated power cut (torn write)", f->name);
 }
 
 int io_pwritev(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off)
@@ -259,7 +259,7 @@ int io_fsync(struct cb_file *f)
     if (r)
         return r;
     if (fdatasync(f->fd) != 0)
-        return cb_err(EIO, "fsync of %s failed: %s", f->name, strerror(errno));
+        return cb_err(CB_E_IO, "fsync of %s failed: %s", f->name, strerror(errno));
     fault_synced(f);
     return 0;
 }

@@ -57,8 +57,10 @@ static const char *type_name(uint32_t t)
 
 static int corrupt(uint32_t b, const char *what, uint64_t expected, uint64_t found)
 {
-    return cb_err(EUCLEAN, "metadata block %u is corrupt: %s: expected %#llx, found %#llx", b, what,
-                  (unsigned long long)expected, (unsigned long long)found);
+    int r = cb_err(CB_E_CORRUPT, "metadata block %u is corrupt: %s: expected %#llx, found %#llx", b,
+                   what, (unsigned long long)expected, (unsigned long long)found);
+    cb_err_values(expected, found);
+    return r;
 }
 
 /* Verify a committed block; returns 0 or -EUCLEAN. */
@@ -66,7 +68,7 @@ static int verify_block(struct cb_meta *m, uint32_t b, const uint8_t *blk, uint3
 {
     const struct cb_block_header *h = (const void *)blk;
     if (h->type != t1 && h->type != t2)
-        return cb_err(EUCLEAN, "metadata block %u is corrupt: expected a %s, found type %#x (%s)", b,
+        return cb_err(CB_E_CORRUPT, "metadata block %u is corrupt: expected a %s, found type %#x (%s)", b,
                       type_name(t1), h->type, type_name(h->type));
     uint32_t csum = cb_block_csum(blk, h->type);
     if (csum != h->csum)
@@ -94,7 +96,7 @@ static int verify_block(struct cb_meta *m, uint32_t b, const uint8_t *blk, uint3
 const uint8_t *meta_read(struct cb_meta *m, uint32_t b, uint32_t t1, uint32_t t2, int *err)
 {
     if (b < 2 || b >= m->nr_blocks) {
-        *err = cb_err(EUCLEAN, "metadata is corrupt: a %s pointer names block %u, outside 2..%llu",
+        *err = cb_err(CB_E_CORRUPT, "metadata is corrupt: a %s pointer names block %u, outside 2..%llu",
                       type_name(t1), b, (unsigned long long)m->nr_blocks - 1);
         return NULL;
     }
@@ -106,7 +108,7 @@ const uint8_t *meta_read(struct cb_meta *m, uint32_t b, uint32_t t1, uint32_t t2
         uint32_t type = ((const struct cb_block_header *)blk)->type;
         if (type == t1 || type == t2)
             return blk;
-        *err = cb_err(EUCLEAN, "metadata block %u is corrupt: expected a %s, found a %s", b,
+        *err = cb_err(CB_E_CORRUPT, "metadata block %u is corrupt: expected a %s, found a %s", b,
                       type_name(t1), type_name(type));
         return NULL;
     }
@@ -121,7 +123,7 @@ const uint8_t *meta_read(struct cb_meta *m, uint32_t b, uint32_t t1, uint32_t t2
         __atomic_fetch_or(&m->verified[b >> 3], bit, __ATOMIC_RELEASE);
     } else if (((const struct cb_block_header *)blk)->type != t1 &&
                ((const struct cb_block_header *)blk)->type != t2) {
-        *err = cb_err(EUCLEAN, "metadata block %u is corrupt: expected a %s, found a %s", b,
+        *err = cb_err(CB_E_CORRUPT, "metadata block %u is corrupt: expected a %s, found a %s", b,
                       type_name(t1), type_name(((const struct cb_block_header *)blk)->type));
         return NULL;
     }
@@ -138,14 +140,14 @@ uint8_t *meta_alloc_uncounted(struct cb_meta *m, uint32_t type, uint32_t *b_out,
     uint64_t b;
     int r = sm_find_free(m, &m->msm, &b);
     if (r) {
-        *err = cb_err(ENOSPC, "metadata space is exhausted (%llu of %llu blocks used); grow it with "
+        *err = cb_err(CB_E_METADATA_SPACE, "metadata space is exhausted (%llu of %llu blocks used); grow it with "
                       "resize_metadata", (unsigned long long)m->sb.meta_used,
                       (unsigned long long)m->nr_blocks);
         return NULL;
     }
     uint8_t *buf = aligned_alloc(CB_META_BLOCK_SIZE, CB_META_BLOCK_SIZE);
     if (!buf) {
-        *err = cb_err(ENOMEM, "out of memory for a metadata block");
+        *err = cb_err(CB_E_NO_MEMORY, "out of memory for a metadata block");
         return NULL;
     }
     memset(buf, 0, CB_META_BLOCK_SIZE);
@@ -206,7 +208,7 @@ uint8_t *meta_shadow(struct cb_meta *m, uint32_t *slot, uint32_t t1, uint32_t t2
         return NULL;
     }
     if (ref == 0) {
-        *err = cb_err(EUCLEAN, "metadata is corrupt: block %u is in use but its reference count is 0",
+        *err = cb_err(CB_E_CORRUPT, "metadata is corrupt: block %u is in use but its reference count is 0",
                       old);
         return NULL;
     }
@@ -241,7 +243,7 @@ int meta_reserve_check(struct cb_meta *m, uint64_t blocks)
 {
     uint64_t free_blocks = m->nr_blocks - m->sb.meta_used - m->msm.freed_this_txn;
     if (free_blocks < m->reserve + blocks)
-        return cb_err(ENOSPC,
+        return cb_err(CB_E_METADATA_SPACE,
                       "metadata space is low: %llu of %llu blocks free, %llu kept in reserve for "
                       "commits; grow it with resize_metadata",
                       (unsigned long long)free_blocks, (unsigned long long)m->nr_blocks,
@@ -275,7 +277,7 @@ static int map_file(struct cb_meta *m, uint64_t nr_blocks)
     m->map = mmap(NULL, m->map_len, PROT_READ, MAP_SHARED, m->file.fd, 0);
     if (m->map == MAP_FAILED) {
         m->map = NULL;
-        return cb_err(ENOMEM, "cannot map the metadata file (%llu bytes): %s",
+        return cb_err(CB_E_NO_MEMORY, "cannot map the metadata file (%llu bytes): %s",
                       (unsigned long long)m->map_len, strerror(errno));
     }
     return 0;
@@ -290,7 +292,7 @@ static int alloc_tables(struct cb_meta *m, uint64_t nr_blocks)
     if (ver)
         m->verified = ver;
     if (!dirty || !ver)
-        return cb_err(ENOMEM, "out of memory for %llu metadata blocks", (unsigned long long)nr_blocks);
+        return cb_err(CB_E_NO_MEMORY, "out of memory for %llu metadata blocks", (unsigned long long)nr_blocks);
     uint64_t old = m->nr_blocks;
     memset(m->dirty + old, 0, (nr_blocks - old) * sizeof *dirty);
     memset(m->verified + (old + 7) / 8, 0, (nr_blocks + 7) / 8 - (old + 7) / 8);
@@ -333,9 +335,9 @@ int meta_open(struct cb_meta *m, int fd, bool read_only)
     m->read_only = read_only;
     struct stat st;
     if (fstat(fd, &st) != 0)
-        return cb_err(EIO, "cannot stat the metadata file: %s", strerror(errno));
+        return cb_err(CB_E_IO, "cannot stat the metadata file: %s", strerror(errno));
     if ((uint64_t)st.st_size < 2 * CB_META_BLOCK_SIZE)
-        return cb_err(EUCLEAN, "metadata file is truncated: %lld bytes, less than its two "
+        return cb_err(CB_E_CORRUPT, "metadata file is truncated: %lld bytes, less than its two "
                       "superblocks (8192 bytes)", (long long)st.st_size);
     struct cb_superblock sbs[2];
     char why[2][160];
@@ -343,12 +345,12 @@ int meta_open(struct cb_meta *m, int fd, bool read_only)
     for (uint32_t s = 0; s < 2; s++) {
         ssize_t n = pread(fd, &sbs[s], sizeof sbs[s], (off_t)s * CB_META_BLOCK_SIZE);
         if (n != (ssize_t)sizeof sbs[s])
-            return cb_err(EIO, "cannot read superblock slot %u: %s", s,
+            return cb_err(CB_E_IO, "cannot read superblock slot %u: %s", s,
                           n < 0 ? strerror(errno) : "short read");
         valid[s] = check_superblock(&sbs[s], s, why[s], sizeof why[s]) == 0;
     }
     if (!valid[0] && !valid[1])
-        return cb_err(EUCLEAN, "metadata file has no valid superblock: %s; %s", why[0], why[1]);
+        return cb_err(CB_E_CORRUPT, "metadata file has no valid superblock: %s; %s", why[0], why[1]);
     int pick;
     if (valid[0] && valid[1]) {
         if (sbs[0].transaction_id != sbs[1].transaction_id)
@@ -360,29 +362,29 @@ int meta_open(struct cb_meta *m, int fd, bool read_only)
     }
     m->sb = sbs[pick];
     if (m->sb.version != CB_FORMAT_VERSION)
-        return cb_err(EUCLEAN, "metadata format version %u is not supported (this build reads %u)",
+        return cb_err(CB_E_CORRUPT, "metadata format version %u is not supported (this build reads %u)",
                       m->sb.version, CB_FORMAT_VERSION);
     if (m->sb.incompat & ~CB_INCOMPAT_SUPPORTED)
-        return cb_err(EINVAL, "pool uses incompatible features %#x this build does not know",
+        return cb_err(CB_E_INVALID, "pool uses incompatible features %#x this build does not know",
                       m->sb.incompat & ~CB_INCOMPAT_SUPPORTED);
     if ((m->sb.ro_compat & ~CB_RO_COMPAT_SUPPORTED) && !read_only)
-        return cb_err(EROFS, "pool uses features %#x this build can only read; open it read-only",
+        return cb_err(CB_E_READ_ONLY, "pool uses features %#x this build can only read; open it read-only",
                       m->sb.ro_compat & ~CB_RO_COMPAT_SUPPORTED);
     uint32_t bs = m->sb.data_block_size;
     if (bs < 4096 || bs > (1u << 30) || (bs & (bs - 1)))
-        return cb_err(EUCLEAN, "superblock is corrupt: data block size %u is not a power of two "
+        return cb_err(CB_E_CORRUPT, "superblock is corrupt: data block size %u is not a power of two "
                       "from 4 KiB to 1 GiB", bs);
     uint64_t want = m->sb.nr_meta_blocks * CB_META_BLOCK_SIZE;
     if (m->sb.nr_meta_blocks < 16 || m->sb.nr_meta_blocks > UINT32_MAX)
-        return cb_err(EUCLEAN, "superblock is corrupt: %llu metadata blocks",
+        return cb_err(CB_E_CORRUPT, "superblock is corrupt: %llu metadata blocks",
                       (unsigned long long)m->sb.nr_meta_blocks);
     if ((uint64_t)st.st_size < want)
-        return cb_err(EUCLEAN, "metadata file is truncated: %lld bytes, but the superblock "
+        return cb_err(CB_E_CORRUPT, "metadata file is truncated: %lld bytes, but the superblock "
                       "(transaction %llu) says %llu blocks = %llu bytes",
                       (long long)st.st_size, (unsigned long long)m->sb.transaction_id,
                       (unsigned long long)m->sb.nr_meta_blocks, (unsigned long long)want);
     if (m->sb.nr_data_blocks == 0 || m->sb.nr_data_blocks > CB_MAX_BLOCKS)
-        return cb_err(EUCLEAN, "superblock is corrupt: %llu data blocks",
+        return cb_err(CB_E_CORRUPT, "superblock is corrupt: %llu data blocks",
                       (unsigned long long)m->sb.nr_data_blocks);
     int r = alloc_tables(m, m->sb.nr_meta_blocks);
     if (!r)

@@ -25,9 +25,9 @@
 
 static int open_at(int dirfd, const char *name, int flags, const char *dir)
 {
-    int fd = openat(dirfd, name, flags | O_CLOEXEC, 0644);
+    int fd = openat(dirfd, name, flags | O_CLOEXEC);
     if (fd < 0)
-        return cb_err(errno == ENOENT ? ENOENT : EIO, "cannot open %s/%s: %s", dir, name,
+        return cb_err(errno == ENOENT ? CB_E_NOT_FOUND : CB_E_IO, "cannot open %s/%s: %s", dir, name,
                       strerror(errno));
     return fd;
 }
@@ -39,7 +39,7 @@ static int map_data(cb_pool *p)
          * rather than wait for them with the write lock held. */
         struct retired_map *v = realloc(p->retired, (p->nr_retired + 1) * sizeof *v);
         if (!v)
-            return cb_err(ENOMEM, "out of memory");
+            return cb_err(CB_E_NO_MEMORY, "out of memory");
         v[p->nr_retired++] = (struct retired_map){p->data_map, p->data_map_len};
         p->retired = v;
     } else if (p->data_map) {
@@ -49,7 +49,7 @@ static int map_data(cb_pool *p)
     p->data_map = mmap(NULL, p->data_map_len, PROT_READ, MAP_SHARED, p->data.fd, 0);
     if (p->data_map == MAP_FAILED) {
         p->data_map = NULL;
-        return cb_err(ENOMEM, "cannot map the data file (%llu bytes): %s",
+        return cb_err(CB_E_NO_MEMORY, "cannot map the data file (%llu bytes): %s",
                       (unsigned long long)p->data_map_len, strerror(errno));
     }
     madvise(p->data_map, p->data_map_len, MADV_RANDOM);
@@ -60,17 +60,17 @@ int cb_pool_create(const char *dir, uint64_t data_size, uint32_t block_size, uin
                    uint32_t node_capacity, const uint8_t *uuid16)
 {
     if (block_size < 4096 || block_size > (1u << 30) || (block_size & (block_size - 1)))
-        return cb_err(EINVAL, "block size %u is not a power of two from 4 KiB to 1 GiB", block_size);
+        return cb_err(CB_E_INVALID, "block size %u is not a power of two from 4 KiB to 1 GiB", block_size);
     if (data_size < block_size || data_size % block_size)
-        return cb_err(EINVAL, "data size %llu is not a positive multiple of the block size %u",
+        return cb_err(CB_E_INVALID, "data size %llu is not a positive multiple of the block size %u",
                       (unsigned long long)data_size, block_size);
     uint64_t nr_data = data_size / block_size;
     if (nr_data > CB_MAX_BLOCKS)
-        return cb_err(EINVAL, "data size %llu is %llu blocks, more than a pool holds (%llu)",
+        return cb_err(CB_E_INVALID, "data size %llu is %llu blocks, more than a pool holds (%llu)",
                       (unsigned long long)data_size, (unsigned long long)nr_data,
                       (unsigned long long)CB_MAX_BLOCKS);
     if (node_capacity == 1 || node_capacity == 2)
-        return cb_err(EINVAL, "node capacity %u is too small (0 or at least 3)", node_capacity);
+        return cb_err(CB_E_INVALID, "node capacity %u is too small (0 or at least 3)", node_capacity);
     if (meta_size == 0) { /* 64 bytes per data block, 64 MiB .. 16 GiB; sparse until used */
         meta_size = nr_data * 64;
         if (meta_size < (64u << 20))
@@ -81,25 +81,33 @@ int cb_pool_create(const char *dir, uint64_t data_size, uint32_t block_size, uin
     }
     if (meta_size % CB_META_BLOCK_SIZE || meta_size < 16 * CB_META_BLOCK_SIZE ||
         meta_size / CB_META_BLOCK_SIZE > CB_MAX_BLOCKS)
-        return cb_err(EINVAL, "metadata size %llu is not a multiple of 4096 from 64 KiB to %llu",
+        return cb_err(CB_E_INVALID, "metadata size %llu is not a multiple of 4096 from 64 KiB to %llu",
                       (unsigned long long)meta_size,
                       (unsigned long long)CB_MAX_BLOCKS * CB_META_BLOCK_SIZE);
-    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
-        return cb_err(EIO, "cannot create pool directory %s: %s", dir, strerror(errno));
+    /* Only the owner may read a pool's blocks, whatever the umask (which can
+     * only take bits away, so the modes are set again once made). */
+    bool made_dir = mkdir(dir, CB_POOL_DIR_MODE) == 0;
+    if (!made_dir && errno != EEXIST)
+        return cb_err(CB_E_IO, "cannot create pool directory %s: %s", dir, strerror(errno));
     int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dirfd < 0)
-        return cb_err(EIO, "cannot open pool directory %s: %s", dir, strerror(errno));
+        return cb_err(CB_E_IO, "cannot open pool directory %s: %s", dir, strerror(errno));
     int r = 0, dfd = -1, mfd = -1;
     struct cb_meta m;
     memset(&m, 0, sizeof m);
-    dfd = openat(dirfd, "data", O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (dfd < 0) {
-        r = cb_err(errno == EEXIST ? EEXIST : EIO, "cannot create %s/data: %s", dir, strerror(errno));
+    if (made_dir && fchmod(dirfd, CB_POOL_DIR_MODE) != 0) {
+        r = cb_err(CB_E_IO, "cannot set the mode of pool directory %s: %s", dir, strerror(errno));
         goto out;
     }
-    mfd = openat(dirfd, "metadata", O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (mfd < 0) {
-        r = cb_err(errno == EEXIST ? EEXIST : EIO, "cannot create %s/metadata: %s", dir,
+    dfd = openat(dirfd, "data", O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, CB_POOL_FILE_MODE);
+    if (dfd < 0 || fchmod(dfd, CB_POOL_FILE_MODE) != 0) {
+        r = cb_err(errno == EEXIST ? CB_E_EXISTS : CB_E_IO, "cannot create %s/data: %s", dir,
+                   strerror(errno));
+        goto out;
+    }
+    mfd = openat(dirfd, "metadata", O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, CB_POOL_FILE_MODE);
+    if (mfd < 0 || fchmod(mfd, CB_POOL_FILE_MODE) != 0) {
+        r = cb_err(errno == EEXIST ? CB_E_EXISTS : CB_E_IO, "cannot create %s/metadata: %s", dir,
                    strerror(errno));
         goto out;
     }
@@ -112,7 +120,7 @@ int cb_pool_create(const char *dir, uint64_t data_size, uint32_t block_size, uin
     if ((r = io_fsync(&data)) != 0)
         goto out;
     if (fsync(dirfd) != 0)
-        r = cb_err(EIO, "cannot sync pool directory %s: %s", dir, strerror(errno));
+        r = cb_err(CB_E_IO, "cannot sync pool directory %s: %s", dir, strerror(errno));
 out:
     meta_close(&m);
     if (r && dfd >= 0)
@@ -132,7 +140,7 @@ int cb_pool_open(const char *dir, int read_only, cb_pool **out)
     *out = NULL;
     cb_pool *p = calloc(1, sizeof *p);
     if (!p)
-        return cb_err(ENOMEM, "out of memory");
+        return cb_err(CB_E_NO_MEMORY, "out of memory");
     p->data.fd = p->m.file.fd = -1;
     /* Writers first: fills hold the lock shared, and a stream of them must
      * not starve commits and snapshots. */
@@ -149,7 +157,7 @@ int cb_pool_open(const char *dir, int read_only, cb_pool **out)
     int mode = read_only ? O_RDONLY : O_RDWR;
     p->dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (p->dirfd < 0) {
-        r = cb_err(ENOENT, "no pool at %s: %s", dir, strerror(errno));
+        r = cb_err(CB_E_NOT_FOUND, "no pool at %s: %s", dir, strerror(errno));
         goto fail;
     }
     int mfd = open_at(p->dirfd, "metadata", mode, dir);
@@ -170,12 +178,12 @@ int cb_pool_open(const char *dir, int read_only, cb_pool **out)
     p->block_shift = (uint32_t)__builtin_ctz(p->block_size);
     struct stat st;
     if (fstat(dfd, &st) != 0) {
-        r = cb_err(EIO, "cannot stat %s/data: %s", dir, strerror(errno));
+        r = cb_err(CB_E_IO, "cannot stat %s/data: %s", dir, strerror(errno));
         goto fail;
     }
     uint64_t want = p->m.sb.nr_data_blocks * p->block_size;
     if ((uint64_t)st.st_size < want) {
-        r = cb_err(EUCLEAN, "data file %s/data is truncated: %lld bytes, the metadata says %llu "
+        r = cb_err(CB_E_CORRUPT, "data file %s/data is truncated: %lld bytes, the metadata says %llu "
                    "blocks of %u = %llu bytes", dir, (long long)st.st_size,
                    (unsigned long long)p->m.sb.nr_data_blocks, p->block_size,
                    (unsigned long long)want);
@@ -229,21 +237,24 @@ int pool_fail(cb_pool *p, int err)
 {
     char why[512];
     snprintf(why, sizeof why, "%s", cb_last_error());
+    int kind = cb_error_kind(err);
     if (!p->failed) {
         p->failed = true;
         meta_persist_needs_check(&p->m);
     }
-    if (err == -ENOSPC || err == -ENOMEM)
-        return cb_err(-err, "%s; the pool is now read-only and needs check", why);
-    return cb_err(EIO, "%s; the pool is now read-only and needs check", why);
+    /* Running out of space or memory stays what it was; anything else is
+     * reported as the I/O error it has turned into. */
+    if (cb_kind_errno(kind) != ENOSPC && cb_kind_errno(kind) != ENOMEM)
+        kind = CB_E_IO;
+    return cb_err(kind, "%s; the pool is now read-only and needs check", why);
 }
 
 int pool_writable(cb_pool *p)
 {
     if (p->failed)
-        return cb_err(EIO, "the pool hit an I/O error and is read-only until it is checked");
+        return cb_err(CB_E_IO, "the pool hit an I/O error and is read-only until it is checked");
     if (p->read_only)
-        return cb_err(EROFS, "the pool is open read-only");
+        return cb_err(CB_E_READ_ONLY, "the pool is open read-only");
     return 0;
 }
 
@@ -349,17 +360,17 @@ int cb_pool_resize(cb_pool *p, uint64_t data_size)
     if (r)
         goto out;
     if (data_size % p->block_size) {
-        r = cb_err(EINVAL, "new data size %llu is not a multiple of the block size %u",
+        r = cb_err(CB_E_INVALID, "new data size %llu is not a multiple of the block size %u",
                    (unsigned long long)data_size, p->block_size);
         goto out;
     }
     if (data_size < cur) {
-        r = cb_err(EINVAL, "new data size %llu is smaller than the current %llu: pools only grow",
+        r = cb_err(CB_E_INVALID, "new data size %llu is smaller than the current %llu: pools only grow",
                    (unsigned long long)data_size, (unsigned long long)cur);
         goto out;
     }
     if (data_size / p->block_size > CB_MAX_BLOCKS) {
-        r = cb_err(EINVAL, "new data size %llu is more blocks than a pool holds (%llu)",
+        r = cb_err(CB_E_INVALID, "new data size %llu is more blocks than a pool holds (%llu)",
                    (unsigned long long)data_size, (unsigned long long)CB_MAX_BLOCKS);
         goto out;
     }
@@ -392,7 +403,7 @@ int cb_pool_resize_metadata(cb_pool *p, uint64_t meta_size)
         goto out;
     if (meta_size % CB_META_BLOCK_SIZE || meta_size < cur ||
         meta_size / CB_META_BLOCK_SIZE > CB_MAX_BLOCKS) {
-        r = cb_err(EINVAL, "new metadata size %llu must be a multiple of 4096, at least the "
+        r = cb_err(CB_E_INVALID, "new metadata size %llu must be a multiple of 4096, at least the "
                    "current %llu and at most %llu", (unsigned long long)meta_size,
                    (unsigned long long)cur, (unsigned long long)CB_MAX_BLOCKS * CB_META_BLOCK_SIZE);
         goto out;
@@ -444,7 +455,7 @@ int cb_pool_config(cb_pool *p, void *buf, uint32_t cap)
     pthread_rwlock_rdlock(&p->lock);
     uint32_t len = p->m.sb.config_len;
     int r = len > CB_POOL_CONFIG_MAX
-                ? cb_err(EUCLEAN, "superblock is corrupt: configuration length %u", len)
+                ? cb_err(CB_E_CORRUPT, "superblock is corrupt: configuration length %u", len)
                 : (int)len;
     if (r > 0)
         memcpy(buf, p->m.sb.config, len < cap ? len : cap);
@@ -455,7 +466,7 @@ int cb_pool_config(cb_pool *p, void *buf, uint32_t cap)
 int cb_pool_set_config(cb_pool *p, const void *buf, uint32_t len)
 {
     if (len > CB_POOL_CONFIG_MAX)
-        return cb_err(EINVAL, "pool configuration of %u bytes is larger than %u", len,
+        return cb_err(CB_E_INVALID, "pool configuration of %u bytes is larger than %u", len,
                       CB_POOL_CONFIG_MAX);
     pthread_rwlock_wrlock(&p->lock);
     int r = pool_writable(p);

@@ -50,7 +50,7 @@ int sm_init(struct cb_sm *sm, uint32_t *root, uint64_t *used, uint64_t nr_blocks
 int sm_grow(struct cb_sm *sm, uint64_t nr_blocks)
 {
     if (nr_blocks > CB_MAX_BLOCKS)
-        return cb_err(EINVAL, "%llu blocks is more than a space map holds (%llu)",
+        return cb_err(CB_E_INVALID, "%llu blocks is more than a space map holds (%llu)",
                       (unsigned long long)nr_blocks, (unsigned long long)CB_MAX_BLOCKS);
     uint64_t bytes = (nr_blocks + 7) / 8, old = (sm->busy_bits + 7) / 8;
     if (bytes > old) {
@@ -61,7 +61,7 @@ int sm_grow(struct cb_sm *sm, uint64_t nr_blocks)
         if (d)
             sm->dropped = d;
         if (!b || !d)
-            return cb_err(ENOMEM, "out of memory for a space map of %llu blocks",
+            return cb_err(CB_E_NO_MEMORY, "out of memory for a space map of %llu blocks",
                           (unsigned long long)nr_blocks);
         memset(b + old, 0, bytes - old);
         memset(d + old, 0, bytes - old);
@@ -84,7 +84,7 @@ void sm_destroy(struct cb_sm *sm)
 
 static int out_of_range(const struct cb_sm *sm, uint64_t b)
 {
-    return cb_err(EUCLEAN, "metadata is corrupt: block %llu is past the end of its space map "
+    return cb_err(CB_E_CORRUPT, "metadata is corrupt: block %llu is past the end of its space map "
                   "(%llu blocks)", (unsigned long long)b, (unsigned long long)sm->nr_blocks);
 }
 
@@ -93,7 +93,7 @@ static const struct cb_sm_page *read_page(struct cb_meta *m, uint32_t pb, uint32
 {
     const struct cb_sm_page *p = (const void *)meta_read(m, pb, type, type, err);
     if (p && p->level != level) {
-        *err = cb_err(EUCLEAN, "metadata block %u is corrupt: space map page level %u, expected %u",
+        *err = cb_err(CB_E_CORRUPT, "metadata block %u is corrupt: space map page level %u, expected %u",
                       pb, p->level, level);
         return NULL;
     }
@@ -144,7 +144,7 @@ static struct cb_sm_page *writable(struct cb_meta *m, uint32_t *slot, uint32_t t
         return (void *)m->dirty[*slot];
     p = (void *)meta_shadow(m, slot, type, type, NULL, err);
     if (p && p->level != level) {
-        *err = cb_err(EUCLEAN, "metadata block %u is corrupt: space map page level %u, expected %u",
+        *err = cb_err(CB_E_CORRUPT, "metadata block %u is corrupt: space map page level %u, expected %u",
                       *slot, p->level, level);
         return NULL;
     }
@@ -190,7 +190,7 @@ int sm_inc(struct cb_meta *m, struct cb_sm *sm, uint64_t b)
     if (r)
         return r;
     if (v == UINT32_MAX)
-        return cb_err(EOVERFLOW, "reference count of block %llu would overflow",
+        return cb_err(CB_E_OVERFLOW, "reference count of block %llu would overflow",
                       (unsigned long long)b);
     return sm_set(m, sm, b, v + 1);
 }
@@ -202,7 +202,7 @@ int sm_dec(struct cb_meta *m, struct cb_sm *sm, uint64_t b, bool *now_zero)
     if (r)
         return r;
     if (v == 0)
-        return cb_err(EUCLEAN, "metadata is corrupt: block %llu is referenced but its reference "
+        return cb_err(CB_E_CORRUPT, "metadata is corrupt: block %llu is referenced but its reference "
                       "count is already 0", (unsigned long long)b);
     if ((r = sm_set(m, sm, b, v - 1)) != 0)
         return r;

@@ -6,15 +6,14 @@ what is wrong: "checksum", "truncated", the block number) when it opens the
 pool, when it reads through the damaged block, or in pool.check(); it must
 never crash and never return wrong data.
 
-The on-disk layout (csrc/format.h, docs/FORMAT.md) is parsed here directly,
-so that only blocks the newest commit uses are damaged: stale blocks of old
+The metadata is read through cowblock.format (the C core's own layout), so
+that only blocks the newest commit uses are damaged: stale blocks of old
 transactions keep their type field but are unreferenced, and damaging them
 must change nothing.
 """
 import errno
 import os
 import random
-import struct
 import subprocess
 import sys
 
@@ -22,21 +21,14 @@ import pytest
 
 from cowblock import (CorruptMetadataError, InvalidArgumentError, Pool, PoolNotFoundError,
                       ReadOnlyError)
-from cowblock.damage import crc32c
+from cowblock.format import (BLOCK_HEADER, META_BLOCK_SIZE as META, NODE_HEADER, SM_ENTRIES,
+                             SM_PAGE, SUPERBLOCK, T_CATALOG, T_DEV_LEAF, T_INTERNAL, T_MAP_LEAF,
+                             T_SM_INDEX, T_SM_REFS, Commit, block_ok, node, node_key_offset,
+                             node_value_offset, seal, superblock_slot, write_uint)
 from helpers import pattern
 
-META = 4096
 BS = 4096
-T_SUPERBLOCK = 0x53425550
-T_INTERNAL = 0x4e544e49
-T_MAP_LEAF = 0x4641454d
-T_DEV_LEAF = 0x46414544
-T_SM_INDEX = 0x58444e49
-T_SM_REFS = 0x53464552
-T_CATALOG = 0x47544143
-SM_ENTRIES = 1016
-MAGIC = b"CBCOWBLK"
-EUCLEAN = 117
+METADATA_TYPES = (T_INTERNAL, T_MAP_LEAF, T_SM_INDEX, T_SM_REFS, T_DEV_LEAF, T_CATALOG)
 
 DATA_BLOCKS = 2048
 A_SIZE, A_MAPPED = 2000 * BS, 1100   # 1100 entries: an internal node over several leaves
@@ -44,99 +36,20 @@ B_SIZE, B_MAPPED = 64 * BS, 10
 BIG_LABELS = {f"label{i}": "v" * 40 for i in range(10)}  # overflows into a catalog block
 
 
-# ---------------------------------------------------------------- crc32c and the format
-
-def block_csum(block):
-    """The checksum a metadata block must carry: crc32c(4..4095) XOR type."""
-    return crc32c(block[4:META]) ^ struct.unpack_from("<I", block, 4)[0]
-
-
-def u32(b, off):
-    return struct.unpack_from("<I", b, off)[0]
-
-
-def u64(b, off):
-    return struct.unpack_from("<Q", b, off)[0]
-
+# ---------------------------------------------------------------- the format
 
 def block_type(meta, n):
-    """The 4-byte type field at offset 4 of metadata block n."""
-    return u32(meta, n * META + 4)
+    return BLOCK_HEADER.unpack(meta, n * META).type
 
 
-def superblock(meta, slot):
-    b = meta[slot * META:(slot + 1) * META]
-    return dict(csum=u32(b, 0), type=u32(b, 4), blocknr=u64(b, 8), magic=b[16:24],
-                version=u32(b, 24), txn=u64(b, 64), nr_data=u64(b, 80), nr_meta=u64(b, 88),
-                data_sm_root=u32(b, 112), meta_sm_root=u32(b, 116), device_root=u32(b, 120),
-                valid=b[16:24] == MAGIC and u32(b, 4) == T_SUPERBLOCK and u64(b, 8) == slot
-                and block_csum(b) == u32(b, 0))
-
-
-def node(meta, n):
-    b = meta[n * META:(n + 1) * META]
-    nr, mx, vs = u32(b, 16), u32(b, 20), u32(b, 24)
-    keys = list(struct.unpack_from(f"<{nr}I", b, 32))
-    vals = [b[32 + 4 * mx + i * vs:32 + 4 * mx + (i + 1) * vs] for i in range(nr)]
-    return u32(b, 4), keys, vals
-
-
-class Layout:
+class Layout(Commit):
     """What the newest commit of a metadata file uses, block by block."""
 
-    def __init__(self, meta):
-        sbs = [superblock(meta, s) for s in (0, 1)]
-        self.slots = sbs
-        self.sb = max((s for s in sbs if s["valid"]), key=lambda s: s["txn"])
-        self.devices = {}       # id -> dict(root, mapped, catalog_block, nodes)
-        self.blocks = {}        # block -> (type, what)
-        if self.sb["device_root"]:
-            self._dev_tree(meta, self.sb["device_root"])
-        for did, d in self.devices.items():
-            d["nodes"] = set()
-            if d["root"]:
-                self._map_tree(meta, d["root"], did, d["nodes"], 0)
-            if d["catalog_block"]:
-                self.blocks[d["catalog_block"]] = (T_CATALOG, f"device {did} catalog")
-        for name in ("data", "meta"):
-            root = self.sb[f"{name}_sm_root"]
-            if not root:
-                continue
-            self.blocks[root] = (T_SM_INDEX, f"{name} space map root")
-            rb = meta[root * META:(root + 1) * META]
-            for i in range(SM_ENTRIES):
-                ib = u32(rb, 32 + 4 * i)
-                if not ib:
-                    continue
-                self.blocks[ib] = (T_SM_INDEX, f"{name} space map index")
-                ibb = meta[ib * META:(ib + 1) * META]
-                for j in range(SM_ENTRIES):
-                    pb = u32(ibb, 32 + 4 * j)
-                    if pb:
-                        self.blocks[pb] = (T_SM_REFS, f"{name} space map page")
+    def nodes(self, did):
+        return self.devices[did].nodes
 
-    def _dev_tree(self, meta, b):
-        t, keys, vals = node(meta, b)
-        self.blocks[b] = (t, "device tree")
-        for k, v in zip(keys, vals):
-            if t == T_INTERNAL:
-                self._dev_tree(meta, u32(v, 0))
-            else:
-                self.devices[k] = dict(root=u32(v, 0), mapped=u64(v, 16),
-                                       catalog_block=u32(v, 56))
-
-    def _map_tree(self, meta, b, did, nodes, depth):
-        assert depth < 8
-        t, keys, vals = node(meta, b)
-        nodes.add(b)
-        self.blocks[b] = (t, "mapping tree")
-        if t == T_INTERNAL:
-            for v in vals:
-                self._map_tree(meta, u32(v, 0), did, nodes, depth + 1)
-
-    def of_type(self, t, what=None):
-        return sorted(b for b, (bt, w) in self.blocks.items()
-                      if bt == t and (what is None or what in w))
+    def described(self, what):
+        return [b for b, u in self.blocks.items() if u.what == what]
 
 
 def read_meta(path):
@@ -164,8 +77,18 @@ def rewrite_block(path, n, change):
     meta = read_meta(path)
     blk = bytearray(meta[n * META:(n + 1) * META])
     change(blk)
-    struct.pack_into("<I", blk, 0, block_csum(blk))
-    patch_meta(path, n * META, bytes(blk))
+    patch_meta(path, n * META, bytes(seal(blk)))
+
+
+def set_fields(record, offset=0, **changes):
+    """A change for rewrite_block: fields of the record at offset set."""
+    return lambda blk: record.update(blk, offset, **changes)
+
+
+def set_value(meta, n, index, value):
+    """A change for rewrite_block: value `index` of node n set."""
+    h = NODE_HEADER.unpack(meta, n * META)
+    return lambda blk: write_uint(blk, node_value_offset(h, index), h.value_size, value)
 
 
 # ---------------------------------------------------------------- the pool under test
@@ -219,7 +142,7 @@ def assert_reads_right_or_raise(pool, name, step=BS, mention=None):
             got = dev.pread(n, off)
         except CorruptMetadataError as e:
             failed += 1
-            assert e.errno == EUCLEAN
+            assert e.errno == errno.EUCLEAN
             if mention:
                 assert mention in str(e), str(e)
             continue
@@ -243,28 +166,24 @@ def test_layout_parser_agrees_with_the_pool(damaged):
     path, ids, layout = damaged
     meta = read_meta(path)
     with Pool.open(path, read_only=True) as pool:
-        assert layout.sb["txn"] == pool.stats().transaction_id
-        assert layout.sb["nr_data"] == DATA_BLOCKS
+        assert layout.txn == pool.stats().transaction_id
+        assert layout.sb.nr_data_blocks == DATA_BLOCKS
         assert set(layout.devices) == set(ids.values())
         for info in pool.list():
-            assert layout.devices[info.id]["mapped"] == info.mapped_blocks
+            assert layout.devices[info.id].detail.mapped_blocks == info.mapped_blocks
     # every block the commit uses carries the type field the parser expects
-    for b, (t, what) in layout.blocks.items():
-        assert block_type(meta, b) == t, (b, what)
-        blk = meta[b * META:(b + 1) * META]
-        assert block_csum(blk) == u32(blk, 0), (b, what)
-        assert u64(blk, 8) == b
+    for b, used in layout.blocks.items():
+        assert block_type(meta, b) == used.type, (b, used)
+        assert block_ok(meta[b * META:(b + 1) * META], b), (b, used)
     # and the kinds this module damages are all there
     assert layout.of_type(T_DEV_LEAF) and layout.of_type(T_CATALOG)
     assert layout.of_type(T_INTERNAL, "mapping") and len(layout.of_type(T_MAP_LEAF)) >= 3
     for what in ("data space map root", "data space map index", "data space map page",
                  "meta space map root", "meta space map index", "meta space map page"):
-        assert [b for b, (_, w) in layout.blocks.items() if w == what], what
+        assert layout.described(what), what
     # stale blocks of older transactions exist too: a scan of type fields alone
     # finds more blocks than the commit uses
-    scanned = [n for n in range(2, len(meta) // META)
-               if block_type(meta, n) in (T_INTERNAL, T_MAP_LEAF, T_SM_INDEX, T_SM_REFS,
-                                          T_DEV_LEAF, T_CATALOG)]
+    scanned = [n for n in range(2, len(meta) // META) if block_type(meta, n) in METADATA_TYPES]
     assert set(layout.blocks) <= set(scanned)
 
 
@@ -272,24 +191,27 @@ def test_superblock_slot_is_transaction_parity(tmp_path):
     path = tmp_path / "pool"
     with Pool.create(path, 64 * BS, BS, metadata_size=1 << 20, commit_interval=0) as pool:
         meta = read_meta(path)
-        assert superblock(meta, 1)["valid"] and superblock(meta, 1)["txn"] == 1
-        assert not superblock(meta, 0)["valid"]  # slot 0 is empty until transaction 2
+        valid, sb = superblock_slot(meta, 1)
+        assert valid and sb.transaction_id == 1
+        assert not superblock_slot(meta, 0)[0]  # slot 0 is empty until transaction 2
         for i in range(5):
             pool.create_thin(f"d{i}", BS)
             txn = pool.stats().transaction_id
             meta = read_meta(path)
-            new, old = superblock(meta, txn % 2), superblock(meta, 1 - txn % 2)
-            assert new["valid"] and new["txn"] == txn
-            assert old["valid"] and old["txn"] == txn - 1
+            for slot, want in ((txn % 2, txn), (1 - txn % 2, txn - 1)):
+                valid, sb = superblock_slot(meta, slot)
+                assert valid and sb.transaction_id == want
 
 
 # ---------------------------------------------------------------- superblocks
 
-@pytest.mark.parametrize("offset,why", [(0, "checksum"), (4, "checksum"), (8, "checksum"),
-                                        (16, "magic"), (64, "checksum"), (120, "checksum"),
-                                        (3000, "checksum"), (4095, "checksum")])
-def test_both_superblocks_damaged(damaged, offset, why):
+@pytest.mark.parametrize("where,why", [("csum", "checksum"), ("type", "checksum"),
+                                       ("blocknr", "checksum"), ("magic", "magic"),
+                                       ("transaction_id", "checksum"), ("device_root", "checksum"),
+                                       ("config", "checksum"), ("last byte", "checksum")])
+def test_both_superblocks_damaged(damaged, where, why):
     path, _, _ = damaged
+    offset = META - 1 if where == "last byte" else SUPERBLOCK.offset(where)
     flip(path, offset)
     flip(path, META + offset)
     for attempt in range(2):  # a failed open leaves no lock behind
@@ -297,7 +219,7 @@ def test_both_superblocks_damaged(damaged, offset, why):
             with pytest.raises(CorruptMetadataError) as exc:
                 Pool.open(path, read_only=ro)
             msg = str(exc.value)
-            assert exc.value.errno == EUCLEAN
+            assert exc.value.errno == errno.EUCLEAN
             assert "no valid superblock" in msg and why in msg, msg
             assert "slot 0" in msg and "slot 1" in msg, msg
 
@@ -330,8 +252,8 @@ def test_newest_superblock_damaged_opens_the_previous_transaction(tmp_path):
         newest = pool.stats().transaction_id
     assert newest == prev + 2  # create_thin commits, then the write's commit
     meta = read_meta(path)
-    assert superblock(meta, newest % 2)["txn"] == newest
-    assert superblock(meta, (newest - 1) % 2)["txn"] == newest - 1
+    assert superblock_slot(meta, newest % 2)[1].transaction_id == newest
+    assert superblock_slot(meta, (newest - 1) % 2)[1].transaction_id == newest - 1
     flip(path, (newest % 2) * META + 200, 4)  # damage the newest slot only
     with Pool.open(path, commit_interval=0) as pool:
         assert pool.stats().transaction_id == newest - 1
@@ -346,7 +268,7 @@ def test_newest_superblock_damaged_opens_the_previous_transaction(tmp_path):
         pool.commit()
         assert pool.stats().transaction_id == newest  # overwrites the damaged slot
     meta = read_meta(path)
-    assert superblock(meta, 0)["valid"] and superblock(meta, 1)["valid"]
+    assert superblock_slot(meta, 0)[0] and superblock_slot(meta, 1)[0]
     with Pool.open(path, commit_interval=0) as pool:
         assert pool.stats().transaction_id == newest
         assert pool.device("late").pread(5, 0) == b"again"
@@ -355,7 +277,7 @@ def test_newest_superblock_damaged_opens_the_previous_transaction(tmp_path):
 
 def test_older_superblock_damaged_changes_nothing(damaged):
     path, _, layout = damaged
-    txn = layout.sb["txn"]
+    txn = layout.txn
     flip(path, ((txn - 1) % 2) * META + 100, 8)
     with Pool.open(path, commit_interval=0) as pool:
         assert pool.stats().transaction_id == txn
@@ -364,25 +286,21 @@ def test_older_superblock_damaged_changes_nothing(damaged):
         assert pool.check().ok
 
 
-def _set_u32(offset, value):
-    return lambda blk: struct.pack_into("<I", blk, offset, value)
-
-
-@pytest.mark.parametrize("field,offset,value,error,words", [
-    ("version", 24, 2, CorruptMetadataError, ["version 2"]),
-    ("data_block_size", 44, 5000, CorruptMetadataError, ["block size 5000"]),
-    ("data_block_size", 44, 0, CorruptMetadataError, ["block size 0"]),
-    ("nr_meta_blocks", 88, 1 << 20, CorruptMetadataError, ["truncated"]),
-    ("nr_meta_blocks", 88, 3, CorruptMetadataError, ["3 metadata blocks"]),
-    ("nr_data_blocks", 80, 0, CorruptMetadataError, ["0 data blocks"]),
-    ("nr_data_blocks", 80, DATA_BLOCKS * 4, CorruptMetadataError, ["data file", "truncated"]),
-    ("incompat", 40, 1, InvalidArgumentError, ["incompatible features"]),
+@pytest.mark.parametrize("field,value,error,words", [
+    ("version", 2, CorruptMetadataError, ["version 2"]),
+    ("data_block_size", 5000, CorruptMetadataError, ["block size 5000"]),
+    ("data_block_size", 0, CorruptMetadataError, ["block size 0"]),
+    ("nr_meta_blocks", 1 << 20, CorruptMetadataError, ["truncated"]),
+    ("nr_meta_blocks", 3, CorruptMetadataError, ["3 metadata blocks"]),
+    ("nr_data_blocks", 0, CorruptMetadataError, ["0 data blocks"]),
+    ("nr_data_blocks", DATA_BLOCKS * 4, CorruptMetadataError, ["data file", "truncated"]),
+    ("incompat", 1, InvalidArgumentError, ["incompatible features"]),
 ])
-def test_newest_superblock_with_bad_fields(damaged, field, offset, value, error, words):
+def test_newest_superblock_with_bad_fields(damaged, field, value, error, words):
     """A checksum-valid superblock whose fields are impossible is refused,
     with no fallback to the older slot."""
     path, _, layout = damaged
-    rewrite_block(path, layout.sb["txn"] % 2, _set_u32(offset, value))
+    rewrite_block(path, layout.slot, set_fields(SUPERBLOCK, **{field: value}))
     for ro in (False, True):
         with pytest.raises(error) as exc:
             Pool.open(path, read_only=ro)
@@ -392,7 +310,7 @@ def test_newest_superblock_with_bad_fields(damaged, field, offset, value, error,
 
 def test_unknown_ro_compat_feature_allows_read_only_opens_only(damaged):
     path, _, layout = damaged
-    rewrite_block(path, layout.sb["txn"] % 2, _set_u32(36, 1 << 7))
+    rewrite_block(path, layout.slot, set_fields(SUPERBLOCK, ro_compat=1 << 7))
     with pytest.raises(ReadOnlyError) as exc:
         Pool.open(path)
     assert "read-only" in str(exc.value)
@@ -417,21 +335,27 @@ def test_damage_found_at_open(damaged, kind):
         Pool.open(path, read_only=True)
 
 
+def node_spot(meta, n, where):
+    """A byte of node n: in its header, its keys, its values, or past them."""
+    h = NODE_HEADER.unpack(meta, n * META)
+    return {"header": NODE_HEADER.offset("max_entries"), "keys": node_key_offset(2),
+            "values": node_value_offset(h, 2) + 1, "tail": META - 96}[where]
+
+
 @pytest.mark.parametrize("kind", ["internal", "exclusive leaf", "shared leaf"])
-@pytest.mark.parametrize("offset", [20, 40, 2100, 4000])  # header, keys, values, tail
-def test_mapping_node_damage(damaged, kind, offset):
+@pytest.mark.parametrize("where", ["header", "keys", "values", "tail"])
+def test_mapping_node_damage(damaged, kind, where):
     path, ids, layout = damaged
-    a_nodes = layout.devices[ids["a"]]["nodes"]
-    s_nodes = layout.devices[ids["s"]]["nodes"]
+    a_nodes, s_nodes = layout.nodes(ids["a"]), layout.nodes(ids["s"])
     if kind == "internal":
-        victim = layout.devices[ids["a"]]["root"]
-        assert layout.blocks[victim][0] == T_INTERNAL
+        victim = layout.devices[ids["a"]].detail.mapping_root
+        assert layout.blocks[victim].type == T_INTERNAL
     else:
         leaves = [b for b in layout.of_type(T_MAP_LEAF) if b in a_nodes]
         pick = [b for b in leaves if (b in s_nodes) == (kind == "shared leaf")]
         victim = pick[0]
-    flip(path, victim * META + offset)
-    users = [n for n in ("a", "s", "b") if victim in layout.devices[ids[n]]["nodes"]]
+    flip(path, victim * META + node_spot(read_meta(path), victim, where))
+    users = [n for n in ("a", "s", "b") if victim in layout.nodes(ids[n])]
     assert "a" in users and "b" not in users
     with Pool.open(path, commit_interval=0) as pool:
         for name in ("a", "s", "b"):
@@ -453,8 +377,8 @@ def test_mapping_node_damage(damaged, kind, offset):
                                   "meta space map index", "meta space map page"])
 def test_space_map_damage(damaged, what):
     path, _, layout = damaged
-    victim = [b for b, (_, w) in layout.blocks.items() if w == what][0]
-    flip(path, victim * META + 2500, 2)
+    victim = layout.described(what)[0]
+    flip(path, victim * META + SM_PAGE.offset("entries", SM_ENTRIES // 2), 2)
     with Pool.open(path, commit_interval=0) as pool:
         # reads do not need the space maps: they stay right
         for name in ("a", "b", "s"):
@@ -476,8 +400,7 @@ def test_misdirected_block(damaged, source):
     """A whole valid block written to the wrong place: its checksum is fine,
     but its self-location or its type gives it away."""
     path, ids, layout = damaged
-    a_nodes = layout.devices[ids["a"]]["nodes"]
-    s_nodes = layout.devices[ids["s"]]["nodes"]
+    a_nodes, s_nodes = layout.nodes(ids["a"]), layout.nodes(ids["s"])
     leaves = [b for b in layout.of_type(T_MAP_LEAF) if b in a_nodes and b not in s_nodes]
     victim = leaves[0]
     if source == "another mapping leaf":
@@ -502,14 +425,12 @@ def test_misdirected_block(damaged, source):
 def test_mapping_to_a_data_block_past_the_end(damaged):
     """A checksum-valid leaf whose value points past the data file."""
     path, ids, layout = damaged
-    a_nodes = layout.devices[ids["a"]]["nodes"]
-    s_nodes = layout.devices[ids["s"]]["nodes"]
+    a_nodes, s_nodes = layout.nodes(ids["a"]), layout.nodes(ids["s"])
     victim = [b for b in layout.of_type(T_MAP_LEAF) if b in a_nodes and b not in s_nodes][0]
     meta = read_meta(path)
-    blk = meta[victim * META:(victim + 1) * META]
-    key0, mx = u32(blk, 32), u32(blk, 20)
+    key0 = node(meta[victim * META:(victim + 1) * META])[1][0]
     bad = DATA_BLOCKS + 77
-    rewrite_block(path, victim, _set_u32(32 + 4 * mx, bad))
+    rewrite_block(path, victim, set_value(meta, victim, 0, bad))
     with Pool.open(path, commit_interval=0) as pool:
         with pytest.raises(CorruptMetadataError) as exc:
             pool.device("a").pread(BS, key0 * BS)
@@ -523,13 +444,12 @@ def test_mapping_to_a_data_block_past_the_end(damaged):
 
 def test_mapping_tree_cycle_is_reported_not_looped(damaged):
     path, ids, layout = damaged
-    root = layout.devices[ids["a"]]["root"]
+    root = layout.devices[ids["a"]].detail.mapping_root
     meta = read_meta(path)
-    blk = meta[root * META:(root + 1) * META]
-    keys, mx = u32(blk, 16), u32(blk, 20)
-    assert keys >= 2
-    rewrite_block(path, root, _set_u32(32 + 4 * mx + 4, root))  # child 1 -> the root itself
-    key1 = u32(blk, 36)
+    keys = node(meta[root * META:(root + 1) * META])[1]
+    assert len(keys) >= 2
+    rewrite_block(path, root, set_value(meta, root, 1, root))  # child 1 -> the root itself
+    key1 = keys[1]
     code = f"""
 from cowblock import Pool, CorruptMetadataError
 p = Pool.open({str(path)!r}, read_only=True)
@@ -551,9 +471,8 @@ else:
 
 def test_check_reports_a_mapping_tree_cycle(damaged):
     path, ids, layout = damaged
-    root = layout.devices[ids["a"]]["root"]
-    mx = u32(read_meta(path), root * META + 20)
-    rewrite_block(path, root, _set_u32(32 + 4 * mx + 4, root))
+    root = layout.devices[ids["a"]].detail.mapping_root
+    rewrite_block(path, root, set_value(read_meta(path), root, 1, root))
     code = f"""
 from cowblock import Pool
 p = Pool.open({str(path)!r}, read_only=True)
@@ -575,7 +494,7 @@ def test_random_byte_flips_never_crash_or_misread(tmp_path):
     build(path)
     pristine = read_meta(path)
     layout = Layout(pristine)
-    newest = layout.sb["txn"] % 2
+    newest = layout.slot
     targets = sorted(layout.blocks) + [newest]
     rng = random.Random(20240611)
     outcomes = {"open refused": 0, "read refused": 0, "check only": 0, "old slot": 0}
@@ -594,7 +513,7 @@ def test_random_byte_flips_never_crash_or_misread(tmp_path):
         try:
             if newest in victims:
                 # the older slot's commit is what opened: a consistent state
-                assert pool.stats().transaction_id == layout.sb["txn"] - 1
+                assert pool.stats().transaction_id == layout.txn - 1
                 outcomes["old slot"] += 1
                 continue
             failed = 0

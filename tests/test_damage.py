@@ -1,14 +1,13 @@
 """The damage tool: each kind of damage is reported precisely by check, and
 repair recovers what can be recovered (and says what was lost)."""
 import shutil
-import struct
 import subprocess
 import threading
 
 import pytest
 
-from cowblock import CorruptMetadataError, Pool
-from cowblock.damage import damage
+from cowblock import CorruptMetadataError, Pool, format
+from cowblock.damage import MetadataFile, damage
 from helpers import pattern
 
 BS = 4096
@@ -109,11 +108,11 @@ def test_walks_over_a_leaf_whose_keys_go_back_end_with_an_error(pool_dir):
     """Found by the metadata fuzzer: a mapping leaf whose last key is below
     the ones before it sent every walk of the tree round forever.  Now each
     one stops with an error naming the block."""
-    from cowblock.damage import _Meta, _u32
-    m = _Meta(str(pool_dir))
-    leaf = m.leaves[0]
-    nr = _u32(m.block(leaf), 16)
-    m.rewrite(leaf, lambda b: struct.pack_into("<I", b, 32 + 4 * (nr - 1), 0))
+    m = MetadataFile(str(pool_dir))
+    leaf = m.commit.map_leaves[0]
+    last = format.NODE_HEADER.unpack(m.block(leaf)).nr_entries - 1
+    m.rewrite(leaf, lambda b: format.write_uint(b, format.node_key_offset(last),
+                                                format.NODE_KEY_SIZE, 0))
     m.save()
     with Pool.open(pool_dir, read_only=True) as pool:
         walks = {
@@ -138,3 +137,18 @@ def test_walks_over_a_leaf_whose_keys_go_back_end_with_an_error(pool_dir):
         assert not t.is_alive(), f"a walk went round forever after {sorted(done)}"
         assert all("out of order" in why for name, why in done.items() if name != "diff"), done
         assert not pool.check().ok
+
+
+@pytest.mark.parametrize("kind", ["refcount", "mapped-count", "flip:map-leaf", "block-size"])
+def test_damage_writes_only_the_blocks_it_changes(pool_dir, kind):
+    """The metadata file is sparse (64 MiB, a few blocks written): damaging
+    one block writes that block, not the whole file."""
+    meta = pool_dir / "metadata"
+    before, allocated = meta.read_bytes(), meta.stat().st_blocks
+    damage(pool_dir, kind)
+    after = meta.read_bytes()
+    block = format.META_BLOCK_SIZE
+    changed = [n for n in range(len(before) // block)
+               if before[n * block:(n + 1) * block] != after[n * block:(n + 1) * block]]
+    assert len(changed) == 1, changed
+    assert meta.stat().st_blocks <= allocated + block // 512

@@ -43,7 +43,10 @@ def test_commit_path_has_three_fsyncs():
 def test_power_cut_test_fails_without_fsync(tmp_path, which):
     build_mutant(str(tmp_path), which)
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    # The mutant's run fails on purpose, so pytest keeps its temporaries: keep
+    # them in this test's own directory, which goes when this test passes.
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          f"--basetemp={tmp_path / 'mutant-run'}",
                           os.path.join(TESTS, "test_crash.py"), "-k", "power_cut"],
                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     core = loaded_core(str(tmp_path), env)

@@ -1,13 +1,13 @@
 """pool check --repair: reference counts set back from the trees."""
 import shutil
-import struct
 import subprocess
 
 import pytest
 
 from cowblock import CorruptMetadataError, Pool
+from cowblock.format import NODE_KEY_SIZE, SM_PAGE, T_MAP_LEAF, node_key_offset, write_uint
 from helpers import pattern
-from test_corruption import META, SM_ENTRIES, T_MAP_LEAF, Layout, read_meta, rewrite_block
+from test_corruption import Layout, read_meta, rewrite_block
 
 BS = 4096
 
@@ -21,27 +21,19 @@ def make(path):
     return Layout(read_meta(path))
 
 
-def data_ref_page(layout, meta):
-    """The block holding data blocks 0..1015's reference counts."""
-    root = layout.sb["data_sm_root"]
-    index = struct.unpack_from("<I", meta, root * META + 32)[0]
-    return struct.unpack_from("<I", meta, index * META + 32)[0]
-
-
 def damage_counts(path):
     layout = make(path)
-    meta = read_meta(path)
-    page = data_ref_page(layout, meta)
+    page, _ = layout.count_page("data", 0)   # data blocks 0..1015 are counted in one page
+    size = SM_PAGE.field("entries").item_size
 
     def change(blk):
-        def bump(b, delta):
-            off = 32 + 4 * b
-            struct.pack_into("<I", blk, off, struct.unpack_from("<I", blk, off)[0] + delta)
-        bump(0, +1)                       # a mapped block counted once too often: a leak
-        bump(300, +1)                     # a free block counted: a leak
-        struct.pack_into("<I", blk, 32 + 4 * 5, 0)  # a mapped block counted 0: an error
-        nz = sum(1 for i in range(SM_ENTRIES) if struct.unpack_from("<I", blk, 32 + 4 * i)[0])
-        struct.pack_into("<I", blk, 16, nz)  # keep the page's own non-zero count true
+        def set_count(b, count):
+            write_uint(blk, SM_PAGE.offset("entries", b), size, count)
+        set_count(0, layout.refcount("data", 0) + 1)      # counted once too often: a leak
+        set_count(300, layout.refcount("data", 300) + 1)  # a free block counted: a leak
+        set_count(5, 0)                                    # a mapped block at 0: an error
+        nonzero = sum(1 for c in SM_PAGE.unpack(blk).entries if c)
+        SM_PAGE.update(blk, nr_nonzero=nonzero)  # keep the page's own non-zero count true
     rewrite_block(path, page, change)
 
 
@@ -70,7 +62,8 @@ def test_repair_drops_devices_whose_tree_is_damaged(tmp_path):
     path = tmp_path / "p"
     layout = make(path)
     leaf = layout.of_type(T_MAP_LEAF)[0]
-    rewrite_block(path, leaf, lambda blk: struct.pack_into("<I", blk, 32, 0xFFFFFFF0))  # bad key
+    rewrite_block(path, leaf, lambda blk: write_uint(blk, node_key_offset(0), NODE_KEY_SIZE,
+                                                     0xFFFFFFF0))  # a key past the device's end
     with Pool.open(path, commit_interval=0) as pool:
         report = pool.check(repair=True)
         assert report.ok, str(report)
@@ -83,8 +76,8 @@ def test_repair_drops_devices_whose_tree_is_damaged(tmp_path):
 def test_repair_refuses_damaged_space_maps(tmp_path):
     path = tmp_path / "p"
     layout = make(path)
-    page = sorted(b for b, (t, w) in layout.blocks.items() if "data space map page" in w)[0]
-    rewrite_block(path, page, lambda blk: struct.pack_into("<I", blk, 16, 999))  # nr_nonzero
+    page = layout.described("data space map page")[0]
+    rewrite_block(path, page, lambda blk: SM_PAGE.update(blk, nr_nonzero=999))
     with Pool.open(path, commit_interval=0) as pool:
         with pytest.raises(CorruptMetadataError) as exc:
             pool.check(repair=True)

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
 TEST_FILES = os.environ.get(
     "COWBLOCK_SANITIZER_TESTS",
     "test_api.py test_hostile_api.py test_property.py test_corruption.py test_damage.py "
-    "test_repair.py test_concurrency.py test_crash.py test_full_pool.py test_nbd.py").split()
+    "test_repair.py test_format.py test_check_records.py test_error_kinds.py "
+    "test_concurrency.py test_crash.py test_full_pool.py test_nbd.py").split()
 # Long runs stay out, and so do the tests that drive outside clients (qemu,
 # libnbd, fio): the sanitizer runtime, preloaded, would be loaded into them
 # too, and qemu-io deadlocks in it at exit.  The NBD server is still tested

@@ -3,6 +3,8 @@ figure, PNG plots (matplotlib) and a markdown report."""
 import json
 import os
 
+from ..errors import MissingExtraError
+
 MiB = 1 << 20
 
 FAIRNESS = """Fairness rules: the same durability on every side (overlayfs mounted with
@@ -95,7 +97,11 @@ def write_json(results, path):
 def plots(results, out_dir):
     """PNG plots: space vs containers, read time vs layer depth, copy-up cost
     vs file size, first-write time per system."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingExtraError("the bench plots need matplotlib: pip install 'cowblock[bench]'") \
+            from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []

@@ -138,9 +138,10 @@ static void exercise_read_only(cb_pool *p)
             cb_free(ranges);
     }
     cb_check_summary sum;
-    char *report = NULL;
-    cb_pool_check(p, &sum, &report);
-    cb_free(report);
+    cb_check_record *records = NULL;
+    uint64_t nr_records;
+    cb_pool_check(p, &sum, &records, &nr_records);
+    cb_free(records);
 }
 
 static void exercise_writable(cb_pool *p)
@@ -164,9 +165,10 @@ static void exercise_writable(cb_pool *p)
         cb_dev_delete(p, ids[n - 1]);
     cb_pool_commit(p);
     cb_check_summary sum;
-    char *report = NULL;
-    cb_pool_repair(p, &sum, &report);
-    cb_free(report);
+    cb_check_record *records = NULL;
+    uint64_t nr_records;
+    cb_pool_repair(p, &sum, &records, &nr_records);
+    cb_free(records);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

@@ -103,8 +103,9 @@ def resize(settings, pool, size, metadata):
 
 @command.command("check")
 @click.option("--repair", is_flag=True,
-              help="set every reference count from the trees (leaks, miscounts); refused while "
-                   "the pool is served or when the trees themselves are damaged")
+              help="set every reference count from the trees (leaks, miscounts) and make the "
+                   "pool files owner-only; refused while the pool is served or when the trees "
+                   "themselves are damaged")
 @click.pass_obj
 def check(settings, repair):
     """Verify all metadata (like thin_check): checksums, tree invariants and
@@ -122,7 +123,10 @@ def check(settings, repair):
         report = pool.check(repair=repair)
     emit(settings, {"ok": report.ok, "errors": report.errors, "leaks": report.leaks,
                     "error_count": report.error_count, "leak_count": report.leak_count,
-                    "nodes_checked": report.nodes_checked, "repaired": repair},
+                    "nodes_checked": report.nodes_checked, "repaired": repair,
+                    "records": [r._asdict() for r in report.records],
+                    "repair_records": [r._asdict() for r in report.repair_records],
+                    "warnings": report.warnings},
          lambda d: click.echo(str(report)))
     if not report.ok:
         sys.exit(EXIT_CHECK_FAILED)
