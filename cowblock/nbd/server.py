@@ -58,8 +58,9 @@ class Catalog:
 
 def parse_listen(text, insecure=False):
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise errors.InvalidArgumentError(f"--listen {text!r} is not HOST:PORT")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise errors.InvalidArgumentError(f"--listen {text!r} is not HOST:PORT (a port from 1 "
+                                          "to 65535)")
     host = host.strip("[]") or "127.0.0.1"
     try:
         addr = ipaddress.ip_address(socket.gethostbyname(host) if ":" not in host else host)
