@@ -172,8 +172,8 @@ def negotiate(sock, catalog):
             flags = transmission_flags(export, structured)
             _reply(sock, opt, P.REP_INFO, struct.pack(">HQH", P.INFO_EXPORT, export.size, flags))
             preferred = min(export.block_size, P.MAX_PAYLOAD)
-            _reply(sock, opt, P.REP_INFO, struct.pack(">HIII", P.INFO_BLOCK_SIZE, 512, preferred,
-                                                      P.MAX_PAYLOAD))
+            _reply(sock, opt, P.REP_INFO, struct.pack(">HIII", P.INFO_BLOCK_SIZE, P.MIN_BLOCK,
+                                                      preferred, P.MAX_PAYLOAD))
             if P.INFO_NAME in infos:
                 _reply(sock, opt, P.REP_INFO, struct.pack(">H", P.INFO_NAME) + export.name.encode())
             if P.INFO_DESCRIPTION in infos:

@@ -32,6 +32,7 @@ CAN_MULTI_CONN = 1 << 8
 SEND_CACHE = 1 << 10
 SEND_FAST_ZERO = 1 << 11
 
+MIN_BLOCK = 1                          # the engine takes any offset and length (INFO_BLOCK_SIZE)
 MAX_PAYLOAD = 32 << 20
 MAX_OPTION_LENGTH = 64 << 10           # longer option data is refused, not buffered
 MAX_OPTIONS = 65536                    # options in one handshake (nbdinfo --list sends one
