@@ -156,12 +156,18 @@ class TLSChannel:
         self._buf = ffi.new("char[]", self.RECV_CHUNK)
 
     def recv(self, n):
-        got = lib.cb_tls_recv(self.session, self._buf, min(n, self.RECV_CHUNK))
+        got = lib.cb_tls_recv(self._live(), self._buf, min(n, self.RECV_CHUNK))
         self._raise_for(got)
         return ffi.buffer(self._buf, got)[:]
 
     def sendall(self, data):
-        self._raise_for(lib.cb_tls_send(self.session, ffi.from_buffer(data), len(data)))
+        self._raise_for(lib.cb_tls_send(self._live(), ffi.from_buffer(data), len(data)))
+
+    def _live(self):
+        """The C session; after close() it is gone, and C must never see NULL."""
+        if self.session is None:
+            raise TLSError(errno.EBADF, "the TLS session is closed")
+        return self.session
 
     def _raise_for(self, code):
         if code == -errno.ETIMEDOUT:
@@ -184,11 +190,11 @@ class TLSChannel:
     def peer(self):
         """Who the client proved to be: "psk user NAME", "x509 DN", or
         "no client certificate"."""
-        return ffi.string(lib.cb_tls_peer(self.session)).decode("utf-8", "replace")
+        return ffi.string(lib.cb_tls_peer(self._live())).decode("utf-8", "replace")
 
     @property
     def description(self):
-        return ffi.string(lib.cb_tls_description(self.session)).decode("utf-8", "replace")
+        return ffi.string(lib.cb_tls_description(self._live())).decode("utf-8", "replace")
 
     def close(self):
         """close_notify and free the session (the socket stays open)."""

@@ -44,8 +44,12 @@
 
 #define CORK_MAX (64u << 10)
 /* Our order wins, so a PSK client that also offers plain PSK still gets an
- * ephemeral key exchange (forward secrecy). */
-#define PRIORITY "NORMAL:%SERVER_PRECEDENCE:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
+ * ephemeral key exchange (forward secrecy), and AES-GCM comes before
+ * ChaCha20 even for a PSK, whose SHA-256 binder rules out AES-256-GCM in TLS
+ * 1.3 (NORMAL would pick ChaCha20 then: 6x slower than AES-128-GCM with
+ * AES-NI, which every x86 and ARMv8 server has). */
+#define PRIORITY "NORMAL:%SERVER_PRECEDENCE:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:" \
+                 "-CIPHER-ALL:+AES-256-GCM:+AES-128-GCM:+CHACHA20-POLY1305:+AES-256-CCM:+AES-128-CCM"
 #define PSK_KX ":+ECDHE-PSK:+DHE-PSK:+PSK"
 
 struct cb_tls_creds {
