@@ -316,8 +316,7 @@ static int handshake_error(struct cb_tls_session *ts, int g, bool verified_peer)
         snprintf(why, sizeof why, " (the client sent alert: %s)",
                  gnutls_alert_get_name(gnutls_alert_get(ts->s)));
     return cb_err(is_auth_failure(g) || status || psk_mismatch ? EACCES : EPROTO,
-                  "TLS handshake failed: %s%s",
-                  gnutls_strerror(g), why);
+                  "TLS handshake failed: %s%s", gnutls_strerror(g), why);
 }
 
 int cb_tls_accept(cb_tls_creds *c, int fd, uint32_t timeout_ms, cb_tls_session **out)
