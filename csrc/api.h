@@ -196,6 +196,8 @@ int cb_pool_counters(cb_pool *p, uint64_t *meta_written, uint64_t *meta_verified
 typedef struct {
     uint32_t dev_id;
     int fd;
+    void *transport;            /* NULL: read and write fd; else a struct cb_nbd_transport
+                                 * (csrc/nbd/transport.h), e.g. a cb_tls_session */
     uint32_t structured;        /* structured replies negotiated */
     uint32_t read_only;
     uint32_t ctx_allocation;    /* base:allocation context id, 0 = not selected */

@@ -6,29 +6,50 @@ side and the C side cannot drift apart.
 """
 import os
 import pathlib
+import subprocess
 
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCES = ["errors.c", "crc32c.c", "format.c", "io.c", "meta.c", "sm.c", "btree.c", "pool.c",
-           "device.c", "dataio.c", "diff.c", "check.c", "nbd/transmit.c"]
+           "device.c", "dataio.c", "diff.c", "check.c", "nbd/transmit.c", "nbd/tls.c"]
 
 # COWBLOCK_SANITIZE=address (or address,undefined) builds the core with
 # sanitizers, for the tests that run it so (tests/test_sanitizers.py).
 SANITIZE = [f"-fsanitize={os.environ['COWBLOCK_SANITIZE']}", "-fno-omit-frame-pointer", "-g"] \
     if os.environ.get("COWBLOCK_SANITIZE") else []
 
+
+
+def gnutls():
+    """GnuTLS's compiler flags and libraries (pkg-config), or None: TLS is then
+    left out and asking for it says which package to install.
+    COWBLOCK_GNUTLS=0 leaves it out on purpose (the tests of that build)."""
+    if os.environ.get("COWBLOCK_GNUTLS") == "0":
+        return None
+    try:
+        out = subprocess.run(["pkg-config", "--cflags", "--libs", "gnutls"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):  # no pkg-config: the usual place
+        return ([], ["gnutls"]) if os.path.exists("/usr/include/gnutls/gnutls.h") else None
+    return ([f[2:] for f in out if f.startswith("-I")], [f[2:] for f in out if f.startswith("-l")])
+
+
+TLS = gnutls()
+
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "api.h").read_text())
+ffibuilder.cdef((HERE / "nbd" / "tls.h").read_text())
 ffibuilder.set_source(
     "cowblock._core",
-    '#include "cowblock.h"',
+    '#include "cowblock.h"\n#include "nbd/tls.h"',
     sources=[str((HERE / name).relative_to(HERE.parent)) for name in SOURCES],
-    include_dirs=[str(HERE.relative_to(HERE.parent))],
+    include_dirs=[str(HERE.relative_to(HERE.parent))] + (TLS[0] if TLS else []),
+    define_macros=[("COWBLOCK_GNUTLS", "1")] if TLS else [],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-fvisibility=hidden", "-D_GNU_SOURCE"] + SANITIZE,
     extra_link_args=SANITIZE,
-    libraries=["pthread"],
+    libraries=["pthread"] + (TLS[1] if TLS else []),
 )
 
 if __name__ == "__main__":

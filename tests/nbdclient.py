@@ -5,7 +5,9 @@ import struct
 
 NBDMAGIC, IHAVEOPT, REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x0003E889045565A9
 REQ_MAGIC, SIMPLE_MAGIC, STRUCT_MAGIC = 0x25609513, 0x67446698, 0x668E33EF
-OPT_ABORT, OPT_LIST, OPT_GO, OPT_STRUCTURED, OPT_SET_META = 2, 3, 7, 8, 10
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO = 1, 2, 3, 5, 6
+OPT_GO, OPT_STRUCTURED, OPT_SET_META = 7, 8, 10
+REP_ACK, ERR_UNSUP, ERR_INVALID, ERR_TLS_REQD = 1, (1 << 31) + 1, (1 << 31) + 3, (1 << 31) + 5
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_BLOCK_STATUS = 0, 1, 2, 3, 4, 7
 CMD_WRITE_ZEROES = 6
 FLAG_FUA, FLAG_NO_HOLE = 1, 2
@@ -13,7 +15,9 @@ FLAG_FUA, FLAG_NO_HOLE = 1, 2
 
 class Client:
     def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        """path: a Unix socket, or (host, port)."""
+        self.s = socket.socket(socket.AF_UNIX if isinstance(path, str) else socket.AF_INET,
+                               socket.SOCK_STREAM)
         self.s.settimeout(10)
         self.s.connect(path)
         magic, opt, self.hflags = struct.unpack(">QQH", self.recv(18))
@@ -66,6 +70,15 @@ class Client:
         info = [d for t, d in replies if t == 3 and d[:2] == b"\0\0"][0]
         self.size, self.tflags = struct.unpack(">QH", info[2:12])
         return replies
+
+    def starttls(self, context, server_hostname="localhost"):
+        """NBD_OPT_STARTTLS; on its ACK, TLS (an ssl.SSLContext) from here on.
+        Returns the reply type."""
+        self.option(OPT_STARTTLS)
+        rtype = self.option_reply()[1]
+        if rtype == REP_ACK:
+            self.s = context.wrap_socket(self.s, server_hostname=server_hostname)
+        return rtype
 
     def request(self, cmd, offset, length, data=b"", flags=0, magic=REQ_MAGIC):
         self.cookie += 1

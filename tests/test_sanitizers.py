@@ -24,13 +24,14 @@ TEST_FILES = os.environ.get(
     "COWBLOCK_SANITIZER_TESTS",
     "test_api.py test_hostile_api.py test_property.py test_corruption.py test_damage.py "
     "test_repair.py test_format.py test_check_records.py test_error_kinds.py "
-    "test_concurrency.py test_crash.py test_full_pool.py test_nbd.py").split()
+    "test_concurrency.py test_crash.py test_full_pool.py test_nbd.py test_nbd_tls.py").split()
 # Long runs stay out, and so do the tests that drive outside clients (qemu,
 # libnbd, fio): the sanitizer runtime, preloaded, would be loaded into them
 # too, and qemu-io deadlocks in it at exit.  The NBD server is still tested
-# under the sanitizers by the raw-client protocol tests.
+# under the sanitizers by the raw-client protocol tests, TLS included (and the
+# build without GnuTLS, a build of its own, stays out too).
 SKIP = ("not sigkill and not random_workloads and not qemu and not nbdinfo and not nbdcopy "
-        "and not fio")
+        "and not fio and not nbdsh and not without_gnutls")
 FUZZ_RUNS = {"fuzz_nbd_transmit": 20000, "fuzz_metadata": 3000}
 
 

@@ -3,7 +3,9 @@ thin_restore -> thin_check -> thin_dump -> cowblock, byte-exact."""
 import io
 import os
 import shutil
+import signal
 import subprocess
+import time
 import xml.parsers.expat
 
 import pytest
@@ -231,3 +233,78 @@ def test_cli_dump_restore_and_formats(deep_pool, tmp_path):
     out = subprocess.run([cowblock, "--pool", str(tmp_path / "copy"), "read", "s3", "--offset",
                           str(50 * BS), "--length", "100"], capture_output=True, check=True).stdout
     assert out == pattern(99, 100)
+
+
+@pytest.mark.parametrize("size", [4096, 3 * BS + 4096, 100 * 4096])
+def test_dump_and_restore_with_names_keep_sizes_that_end_inside_a_block(tmp_path, size):
+    """A device whose size is not a multiple of the pool block (a 4 KiB
+    device, an odd-size import) has its last mapped block only partly inside
+    it; the sidecar's size must still be accepted, and the device restored
+    at that size with its bytes."""
+    data = pattern(5, size - 100)
+    src = tmp_path / "image.raw"
+    src.write_bytes(data)
+    with Pool.create(tmp_path / "p", 64 * BS, BS, commit_interval=0) as pool:
+        from cowblock import transfer
+        transfer.import_file(pool, "odd", str(src))
+        tiny = pool.create_thin("tiny", 4096)
+        tiny.pwrite(b"tiny", 4000)
+        out, names = io.StringIO(), io.StringIO()
+        thinxml.dump(pool, out, names)
+        expect = {d.name: (d.size, pool.device(d.name).pread(d.size, 0)) for d in pool.list()}
+        shutil.copyfile(pool.path + "/data", tmp_path / "data.copy")
+    (tmp_path / "x.xml").write_text(out.getvalue())
+    (tmp_path / "n.json").write_text(names.getvalue())
+    thinxml.restore(str(tmp_path / "x.xml"), str(tmp_path / "data.copy"), str(tmp_path / "r"),
+                    names_path=str(tmp_path / "n.json"))
+    with Pool.open(tmp_path / "r", read_only=True) as restored:
+        for name, (dev_size, content) in expect.items():
+            assert restored.info(name).size == dev_size
+            assert restored.device(name).pread(dev_size, 0) == content
+        assert restored.check().ok
+
+
+def test_restore_refuses_a_sidecar_size_that_ends_before_a_mapped_block(tmp_path):
+    data = tmp_path / "data"
+    with open(data, "wb") as f:
+        f.truncate(64 * BS)
+    (tmp_path / "in.xml").write_text(HAND)
+    # device 0 maps virtual blocks 0-2 and 10-13: a size ending in block 13 is
+    # fine, one ending at its start is not
+    (tmp_path / "n.json").write_text('{"devices": {"0": {"size": %d}}}' % (13 * BS + 4096))
+    thinxml.restore(str(tmp_path / "in.xml"), str(data), str(tmp_path / "ok"),
+                    names_path=str(tmp_path / "n.json"))
+    (tmp_path / "n.json").write_text('{"devices": {"0": {"size": %d}}}' % (13 * BS))
+    with pytest.raises(InvalidArgumentError) as exc:
+        thinxml.restore(str(tmp_path / "in.xml"), str(data), str(tmp_path / "bad"),
+                        names_path=str(tmp_path / "n.json"))
+    assert "virtual block 13" in str(exc.value)
+
+
+def test_a_served_pool_is_dumped_through_its_daemon(deep_pool, tmp_path):
+    """`pool dump` of a pool that `cowblock serve` holds goes through the
+    daemon's control socket; the dump restores to the same devices."""
+    cowblock = shutil.which("cowblock")
+    if not cowblock:
+        pytest.skip("the cowblock command is not installed")
+    path = deep_pool.path
+    expect = {d.name: deep_pool.device(d.name).pread(d.size, 0) for d in deep_pool.list()}
+    deep_pool.close()
+    sock = tmp_path / "nbd.sock"
+    server = subprocess.Popen([cowblock, "--pool", path, "serve", "--socket", str(sock)],
+                              stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if sock.exists() and os.path.exists(os.path.join(path, "control.sock")):
+                break
+            time.sleep(0.05)
+        subprocess.run([cowblock, "--pool", path, "pool", "dump", "-o", str(tmp_path / "x.xml"),
+                        "--names", str(tmp_path / "n.json")], check=True, capture_output=True)
+        shutil.copyfile(os.path.join(path, "data"), tmp_path / "data.copy")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    thinxml.restore(str(tmp_path / "x.xml"), str(tmp_path / "data.copy"), str(tmp_path / "r"),
+                    names_path=str(tmp_path / "n.json"))
+    with Pool.open(tmp_path / "r", read_only=True) as restored:
+        assert {d.name: restored.device(d.name).pread(d.size, 0) for d in restored.list()} == expect

@@ -300,9 +300,10 @@ class PoolDaemon:
                 blockdev.thaw(d)
 
     # ---- listeners ----
-    def add_listener(self, names=(), *, socket_path=None, listen=None, insecure=False,
+    def add_listener(self, names=(), *, socket_path=None, listen=None, insecure=False, tls=None,
                      read_only=False, shared=False, max_connections=16, workers=None,
                      on_full_wait=0.0, session=None, mount=None):
+        """tls: a nbd.tls.TLSConfig for this listener (None: no TLS)."""
         if socket_path and listen:
             raise errors.InvalidArgumentError("give a socket path or a TCP address, not both")
         if not listen:
@@ -314,7 +315,7 @@ class PoolDaemon:
         lst = Listener(next(self._ids), None, list(names or []), read_only, shared,
                        session.id if session else None, mount)
         server = NBDServer(self.pool, names, socket_path=socket_path, listen=listen,
-                           insecure=insecure, read_only=read_only,
+                           insecure=insecure, tls=tls, read_only=read_only,
                            max_connections=max_connections, workers=workers,
                            on_full_wait=on_full_wait, log=lambda m: self._listener_log(lst, m),
                            admit=None if mount else self._admit(lst))
@@ -403,11 +404,18 @@ class PoolDaemon:
 
     def call_serve(self, session, names=(), *, socket=None, listen=None, insecure=False,
                    read_only=False, shared=False, max_connections=16, workers=None,
-                   on_full_wait=0.0, owned=True):
-        """Add an NBD listener; owned: it goes when this session's connection closes."""
+                   on_full_wait=0.0, owned=True, tls=None):
+        """Add an NBD listener; owned: it goes when this session's connection closes.
+        tls: the keywords of nbd.tls.TLSConfig (mode, psk_file, certificates,
+        verify_peer), or None."""
         for name in names:
             self.pool.device(name)   # unknown names fail here
+        from ..nbd.tls import TLSConfig
+        if tls is not None and not isinstance(tls, dict):
+            raise errors.InvalidArgumentError(f"tls {tls!r:.100} is not a dict of TLS settings")
+        tls = TLSConfig(**tls) if tls else None
         lst = self.add_listener(names, socket_path=socket, listen=listen, insecure=insecure,
+                                tls=tls,
                                 read_only=read_only, shared=shared,
                                 max_connections=max_connections, workers=workers,
                                 on_full_wait=on_full_wait, session=session if owned else None)

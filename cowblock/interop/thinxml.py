@@ -252,11 +252,14 @@ def restore(xml_path, data_path, new_pool, *, names_path=None, mode="copy"):
             x.fail(f"device {dev.dev_id}: mapped_blocks says {dev.mapped_blocks}, its mappings "
                    f"count {len(pairs)}", dev.line)
         meta = sidecar.get(str(dev.dev_id), {})
-        highest = max(pairs) + 1 if pairs else 1
-        dev_size = meta.get("size") or -(-highest * bs // 4096) * 4096
-        if dev_size < highest * bs:
-            x.fail(f"device {dev.dev_id}: the sidecar size {dev_size} is smaller than its "
-                   f"mappings ({highest} blocks)", dev.line)
+        last = max(pairs) if pairs else 0
+        # A device's size need not be a multiple of the block size (a 4 KiB
+        # device, an odd-size import): its last block is then only partly
+        # inside it, so the size must reach into that block, not cover it.
+        dev_size = meta.get("size") or (last + 1) * bs
+        if dev_size <= last * bs:
+            x.fail(f"device {dev.dev_id}: the sidecar size {dev_size} ends before its mapped "
+                   f"virtual block {last} (bytes {last * bs} to {(last + 1) * bs})", dev.line)
         plan.append((meta.get("name") or f"dev{dev.dev_id}", dev_size, sorted(pairs.items()),
                      meta.get("read_only", False), meta.get("labels", {})))
     if os.path.exists(os.path.join(new_pool, "metadata")):

@@ -5,12 +5,19 @@ Session when the client enters transmission (NBD_OPT_GO or EXPORT_NAME),
 or None when it aborts.  A protocol violation raises HandshakeError and the
 caller drops the connection; an unknown option gets ERR_UNSUP and the
 haggling goes on, as the spec requires.
+
+TLS (a listener's tls.TLSConfig): after the ACK of NBD_OPT_STARTTLS every
+byte goes through the TLS channel, and what was negotiated before it
+(structured replies, meta contexts) is forgotten, as the spec requires.
+When the listener requires TLS, every option before it but ABORT gets
+ERR_TLS_REQD and EXPORT_NAME, which cannot be refused, drops the client.
 """
 import struct
 import time
 from dataclasses import dataclass, field
 
 from . import protocol as P
+from .tls import TLSError
 
 
 class HandshakeError(Exception):
@@ -32,7 +39,8 @@ class Session:
     structured: bool
     contexts: dict = field(default_factory=dict)   # context name -> id
     read_only: bool = False
-    release: object = None     # what catalog.claim gave: called when the connection ends
+    tls: object = None       # the tls.TLSChannel all traffic goes through, or None
+    release: object = None   # what catalog.claim gave: called when the connection ends
 
 
 def _recv(sock, n):
@@ -113,13 +121,24 @@ def _match_contexts(queries):
     return out
 
 
+class _Connection:
+    """The socket, until STARTTLS replaces it with its TLS channel."""
+
+    def __init__(self, sock):
+        self.io, self.tls = sock, None
+
+    def close_tls(self):
+        if self.tls:
+            self.tls.close()
+
+
 def _send_info(sock, opt, export, structured, infos):
     """The replies to INFO or GO: what the client asked to know, then ACK."""
     flags = transmission_flags(export, structured)
     _reply(sock, opt, P.REP_INFO, struct.pack(">HQH", P.INFO_EXPORT, export.size, flags))
     preferred = min(export.block_size, P.MAX_PAYLOAD)
-    _reply(sock, opt, P.REP_INFO, struct.pack(">HIII", P.INFO_BLOCK_SIZE, 512, preferred,
-                                              P.MAX_PAYLOAD))
+    _reply(sock, opt, P.REP_INFO, struct.pack(">HIII", P.INFO_BLOCK_SIZE, P.MIN_BLOCK,
+                                              preferred, P.MAX_PAYLOAD))
     if P.INFO_NAME in infos:
         _reply(sock, opt, P.REP_INFO, struct.pack(">H", P.INFO_NAME) + export.name.encode())
     if P.INFO_DESCRIPTION in infos:
@@ -128,22 +147,62 @@ def _send_info(sock, opt, export, structured, infos):
     _reply(sock, opt, P.REP_ACK)
 
 
-def negotiate(sock, catalog):
+def negotiate(sock, catalog, tls=None):
     """catalog.resolve(name) -> Export (raises LookupError with a message);
     catalog.names() -> exported names; catalog.claim(export) -> a release
     callable, or raises PermissionError with a message when the export may
-    not be used now (a device mounted read-write elsewhere).  A client gets P.MAX_OPTIONS options
-    and P.HANDSHAKE_SECONDS in all: a busy one cannot hold a connection slot
-    forever any more than a silent one (the socket's own timeout) can."""
+    not be used now (a device mounted elsewhere); tls: the listener's TLSConfig, or
+    None for no TLS.  A client gets P.MAX_OPTIONS options and
+    P.HANDSHAKE_SECONDS in all: a busy one cannot hold a connection slot
+    forever any more than a silent one (the socket's own timeout) can.  The
+    returned Session owns the TLS channel, if any (close it before the
+    socket); on any other outcome it is closed here."""
+    conn = _Connection(sock)
+    try:
+        session = _negotiate(conn, catalog, tls)
+    except BaseException:
+        conn.close_tls()
+        raise
+    if session is None:
+        conn.close_tls()
+    return session
+
+
+def _starttls(conn, opt, data, tls):
+    """NBD_OPT_STARTTLS: the reply, then the TLS handshake; True once TLS is up."""
+    if tls is None or not tls.offered:
+        _error(conn.io, opt, P.REP_ERR_UNSUP, "this listener has no TLS")
+    elif conn.tls:
+        _error(conn.io, opt, P.REP_ERR_INVALID, "TLS is already in use")
+    elif data:
+        _error(conn.io, opt, P.REP_ERR_INVALID, "STARTTLS takes no data")
+    else:
+        _reply(conn.io, opt, P.REP_ACK)
+        try:
+            conn.tls = conn.io = tls.accept(conn.io, conn.io.gettimeout())
+        except TLSError as e:  # too late for an error reply: the ACK is out
+            raise HandshakeError(e.strerror) from None
+        return True
+    return False
+
+
+def _negotiate(conn, catalog, tls):
     deadline = time.monotonic() + P.HANDSHAKE_SECONDS
-    per_read = sock.gettimeout()
-    sock.sendall(struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT, P.CLIENT_FLAGS))
-    (cflags,) = struct.unpack(">I", _recv(sock, 4))
+    per_read = conn.io.gettimeout()
+    conn.io.sendall(struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT, P.CLIENT_FLAGS))
+    (cflags,) = struct.unpack(">I", _recv(conn.io, 4))
     if cflags & ~P.CLIENT_FLAGS:
         raise HandshakeError(f"unknown client flags {cflags:#x}")
+    tls_required = tls is not None and tls.required
+    if tls_required and not cflags & P.FLAG_FIXED_NEWSTYLE:
+        raise HandshakeError("TLS is required, and a client without fixed newstyle cannot ask "
+                             "for it")
+    if not cflags & P.FLAG_FIXED_NEWSTYLE:
+        tls = None                             # the spec: NOTLS for such a client
     no_zeroes = bool(cflags & P.FLAG_NO_ZEROES)
     structured, contexts = False, {}
     for options in range(P.MAX_OPTIONS + 1):
+        sock = conn.io
         left = deadline - time.monotonic()
         if options == P.MAX_OPTIONS or left <= 0:
             raise HandshakeError(f"the handshake went on for {options} options and "
@@ -157,6 +216,15 @@ def negotiate(sock, catalog):
             _error(sock, opt, P.REP_ERR_TOO_BIG, f"option data of {length} bytes is too long")
             raise HandshakeError(f"option {opt} announced {length} bytes")
         data = _recv(sock, length)
+        if opt == P.OPT_STARTTLS:
+            if _starttls(conn, opt, data, tls):
+                structured, contexts = False, {}   # nothing from before TLS survives it
+            continue
+        if tls_required and not conn.tls and opt != P.OPT_ABORT:
+            if opt == P.OPT_EXPORT_NAME:   # it has no error reply
+                raise HandshakeError("EXPORT_NAME before STARTTLS on a listener that requires TLS")
+            _error(sock, opt, P.REP_ERR_TLS_REQD, "this server requires TLS: send STARTTLS first")
+            continue
         if opt == P.OPT_EXPORT_NAME:
             try:
                 export = catalog.resolve(data.decode("utf-8", "replace"))
@@ -170,7 +238,7 @@ def negotiate(sock, catalog):
             except BaseException:
                 release()
                 raise
-            return Session(export, False, {}, export.read_only, release)
+            return Session(export, False, {}, export.read_only, conn.tls, release)
         if opt == P.OPT_ABORT:
             _reply(sock, opt, P.REP_ACK)
             return None
@@ -207,8 +275,8 @@ def negotiate(sock, catalog):
                     release()
                 raise
             if opt == P.OPT_GO:
-                return Session(export, structured, contexts if structured else {},
-                               export.read_only, release)
+                return Session(export, structured, contexts if structured else {}, export.read_only,
+                               conn.tls, release)
         elif opt == P.OPT_STRUCTURED_REPLY:
             if data:
                 _error(sock, opt, P.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")

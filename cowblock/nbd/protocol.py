@@ -15,6 +15,7 @@ REP_ACK, REP_SERVER, REP_INFO, REP_META_CONTEXT = 1, 2, 3, 4
 REP_ERR_UNSUP = (1 << 31) + 1
 REP_ERR_POLICY = (1 << 31) + 2
 REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_TLS_REQD = (1 << 31) + 5
 REP_ERR_UNKNOWN = (1 << 31) + 6
 REP_ERR_TOO_BIG = (1 << 31) + 9
 
@@ -32,6 +33,7 @@ CAN_MULTI_CONN = 1 << 8
 SEND_CACHE = 1 << 10
 SEND_FAST_ZERO = 1 << 11
 
+MIN_BLOCK = 1                          # the engine takes any offset and length (INFO_BLOCK_SIZE)
 MAX_PAYLOAD = 32 << 20
 MAX_OPTION_LENGTH = 64 << 10           # longer option data is refused, not buffered
 MAX_OPTIONS = 65536                    # options in one handshake (nbdinfo --list sends one

@@ -2,8 +2,10 @@
 
 One thread per connection: the handshake in Python, then the transmission
 phase in C (cb_nbd_transmit, which releases the GIL and runs its own worker
-threads).  Unix socket (0600) by default; TCP on loopback when asked, other
-addresses only with insecure=True.  The socket appears only once it accepts
+threads), over TLS when the client negotiated it (tls.py).  Unix socket
+(0600) by default; TCP on loopback when asked, other addresses only with TLS
+that authenticates every client, or insecure=True.  Each NBDServer is one
+listener with its own TLS configuration.  The socket appears only once it accepts
 (bound under a temporary name, then renamed), so its existence is the ready
 signal.  stop() closes the listener, shuts every connection down, waits for
 in-flight requests and commits.
@@ -56,7 +58,9 @@ class Catalog:
                       self.pool.block_size)
 
 
-def parse_listen(text, insecure=False):
+def parse_listen(text, insecure=False, tls=None):
+    """(host, port) from HOST:PORT.  A non-loopback address needs tls (a
+    TLSConfig) that authenticates every client, or insecure."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise errors.InvalidArgumentError(f"--listen {text!r} is not HOST:PORT (a port from 1 "
@@ -66,21 +70,24 @@ def parse_listen(text, insecure=False):
         addr = ipaddress.ip_address(socket.gethostbyname(host) if ":" not in host else host)
     except (OSError, ValueError):
         raise errors.InvalidArgumentError(f"--listen: cannot resolve {host!r}") from None
-    if not addr.is_loopback and not insecure:
+    if not addr.is_loopback and not insecure and not (tls and tls.authenticates):
         raise errors.InvalidArgumentError(
-            f"--listen {text}: {addr} is not a loopback address; NBD has no authentication "
-            "here, so a network address needs --insecure")
+            f"--listen {text}: {addr} is not a loopback address, so clients must authenticate: "
+            "use --tls=require with --tls-psk FILE (or --tls-certificates DIR and "
+            "--tls-verify-peer), or --insecure to serve it to anyone")
     return host, int(port)
 
 
 class NBDServer:
     def __init__(self, pool, names=None, *, socket_path=None, listen=None, insecure=False,
-                 read_only=False, max_connections=16, workers=None, on_full_wait=0.0, log=None,
-                 admit=None):
+                 tls=None, read_only=False, max_connections=16, workers=None, on_full_wait=0.0,
+                 log=None, admit=None):
+        """tls: this listener's tls.TLSConfig (None: no TLS); admit: see Catalog."""
         self.pool = pool
         self.catalog = Catalog(pool, names, read_only, admit)
         self.socket_path = socket_path
-        self.listen = parse_listen(listen, insecure) if listen else None
+        self.tls = tls
+        self.listen = parse_listen(listen, insecure, tls) if listen else None
         self.max_connections = max_connections
         self.workers = workers or min(os.cpu_count() or 2, 16)
         self.on_full_wait_ms = int(on_full_wait * 1000)
@@ -119,6 +126,11 @@ class NBDServer:
             os.replace(tmp, path)          # appears only now that it accepts
             self._listener = s
             self.address = path
+        if self.tls and self.tls.offered:
+            self.log(f"{self.address}: {self.tls}")
+        if self.listen and not (self.tls and self.tls.authenticates):
+            self.log(f"warning: {self.address}: clients are not authenticated; whoever can "
+                     "connect reads and writes every export (--tls=require with --tls-psk)")
         return self.address
 
     def serve_forever(self):
@@ -167,20 +179,21 @@ class NBDServer:
     # ---- one connection ----
     def _handle(self, sock, serial, peer):
         who = peer if peer else "unix socket"
-        release = None
+        session = release = None
         try:
             if self.listen:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(60)            # a silent client cannot hold the handshake forever
             try:
-                session = negotiate(sock, self.catalog)
+                session = negotiate(sock, self.catalog, self.tls)
             except (HandshakeError, EOFError, OSError, UnicodeDecodeError) as e:
                 self.log(f"connection {serial} from {who}: handshake ended: {e}")
                 return
             if session is None:
                 self.log(f"connection {serial} from {who}: aborted during the handshake")
                 return
-            sock.settimeout(None)
+            tls = session.tls
+            (tls or sock).settimeout(None)
             release = session.release
             with self._lock:
                 self._exports[threading.current_thread()] = (session.export.name,
@@ -188,6 +201,7 @@ class NBDServer:
             c = ffi.new("cb_nbd_conn *")
             c.dev_id = session.export.dev_id
             c.fd = sock.fileno()
+            c.transport = tls.session if tls else ffi.NULL
             c.structured = 1 if session.structured else 0
             c.read_only = 1 if session.read_only else 0
             c.ctx_allocation = session.contexts.get(CONTEXT_ALLOCATION, 0)
@@ -199,10 +213,13 @@ class NBDServer:
             status = "closed" if r == 0 else f"ended: {os.strerror(-r)}"
             self.log(f"connection {serial} from {who}: export {session.export.name!r} "
                      f"({'ro' if session.read_only else 'rw'}, "
-                     f"{'structured' if session.structured else 'simple'} replies), "
+                     f"{'structured' if session.structured else 'simple'} replies"
+                     f"{f', {tls.description}, {tls.peer}' if tls else ''}), "
                      f"{c.requests} requests, {c.bytes_read} bytes read, "
                      f"{c.bytes_written} written, {status}")
         finally:
+            if session and session.tls:
+                session.tls.close()        # close_notify, then the socket
             sock.close()
             with self._lock:
                 self._conns.pop(threading.current_thread(), None)

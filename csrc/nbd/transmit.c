@@ -8,7 +8,9 @@
  *    mappings or nodes) and send the replies.  So replies go out of order and
  *    a slow request never holds up a fast one.
  *  - One mutex serialises writes to the socket (send_lock), so the bytes of
- *    one reply are never interleaved with another's.
+ *    one reply are never interleaved with another's, and a TLS session
+ *    (c->transport, csrc/nbd/tls.c) has one sender at a time, as GnuTLS
+ *    requires; the reader is its one receiver.
  *  - Memory is bounded: payloads buffered for queued requests never exceed
  *    max_buffered (the reader waits), and a request announcing more than
  *    NBD_MAX_PAYLOAD is refused and the connection dropped, never buffered.
@@ -31,6 +33,7 @@
 
 #include "../api.h"
 #include "protocol.h"
+#include "transport.h"
 
 struct job {
     struct nbd_request req;   /* host byte order */
@@ -56,13 +59,16 @@ struct conn {
     uint64_t requests, bytes_read, bytes_written;
 };
 
-/* ---- socket I/O ---- */
+/* ---- socket I/O: the plain socket, or the connection's transport (TLS) ---- */
 
-static int read_full(int fd, void *buf, size_t len)
+static int read_full(struct conn *cn, void *buf, size_t len)
 {
+    struct cb_nbd_transport *t = cn->c->transport;
     uint8_t *p = buf;
     while (len) {
-        ssize_t n = read(fd, p, len);
+        ssize_t n = t ? t->recv(t, p, len) : read(cn->c->fd, p, len);
+        if (t && n < 0)
+            return (int)n;
         if (n == 0)
             return -EPIPE;
         if (n < 0) {
@@ -78,6 +84,9 @@ static int read_full(int fd, void *buf, size_t len)
 
 static int send_all(struct conn *cn, struct iovec *iov, int cnt)
 {
+    struct cb_nbd_transport *t = cn->c->transport;
+    if (t)
+        return t->sendv(t, iov, cnt);
     while (cnt > 0) {
         ssize_t n = writev(cn->c->fd, iov, cnt);
         if (n < 0) {
@@ -454,7 +463,7 @@ static int reader(struct conn *cn)
 {
     for (;;) {
         struct nbd_request wire;
-        int r = read_full(cn->c->fd, &wire, sizeof wire);
+        int r = read_full(cn, &wire, sizeof wire);
         if (r)
             return r == -EPIPE ? 0 : r; /* EOF without DISC: the client went away */
         struct job *j = calloc(1, sizeof *j);
@@ -481,7 +490,7 @@ static int reader(struct conn *cn)
             cn->buffered += j->req.length;
             pthread_mutex_unlock(&cn->lock);
             j->payload = malloc(j->req.length ? j->req.length : 1);
-            if (!j->payload || (r = read_full(cn->c->fd, j->payload, j->req.length)) != 0) {
+            if (!j->payload || (r = read_full(cn, j->payload, j->req.length)) != 0) {
                 bool oom = !j->payload;
                 pthread_mutex_lock(&cn->lock);
                 cn->buffered -= j->req.length;

@@ -7,6 +7,7 @@ import click
 
 from ... import errors
 from ...control import client
+from ...nbd.tls import MODES
 from ..common import emit
 
 
@@ -34,9 +35,19 @@ def _raise_stop(signum, frame):
 @click.option("--socket", "socket_path", metavar="PATH",
               help="Unix socket to listen on (default: nbd.sock in the daemon's runtime "
                    "directory); 0600")
-@click.option("--listen", metavar="HOST:PORT", help="listen on TCP instead (loopback only "
-                                                    "unless --insecure)")
-@click.option("--insecure", is_flag=True, help="allow --listen on a non-loopback address")
+@click.option("--listen", metavar="HOST:PORT",
+              help="listen on TCP instead; other than loopback only with --tls=require that "
+                   "authenticates clients (--tls-psk, or --tls-verify-peer), or --insecure")
+@click.option("--insecure", is_flag=True, help="allow --listen on a non-loopback address "
+                                               "without TLS that authenticates clients")
+@click.option("--tls", "tls_mode", type=click.Choice(MODES), show_default="on with credentials",
+              help="NBD_OPT_STARTTLS: refused, offered, or required before any other option")
+@click.option("--tls-psk", metavar="FILE", help="pre-shared keys, USERNAME:HEXKEY lines "
+                                                "(psktool -u USERNAME -p FILE)")
+@click.option("--tls-certificates", metavar="DIR",
+              help="X.509: ca-cert.pem, server-cert.pem, server-key.pem [, ca-crl.pem]")
+@click.option("--tls-verify-peer", is_flag=True,
+              help="clients must show a certificate that ca-cert.pem signed")
 @click.option("--read-only", is_flag=True, help="export every device read-only")
 @click.option("--shared", is_flag=True,
               help="allow read-write use of devices that are mounted or exported elsewhere "
@@ -52,8 +63,9 @@ def _raise_stop(signum, frame):
 @click.option("--pidfile", type=click.Path(dir_okay=False),
               help="write this command's pid here once it serves")
 @click.pass_obj
-def command(settings, names, socket_path, listen, insecure, read_only, shared, max_connections,
-            workers, on_full, detach, pidfile):
+def command(settings, names, socket_path, listen, insecure, tls_mode, tls_psk, tls_certificates,
+            tls_verify_peer, read_only, shared, max_connections, workers, on_full, detach,
+            pidfile):
     """Export devices over NBD (all of them, or the NAMEs) for qemu, libnbd
     (nbdinfo, nbdcopy, nbdfuse), fio and nbd-client.  The pool's daemon
     serves them (it is started if none runs); this command stays in the
@@ -68,6 +80,9 @@ def command(settings, names, socket_path, listen, insecure, read_only, shared, m
       cowblock serve --socket /tmp/cb.sock base &
       nbdinfo 'nbd+unix:///base?socket=/tmp/cb.sock'
       qemu-img info 'nbd+unix:///base?socket=/tmp/cb.sock'
+      psktool -u alice -p keys.psk
+      cowblock serve --listen 0.0.0.0:10809 --tls=require --tls-psk keys.psk &
+      nbdinfo 'nbds://alice@HOST/base?tls-psk-file=keys.psk'
     """
     if socket_path and listen:
         raise click.UsageError("give --socket or --listen, not both")
@@ -79,7 +94,12 @@ def command(settings, names, socket_path, listen, insecure, read_only, shared, m
         listener = proxy.serve(list(names), socket=os.path.abspath(socket_path) if socket_path
                                else None, listen=listen, insecure=insecure, read_only=read_only,
                                shared=shared, max_connections=max_connections, workers=workers,
-                               on_full_wait=_on_full(on_full), owned=not detach)
+                               on_full_wait=_on_full(on_full), owned=not detach,
+                               tls={"mode": tls_mode,
+                                    "psk_file": tls_psk and os.path.abspath(tls_psk),
+                                    "certificates": tls_certificates
+                                    and os.path.abspath(tls_certificates),
+                                    "verify_peer": tls_verify_peer})
         exports = ", ".join(listener["exports"]) if isinstance(listener["exports"], list) \
             else "every device"
         if detach:
