@@ -142,6 +142,11 @@ _BY_KIND = {
     lib.CB_E_NO_MEMORY: MemoryError,
     lib.CB_E_OVERFLOW: PoolIOError,
     lib.CB_E_BUSY: BusyError,
+    lib.CB_E_TIMEOUT: PoolIOError,
+    lib.CB_E_PROTOCOL: PoolIOError,
+    lib.CB_E_DENIED: PoolIOError,
+    lib.CB_E_CLOSED: PoolIOError,
+    lib.CB_E_UNSUPPORTED: InvalidArgumentError,
 }
 
 

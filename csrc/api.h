@@ -31,6 +31,12 @@ enum cb_error_kind {
     CB_E_NO_MEMORY = 11,      /* ENOMEM */
     CB_E_OVERFLOW = 12,       /* EOVERFLOW: a reference count would overflow */
     CB_E_BUSY = 13,           /* EBUSY: in use */
+    /* the network side (NBD over TLS) */
+    CB_E_TIMEOUT = 14,        /* ETIMEDOUT: the peer said nothing in time */
+    CB_E_PROTOCOL = 15,       /* EPROTO: the peer broke the protocol */
+    CB_E_DENIED = 16,         /* EACCES: the peer's credentials were refused, or a file's mode */
+    CB_E_CLOSED = 17,         /* EPIPE: the peer went away */
+    CB_E_UNSUPPORTED = 18,    /* ENOTSUP: this build lacks a feature (GnuTLS) */
 };
 
 const char *cb_last_error(void);

@@ -35,6 +35,9 @@ void cb_err_values(uint64_t expected, uint64_t found);
 bool cb_last_error_values(uint64_t *expected, uint64_t *found);
 /* The errno of a kind. */
 int cb_kind_errno(int kind);
+/* The kind for an errno a host call (open, access) set: a missing file, a
+ * refused one, or an I/O error. */
+int cb_host_errno_kind(int err);
 
 /* ---- checksum (crc32c.c): cb_crc32c and cb_block_csum are in api.h ---- */
 /* A UUID given by the caller, or a random one when it passes NULL. */

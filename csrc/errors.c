@@ -25,6 +25,11 @@ static const int kind_errno[] = {
     [CB_E_NO_MEMORY] = ENOMEM,
     [CB_E_OVERFLOW] = EOVERFLOW,
     [CB_E_BUSY] = EBUSY,
+    [CB_E_TIMEOUT] = ETIMEDOUT,
+    [CB_E_PROTOCOL] = EPROTO,
+    [CB_E_DENIED] = EACCES,
+    [CB_E_CLOSED] = EPIPE,
+    [CB_E_UNSUPPORTED] = ENOTSUP,
 };
 #define NR_KINDS (int)(sizeof kind_errno / sizeof kind_errno[0])
 
@@ -36,6 +41,17 @@ static __thread struct {
 } last_values;
 
 int cb_kind_errno(int kind) { return kind > 0 && kind < NR_KINDS ? kind_errno[kind] : EIO; }
+
+int cb_host_errno_kind(int err)
+{
+    switch (err) {
+    case ENOENT: case ENOTDIR: return CB_E_NOT_FOUND;
+    case EACCES: case EPERM: return CB_E_DENIED;
+    case EISDIR: case ENAMETOOLONG: case ELOOP: return CB_E_INVALID;
+    case ENOMEM: return CB_E_NO_MEMORY;
+    default: return CB_E_IO;
+    }
+}
 
 int cb_err(enum cb_error_kind kind, const char *fmt, ...)
 {

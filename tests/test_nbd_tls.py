@@ -111,7 +111,7 @@ class Server:
                                        daemon=True)
         self.reader.start()
         for _ in range(400):
-            found = [re.search(r"serving .* on (?:\('127\.0\.0\.1', (\d+)\)|(/.*))$", line)
+            found = [re.search(r"serving .* on (?:127\.0\.0\.1:(\d+)|(/.*?))(?: read-only)?$", line)
                      for line in self.lines]
             found = [m for m in found if m]
             if found:

@@ -62,9 +62,9 @@ def parse_listen(text, insecure=False, tls=None):
     """(host, port) from HOST:PORT.  A non-loopback address needs tls (a
     TLSConfig) that authenticates every client, or insecure."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise errors.InvalidArgumentError(f"--listen {text!r} is not HOST:PORT (a port from 1 "
-                                          "to 65535)")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise errors.InvalidArgumentError(f"--listen {text!r} is not HOST:PORT (a port from 0, "
+                                          "any free one, to 65535)")
     host = host.strip("[]") or "127.0.0.1"
     try:
         addr = ipaddress.ip_address(socket.gethostbyname(host) if ":" not in host else host)

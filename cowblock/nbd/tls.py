@@ -97,7 +97,7 @@ class TLSConfig:
                                     self.certificates.encode() if self.certificates else ffi.NULL,
                                     int(self.verify_peer), out)
         if code < 0:
-            if -code in (errno.ENOENT, errno.EACCES, errno.ENOTDIR, errno.EISDIR):
+            if lib.cb_error_kind(code) in (lib.CB_E_NOT_FOUND, lib.CB_E_DENIED, lib.CB_E_IO):
                 raise errors.HostFileError(last_error(), -code)
             raise errors.InvalidArgumentError(last_error())
         return ffi.gc(out[0], lib.cb_tls_creds_free)

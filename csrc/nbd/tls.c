@@ -86,7 +86,7 @@ void cb_tls_creds_free(cb_tls_creds *c)
 static int readable(const char *path, const char *what)
 {
     if (access(path, R_OK) != 0)
-        return cb_err(errno, "%s %s: %s", what, path, strerror(errno));
+        return cb_err(cb_host_errno_kind(errno), "%s %s: %s", what, path, strerror(errno));
     return 0;
 }
 
@@ -97,13 +97,13 @@ static int load_psk(cb_tls_creds *c, const char *file)
         return r;
     char *abs = realpath(file, NULL);   /* the daemon may change directory */
     if (!abs)
-        return cb_err(errno, "TLS PSK file %s: %s", file, strerror(errno));
+        return cb_err(cb_host_errno_kind(errno), "TLS PSK file %s: %s", file, strerror(errno));
     r = gnutls_psk_allocate_server_credentials(&c->psk);
     if (r == 0)
         r = gnutls_psk_set_server_credentials_file(c->psk, abs);
     free(abs);
     if (r < 0)
-        return cb_err(EINVAL, "TLS PSK file %s: %s", file, gnutls_strerror(r));
+        return cb_err(CB_E_INVALID, "TLS PSK file %s: %s", file, gnutls_strerror(r));
     gnutls_psk_set_server_known_dh_params(c->psk, GNUTLS_SEC_PARAM_MEDIUM);
     return 0;
 }
@@ -121,17 +121,17 @@ static int load_x509(cb_tls_creds *c, const char *dir)
         (r = readable(key, "TLS server key")) < 0)
         return r;
     if ((r = gnutls_certificate_allocate_credentials(&c->x509)) < 0)
-        return cb_err(ENOMEM, "TLS certificate credentials: %s", gnutls_strerror(r));
+        return cb_err(CB_E_NO_MEMORY, "TLS certificate credentials: %s", gnutls_strerror(r));
     r = gnutls_certificate_set_x509_trust_file(c->x509, ca, GNUTLS_X509_FMT_PEM);
     if (r <= 0)
-        return cb_err(EINVAL, "TLS CA certificate %s: %s", ca,
+        return cb_err(CB_E_INVALID, "TLS CA certificate %s: %s", ca,
                       r == 0 ? "no certificate in it" : gnutls_strerror(r));
     if (access(crl, R_OK) == 0 &&
         (r = gnutls_certificate_set_x509_crl_file(c->x509, crl, GNUTLS_X509_FMT_PEM)) < 0)
-        return cb_err(EINVAL, "TLS revocation list %s: %s", crl, gnutls_strerror(r));
+        return cb_err(CB_E_INVALID, "TLS revocation list %s: %s", crl, gnutls_strerror(r));
     r = gnutls_certificate_set_x509_key_file(c->x509, cert, key, GNUTLS_X509_FMT_PEM);
     if (r < 0)
-        return cb_err(EINVAL, "TLS server certificate %s and key %s: %s", cert, key,
+        return cb_err(CB_E_INVALID, "TLS server certificate %s and key %s: %s", cert, key,
                       gnutls_strerror(r));
     gnutls_certificate_set_known_dh_params(c->x509, GNUTLS_SEC_PARAM_MEDIUM);
     return 0;
@@ -142,13 +142,13 @@ int cb_tls_creds_new(const char *psk_file, const char *cert_dir, int verify_peer
 {
     *out = NULL;
     if (!psk_file && !cert_dir)
-        return cb_err(EINVAL, "TLS needs a PSK file or a certificate directory");
+        return cb_err(CB_E_INVALID, "TLS needs a PSK file or a certificate directory");
     if (verify_peer && !cert_dir)
-        return cb_err(EINVAL, "verifying client certificates needs a certificate directory "
+        return cb_err(CB_E_INVALID, "verifying client certificates needs a certificate directory "
                               "(its ca-cert.pem signs them)");
     cb_tls_creds *c = calloc(1, sizeof *c);
     if (!c)
-        return cb_err(ENOMEM, "out of memory");
+        return cb_err(CB_E_NO_MEMORY, "out of memory");
     c->verify_peer = verify_peer != 0;
     int r = 0;
     if (psk_file)
@@ -160,7 +160,7 @@ int cb_tls_creds_new(const char *psk_file, const char *cert_dir, int verify_peer
         int g = gnutls_priority_init(&c->priority, psk_file ? PRIORITY PSK_KX : PRIORITY,
                                      &err_pos);
         if (g < 0)
-            r = cb_err(EINVAL, "TLS priority string at %s: %s", err_pos ? err_pos : "?",
+            r = cb_err(CB_E_INVALID, "TLS priority string at %s: %s", err_pos ? err_pos : "?",
                        gnutls_strerror(g));
     }
     if (r < 0) {
@@ -202,13 +202,13 @@ static int64_t tls_recv(struct cb_nbd_transport *t, void *buf, size_t len)
         case GNUTLS_E_INTERRUPTED:
             continue;
         case GNUTLS_E_AGAIN:
-            return cb_err(ETIMEDOUT, "TLS read timed out");
+            return cb_err(CB_E_TIMEOUT, "TLS read timed out");
         case GNUTLS_E_PREMATURE_TERMINATION:
             return 0; /* EOF without close_notify: the client went away */
         case GNUTLS_E_REHANDSHAKE:
-            return cb_err(EPROTO, "the client asked for TLS renegotiation, which is refused");
+            return cb_err(CB_E_PROTOCOL, "the client asked for TLS renegotiation, which is refused");
         default:
-            return cb_err(EPROTO, "TLS read: %s", gnutls_strerror((int)n));
+            return cb_err(CB_E_PROTOCOL, "TLS read: %s", gnutls_strerror((int)n));
         }
     }
 }
@@ -220,9 +220,9 @@ static int send_record(struct cb_tls_session *ts, const uint8_t *p, size_t len)
         if (n == GNUTLS_E_INTERRUPTED)
             continue;
         if (n == GNUTLS_E_AGAIN)
-            return cb_err(ETIMEDOUT, "TLS write timed out");
+            return cb_err(CB_E_TIMEOUT, "TLS write timed out");
         if (n < 0)
-            return cb_err(EPIPE, "TLS write: %s", gnutls_strerror((int)n));
+            return cb_err(CB_E_CLOSED, "TLS write: %s", gnutls_strerror((int)n));
         p += n;
         len -= (size_t)n;
     }
@@ -238,8 +238,8 @@ static int uncork(struct cb_tls_session *ts)
         if (r == GNUTLS_E_INTERRUPTED)
             continue;
         if (r == GNUTLS_E_AGAIN)
-            return cb_err(ETIMEDOUT, "TLS write timed out");
-        return cb_err(EPIPE, "TLS write: %s", gnutls_strerror(r));
+            return cb_err(CB_E_TIMEOUT, "TLS write timed out");
+        return cb_err(CB_E_CLOSED, "TLS write: %s", gnutls_strerror(r));
     }
 }
 
@@ -298,7 +298,7 @@ static void describe_session(struct cb_tls_session *ts)
 static int handshake_error(struct cb_tls_session *ts, int g, bool verified_peer)
 {
     if (g == GNUTLS_E_AGAIN || g == GNUTLS_E_TIMEDOUT)
-        return cb_err(ETIMEDOUT, "TLS handshake timed out");
+        return cb_err(CB_E_TIMEOUT, "TLS handshake timed out");
     char why[256] = "";
     unsigned status = verified_peer && g == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR
                           ? gnutls_session_get_verify_cert_status(ts->s) : 0;
@@ -315,7 +315,7 @@ static int handshake_error(struct cb_tls_session *ts, int g, bool verified_peer)
     if (g == GNUTLS_E_FATAL_ALERT_RECEIVED || g == GNUTLS_E_WARNING_ALERT_RECEIVED)
         snprintf(why, sizeof why, " (the client sent alert: %s)",
                  gnutls_alert_get_name(gnutls_alert_get(ts->s)));
-    return cb_err(is_auth_failure(g) || status || psk_mismatch ? EACCES : EPROTO,
+    return cb_err(is_auth_failure(g) || status || psk_mismatch ? CB_E_DENIED : CB_E_PROTOCOL,
                   "TLS handshake failed: %s%s", gnutls_strerror(g), why);
 }
 
@@ -324,19 +324,19 @@ int cb_tls_accept(cb_tls_creds *c, int fd, uint32_t timeout_ms, cb_tls_session *
     *out = NULL;
     struct cb_tls_session *ts = calloc(1, sizeof *ts);
     if (!ts)
-        return cb_err(ENOMEM, "out of memory");
+        return cb_err(CB_E_NO_MEMORY, "out of memory");
     ts->transport = (struct cb_nbd_transport){tls_recv, tls_sendv};
     ts->fd = fd;
     ts->psk = c->psk != NULL;
     int g = gnutls_init(&ts->s, GNUTLS_SERVER | GNUTLS_NO_SIGNAL);
     if (g < 0) {
         free(ts);
-        return cb_err(ENOMEM, "gnutls_init: %s", gnutls_strerror(g));
+        return cb_err(CB_E_NO_MEMORY, "gnutls_init: %s", gnutls_strerror(g));
     }
     if ((g = gnutls_priority_set(ts->s, c->priority)) < 0 ||
         (c->psk && (g = gnutls_credentials_set(ts->s, GNUTLS_CRD_PSK, c->psk)) < 0) ||
         (c->x509 && (g = gnutls_credentials_set(ts->s, GNUTLS_CRD_CERTIFICATE, c->x509)) < 0)) {
-        int r = cb_err(EPROTO, "TLS session setup: %s", gnutls_strerror(g));
+        int r = cb_err(CB_E_PROTOCOL, "TLS session setup: %s", gnutls_strerror(g));
         gnutls_deinit(ts->s);
         free(ts);
         return r;
@@ -392,7 +392,7 @@ void cb_tls_close(cb_tls_session *s)
 
 static int unavailable(void)
 {
-    return cb_err(ENOTSUP, "cowblock was built without GnuTLS, so it has no TLS: install "
+    return cb_err(CB_E_UNSUPPORTED, "cowblock was built without GnuTLS, so it has no TLS: install "
                            "libgnutls28-dev (Debian; gnutls-devel on Fedora) and reinstall cowblock");
 }
 

@@ -1,6 +1,7 @@
 import os
 import signal
 import sys
+import threading
 import time
 
 import click
@@ -20,14 +21,6 @@ def _on_full(text):
         except ValueError:
             pass
     raise click.BadParameter(f"{text!r}: use 'error' or 'wait=SECONDS'", param_hint="--on-full")
-
-
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(signum, frame):
-    raise _Stop()
 
 
 @click.command("serve")
@@ -118,27 +111,38 @@ def command(settings, names, socket_path, listen, insecure, tls_mode, tls_psk, t
         if lost:
             log("the pool daemon stopped or removed this listener")
             sys.exit(14)
-        try:
-            proxy.unserve(listener["id"])
-            if started:
+        if started:
+            try:
                 proxy.stop(if_idle=True)
-        except errors.DaemonError:
-            pass   # the daemon went away meanwhile: nothing is left to remove
+            except errors.DaemonError:
+                pass   # the daemon went away meanwhile: nothing is left to stop
         log("stopped; pool committed")
 
 
 def _follow(proxy, listener_id, log):
-    """Print the listener's log until SIGINT/SIGTERM (returns False) or until
-    the daemon ends it (returns True)."""
+    """Print the listener's log until it ends.  SIGINT/SIGTERM remove the
+    listener (its clients finish, their last lines are printed) and this
+    returns False; True when the daemon ended it."""
+    asked = threading.Event()
+
+    def unserve():
+        try:
+            proxy.unserve(listener_id)
+        except errors.CowblockError:
+            pass
+
+    def on_signal(signum, frame):
+        if asked.is_set():
+            raise KeyboardInterrupt   # a second signal ends this command at once
+        asked.set()
+        threading.Thread(target=unserve, daemon=True).start()
     watcher = client.Client(proxy.runtime, timeout=None)
-    old = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for event in watcher.events("watch", listener_id):
             log(event)
-        return True
-    except _Stop:
-        return False
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
         watcher.close()
+    return not asked.is_set()
