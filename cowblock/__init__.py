@@ -10,7 +10,8 @@ from .device import Device, DeviceFile, Extent
 from .errors import (BusyError, CorruptMetadataError, CowblockError, DeviceExistsError,
                      DeviceNotFoundError, HostFileError, InvalidArgumentError, MetadataSpaceError,
                      NeedsCheckError, NoSpaceError, PoolClosedError, PoolExistsError,
-                     PoolIOError, PoolLockedError, PoolNotFoundError, ReadOnlyError)
+                     PoolIOError, PoolLockedError, PoolNotFoundError, ProtectedError,
+                     ReadOnlyError)
 from .pool import CheckRecord, CheckReport, DeviceInfo, DiffRange, Pool, PoolStats, Usage
 from .control.client import PoolProxy, connect
 
@@ -21,5 +22,5 @@ __all__ = [
     "CheckReport", "CheckRecord", "CowblockError", "InvalidArgumentError", "DeviceNotFoundError",
     "DeviceExistsError", "PoolClosedError", "NeedsCheckError", "NoSpaceError",
     "MetadataSpaceError", "ReadOnlyError", "CorruptMetadataError", "PoolIOError",
-    "PoolLockedError", "PoolNotFoundError", "PoolExistsError", "HostFileError",
+    "PoolLockedError", "PoolNotFoundError", "PoolExistsError", "HostFileError", "ProtectedError",
 ]

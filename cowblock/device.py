@@ -8,7 +8,7 @@ import operator
 from dataclasses import dataclass
 
 from . import errors
-from ._native import check, ffi, lib
+from ._native import ffi, lib
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ _BIG_READ = 1 << 20  # pread checks lengths over this against the size before al
 
 
 def _bad(what, value):
-    return errors.InvalidArgumentError(f"{what} {value!r} is not an integer from 0 to 2**64-1")
+    return errors.InvalidArgumentError(f"{what} {value!r} is not an integer from 0 to 2^64 - 1")
 
 
 def _check(what, value):
@@ -60,7 +60,7 @@ class Device:
 
     def _raw(self):
         out = ffi.new("cb_devinfo *")
-        check(lib.cb_dev_info(self._h(), self._id, out))
+        self._pool._check(lib.cb_dev_info(self._h(), self._id, out))
         return out
 
     @property
@@ -125,7 +125,7 @@ class Device:
         except BufferError as e:
             raise TypeError(f"readinto needs a writable, contiguous bytes-like buffer: {e}") from None
         if r < 0:
-            check(r)
+            self._pool._check(r)
         return r
 
     def pwrite(self, data, offset):
@@ -138,7 +138,7 @@ class Device:
         except BufferError as e:
             raise TypeError(f"pwrite needs a contiguous bytes-like object: {e}") from None
         if r < 0:
-            check(r)
+            self._pool._check(r)
         return r
 
     def _bad_call(self, exc, offset):
@@ -159,11 +159,12 @@ class Device:
         self._range_call(lib.cb_dev_write_zeroes, offset, length, 1 if may_unmap else 0)
 
     def _range_call(self, fn, offset, length, *extra):
-        check(fn(self._h(), self._id, _check("offset", offset), _check("length", length), *extra))
+        self._pool._check(fn(self._h(), self._id, _check("offset", offset),
+                             _check("length", length), *extra))
 
     def flush(self):
         """Make every write so far durable (commits the pool's transaction)."""
-        check(lib.cb_pool_commit(self._h()))
+        self._pool._check(lib.cb_pool_commit(self._h()))
 
     def block_status(self, offset=0, length=None):
         """Mapped and unmapped extents covering [offset, offset + length)."""
@@ -172,7 +173,8 @@ class Device:
             length = max(self.size - offset, 0)
         _check("length", length)
         out, count = ffi.new("cb_range **"), ffi.new("uint64_t *")
-        check(lib.cb_dev_block_status(self._h(), self._id, offset, length, out, count))
+        self._pool._check(lib.cb_dev_block_status(self._h(), self._id, offset, length, out,
+                                                  count))
         bs = self._pool.block_size
         end = offset + length
         extents = []
@@ -191,7 +193,7 @@ class Device:
         if _check("device size", size) == 0 or size % 4096:
             raise errors.InvalidArgumentError(
                 f"device size {size!r} is not a positive multiple of 4096")
-        check(lib.cb_dev_resize(self._h(), self._id, size))
+        self._pool._check(lib.cb_dev_resize(self._h(), self._id, size))
 
     def open(self, mode="r+b"):
         """A standard io.RawIOBase file object over the device."""

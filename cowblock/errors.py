@@ -25,7 +25,7 @@ class InvalidArgumentError(CowblockError, ValueError):
 class DeviceNotFoundError(CowblockError, LookupError):
     """No device of that name (or id)."""
 
-    hint = "list the devices with `cowblock ls` (Pool.list() in Python)"
+    hint = "list the devices with `cowblock ls`"
 
     def __str__(self):  # LookupError would quote the message like a key
         return str(self.args[0]) if self.args else ""
@@ -42,7 +42,7 @@ class PoolClosedError(CowblockError, ValueError):
 class NeedsCheckError(CowblockError):
     """The pool recorded an I/O error or failed its check; it needs repair."""
 
-    hint = "run pool.check() (cowblock pool check) and repair what it reports"
+    hint = "check the pool (`cowblock pool check`) and repair what it reports (`--repair`)"
 
 
 class _OSErrorBase(CowblockError, OSError):
@@ -59,13 +59,13 @@ class NoSpaceError(_OSErrorBase):
     """The pool has no free data block for a write (errno ENOSPC)."""
 
     default_errno = _errno.ENOSPC
-    hint = "grow the pool with pool.resize(), or delete devices and retry"
+    hint = "grow the pool (`cowblock pool resize SIZE`), or delete devices, and retry"
 
 
 class MetadataSpaceError(NoSpaceError):
     """Metadata space is too low for the operation (errno ENOSPC)."""
 
-    hint = "grow the metadata with pool.resize_metadata()"
+    hint = "grow the metadata (`cowblock pool resize --metadata SIZE`)"
 
 
 class ReadOnlyError(_OSErrorBase):
@@ -78,21 +78,22 @@ class CorruptMetadataError(_OSErrorBase):
     """Metadata failed a checksum or an invariant (errno EUCLEAN)."""
 
     default_errno = _errno.EUCLEAN
-    hint = "run pool.check() (cowblock pool check) to see the extent of the damage"
+    hint = "see the extent of the damage with `cowblock pool check`"
 
 
 class PoolIOError(_OSErrorBase):
     """An I/O error on a pool file; the pool turned read-only (errno EIO)."""
 
     default_errno = _errno.EIO
-    hint = "the pool is read-only until checked; look at the host's disk"
+    hint = ("look at the host's disk; a pool that meets an I/O error while open turns "
+            "read-only until it is checked (`cowblock pool check`)")
 
 
 class PoolLockedError(_OSErrorBase):
     """Another process has the pool open for writing (errno EAGAIN)."""
 
     default_errno = _errno.EAGAIN
-    hint = "wait for that process, or pass timeout= to wait for it"
+    hint = "wait for that process, or wait longer for it (`--timeout SECONDS`)"
 
 
 class HostFileError(_OSErrorBase):
@@ -113,7 +114,7 @@ class PoolNotFoundError(_OSErrorBase, FileNotFoundError):
     """No pool at that path."""
 
     default_errno = _errno.ENOENT
-    hint = "create one with Pool.create() or `cowblock pool create`"
+    hint = "create one with `cowblock pool create`"
 
 
 class PoolExistsError(_OSErrorBase, FileExistsError):
@@ -161,6 +162,13 @@ def from_code(code, message, kind=None, *, not_found=DeviceNotFoundError,
     if issubclass(cls, _OSErrorBase):
         return cls(message, -code)
     return cls(message)
+
+
+class ProtectedError(CowblockError):
+    """Refused to protect other devices: devices depend on this one (an
+    image's containers and layers), another subsystem owns it, or the change
+    would break what the owner/dependency model promises (cowblock.owners).
+    force=True (``--force``) goes ahead; the message says what it protects."""
 
 
 class MountError(CowblockError):

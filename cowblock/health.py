@@ -116,7 +116,16 @@ def report(pool):
             "overprovisioned": h.overprovisioned, "low_water_data": h.low_water_data,
             "low_water_metadata": h.low_water_metadata, "min_free_space": h.min_free_space,
             "hook": cfg["hook"], "below_low_water": h.below_low_water,
-            "needs_check": s.needs_check, "read_only": s.read_only, "warnings": h.warnings}
+            "needs_check": s.needs_check, "read_only": _read_only(pool, s),
+            "warnings": h.warnings}
+
+
+def _read_only(pool, stats):
+    """Whether the pool is read-only: turned so by an error, or on files
+    this user cannot write; not merely opened read-only to be looked at."""
+    if stats.read_only and not pool.read_only:
+        return True
+    return not os.access(os.path.join(pool.path, "metadata"), os.W_OK)
 
 
 # The permission bits a pool directory is made without (CB_POOL_DIR_MODE is

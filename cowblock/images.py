@@ -15,18 +15,21 @@ source of truth to drift:
 A device being built (import_image, add_layer) is labelled
 {"cowblock.kind": "incomplete"} until it is complete and read-only; on an
 error it is removed, so only a crash can leave one behind (`cowblock rm` it).
+
+What depends on what, and what that guards (an image with containers or
+layers is not removed, nor made writable, unless forced), is the owner and
+dependency model of cowblock.owners, which reads these labels.
 """
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
-from . import errors, transfer
+from . import errors, owners, transfer
+from .owners import CONTAINER, IMAGE, IMAGE_LABEL, INCOMPLETE, PARENT_LABEL
 
-KIND = "cowblock.kind"
-IMAGE_LABEL = "cowblock.image"
-PARENT_LABEL = "cowblock.parent"
-IMAGE, CONTAINER, INCOMPLETE = "image", "container", "incomplete"
+KIND = owners.KIND_LABEL
+_kind = owners.kind
 
 _ARTICLE = {IMAGE: "an image", CONTAINER: "a container", INCOMPLETE: "an incomplete image"}
 
@@ -64,11 +67,7 @@ class Container:
                 "created": self.created.isoformat(timespec="seconds")}
 
 
-# ---- reading the model out of the labels ----
-def _kind(info):
-    return info.labels.get(KIND) if info is not None else None
-
-
+# ---- reading the model out of the labels (the rules are cowblock.owners') ----
 def _describe(info):
     kind = _kind(info)
     if kind in _ARTICLE:
@@ -79,36 +78,12 @@ def _describe(info):
 def _require(pool, name, kind, doing):
     info = pool.info(name)  # DeviceNotFoundError when absent
     if _kind(info) != kind:
-        how = {IMAGE: "images are made with `cowblock image import` or `cowblock image layer` "
-                      "(import_image, add_layer) or `cowblock container commit`",
-               CONTAINER: "containers are made with `cowblock container create` "
-                          "(create_container)"}[kind]
+        how = {IMAGE: "images are made with `cowblock image import`, `cowblock image layer` "
+                      "or `cowblock container commit`",
+               CONTAINER: "containers are made with `cowblock container create`"}[kind]
         raise errors.InvalidArgumentError(
             f"cannot {doing} {name!r}: it is {_describe(info)}, not {_ARTICLE[kind]}; {how}")
     return info
-
-
-def _container_image(info, by_name):
-    """The image a container was made from: its origin (by id, so renames
-    follow), else its "cowblock.image" label."""
-    origin = by_name.get(info.origin) if info.origin else None
-    if _kind(origin) == IMAGE:
-        return origin.name
-    return info.labels.get(IMAGE_LABEL)
-
-
-def _parent(info, by_name):
-    origin = by_name.get(info.origin) if info.origin else None
-    if _kind(origin) == IMAGE:
-        return origin.name
-    if _kind(origin) == CONTAINER:
-        image = _container_image(origin, by_name)
-        if _kind(by_name.get(image)) == IMAGE:
-            return image
-    label = info.labels.get(PARENT_LABEL)
-    if label and label != info.name and _kind(by_name.get(label)) == IMAGE:
-        return label
-    return None
 
 
 def _chain(info, by_name):
@@ -116,27 +91,20 @@ def _chain(info, by_name):
     while cur is not None and cur.name not in seen:
         seen.add(cur.name)
         layers.append(cur.name)
-        parent = _parent(cur, by_name)
+        parent = owners.parent_of(cur, by_name)
         cur = by_name.get(parent) if parent else None
     return layers[::-1]
 
 
-def _length(info):
-    try:
-        length = int(info.labels.get(transfer.LENGTH_LABEL, info.size))
-    except ValueError:
-        return info.size
-    return length if 0 < length <= info.size else info.size
-
-
 def _image(info, by_name, containers=()):
-    return Image(name=info.name, parent=_parent(info, by_name), layers=_chain(info, by_name),
-                 size=info.size, length=_length(info), mapped_bytes=info.mapped_bytes,
-                 created=info.created, containers=list(containers))
+    return Image(name=info.name, parent=owners.parent_of(info, by_name),
+                 layers=_chain(info, by_name), size=info.size, length=transfer.info_length(info),
+                 mapped_bytes=info.mapped_bytes, created=info.created,
+                 containers=list(containers))
 
 
 def _container(info, by_name):
-    return Container(name=info.name, image=_container_image(info, by_name), size=info.size,
+    return Container(name=info.name, image=owners.image_of(info, by_name), size=info.size,
                      mapped_bytes=info.mapped_bytes, read_only=info.read_only,
                      created=info.created)
 
@@ -152,7 +120,7 @@ def list_images(pool):
     users = {}
     for info in by_name.values():
         if _kind(info) == CONTAINER:
-            users.setdefault(_container_image(info, by_name), []).append(info.name)
+            users.setdefault(owners.image_of(info, by_name), []).append(info.name)
     return [_image(i, by_name, users.get(i.name, ())) for i in by_name.values()
             if _kind(i) == IMAGE]
 
@@ -179,7 +147,7 @@ def container_info(pool, name):
 def _publish(pool, name, length):
     """Make a finished build read-only, then label it an image."""
     pool.set_read_only(name, True)
-    pool.set_labels(name, transfer.length_labels({KIND: IMAGE}, length))
+    pool.set_labels(name, transfer.length_labels({KIND: IMAGE}, length), _internal=True)
 
 
 def import_image(pool, name, file, progress=None, *, fmt=None):
@@ -208,7 +176,7 @@ def add_layer(pool, parent, name, file, progress=None, *, fmt=None):
             transfer.open_source(pool, file, fmt) as src:
         if src.size == 0:
             raise errors.InvalidArgumentError(f"cannot make layer {name!r}: the source is empty")
-        dev = pool.snapshot(parent, name, labels={KIND: INCOMPLETE})
+        dev = pool.snapshot(parent, name, labels={KIND: INCOMPLETE}, _internal=True)
         with transfer.removed_on_error(pool, name):
             length = _apply(pool, dev, src, progress)
             pool.commit()
@@ -297,7 +265,7 @@ def _apply_chunk(dev, off, n, new):
 def create_container(pool, image, name):
     """A writable container NAME: a snapshot of IMAGE; returns its Container."""
     _require(pool, image, IMAGE, "create a container from")
-    pool.snapshot(image, name, labels={KIND: CONTAINER, IMAGE_LABEL: image})
+    pool.snapshot(image, name, labels={KIND: CONTAINER, IMAGE_LABEL: image}, _internal=True)
     return container_info(pool, name)
 
 
@@ -306,13 +274,13 @@ def commit_container(pool, container, image_name):
     is the container's image; the container goes on.  Returns the Image."""
     info = _require(pool, container, CONTAINER, "commit")
     by_name = _index(pool)
-    parent = _container_image(info, by_name)
+    parent = owners.image_of(info, by_name)
     labels = {KIND: IMAGE}
-    if _kind(by_name.get(parent)) == IMAGE:
+    if parent is not None:
         labels[PARENT_LABEL] = parent
     # (run by the daemon, a mounted container's filesystem is frozen around
     # this: see the call table, control.calls)
-    pool.snapshot(container, image_name, read_only=True, labels=labels)
+    pool.snapshot(container, image_name, read_only=True, labels=labels, _internal=True)
     return image_info(pool, image_name)
 
 

@@ -9,12 +9,13 @@ import datetime
 import json
 import math
 import os
+import re
 import threading
 import uuid as _uuid
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
-from . import catalog, errors, format, health
+from . import catalog, errors, format, health, owners
 from ._native import check, ffi, lib
 from .device import Device
 from .lock import PoolLock
@@ -23,6 +24,7 @@ DEFAULT_BLOCK_SIZE = 65536
 READ_ONLY_FLAG = format.DEV_READ_ONLY
 DELETING_FLAG = format.DEV_DELETING   # removal deferred, reclaimed in the background
 RECLAIM_CHUNK = 1 << 30  # bytes unmapped per step of a deferred removal
+_DEVICE_ID = re.compile(r"\bdevice (\d+)\b")   # how the C core names a device in its errors
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ _DIFF_KINDS = {lib.CB_DIFF_LEFT_ONLY: "left_only", lib.CB_DIFF_RIGHT_ONLY: "righ
 
 def _uint(what, value):
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
-        raise errors.InvalidArgumentError(f"{what} {value!r} is not an integer from 0 to 2**64-1")
+        raise errors.InvalidArgumentError(f"{what} {value!r} is not an integer from 0 to 2^64 - 1")
     return value
 
 
@@ -252,6 +254,9 @@ class Pool:
             raise errors.InvalidArgumentError(
                 f"data size {data_size} is not a positive multiple of the block size {block_size}")
         path = _pool_path(path)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise errors.InvalidArgumentError(
+                f"cannot create a pool at {path}: it is a file, and a pool is a directory")
         if os.path.exists(os.path.join(path, "metadata")):
             raise errors.PoolExistsError(f"a pool exists at {path} already")
         _pool_error(lib.cb_pool_create(os.fsencode(path), data_size, block_size, metadata_size,
@@ -360,42 +365,105 @@ class Pool:
             raise errors.DeviceExistsError(f"a device named {name!r} exists already")
         return name
 
+    # ---- errors ----
+    def _check(self, code, **kw):
+        """check(), with the devices the C core names by id named by name."""
+        try:
+            return check(code, **kw)
+        except errors.CowblockError as e:
+            raise self._named(e) from None
+
+    def _named(self, exc):
+        text = str(exc)
+        named = self._name_ids(text)
+        if named == text:
+            return exc
+        return type(exc)(named, exc.errno) if isinstance(exc, OSError) else type(exc)(named)
+
+    def _name_ids(self, text, names=None):
+        """text with "device 5" written "device 'web'" (names: id -> name;
+        default this pool's devices)."""
+        names = names if names is not None else {did: m[0] for did, m in self._meta.items()}
+
+        def by_name(m):
+            name = names.get(int(m.group(1)))
+            return f"device {name!r}" if name is not None else m.group(0)
+        return _DEVICE_ID.sub(by_name, text)
+
     # ---- devices ----
-    def create_thin(self, name, size, *, labels=None):
-        """A new thin device of size bytes (a multiple of 4096), reading as zeroes."""
+    def create_thin(self, name, size, *, labels=None, _internal=False):
+        """A new thin device of size bytes (a multiple of 4096), reading as zeroes.
+        Labels starting with "cowblock." are cowblock's own (cowblock.owners)."""
         _uint("device size", size)
         if size == 0 or size % 4096:
             raise errors.InvalidArgumentError(
                 f"device size {size} is not a positive multiple of 4096")
+        if not _internal:
+            owners.refuse_reserved(labels, f"create {name!r} with these labels")
         with self._catalog_lock:
             self._new_name(name)
             health.check_room_for_device(self)
             blob = catalog.encode(name, labels)
             out = ffi.new("uint32_t *")
-            check(lib.cb_dev_create(self._handle(), size, _uuid.uuid4().bytes, blob, len(blob), out))
+            self._check(lib.cb_dev_create(self._handle(), size, _uuid.uuid4().bytes, blob,
+                                          len(blob), out))
             self._register(out[0], name, labels)
         return Device(self, out[0])
 
-    def snapshot(self, origin, name, read_only=False, *, labels=None):
+    def snapshot(self, origin, name, read_only=False, *, labels=None, _internal=False):
         """A snapshot of origin (any device, at any depth) as it is now.
 
         O(1): shares the origin's mapping tree.  Includes a flush.  Writes that
         completed before the call are in it; writes started after it returns
-        are not."""
+        are not.  It holds the same image as its origin, so it keeps the
+        origin's exact length (the "cowblock.length" label)."""
+        if not _internal:
+            owners.refuse_reserved(labels, f"snapshot {origin!r} as {name!r} with these labels")
         with self._catalog_lock:
             oid = self._id(origin)
             self._new_name(name)
             health.check_room_for_device(self)
+            labels = dict(labels or {})
+            length = self._meta[oid][1].get(owners.LENGTH_LABEL)
+            if length is not None:
+                labels.setdefault(owners.LENGTH_LABEL, length)
             blob = catalog.encode(name, labels)
             out = ffi.new("uint32_t *")
-            check(lib.cb_dev_snapshot(self._handle(), oid, READ_ONLY_FLAG if read_only else 0,
-                                      _uuid.uuid4().bytes, blob, len(blob), out))
+            self._check(lib.cb_dev_snapshot(self._handle(), oid, READ_ONLY_FLAG if read_only else 0,
+                                            _uuid.uuid4().bytes, blob, len(blob), out))
             self._register(out[0], name, labels)
         return Device(self, out[0])
 
     def _register(self, did, name, labels):
         self._names[name] = did
         self._meta[did] = (name, dict(labels or {}))
+
+    def _set_catalog(self, did, name, labels):
+        """Write a device's name and labels (catalog lock held)."""
+        blob = catalog.encode(name, labels)
+        self._check(lib.cb_dev_set_catalog(self._handle(), did, blob, len(blob)))
+        old = self._meta[did][0]
+        if old != name:
+            del self._names[old]
+        self._register(did, name, labels)
+
+    def _index(self, ids=None):
+        """DeviceInfo by name of every device, or of those ids, in creation
+        order (catalog lock held): what the owner and dependency rules read."""
+        return {self._meta[did][0]: self._device_info(did)
+                for did in sorted(self._meta if ids is None else ids)}
+
+    def _ancestors(self, info):
+        """The names of a device's origins, nearest first, as far as they
+        still exist."""
+        out, raw = [], self._info(info.id)
+        while raw.origin_id and raw.origin_id in self._meta and len(out) < len(self._meta):
+            out.append(self._meta[raw.origin_id][0])
+            raw = self._info(raw.origin_id)
+        return out
+
+    def _is_image(self, did):
+        return self._meta[did][1].get(owners.KIND_LABEL) == owners.IMAGE
 
     def device(self, name):
         """The device of that name."""
@@ -407,9 +475,14 @@ class Pool:
         except TypeError:  # unhashable: no device has such a name
             return False
 
-    def delete(self, *names, deferred=False):
+    def delete(self, *names, deferred=False, force=False, owner=None):
         """Delete devices; every block only they used is freed.  Every name
         must exist before any device is removed.
+
+        Refused (ProtectedError) while devices not being deleted depend on
+        one of them (an image's containers and layers), or while one is
+        owned by another subsystem than `owner`; force: go ahead, taking
+        the references out of the dependants' labels (cowblock.owners).
 
         deferred: return at once; each device is marked for removal in the
         metadata (hidden, its name free again) and its blocks are reclaimed
@@ -418,13 +491,19 @@ class Pool:
             ids = [self._id(name) for name in names]
             if len(set(ids)) != len(ids):
                 raise errors.InvalidArgumentError(f"a device is named twice in {list(names)}")
+            # only images have dependants: the other devices' rules need only themselves
+            index = self._index(None if any(map(self._is_image, ids)) else ids)
+            fixes = owners.check_delete(index, names, force=force, caller=owner)
+            for dependant, labels in fixes.items():   # no label names what is gone
+                self._set_catalog(self._names[dependant], dependant, labels)
             for name, did in zip(names, ids):
                 if deferred:
                     info = self._info(did)
-                    check(lib.cb_dev_set_flags(self._handle(), did, info.flags | DELETING_FLAG))
+                    self._check(lib.cb_dev_set_flags(self._handle(), did,
+                                                     info.flags | DELETING_FLAG))
                     self._reclaim.append(did)
                 else:
-                    check(lib.cb_dev_delete(self._handle(), did))
+                    self._check(lib.cb_dev_delete(self._handle(), did))
                 del self._names[name]
                 del self._meta[did]
         if deferred:
@@ -474,52 +553,110 @@ class Pool:
             self._reclaimer.join(timeout)
         return not self._reclaim
 
-    def rename(self, old, new):
+    def rename(self, old, new, *, force=False, owner=None):
+        """Rename a device; labels of other devices that name it (a
+        container's image, a layer's parent) follow.  An owned device is
+        renamed only by its owner, or with force (cowblock.owners)."""
         with self._catalog_lock:
             did = self._id(old)
             if old == new:
                 return
             self._new_name(new)
-            labels = self._meta[did][1]
-            blob = catalog.encode(new, labels)
-            check(lib.cb_dev_set_catalog(self._handle(), did, blob, len(blob)))
-            del self._names[old]
-            self._register(did, new, labels)
+            naming = [i for i, (_, labels) in self._meta.items()
+                      if any(labels.get(k) == old for k in owners.REFERENCE_LABELS)]
+            fixes = owners.check_rename(self._index([did, *naming]), old, new, force=force,
+                                        caller=owner)
+            self._set_catalog(did, new, self._meta[did][1])
+            for dependant, labels in fixes.items():
+                self._set_catalog(self._names[dependant], dependant, labels)
 
-    def set_labels(self, name, labels):
+    def set_labels(self, name, labels, *, _internal=False):
+        """Replace a device's labels.  Labels starting with "cowblock." are
+        cowblock's own: they are refused here, and the device's are kept."""
         with self._catalog_lock:
             did = self._id(name)
-            blob = catalog.encode(name, labels)
-            check(lib.cb_dev_set_catalog(self._handle(), did, blob, len(blob)))
-            self._register(did, name, labels)
+            catalog.encode(name, labels)   # refuses what is not a dict of strings
+            labels = dict(labels or {})
+            if not _internal:
+                owners.refuse_reserved(labels, f"set the labels of {name!r}")
+                labels.update(owners.reserved(self._meta[did][1]))
+            self._set_catalog(did, name, labels)
 
-    def rollback(self, name, snapshot):
+    def rollback(self, name, snapshot, *, force=False, owner=None):
         """Make device name a copy of snapshot again, in O(1) (qemu-img
-        snapshot -a, lvconvert --merge): it shares the snapshot's blocks."""
+        snapshot -a, lvconvert --merge): it shares the snapshot's blocks and
+        takes its size and exact length.  Only to a device of its own
+        lineage (a snapshot of it, or one of its origins), and not of a
+        device another subsystem owns, unless force (cowblock.owners).
+        Returns its DeviceInfo."""
         with self._catalog_lock:
-            check(lib.cb_dev_rollback(self._handle(), self._id(name), self._id(snapshot)))
-
-    def update(self, name, *, read_only=None, labels=None):
-        """Change a device's read-only flag and/or labels (a dict of changes:
-        a value of None or "" removes that label); returns its DeviceInfo."""
-        if read_only is not None:
-            self.set_read_only(name, read_only)
-        if labels:
-            if not isinstance(labels, dict):
-                raise errors.InvalidArgumentError(f"label changes {labels!r:.100} are not a dict")
-            merged = {**self.info(name).labels, **labels}
-            self.set_labels(name, {k: v for k, v in merged.items() if v not in (None, "")})
+            did, sid = self._id(name), self._id(snapshot)
+            target, snap = self._device_info(did), self._device_info(sid)
+            if not (target.read_only or did == sid or self.read_only):  # C refuses those first
+                owners.check_rollback(target, snap, self._ancestors, force=force, caller=owner)
+            self._check(lib.cb_dev_rollback(self._handle(), did, sid))
+            labels = {k: v for k, v in target.labels.items() if k != owners.LENGTH_LABEL}
+            if owners.LENGTH_LABEL in snap.labels:
+                labels[owners.LENGTH_LABEL] = snap.labels[owners.LENGTH_LABEL]
+            if labels != target.labels:
+                self._set_catalog(did, name, labels)
         return self.info(name)
 
-    def set_read_only(self, name, flag=True):
+    def update(self, name, *, read_only=None, labels=None, force=False):
+        """Change a device's read-only flag and/or labels (a dict of changes:
+        a value of None or "" removes that label); returns its DeviceInfo.
+        Labels starting with "cowblock." are cowblock's own and refused; an
+        image is made writable only with force (cowblock.owners)."""
+        if labels and not isinstance(labels, dict):
+            raise errors.InvalidArgumentError(f"label changes {labels!r:.100} are not a dict")
+        owners.refuse_reserved(labels, f"change the labels of {name!r}")
+        if read_only is not None:
+            self.set_read_only(name, read_only, force=force)
+        if labels:
+            merged = {**self.info(name).labels, **labels}
+            self.set_labels(name, {k: v for k, v in merged.items() if v not in (None, "")},
+                            _internal=True)
+        return self.info(name)
+
+    def set_read_only(self, name, flag=True, *, force=False):
+        """Set or clear a device's read-only flag; an image is made writable
+        only with force (cowblock.owners)."""
         did = self._id(name)
         info = self._info(did)
+        if not flag:
+            owners.check_writable(self._device_info(did, info), force=force)
         flags = (info.flags | READ_ONLY_FLAG) if flag else (info.flags & ~READ_ONLY_FLAG)
-        check(lib.cb_dev_set_flags(self._handle(), did, flags))
+        self._check(lib.cb_dev_set_flags(self._handle(), did, flags))
+
+    def resize_device(self, name, size=None, *, by=None):
+        """Grow or shrink device name to size bytes, or by `by` bytes
+        (negative: shrink); the new size is a positive multiple of 4096.
+        Shrinking drops the blocks past the new end.  A device of a new size
+        no longer holds an imported file of its exact length, so that
+        label ("cowblock.length") goes.  Returns its DeviceInfo."""
+        if (size is None) == (by is None):
+            raise errors.InvalidArgumentError("give a device's new size or the change of its "
+                                              "size, one of the two")
+        with self._catalog_lock:
+            did = self._id(name)
+            old = self._info(did).size
+            if by is not None:
+                if not isinstance(by, int) or isinstance(by, bool):
+                    raise errors.InvalidArgumentError(f"size change {by!r} is not an integer")
+                if old + by <= 0:
+                    raise errors.InvalidArgumentError(
+                        f"cannot shrink device {name!r} by {-by} bytes: it has {old}")
+                size = old + by
+            Device(self, did).resize(size)
+            labels = self._meta[did][1]
+            if size != old and owners.LENGTH_LABEL in labels:
+                self._set_catalog(did, name, {k: v for k, v in labels.items()
+                                              if k != owners.LENGTH_LABEL})
+        return self.info(name)
 
     def _info(self, did):
         out = ffi.new("cb_devinfo *")
-        check(lib.cb_dev_info(self._handle(), did, out))
+        self._check(lib.cb_dev_info(self._handle(), did, out))
         return out
 
     def _device_info(self, did, raw=None):
@@ -547,14 +684,14 @@ class Pool:
         result = []
         with self._catalog_lock:  # no device vanishes half-way through
             for did in sorted(self._meta):
-                check(lib.cb_dev_info(h, did, out))
+                self._check(lib.cb_dev_info(h, did, out))
                 info = self._device_info(did, out)
                 result.append(self._with_usage(info, did) if usage else info)
         return result
 
     def _usage(self, did):
         ex, sh = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        check(lib.cb_dev_usage(self._handle(), did, ex, sh))
+        self._check(lib.cb_dev_usage(self._handle(), did, ex, sh))
         return Usage(ex[0], sh[0], self.block_size)
 
     def _with_usage(self, info, did):
@@ -571,7 +708,7 @@ class Pool:
         devices a and b; reads only the parts of their trees they do not share."""
         ida, idb = self._id(a), self._id(b)
         out, count = ffi.new("cb_range **"), ffi.new("uint64_t *")
-        check(lib.cb_pool_diff(self._handle(), ida, idb, 1 if same else 0, out, count))
+        self._check(lib.cb_pool_diff(self._handle(), ida, idb, 1 if same else 0, out, count))
         try:
             ranges = [DiffRange(_DIFF_KINDS[r.kind], r.begin, r.length)
                       for r in (out[0][i] for i in range(count[0]))]
@@ -587,11 +724,12 @@ class Pool:
         keys, values = ffi.new("uint32_t **"), ffi.new("uint32_t **")
         shared, total, ndev = ffi.new("uint8_t **"), ffi.new("uint64_t *"), ffi.new("uint32_t *")
         if name is not None:
-            check(lib.cb_dev_mappings(self._handle(), self._id(name), keys, values, shared, total))
+            self._check(lib.cb_dev_mappings(self._handle(), self._id(name), keys, values, shared,
+                                            total))
         else:
             with self._catalog_lock:
-                check(lib.cb_pool_mappings(self._handle(), ids, counts, ndev, keys, values,
-                                           shared, total))
+                self._check(lib.cb_pool_mappings(self._handle(), ids, counts, ndev, keys, values,
+                                                 shared, total))
                 names = {did: self._meta[did][0] for did in ffi.unpack(ids[0], ndev[0])}
         try:
             n = total[0]
@@ -620,7 +758,8 @@ class Pool:
             raise errors.InvalidArgumentError(
                 "mappings must be (virtual block, data block) pairs of integers from 0 to "
                 f"2**32-1: {e}") from None
-        check(lib.cb_dev_add_mappings(self._handle(), self._id(name), keys, values, len(pairs)))
+        self._check(lib.cb_dev_add_mappings(self._handle(), self._id(name), keys, values,
+                                            len(pairs)))
 
     # ---- pool ----
     def stats(self):

@@ -1,7 +1,8 @@
 """Sizes as people write them: 4096, 4K, 64KiB, 10G, 1.5T.
 
 Units are binary (K = KiB = 1024, as LVM and qemu-img read them); a decimal
-number is fine when the result is a whole number of bytes.
+number is fine when the result is a whole number of bytes.  A device is a
+whole number of 4 KiB pages (PAGE).
 """
 import re
 
@@ -13,6 +14,12 @@ for _i, _p in enumerate("KMGTPE", start=1):
         _UNITS[_suffix] = 1 << (10 * _i)
 _RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*\Z")
 FORMS = "4096, 4K, 64KiB, 10G, 1.5T (units B, K, M, G, T, P, E; K = KiB = 1024)"
+PAGE = 4096
+LIMIT = 1 << 64   # sizes and offsets are 64-bit
+
+
+def round_up(n, unit=PAGE):
+    return -(-n // unit) * unit
 
 
 def parse_size(text, what="size"):
@@ -26,6 +33,8 @@ def parse_size(text, what="size"):
     value = float(m.group(1)) * unit if "." in m.group(1) else int(m.group(1)) * unit
     if value != int(value):
         raise InvalidArgumentError(f"{what} {text!r} is not a whole number of bytes")
+    if value >= LIMIT:
+        raise InvalidArgumentError(f"{what} {text!r} is more than 16E, the most a size can be")
     return int(value)
 
 

@@ -8,13 +8,16 @@ leaving holes in a regular file (zeroes are written to a pipe or a device).
 
 A device is a whole number of 4 KiB pages; a file whose length is not keeps
 its exact length in the device label "cowblock.length", and export writes
-exactly that many bytes.  Formats other than raw go through a temporary
+exactly that many bytes.  Snapshots (and so containers and committed images)
+keep their origin's label; a resize drops it, and a label that does not fit
+the device's size (length rounded up to 4 KiB) is not applied.  Formats other than raw go through a temporary
 sparse raw file and `qemu-img convert`.
 """
 import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
 import stat
 import subprocess
@@ -24,11 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import catalog, errors
+from . import catalog, errors, owners
+from .sizes import PAGE, round_up
 
 CHUNK = 1 << 20              # bytes per read and write (at least a pool block)
-GRAIN = 4096                 # zero detection and device size granularity
-LENGTH_LABEL = "cowblock.length"
+GRAIN = PAGE                 # zero detection and device size granularity
+LENGTH_LABEL = owners.LENGTH_LABEL
 QEMU_IMG_TIMEOUT = 3600      # seconds for one qemu-img run
 
 # First bytes of the image formats qemu-img knows, to name them when it is
@@ -68,10 +72,6 @@ class ExportResult:
     format: str
     length: int
     data_bytes: int
-
-
-def round_up(n, unit=GRAIN):
-    return -(-n // unit) * unit
 
 
 def chunk_size(pool):
@@ -337,13 +337,14 @@ def length_labels(labels, length):
 @contextlib.contextmanager
 def removed_on_error(pool, name):
     """Delete device name if the block raises (a half-written device is
-    never left behind under its name)."""
+    never left behind under its name).  It is the builder's own device,
+    whatever its labels say (cowblock.owners), so the removal is forced."""
     try:
         yield
     except BaseException:
         with contextlib.suppress(Exception):
             if name in pool:
-                pool.delete(name)
+                pool.delete(name, force=True)
         raise
 
 
@@ -351,7 +352,8 @@ def _import_sized(pool, name, src, progress, labels):
     size = src.size
     if size == 0:
         raise errors.InvalidArgumentError(f"cannot import {name!r}: the source is empty")
-    dev = pool.create_thin(name, round_up(size), labels=length_labels(labels, size))
+    dev = pool.create_thin(name, round_up(size), labels=length_labels(labels, size),
+                           _internal=True)
     step = chunk_size(pool)
     with removed_on_error(pool, name):
         if progress:
@@ -373,7 +375,7 @@ def _import_stream(pool, name, src, progress, labels):
     buf = src.read(step)
     if not buf:
         raise errors.InvalidArgumentError(f"cannot import {name!r}: the source is empty")
-    dev = pool.create_thin(name, round_up(len(buf)), labels=labels)
+    dev = pool.create_thin(name, round_up(len(buf)), labels=labels, _internal=True)
     with removed_on_error(pool, name):
         size, pos = dev.size, 0
         while buf:
@@ -389,7 +391,7 @@ def _import_stream(pool, name, src, progress, labels):
         if dev.size != round_up(pos):
             dev.resize(round_up(pos))
         if pos % GRAIN:
-            pool.set_labels(name, length_labels(labels, pos))
+            pool.set_labels(name, length_labels(labels, pos), _internal=True)
         pool.commit()
         if progress:
             progress(pos, pos)
@@ -397,22 +399,25 @@ def _import_stream(pool, name, src, progress, labels):
 
 
 # ---- export ----
-def device_length(pool, name):
-    """Bytes of the image a device holds: its "cowblock.length" label, else its size."""
-    info = pool.info(name)
-    text = info.labels.get(LENGTH_LABEL)
-    if text is None:
+_EXISTS = "{} exists already (`--force` replaces it)"
+
+
+def info_length(info):
+    """Bytes of the image a device holds (its DeviceInfo): the exact length
+    of the file it was imported from, in its "cowblock.length" label, while
+    the device's size is that length rounded up to 4096; else its size.  (A
+    label that does not fit is stale, left by a resize that a crash cut
+    short: the whole device is the image then, nothing of it is lost.)"""
+    text = info.labels.get(LENGTH_LABEL, "")
+    if not (text.isascii() and text.isdigit()):
         return info.size
-    try:
-        length = int(text)
-    except ValueError:
-        length = -1
-    if not 0 < length <= info.size:
-        raise errors.InvalidArgumentError(
-            f"device {name!r} has a bad {LENGTH_LABEL} label {text!r}: it must be a length "
-            f"from 1 to the device size {info.size}; fix it with `cowblock set {name} "
-            f"--label {LENGTH_LABEL}=` (removes it)")
-    return length
+    length = int(text)
+    return length if length and round_up(length) == info.size else info.size
+
+
+def device_length(pool, name):
+    """Bytes of the image device `name` holds (see info_length)."""
+    return info_length(pool.info(name))
 
 
 def export_file(pool, name, dest, *, progress=None, fmt="raw", overwrite=False):
@@ -436,9 +441,7 @@ def _export(pool, dev, name, length, dest, progress, fmt, overwrite):
     if dest != "-":
         dest = os.fspath(dest)
         if os.path.lexists(dest) and not overwrite:
-            raise errors.InvalidArgumentError(
-                f"{dest} exists already: pass overwrite=True (cowblock export --force) to "
-                "replace it")
+            raise errors.InvalidArgumentError(_EXISTS.format(dest))
     if fmt == "raw":
         if dest == "-":
             data = _write_raw(dev, length, sys.stdout.buffer, sparse=False, progress=progress)
@@ -478,11 +481,12 @@ def _to_path(dest, overwrite, write, converted=False):
     directory = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(directory):
         raise errors.InvalidArgumentError(f"cannot export to {dest}: no directory {directory}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".cowblock-export",
-                               dir=directory)
+    fd, tmp = _new_file_beside(dest)
     try:
         with os.fdopen(fd, "r+b") as f:
             result = write(f, True, tmp)
+        if st is not None and overwrite:   # a replaced file keeps its mode, as cp's would
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
         with open(tmp, "rb") as f:  # qemu-img may have replaced the file: sync what is there
             os.fsync(f.fileno())
         if overwrite:
@@ -491,17 +495,28 @@ def _to_path(dest, overwrite, write, converted=False):
             try:
                 os.link(tmp, dest)   # fails if dest appeared meanwhile
             except FileExistsError:
-                raise errors.InvalidArgumentError(
-                    f"{dest} exists already: pass overwrite=True (cowblock export --force) "
-                    "to replace it") from None
+                raise errors.InvalidArgumentError(_EXISTS.format(dest)) from None
             except OSError:          # no hard links on this file system
                 if os.path.lexists(dest):
-                    raise errors.InvalidArgumentError(f"{dest} exists already") from None
+                    raise errors.InvalidArgumentError(_EXISTS.format(dest)) from None
                 os.rename(tmp, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return result
+
+
+def _new_file_beside(dest):
+    """A new empty file in dest's directory, named after it, made as open(2)
+    makes files (mode 0666 less the umask, as qemu-img's and cp's are;
+    mkstemp's are 0600): its descriptor and path."""
+    directory, base = os.path.split(os.path.abspath(dest))
+    while True:
+        path = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.cowblock-export")
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), path
+        except FileExistsError:
+            continue
 
 
 def _write_raw(dev, length, f, *, sparse, progress):

@@ -254,3 +254,44 @@ def test_progress_bar_only_on_a_terminal(cb, tmp_path):
 def test_help_has_an_example(args):
     proc = subprocess.run([COWBLOCK, *args, "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "Example:" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_original_length_survives_container_commit_and_snapshot(cb, tmp_path):
+    """An image imported from a 10,000,003-byte file exports 10,000,003
+    bytes after a container, a commit and a snapshot (not 10,002,432)."""
+    content = os.urandom(10_000_003)
+    write_file(tmp_path / "odd.raw", content)
+    cb("image", "import", "odd", tmp_path / "odd.raw")
+    cb("container", "create", "odd", "box")
+    cb("write", "box", "--offset", "5", input=b"changed")
+    changed = content[:5] + b"changed" + content[12:]
+    out = as_json(cb("--json", "container", "commit", "box", "odd-v2"))
+    assert out["length"] == 10_000_003
+    cb("snapshot", "odd-v2", "snap")
+    for name, want in (("odd", content), ("box", changed), ("odd-v2", changed),
+                       ("snap", changed)):
+        out = as_json(cb("--json", "export", name, tmp_path / f"{name}.out"))
+        assert out["length"] == 10_000_003, name
+        assert (tmp_path / f"{name}.out").read_bytes() == want, name
+    assert {i["name"]: i["length"] for i in as_json(cb("--json", "image", "ls"))} == {
+        "odd": 10_000_003, "odd-v2": 10_000_003}
+    cb("resize", "snap", "+4K")              # a new size: the whole device is the image now
+    assert as_json(cb("--json", "export", "snap", tmp_path / "snap2.out"))["length"] == \
+        10_002_432 + 4096
+
+
+def test_an_image_in_use_stays_and_containers_never_name_a_missing_image(cb, tmp_path):
+    write_file(tmp_path / "a.raw", os.urandom(8192))
+    cb("image", "import", "base", tmp_path / "a.raw")
+    cb("image", "layer", "base", "top", tmp_path / "a.raw")
+    cb("container", "create", "top", "box")
+    proc = cb("rm", "base", rc=15)
+    assert b"cannot remove image 'base': layer 'top' depends on it" in proc.stderr
+    proc = cb("rm", "top", "--json", rc=15)
+    assert json.loads(proc.stderr)["error"]["kind"] == "ProtectedError"
+    assert [c["image"] for c in as_json(cb("--json", "container", "ls"))] == ["top"]
+    cb("rm", "top", "--force")
+    assert [c["image"] for c in as_json(cb("--json", "container", "ls"))] == [None]
+    assert as_json(cb("--json", "image", "ls"))[0]["containers"] == []
+    cb("rm", "base")                          # nothing depends on it any more
+    cb("pool", "check")

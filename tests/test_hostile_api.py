@@ -26,7 +26,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 
 from cowblock import (CowblockError, DeviceExistsError, DeviceFile, DeviceNotFoundError,
                       InvalidArgumentError, Pool, PoolClosedError, PoolExistsError,
-                      PoolLockedError, PoolNotFoundError, ReadOnlyError)
+                      PoolLockedError, PoolNotFoundError, ProtectedError, ReadOnlyError)
 from cowblock._native import ffi, lib
 from cowblock.catalog import NAME_RE
 from helpers import Model, assert_matches, pattern
@@ -57,27 +57,44 @@ NOT_U64_OR_BOOL = st.one_of(NOT_U64, st.booleans())
 
 
 class HostileModel(Model):
-    """helpers.Model plus labels, rename and rollback."""
+    """helpers.Model plus labels, origins, rename and rollback."""
 
     def __init__(self, block_size):
         super().__init__(block_size)
         self.labels = {}
+        self.origins = {}   # name -> origin name, None once the origin is gone
 
     def create(self, name, size):
         super().create(name, size)
         self.labels[name] = {}
+        self.origins[name] = None
 
     def snapshot(self, origin, name, read_only=False):
         super().snapshot(origin, name, read_only)
         self.labels[name] = {}
+        self.origins[name] = origin
 
     def delete(self, name):
         super().delete(name)
         del self.labels[name]
+        del self.origins[name]
+        self.origins = {k: (None if v == name else v) for k, v in self.origins.items()}
 
     def rename(self, old, new):
-        for table in (self.devs, self.read_only, self.labels):
+        for table in (self.devs, self.read_only, self.labels, self.origins):
             table[new] = table.pop(old)
+        self.origins = {k: (new if v == old else v) for k, v in self.origins.items()}
+
+    def ancestors(self, name):
+        out = []
+        while self.origins.get(name) is not None and len(out) <= len(self.origins):
+            name = self.origins[name]
+            out.append(name)
+        return out
+
+    def related(self, a, b):
+        """One is the other's origin, at any depth: a rollback between them is allowed."""
+        return a in self.ancestors(b) or b in self.ancestors(a)
 
     def rollback(self, name, snap):
         self.devs[name] = bytearray(self.devs[snap])
@@ -290,8 +307,8 @@ class HostileMachine(RuleBasedStateMachine):
         self.pool.set_labels(name, labels)
         self.model.labels[name] = dict(labels)
 
-    @rule(data=st.data())
-    def rollback(self, data):
+    @rule(data=st.data(), force=st.booleans())
+    def rollback(self, data, force):
         name, snap = self.pick(data), self.pick(data, "snapshot")
         if not self.live(name) or not self.live(snap):
             self.refused(DeviceNotFoundError, self.pool.rollback, name, snap)
@@ -299,8 +316,10 @@ class HostileMachine(RuleBasedStateMachine):
             self.refused(ReadOnlyError, self.pool.rollback, name, snap)
         elif name == snap:
             self.refused(InvalidArgumentError, self.pool.rollback, name, snap)
+        elif not force and not self.model.related(name, snap):   # not of its lineage
+            self.refused(ProtectedError, self.pool.rollback, name, snap)
         else:
-            self.pool.rollback(name, snap)
+            self.pool.rollback(name, snap, force=force)
             self.model.rollback(name, snap)
 
     @rule()

@@ -100,8 +100,9 @@ def test_mount_mkfs_write_commit_and_remount(pool, tmp_path):
 
 
 def test_container_commit_freezes_a_mounted_container(pool, tmp_path):
-    run(pool, "set", "base", "--label", "cowblock.kind=image")
-    run(pool, "set", "base", "--read-only")
+    with Pool.open(pool) as p:   # an image (cowblock.* labels are not the CLI's to set)
+        p.set_read_only("base", True)
+        p.set_labels("base", {"cowblock.kind": "image"}, _internal=True)
     run(pool, "container", "create", "base", "c1")
     mnt = tmp_path / "mnt-c1"
     run(pool, "mount", "c1", str(mnt), "--mkfs", "ext4")

@@ -172,6 +172,8 @@ def test_round_trips_per_command(pool):
             "rename": calls("rename", "c1-snap", "c1-s"),
             "set": calls("set", "c1", "--label", "k=v"),
             "resize": calls("resize", "c1", "16M"),
+            "resize +": calls("resize", "c1", "+4M"),
+            "resize -": calls("resize", "c1", "-4M"),
             "rollback": calls("rollback", "c1", "c1-s"),
             "rm": calls("rm", "c1", "c1-s"),
             "pool info": calls("pool", "info"),

@@ -35,7 +35,7 @@ def test_work_does_not_grow_with_the_device(tmp_path, what):
             ranges = list(pool.diff("snap", "base"))
             assert sum(r.length for r in ranges) == 3
         elif what == "commit":
-            pool.set_labels("base", {"cowblock.kind": "container"})
+            pool.set_labels("base", {"cowblock.kind": "container"}, _internal=True)
             pool.snapshot("base", "layer", read_only=True)
         else:
             pool.delete("snap", deferred=True)
@@ -53,7 +53,7 @@ def test_layer_writes_only_what_differs(tmp_path):
     for nblocks in (512, 4096):
         pool = build(tmp_path / f"p{nblocks}", nblocks)
         pool.set_read_only("base", True)
-        pool.set_labels("base", {"cowblock.kind": "image"})
+        pool.set_labels("base", {"cowblock.kind": "image"}, _internal=True)
         data = bytearray(pool.device("base").pread(nblocks * BS, 0))
         data[5 * BS:5 * BS + 10] = b"0123456789"
         src = tmp_path / f"v{nblocks}.raw"

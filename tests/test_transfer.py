@@ -193,12 +193,65 @@ def test_export_to_character_device(pool, tmp_path):
     assert transfer.export_file(pool, "a", "/dev/null", overwrite=True).length == 3 * 4096
 
 
-def test_bad_length_label_is_refused(pool, tmp_path):
-    make_file(tmp_path / "a.raw", [("data", 4096)])
+def test_length_label_is_reserved(pool, tmp_path):
+    make_file(tmp_path / "a.raw", [("data", 5000)])
     transfer.import_file(pool, "a", tmp_path / "a.raw")
-    pool.set_labels("a", {transfer.LENGTH_LABEL: "99999"})
-    with pytest.raises(InvalidArgumentError, match="cowblock.length"):
-        transfer.export_file(pool, "a", tmp_path / "out")
+    for call in (lambda: pool.set_labels("a", {transfer.LENGTH_LABEL: "99999"}),
+                 lambda: pool.update("a", labels={transfer.LENGTH_LABEL: ""}),
+                 lambda: pool.create_thin("b", 8192, labels={transfer.LENGTH_LABEL: "5000"}),
+                 lambda: pool.snapshot("a", "b", labels={transfer.LENGTH_LABEL: "5"})):
+        with pytest.raises(InvalidArgumentError, match="'cowblock.length' is a reserved label"):
+            call()
+    pool.set_labels("a", {"mine": "x"})   # the user's labels go; cowblock's own stay
+    assert pool.info("a").labels == {"mine": "x", transfer.LENGTH_LABEL: "5000"}
+    assert "b" not in pool and transfer.device_length(pool, "a") == 5000
+
+
+@pytest.mark.parametrize("text", ["99999", "4096", "0", "-5", "5_000", " 5000", "x", "4095"])
+def test_a_length_label_that_does_not_fit_the_size_is_not_applied(pool, tmp_path, text):
+    """What a resize cut short by a crash could leave (or a label of another
+    version): the whole device is exported, nothing of it is lost."""
+    make_file(tmp_path / "a.raw", [("data", 8192)])
+    transfer.import_file(pool, "a", tmp_path / "a.raw")
+    pool.set_labels("a", {transfer.LENGTH_LABEL: text}, _internal=True)
+    assert transfer.export_file(pool, "a", tmp_path / "out").length == 8192
+    assert (tmp_path / "out").read_bytes() == (tmp_path / "a.raw").read_bytes()
+
+
+def test_snapshots_keep_the_length_and_a_resize_drops_it(pool, tmp_path):
+    content = make_file(tmp_path / "odd.raw", [("data", 10_000_003)])
+    transfer.import_file(pool, "odd", tmp_path / "odd.raw")
+    pool.snapshot("odd", "s1")
+    pool.snapshot("s1", "s2", read_only=True, labels={"tier": "x"})
+    for name in ("odd", "s1", "s2"):
+        assert transfer.device_length(pool, name) == 10_000_003
+        transfer.export_file(pool, name, tmp_path / f"{name}.out")
+        assert (tmp_path / f"{name}.out").read_bytes() == content, name
+    info = pool.resize_device("s1", by=4096)
+    assert info.size == transfer.round_up(10_000_003) + 4096
+    assert transfer.LENGTH_LABEL not in info.labels
+    assert transfer.device_length(pool, "s1") == info.size
+    info = pool.rollback("s1", "s2")   # its content again, so its length again
+    assert info.size == transfer.round_up(10_000_003)
+    assert transfer.device_length(pool, "s1") == 10_000_003
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_export_makes_files_as_the_umask_says(pool, tmp_path, umask):
+    make_file(tmp_path / "a.raw", [("data", 5000)])
+    transfer.import_file(pool, "a", tmp_path / "a.raw")
+    old = os.umask(umask)
+    try:
+        transfer.export_file(pool, "a", tmp_path / "new")
+        if QEMU_IMG:
+            transfer.export_file(pool, "a", tmp_path / "new.qcow2", fmt="qcow2")
+            assert os.stat(tmp_path / "new.qcow2").st_mode & 0o777 == 0o666 & ~umask
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "new").st_mode & 0o777 == 0o666 & ~umask
+    os.chmod(tmp_path / "new", 0o640)   # a replaced file keeps its mode
+    transfer.export_file(pool, "a", tmp_path / "new", overwrite=True)
+    assert os.stat(tmp_path / "new").st_mode & 0o777 == 0o640
 
 
 def test_empty_source_is_refused_and_leaves_nothing(pool, tmp_path):

@@ -1,4 +1,5 @@
-"""What every subcommand shares: the pool to use, output, and errors."""
+"""What every subcommand shares: the pool to use, output, notes, warnings
+and errors (one reporter: text, or JSON lines on stderr with --json)."""
 import functools
 import json
 import os
@@ -10,7 +11,7 @@ from .. import errors, health
 from ..control import client
 from ..errors import BusyError
 from ..paths import default_pool_path, open_or_create
-from ..sizes import format_size, parse_size
+from ..sizes import PAGE, format_size, parse_size, round_up
 
 # Exit codes by exception class (checked in order: subclasses first).
 EXIT_CODES = [
@@ -26,6 +27,7 @@ EXIT_CODES = [
     (BusyError, 12),
     (errors.MountError, 13),
     (errors.DaemonError, 14),
+    (errors.ProtectedError, 15),
     (errors.CowblockError, 1),
 ]
 EXIT_CHECK_FAILED = 9
@@ -39,9 +41,10 @@ def exit_code(exc):
 
 
 class Settings:
-    """Global options, passed to every subcommand as ctx.obj."""
+    """Global options, passed to every subcommand as ctx.obj; set by the
+    options of the group and of the subcommand alike (see main)."""
 
-    def __init__(self, pool, as_json, timeout):
+    def __init__(self, pool=None, as_json=False, timeout=30.0):
         self.pool_arg = pool
         self.json = as_json
         self.timeout = timeout
@@ -67,8 +70,49 @@ class Settings:
         return client.daemon(self.pool_path, timeout=self.timeout, on_note=note)
 
 
+# ---- what goes to stderr: notes, warnings, errors ----
+def _settings():
+    ctx = click.get_current_context(silent=True)
+    return ctx.find_object(Settings) if ctx is not None else None
+
+
+def _say(kind, text, settings=None):
+    settings = settings or _settings()
+    if settings is not None and settings.json:
+        click.echo(json.dumps({kind: text}), err=True)
+    else:
+        click.echo(f"cowblock: {kind}: {text}", err=True)
+
+
 def note(text):
-    click.echo(f"cowblock: note: {text}", err=True)
+    _say("note", text)
+
+
+def warn(text):
+    _say("warning", text)
+
+
+def report_error(settings, error, code=None):
+    """Say what failed (with its hint) and exit with its code: a
+    CowblockError, a click exception (usage errors show the usage), or text."""
+    if isinstance(error, click.ClickException):
+        code, message, hint = error.exit_code, error.format_message(), None
+        if not settings.json:
+            error.show()
+            sys.exit(code)
+    elif isinstance(error, errors.CowblockError):
+        code, message, hint = exit_code(error), str(error), error.hint or None
+    else:
+        code, message, hint = code or 1, str(error), None
+    if settings.json:
+        kind = type(error).__name__ if not isinstance(error, str) else "error"
+        click.echo(json.dumps({"error": {"message": message, "hint": hint, "kind": kind,
+                                         "exit_code": code}}), err=True)
+    else:
+        click.echo(f"cowblock: error: {message}", err=True)
+        if hint:
+            click.echo(f"cowblock: hint: {hint}", err=True)
+    sys.exit(code)
 
 
 def pass_settings(fn):
@@ -91,11 +135,11 @@ def with_pool(read_only=False):
                 h = getattr(pool, "health", None) or client.run(pool, health.pool_health)
                 hook = h.hook if h.below_low_water else None
             for warning in h.warnings:
-                click.echo(f"cowblock: warning: {warning}", err=True)
+                warn(warning)
             if hook:  # after closing: the hook may well open the pool itself
                 status = health.run_hook(settings.pool_path, hook, h)
                 if status:
-                    click.echo(f"cowblock: warning: the low-water hook exited {status}", err=True)
+                    warn(f"the low-water hook exited {status}")
             return result
         return run
     return wrap
@@ -112,6 +156,61 @@ class SizeType(click.ParamType):
 
 
 SIZE = SizeType()
+
+
+MINUS = "\u2212"   # what SignedSizeCommand turns the "-" of "-10M" into
+
+
+class ResizeType(SizeType):
+    """A new size, or a change of size: "+10M", "-10M"; as (sign, bytes),
+    sign 0 for a new size."""
+    name = "[+|-]size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        sign = {"+": 1, "-": -1, MINUS: -1}.get(text[:1], 0)
+        return sign, super().convert(text[1:] if sign else text, param, ctx)
+
+
+RESIZE = ResizeType()
+
+
+class SignedSizeCommand(click.Command):
+    """A command with a RESIZE argument: "-10M" is a size, not an option
+    (no option starts with a digit)."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, [MINUS + a[1:] if a[:1] == "-" and a[1:2].isdigit()
+                                        else a for a in args])
+
+
+def device_size(n, what="size"):
+    """A size (or a change of size, negative to shrink) the user typed for a
+    device, rounded up to whole 4 KiB pages, with a note, as lvcreate rounds
+    up to whole extents; so a device's new size is always rounded up."""
+    rounded = round_up(n, PAGE)
+    if rounded != n:
+        human = ("-" if rounded < 0 else "") + format_size(abs(rounded))
+        note(f"rounding the {what} {n} up to {rounded} bytes ({human}): a device is a whole "
+             "number of 4 KiB pages")
+    return rounded
+
+
+def check_range(doing, name, offset, length, size, more=False):
+    """Refuse a range that does not lie inside the device, before anything
+    is read or written (one rule for `read` and `write`); more: the data is
+    longer than length, how much is not known."""
+    if offset + length <= size and not more:
+        return
+    done = "read" if doing == "read" else "written"
+    what = (f"at offset {offset} ({format_size(offset)})" if offset > size else
+            f"{'more than ' if more else ''}{length} bytes ({format_size(length)}) at offset "
+            f"{offset} ({format_size(offset)})")
+    raise errors.InvalidArgumentError(
+        f"cannot {doing} {what}: device {name!r} is {size} bytes ({format_size(size)}); "
+        f"nothing was {done}")
 
 
 def emit(settings, data, human):
@@ -141,5 +240,6 @@ def table(rows, columns, title=None):
         click.echo("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
 
 
-__all__ = ["SIZE", "Settings", "emit", "exit_code", "format_size", "pass_settings", "table",
-           "with_pool", "EXIT_CHECK_FAILED"]
+__all__ = ["RESIZE", "SIZE", "Settings", "SignedSizeCommand", "check_range", "device_size", "emit", "exit_code", "format_size",
+           "note", "pass_settings", "report_error", "table", "warn", "with_pool",
+           "EXIT_CHECK_FAILED"]

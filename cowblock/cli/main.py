@@ -3,6 +3,8 @@
 Each subcommand lives in cowblock/cli/commands/<name>.py: it parses its
 arguments, calls one library function and reports (as a table, or JSON with
 --json).  Errors become exit codes by exception class (common.EXIT_CODES).
+The global options (--pool, --json, --timeout) are options of every
+command too, so they work before or after it (`cowblock ls --json`).
 """
 import importlib
 import sys
@@ -10,10 +12,42 @@ import sys
 import click
 
 from .. import errors
-from .common import Settings, exit_code
+from .common import Settings, report_error
 
 COMMANDS = ["pool", "create", "snapshot", "rm", "rename", "resize", "set", "rollback", "ls",
             "info", "diff", "read", "write", "import", "export", "image", "container", "serve", "mount", "umount", "daemon", "bench"]
+
+POOL_HELP = ("pool directory (default: $COWBLOCK_POOL, else $XDG_DATA_HOME/cowblock/pool, "
+             "made on first use)")
+JSON_HELP = "machine-readable output (errors too, as JSON lines on stderr)"
+TIMEOUT_HELP = "seconds to wait for another command that holds the pool [default: 30]"
+
+
+def _setter(attr):
+    def store(ctx, param, value):
+        if value is not None and value is not False:
+            setattr(ctx.ensure_object(Settings), attr, value)
+    return store
+
+
+def _global_options():
+    return [click.Option(["--pool"], metavar="PATH", expose_value=False,
+                         callback=_setter("pool_arg"), help=POOL_HELP),
+            click.Option(["--json"], is_flag=True, default=False, expose_value=False,
+                         callback=_setter("json"), help=JSON_HELP),
+            click.Option(["--timeout"], type=float, expose_value=False,
+                         callback=_setter("timeout"), help=TIMEOUT_HELP)]
+
+
+def with_global_options(cmd):
+    """Give a command (and, for a group, each of its subcommands) the global
+    options, once."""
+    if not getattr(cmd, "_cowblock_globals", False):
+        cmd.params.extend(_global_options())
+        cmd._cowblock_globals = True
+    for sub in getattr(cmd, "commands", {}).values():
+        with_global_options(sub)
+    return cmd
 
 
 class LazyGroup(click.Group):
@@ -26,45 +60,40 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module = importlib.import_module(f"cowblock.cli.commands.{name.replace('-', '_')}_cmd")
-        return module.command
+        return with_global_options(module.command)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"],
                                               "max_content_width": 100})
-@click.option("--pool", "pool", metavar="PATH", default=None,
-              help="pool directory (default: $COWBLOCK_POOL, else "
-                   "$XDG_DATA_HOME/cowblock/pool, made on first use)")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--timeout", type=float, default=30.0, show_default=True,
-              help="seconds to wait for another command that holds the pool")
 @click.version_option(package_name="cowblock")
-@click.pass_context
-def cli(ctx, pool, as_json, timeout):
+def cli():
     """cowblock: thin pools, copy-on-write devices and snapshots.
 
     \b
     Example:
       cowblock create base --size 10G
       cowblock snapshot base snap1 --read-only
-      cowblock ls
+      cowblock ls --json
     """
-    ctx.obj = Settings(pool, as_json, timeout)
+
+
+with_global_options(cli)
 
 
 def main(argv=None):
+    settings = Settings()
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name="cowblock", standalone_mode=False)
+        cli.main(args=args, prog_name="cowblock", standalone_mode=False, obj=settings)
     except click.exceptions.Abort:
-        click.echo("cowblock: aborted", err=True)
-        sys.exit(130)
+        report_error(settings, "aborted", code=130)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        # a usage error may come before --json is parsed: look for it too
+        settings.json = settings.json or "--json" in args[:args.index("--")
+                                                        if "--" in args else len(args)]
+        report_error(settings, e)
     except errors.CowblockError as e:
-        click.echo(f"cowblock: error: {e}", err=True)
-        if e.hint:
-            click.echo(f"cowblock: hint: {e.hint}", err=True)
-        sys.exit(exit_code(e))
+        report_error(settings, e)
     except BrokenPipeError:
         sys.exit(1)
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ Each Call names:
            they are in use (exported over NBD, mounted, their file open):
            such a call fails with EBUSY naming the user
   busy_if  when given, the busy rule applies only if busy_if(device, args)
+  doing    what the call does to such a device, for the message ("remove it")
   freeze   the parameter naming a device whose mounted filesystem is frozen
            (fsfreeze) for the instant of the call, so a snapshot of it is clean
   returns  "device": the call makes a device; the reply is its DeviceInfo and
@@ -35,6 +36,7 @@ class Call:
     target: str
     busy: Optional[str] = None
     busy_if: Optional[Callable] = None
+    doing: Optional[str] = None
     freeze: Optional[str] = None
     returns: Optional[str] = None
     limit: Optional[Callable] = None
@@ -42,6 +44,12 @@ class Call:
 
 def _shrinks(device, args):
     return not isinstance(args.get("size"), int) or args["size"] < device.size
+
+
+def _resize_shrinks(device, args):
+    if args.get("by") is not None:
+        return not isinstance(args["by"], int) or args["by"] < 0
+    return _shrinks(device, args)
 
 
 def _pread_limit(args):
@@ -78,12 +86,15 @@ _TABLE = [
     # the pool
     _pool("create_thin", returns="device"),
     _pool("snapshot", returns="device", freeze="origin"),
-    _pool("delete", busy="names"),
-    _pool("rename", busy="old"),
-    _pool("rollback", busy="name"),
-    _pool("set_read_only", busy="name", busy_if=lambda dev, a: a.get("flag", True)),
+    _pool("delete", busy="names", doing="remove it"),
+    _pool("rename", busy="old", doing="rename it"),
+    _pool("rollback", busy="name", doing="roll it back"),
+    _pool("set_read_only", busy="name", busy_if=lambda dev, a: a.get("flag", True),
+          doing="make it read-only"),
     _pool("set_labels"),
-    _pool("update", busy="name", busy_if=lambda dev, a: a.get("read_only") is True),
+    _pool("update", busy="name", busy_if=lambda dev, a: a.get("read_only") is True,
+          doing="make it read-only"),
+    _pool("resize_device", busy="name", busy_if=_resize_shrinks, doing="shrink it"),
     _pool("info"),
     _pool("list"),
     _pool("usage"),
@@ -107,7 +118,7 @@ _TABLE = [
     _device("write_zeroes"),
     _device("flush"),
     _device("block_status"),
-    _device("resize", busy="self", busy_if=_shrinks),
+    _device("resize", busy="self", busy_if=_shrinks, doing="shrink it"),
     Call("device.size", DEVICE, "cowblock.control.calls:device_size"),
     Call("device.read_only", DEVICE, "cowblock.control.calls:device_read_only"),
     # what a CLI command does in one round trip
@@ -119,7 +130,8 @@ _TABLE = [
     _function("container_info", "cowblock.images:container_info"),
     _function("create_container", "cowblock.images:create_container"),
     _function("commit_container", "cowblock.images:commit_container", freeze="container"),
-    _function("remove_containers", "cowblock.images:remove_containers", busy="names"),
+    _function("remove_containers", "cowblock.images:remove_containers", busy="names",
+              doing="remove it"),
     _function("device_length", "cowblock.transfer:device_length"),
     # the daemon itself
     _daemon("status"),

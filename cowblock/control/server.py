@@ -260,7 +260,8 @@ class ControlServer:
                     continue
                 use = self._in_use(target_name)
                 if use:
-                    raise errors.BusyError(f"device {target_name!r} is {use}: {name} refused")
+                    raise errors.BusyError(f"device {target_name!r} is {use}: cannot "
+                                           f"{spec.doing or name}")
         freeze = arguments.get(spec.freeze) if spec.freeze else None
         with self._frozen(freeze):
             result = target(*bound.args, **bound.kwargs)

@@ -272,7 +272,7 @@ def restore(xml_path, data_path, new_pool, *, names_path=None, mode="copy"):
         from .. import health
         health.configure(pool, min_free_space=0)  # restoring fills what it must
         for name, dev_size, pairs, read_only, labels in plan:
-            pool.create_thin(name, dev_size, labels=labels)
+            pool.create_thin(name, dev_size, labels=labels, _internal=True)   # as dumped
             pool.add_mappings(name, pairs)
             if read_only:
                 pool.set_read_only(name, True)

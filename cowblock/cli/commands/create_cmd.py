@@ -1,11 +1,12 @@
 import click
 
-from ..common import SIZE, emit, format_size, with_pool
+from ..common import SIZE, device_size, emit, format_size, with_pool
 
 
 @click.command("create")
 @click.argument("name")
-@click.option("--size", type=SIZE, required=True, help="device size, a multiple of 4K")
+@click.option("--size", type=SIZE, required=True,
+              help="device size (rounded up to whole 4K pages)")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="a label (repeatable)")
 @with_pool()
 def command(settings, pool, name, size, labels):
@@ -15,6 +16,7 @@ def command(settings, pool, name, size, labels):
     Example:
       cowblock create base --size 10G --label role=base
     """
+    size = device_size(size)
     dev = pool.create_thin(name, size, labels=parse_labels(labels))
     emit(settings, {"name": name, "id": dev.id, "size": size},
          lambda d: click.echo(f"created {name} ({format_size(size)})"))

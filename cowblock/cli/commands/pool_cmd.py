@@ -103,33 +103,85 @@ def resize(settings, pool, size, metadata):
 
 @command.command("check")
 @click.option("--repair", is_flag=True,
-              help="set every reference count from the trees (leaks, miscounts) and make the "
-                   "pool files owner-only; refused while the pool is served or when the trees "
-                   "themselves are damaged")
+              help="set every reference count from the trees (leaks, miscounts), drop the "
+                   "devices whose trees are damaged (asks first) and make the pool files "
+                   "owner-only; refused while the pool is served or when other metadata is "
+                   "damaged")
+@click.option("--dry-run", is_flag=True,
+              help="show what --repair would do (it repairs a scratch copy of the metadata), "
+                   "changing nothing")
+@click.option("--yes", "-y", is_flag=True,
+              help="repair without asking, even when devices (and their data) would be dropped")
 @click.pass_obj
-def check(settings, repair):
+def check(settings, repair, dry_run, yes):
     """Verify all metadata (like thin_check): checksums, tree invariants and
-    every reference count.  Exits 9 when a problem remains.
+    every reference count.  Exits 9 when a problem remains.  A repair that
+    would drop devices asks first (or needs --yes).
 
     \b
     Example:
       cowblock pool check
+      cowblock pool check --dry-run
       cowblock pool check --repair
     """
+    from ... import repair as repairs
     from ...control import client
+    exclusive = repair or dry_run
     pool = client.open_exclusive(settings.pool_path, timeout=settings.timeout, on_note=note) \
-        if repair else settings.open(read_only=True, create=False)
+        if exclusive else settings.open(read_only=True, create=False)
     with pool:
-        report = pool.check(repair=repair)
-    emit(settings, {"ok": report.ok, "errors": report.errors, "leaks": report.leaks,
-                    "error_count": report.error_count, "leak_count": report.leak_count,
-                    "nodes_checked": report.nodes_checked, "repaired": repair,
-                    "records": [r._asdict() for r in report.records],
-                    "repair_records": [r._asdict() for r in report.repair_records],
-                    "warnings": report.warnings},
-         lambda d: click.echo(str(report)))
+        report = pool.check(repair=repair and yes and not dry_run)
+        preview = None
+        if dry_run and not report.ok or repair and not yes and report.error_count:
+            preview = repairs.preview(pool)   # only errors in trees make a repair drop devices
+        if dry_run:
+            _report_dry_run(settings, report, preview)
+        else:
+            if preview is not None and preview.dropped:
+                _confirm_drop(preview.dropped)
+            if repair and not yes:
+                report = pool.check(repair=True)
+            emit(settings, _check_record(report, repair), lambda d: click.echo(str(report)))
     if not report.ok:
         sys.exit(EXIT_CHECK_FAILED)
+
+
+def _check_record(report, repaired):
+    return {"ok": report.ok, "errors": report.errors, "leaks": report.leaks,
+            "error_count": report.error_count, "leak_count": report.leak_count,
+            "nodes_checked": report.nodes_checked, "repaired": repaired,
+            "records": [r._asdict() for r in report.records],
+            "repair_records": [r._asdict() for r in report.repair_records],
+            "warnings": report.warnings}
+
+
+def _report_dry_run(settings, report, preview):
+    record = _check_record(report, False)
+    record.update(dry_run=True, would_drop=preview.dropped if preview else [],
+                  would_do=preview.done if preview else [])
+
+    def human(d):
+        click.echo(str(report))
+        if report.ok:
+            click.echo("a repair would have nothing to do")
+            return
+        click.echo("--repair would do what it did to a scratch copy of the metadata:")
+        for line in d["would_do"]:
+            click.echo(f"  {line}")
+    emit(settings, record, human)
+
+
+def _confirm_drop(names):
+    listed = ("device " if len(names) == 1 else "devices ") + ", ".join(map(repr, names))
+    why = "damaged mapping " + ("tree: its data is lost" if len(names) == 1 else
+                                "trees: their data is lost")
+    if sys.stdin.isatty() and sys.stderr.isatty():
+        if click.confirm(f"the repair drops {listed} ({why}); repair?", default=False, err=True):
+            return
+        raise errors.ProtectedError("repair cancelled: nothing was changed")
+    raise errors.ProtectedError(
+        f"a repair would drop {listed} ({why}): give --yes to repair anyway, or --dry-run to "
+        "see all it would do; nothing was changed")
 
 
 @command.command("trim")

@@ -8,10 +8,12 @@ from .create_cmd import parse_labels
 @click.argument("name")
 @click.option("--read-only/--writable", "read_only", default=None, help="the read-only flag")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
-              help="set a label (repeatable); KEY= removes it")
+              help="set a label (repeatable); KEY= removes it; cowblock.* labels are cowblock's")
+@click.option("--force", is_flag=True, help="make an image writable")
 @with_pool()
-def command(settings, pool, name, read_only, labels):
-    """Change a device's read-only flag or labels.
+def command(settings, pool, name, read_only, labels, force):
+    """Change a device's read-only flag or labels.  An image stays
+    read-only (its containers and layers rely on it) unless --force.
 
     \b
     Example:
@@ -20,7 +22,7 @@ def command(settings, pool, name, read_only, labels):
     """
     if read_only is None and not labels:
         raise click.UsageError("give --read-only, --writable or --label")
-    info = pool.update(name, read_only=read_only, labels=parse_labels(labels))
+    info = pool.update(name, read_only=read_only, labels=parse_labels(labels), force=force)
     emit(settings, {"name": name, "read_only": info.read_only, "labels": info.labels},
          lambda d: click.echo(f"{name}: {'read-only' if d['read_only'] else 'writable'}"
                               + "".join(f", {k}={v}" for k, v in d["labels"].items())))
