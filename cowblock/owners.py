@@ -61,12 +61,16 @@ def is_reserved(key):
     return isinstance(key, str) and key.startswith(RESERVED_PREFIX)
 
 
-def refuse_reserved(labels, what):
-    """InvalidArgumentError if the labels (keys of a dict of labels or of
-    label changes) include a reserved one."""
+def refuse_reserved(labels, what, current=None):
+    """InvalidArgumentError if labels (a dict of labels, or of label changes
+    where None or "" removes one) would change a reserved label of a device
+    whose labels are `current` (a new device has none).  Giving back one's
+    own reserved labels as they are changes nothing, and is let through."""
+    current = current or {}
     try:
-        keys = sorted(k for k in dict(labels or {}) if is_reserved(k))
-    except (TypeError, ValueError):
+        keys = sorted(k for k, v in dict(labels or {}).items() if is_reserved(k)
+                      and current.get(k, "") != ("" if v is None else v))
+    except (TypeError, ValueError, AttributeError):
         return   # not labels at all: cowblock.catalog says so
     if keys:
         raise errors.InvalidArgumentError(

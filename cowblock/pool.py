@@ -572,13 +572,14 @@ class Pool:
 
     def set_labels(self, name, labels, *, _internal=False):
         """Replace a device's labels.  Labels starting with "cowblock." are
-        cowblock's own: they are refused here, and the device's are kept."""
+        cowblock's own: changing them is refused here, and the device's are
+        kept."""
         with self._catalog_lock:
             did = self._id(name)
             catalog.encode(name, labels)   # refuses what is not a dict of strings
             labels = dict(labels or {})
             if not _internal:
-                owners.refuse_reserved(labels, f"set the labels of {name!r}")
+                owners.refuse_reserved(labels, f"set the labels of {name!r}", self._meta[did][1])
                 labels.update(owners.reserved(self._meta[did][1]))
             self._set_catalog(did, name, labels)
 
@@ -605,11 +606,13 @@ class Pool:
     def update(self, name, *, read_only=None, labels=None, force=False):
         """Change a device's read-only flag and/or labels (a dict of changes:
         a value of None or "" removes that label); returns its DeviceInfo.
-        Labels starting with "cowblock." are cowblock's own and refused; an
-        image is made writable only with force (cowblock.owners)."""
+        Changes of labels starting with "cowblock." (cowblock's own) are
+        refused; an image is made writable only with force (cowblock.owners)."""
         if labels and not isinstance(labels, dict):
             raise errors.InvalidArgumentError(f"label changes {labels!r:.100} are not a dict")
-        owners.refuse_reserved(labels, f"change the labels of {name!r}")
+        if labels:
+            owners.refuse_reserved(labels, f"change the labels of {name!r}",
+                                   self.info(name).labels)
         if read_only is not None:
             self.set_read_only(name, read_only, force=force)
         if labels:
@@ -757,7 +760,7 @@ class Pool:
         except (TypeError, ValueError, OverflowError) as e:
             raise errors.InvalidArgumentError(
                 "mappings must be (virtual block, data block) pairs of integers from 0 to "
-                f"2**32-1: {e}") from None
+                f"2^32 - 1: {e}") from None
         self._check(lib.cb_dev_add_mappings(self._handle(), self._id(name), keys, values,
                                             len(pairs)))
 

@@ -134,7 +134,8 @@ def test_reserved_labels_are_cowblocks(pool, tmp_path):
             call()
     assert "x" not in pool
     pool.set_labels("img", {"team": "web"})   # replaces the user's labels, keeps cowblock's
-    pool.update("img", labels={"tier": "front"})
+    pool.update("img", labels={"tier": "front", "cowblock.owner": None})   # no change to it
+    pool.set_labels("img", {**pool.info("img").labels, "team": "web"})     # given back as is
     assert pool.info("img").labels == {"cowblock.kind": "image", "cowblock.length": "5000",
                                        "team": "web", "tier": "front"}
     assert images.image_info(pool, "img").length == img.length == 5000
