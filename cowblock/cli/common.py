@@ -76,8 +76,8 @@ def _settings():
     return ctx.find_object(Settings) if ctx is not None else None
 
 
-def _say(kind, text, settings=None):
-    settings = settings or _settings()
+def _say(kind, text):
+    settings = _settings()
     if settings is not None and settings.json:
         click.echo(json.dumps({kind: text}), err=True)
     else:
