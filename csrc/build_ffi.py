@@ -12,7 +12,8 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCES = ["errors.c", "crc32c.c", "format.c", "io.c", "meta.c", "sm.c", "btree.c", "pool.c",
-           "device.c", "dataio.c", "diff.c", "check.c", "nbd/transmit.c", "nbd/tls.c"]
+           "device.c", "dataio.c", "diff.c", "check.c", "nbd/transmit.c", "nbd/tls.c",
+           "attach/fuse.c"]
 
 # COWBLOCK_SANITIZE=address (or address,undefined) builds the core with
 # sanitizers, for the tests that run it so (tests/test_sanitizers.py).
@@ -37,19 +38,39 @@ def gnutls():
 
 TLS = gnutls()
 
+
+def fuse3():
+    """libfuse3's compiler flags and libraries (pkg-config fuse3), or None
+    (also with COWBLOCK_FUSE=0): attach/fuse.c then builds as stubs, and
+    asking for FUSE attach says which package to install."""
+    if os.environ.get("COWBLOCK_FUSE") == "0":
+        return None
+    try:
+        out = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return ([f[2:] for f in out if f.startswith("-I")], [f[2:] for f in out if f.startswith("-l")])
+
+
+FUSE = fuse3()
+
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "api.h").read_text())
 ffibuilder.cdef((HERE / "nbd" / "tls.h").read_text())
+ffibuilder.cdef((HERE / "attach" / "fuse.h").read_text())
 ffibuilder.set_source(
     "cowblock._core",
-    '#include "cowblock.h"\n#include "nbd/tls.h"',
+    '#include "cowblock.h"\n#include "nbd/tls.h"\n#include "attach/fuse.h"',
     sources=[str((HERE / name).relative_to(HERE.parent)) for name in SOURCES],
-    include_dirs=[str(HERE.relative_to(HERE.parent))] + (TLS[0] if TLS else []),
-    define_macros=[("COWBLOCK_GNUTLS", "1")] if TLS else [],
+    include_dirs=[str(HERE.relative_to(HERE.parent))] + (TLS[0] if TLS else [])
+    + (FUSE[0] if FUSE else []),
+    define_macros=([("COWBLOCK_GNUTLS", "1")] if TLS else [])
+    + ([("COWBLOCK_HAVE_FUSE", "1")] if FUSE else []),
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-fvisibility=hidden", "-D_GNU_SOURCE"] + SANITIZE,
     extra_link_args=SANITIZE,
-    libraries=["pthread"] + (TLS[1] if TLS else []),
+    libraries=["pthread"] + (TLS[1] if TLS else []) + (FUSE[1] if FUSE else []),
 )
 
 if __name__ == "__main__":
