@@ -101,7 +101,7 @@ def clean_stale(mountpoint):
     gone: ENOTCONN).  Returns True if there was one; a live mount or a plain
     directory is left alone."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # always asks the server; a stat may come from the cache
         return False
     except FileNotFoundError:
         return False
@@ -114,6 +114,38 @@ def clean_stale(mountpoint):
     if r.returncode:
         raise AttachError(f"cannot clean the stale FUSE mount on {mountpoint}: "
                           f"{' '.join(argv)}: {r.stderr.strip()}")
+    return True
+
+
+def _fuse_minor(mountpoint):
+    """The connection number of the FUSE mount on mountpoint (its st_dev
+    minor, from /proc/self/mountinfo: a stat could hang), or None."""
+    target = os.path.abspath(os.fspath(mountpoint))
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[4] == target and fields[sep + 1].startswith("fuse"):
+                return int(fields[2].split(":")[1])
+    return None
+
+
+def abort_connection(mountpoint):
+    """Abort the FUSE connection of the mount on mountpoint, as
+    /sys/fs/fuse/connections/N/abort does: every request waiting on its
+    server fails at once (a loop device over it gets EIO).  For a server
+    that hangs; returns False when nothing is mounted there."""
+    n = _fuse_minor(mountpoint)
+    if n is None:
+        return False
+    ctl = "/sys/fs/fuse/connections"
+    if not os.path.exists(os.path.join(ctl, str(n))) and not os.listdir(ctl):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", ctl], capture_output=True)
+    try:
+        with open(os.path.join(ctl, str(n), "abort"), "w") as f:
+            f.write("1")
+    except OSError as e:
+        raise AttachError(f"cannot abort the FUSE connection of {mountpoint}: {e}") from None
     return True
 
 
@@ -234,9 +266,10 @@ class FuseAttach:
     def stats(self):
         s = ffi.new("cb_fuse_stats *")
         _check(lib.cb_fuse_stats_get(self._handle(), s))
+        flusher = os.strerror(s.io_flusher_errno) if s.io_flusher_errno else ""
         return FuseStats(s.requests, s.bytes_read, s.bytes_written, s.errors, s.threads,
-                         s.threads_not_flusher,
-                         os.strerror(s.io_flusher_errno) if s.io_flusher_errno else "", s.files, bool(s.writeback_cache), s.max_write)
+                         s.threads_not_flusher, flusher, s.files, bool(s.writeback_cache),
+                         s.max_write)
 
     def _cname(self, name):
         if name not in self._names:

@@ -439,6 +439,7 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
         fl->open_rw--;
     else
         fl->open_ro--;
+    pthread_cond_broadcast(&f->cond);
     pthread_mutex_unlock(&f->lock);
     fuse_reply_err(req, 0);
 }
@@ -676,6 +677,33 @@ static bool wait_for(cb_fuse *f, bool *flag, int seconds)
     return true;
 }
 
+/* Opens of fl (of every file when NULL), lock held. */
+static uint32_t open_count(cb_fuse *f, struct file *fl, uint32_t *rw, uint32_t *ro)
+{
+    *rw = *ro = 0;
+    for (size_t i = 0; i < f->nr_files; i++) {
+        if (!fl || f->files[i] == fl) {
+            *rw += f->files[i]->open_rw;
+            *ro += f->files[i]->open_ro;
+        }
+    }
+    return *rw + *ro;
+}
+
+/* The kernel sends RELEASE after close(2) has returned: a caller that
+ * closed the file and then removes it must not see it open.  Waits up to a
+ * second for the opens of fl to end (lock held); returns those left. */
+static uint32_t wait_released(cb_fuse *f, struct file *fl, uint32_t *rw, uint32_t *ro)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 1;
+    while (open_count(f, fl, rw, ro))
+        if (pthread_cond_timedwait(&f->cond, &f->lock, &until) == ETIMEDOUT)
+            return open_count(f, fl, rw, ro);
+    return 0;
+}
+
 int cb_fuse_available(void) { return 1; }
 
 int cb_fuse_start(cb_pool *p, const char *mountpoint, const cb_fuse_config *cfg, cb_fuse **out)
@@ -750,12 +778,16 @@ fail:
 }
 
 /* Abort the connection (/sys/fs/fuse/connections/N/abort): every request
- * in flight and to come fails, so nothing holding a file waits on us. */
+ * in flight and to come fails, so nothing holding a file waits on us.  The
+ * fusectl filesystem is mounted there if no one did (systemd does). */
 static void abort_connection(cb_fuse *f)
 {
     char path[96];
     snprintf(path, sizeof path, "/sys/fs/fuse/connections/%u/abort", (unsigned)minor(f->dev));
     int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT &&
+        mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, NULL) == 0)
+        fd = open(path, O_WRONLY | O_CLOEXEC);
     if (fd >= 0) {
         (void)!write(fd, "1", 1);
         close(fd);
@@ -764,14 +796,11 @@ static void abort_connection(cb_fuse *f)
 
 int cb_fuse_stop(cb_fuse *f, int force)
 {
-    uint32_t rw = 0, ro = 0;
+    uint32_t rw, ro;
     pthread_mutex_lock(&f->lock);
-    for (size_t i = 0; i < f->nr_files; i++) {
-        rw += f->files[i]->open_rw;
-        ro += f->files[i]->open_ro;
-    }
+    uint32_t open = force ? open_count(f, NULL, &rw, &ro) : wait_released(f, NULL, &rw, &ro);
     pthread_mutex_unlock(&f->lock);
-    if ((rw || ro) && !force)
+    if (open && !force)
         return cb_err(EBUSY, "device files on %s are open (%u read-write, %u read-only)",
                       f->mountpoint, rw, ro);
     /* Unmounting the last mount of the connection makes the kernel end it,
@@ -853,11 +882,11 @@ int cb_fuse_remove(cb_fuse *f, const char *name)
     pthread_mutex_lock(&f->lock);
     struct file *fl = by_name(f, name);
     int r = 0;
+    uint32_t rw, ro;
     if (!fl)
         r = cb_err(ENOENT, "no file named %.300s is attached", name);
-    else if (fl->open_rw || fl->open_ro)
-        r = cb_err(EBUSY, "%s is open (%u read-write, %u read-only)", name, fl->open_rw,
-                   fl->open_ro);
+    else if (wait_released(f, fl, &rw, &ro))
+        r = cb_err(EBUSY, "%s is open (%u read-write, %u read-only)", name, rw, ro);
     uint64_t ino = 0;
     if (!r) {
         ino = fl->ino;
