@@ -43,7 +43,8 @@ from cowblock.attach import FuseAttach, FuseOptions  # noqa: E402
 
 MiB = 1 << 20
 WORKLOADS = [("randread-4k", "randread", "4k"), ("randwrite-4k", "randwrite", "4k"),
-             ("read-1m", "read", "1M"), ("write-1m", "write", "1M")]
+             ("read-1m", "read", "1M"), ("write-1m", "write", "1M"),
+             ("cold-read-8m", None, None)]
 # Variant flags of the FUSE systems: (FuseOptions changes, fuse_file_server words, loop dio)
 FLAGS = {
     "pagecache": ({"direct_io": False, "parallel_direct_writes": False}, ["-direct_io"], None),
@@ -51,11 +52,14 @@ FLAGS = {
     "writeback": ({"writeback_cache": True}, ["writeback"], None),
     "serial": ({"parallel_direct_writes": False}, ["-parallel"], None),
     "loopbuffered": ({}, [], False),
+    "t2": ({"threads": 2}, ["threads=2"], None),
     "t4": ({"threads": 4}, ["threads=4"], None),
     "t8": ({"threads": 8}, ["threads=8"], None),
+    "t16": ({"threads": 16}, ["threads=16"], None),
     "t32": ({"threads": 32}, ["threads=32"], None),
     "bg12": ({"max_background": 12}, ["max_background=12"], None),
     "nocommit": ({}, [], None),   # the pool without its once-a-second commit (diagnosis only)
+    "ra4m": ({}, [], None),       # the loop device's readahead at 4 MiB (blockdev --setra)
 }
 
 
@@ -89,7 +93,9 @@ class System:
         os.makedirs(root, exist_ok=True)
         self.mnt = os.path.join(root, "mnt")
         self.loop = None
-        self.opts, self.server_words, dio = {}, ["direct_io", "parallel"], True
+        # The FUSE ceiling runs with cowblock's defaults, changed by the same flags.
+        self.opts, dio = {}, True
+        self.server_words = ["direct_io", "parallel", f"threads={FuseOptions().threads}"]
         self.commit_interval = 0 if "nocommit" in flags else 1.0
         for flag in flags:
             o, words, d = FLAGS[flag]
@@ -105,6 +111,8 @@ class System:
     def attach_loop(self, path):
         self.loop = run("losetup", "-f", "--show", f"--direct-io={'on' if self.loop_dio else 'off'}",
                         path)
+        if "ra4m" in self.flags:
+            run("blockdev", "--setra", "8192", self.loop)
         mkfs_mount(self.loop, self.mnt)
 
     def close(self):
@@ -231,6 +239,28 @@ def fio(directory, rw, bs, seconds, file_size):
     return side["bw_bytes"] / 1e6
 
 
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def cold_read(directory):
+    """MB/s of reading an 8 MiB file in 1 MiB reads at depth 1 with every
+    cache dropped, as `cowblock bench` times it (milliseconds in the report)."""
+    path = os.path.join(directory, "cold.bin")
+    if not os.path.exists(path):
+        with open(path, "wb") as f:
+            f.write(os.urandom(8 * MiB))
+            os.fsync(f.fileno())
+    drop_caches()
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(MiB):
+            pass
+    return 8 * MiB / (time.perf_counter() - t) / 1e6
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -259,7 +289,8 @@ def main():
         for rnd in range(args.rounds):
             for label, rw, bs in workloads:
                 for n, s in systems.items():
-                    mb = fio(s.mnt, rw, bs, args.seconds, f"{args.file_mib}M")
+                    mb = cold_read(s.mnt) if rw is None else \
+                        fio(s.mnt, rw, bs, args.seconds, f"{args.file_mib}M")
                     results[n][label].append(mb)
                     print(f"round {rnd + 1} {label:13} {n:28} {mb:9.1f} MB/s", file=sys.stderr)
     finally:
@@ -284,7 +315,10 @@ def report(med, names, workloads):
         for n in names:
             ff = "fuse-file" + n[len(n.split("+")[0]):] if n.startswith("fuse") else "fuse-file"
             ff = ff if ff in med else "fuse-file"
-            print(f"| {n} | {label} | {med[n][label]:.1f} | {ratio(n, label, 'nbdfuse')} | "
+            mb = med[n][label]
+            shown = f"{mb:.1f} ({8 * MiB / mb / 1e3:.1f} ms)" if label == "cold-read-8m" else \
+                f"{mb:.1f}"
+            print(f"| {n} | {label} | {shown} | {ratio(n, label, 'nbdfuse')} | "
                   f"{ratio(n, label, ff)} | {ratio(n, label, 'loop-file')} |")
 
 

@@ -26,7 +26,7 @@
 
 static int backing = -1;
 static int direct_io, parallel, keep_cache, writeback;
-static unsigned threads = 16, max_background = 64;
+static unsigned threads = 4, max_background = 64;
 
 static void fill(fuse_ino_t ino, struct stat *st)
 {

@@ -366,7 +366,7 @@ class LoopMount:
         subprocess.run(["losetup", "-d", self.loop], capture_output=True, timeout=60)
 
 
-def test_loop_ext4_remounts_byte_exact_and_checks_clean(tmp_path):
+def test_ext4_over_loop_remounts_byte_exact_and_checks_clean(tmp_path):
     need_loop()
     pool = Pool.create(tmp_path / "pool", 4096 * 65536, 65536)
     pool.create_thin("d", 128 << 20)
@@ -509,7 +509,7 @@ def write_big_file_or_abort(m, cg, dev_dir, mib=384, seconds=180):
     assert os.path.getsize(os.path.join(m.dir, "big")) == mib << 20
 
 
-def test_writer_under_a_memory_limit_does_not_deadlock(tmp_path):
+def test_ext4_writer_under_a_memory_limit_does_not_deadlock(tmp_path):
     """A writer in a memory cgroup of 64 MiB (a container) writes 384 MiB
     through ext4 -> loop -> FUSE -> the pool: its reclaim waits on writeback
     that this process serves."""
@@ -540,7 +540,7 @@ def has_cap_sys_resource():
                     reason="PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE, which this process lacks; "
                            "without it a server sharing the writer's memory limit deadlocks "
                            "(its threads wait in reclaim on writeback only they can do)")
-def test_server_sharing_the_memory_limit_does_not_deadlock(tmp_path):
+def test_ext4_server_sharing_the_memory_limit_does_not_deadlock(tmp_path):
     """The server and the writer in one memory cgroup of 96 MiB: reclaim has
     to write back through the server while the server itself is short of
     memory.  PR_SET_IO_FLUSHER on the server's threads is what lets it on."""
@@ -563,3 +563,26 @@ def test_server_sharing_the_memory_limit_does_not_deadlock(tmp_path):
             proc.wait(timeout=60)
         clean_stale(dev_dir)
         cg.remove()
+
+
+def test_a_build_without_libfuse3_says_why(tmp_path):
+    """COWBLOCK_FUSE=off (as when pkg-config finds no fuse3): the core still
+    builds, and the attach layer says FUSE attach is unavailable and why."""
+    from corebuild import build_core_copy
+    build_core_copy(str(tmp_path), env={"COWBLOCK_FUSE": "off"})
+    probe = textwrap.dedent(f"""
+        from cowblock import Pool
+        from cowblock.attach import AttachError, FuseAttach, available
+        print(available())
+        pool = Pool.create({str(tmp_path / "pool")!r}, 64 * 65536, 65536)
+        try:
+            FuseAttach(pool, {str(tmp_path / "dev")!r}).start()
+        except AttachError as e:
+            print("refused:", e)
+        pool.close()
+    """)
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    assert "(False, 'cowblock was built without libfuse3" in r.stdout
+    assert "refused: FUSE attach is unavailable" in r.stdout

@@ -24,14 +24,18 @@ TEST_FILES = os.environ.get(
     "COWBLOCK_SANITIZER_TESTS",
     "test_api.py test_hostile_api.py test_property.py test_corruption.py test_damage.py "
     "test_repair.py test_format.py test_check_records.py test_error_kinds.py "
-    "test_concurrency.py test_crash.py test_full_pool.py test_nbd.py test_nbd_tls.py").split()
+    "test_concurrency.py test_crash.py test_full_pool.py test_nbd.py test_nbd_tls.py "
+    "test_attach_fuse.py").split()
 # Long runs stay out, and so do the tests that drive outside clients (qemu,
 # libnbd, fio): the sanitizer runtime, preloaded, would be loaded into them
 # too, and qemu-io deadlocks in it at exit.  The NBD server is still tested
 # under the sanitizers by the raw-client protocol tests, TLS included (and the
-# build without GnuTLS, a build of its own, stays out too).
+# build without GnuTLS, a build of its own, stays out too); the FUSE server by
+# the tests of its files through system calls (the ext4 ones, which run mkfs,
+# e2fsck and dd, and the build without libfuse3 stay out).
 SKIP = ("not sigkill and not random_workloads and not qemu and not nbdinfo and not nbdcopy "
-        "and not fio and not nbdsh and not without_gnutls")
+        "and not fio and not nbdsh and not without_gnutls and not ext4 "
+        "and not without_libfuse3")
 FUZZ_RUNS = {"fuzz_nbd_transmit": 20000, "fuzz_metadata": 3000}
 
 

@@ -35,11 +35,17 @@ _FLAGS = {"read_only": lib.CB_FUSE_READ_ONLY, "shared": lib.CB_FUSE_SHARED,
           "deny_read_write": lib.CB_FUSE_DENY_RW}
 
 
+def _default_threads():
+    return min(16, max(4, 2 * (os.cpu_count() or 2)))
+
+
 @dataclasses.dataclass(frozen=True)
 class FuseOptions:
     """How the mount and its files are served.  The defaults were chosen by
-    benchmarks/attach_compare.py (see the README there): direct I/O with
-    parallel direct writes, under a loop device with --direct-io=on.
+    benchmarks/attach_compare.py (figures in benchmarks/results/attach.md):
+    direct I/O with parallel direct writes, under a loop device with
+    --direct-io=on, and few threads (2 per CPU, 4 to 16: on 2 CPUs, 4
+    threads wrote 1 MiB blocks 1.4x faster than 16).
 
     direct_io: the files have no page cache of their own (FOPEN_DIRECT_IO);
     the filesystem above caches.  Without it reads of a loop device with
@@ -56,7 +62,7 @@ class FuseOptions:
     gets ENOSPC (--on-full wait=S).
     timeout: seconds the kernel caches names and sizes; changed() drops
     them at once."""
-    threads: int = 16
+    threads: int = dataclasses.field(default_factory=lambda: _default_threads())
     max_write: int = 1 << 20
     max_readahead: int = 0
     max_background: int = 64

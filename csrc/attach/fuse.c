@@ -548,9 +548,12 @@ static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
 }
 
 /* Punching a hole and zeroing a range both make the range read as zeroes
- * and unmap the whole blocks inside it (ZERO_RANGE's promise to keep the
- * space allocated means nothing on a thin device, where an overwrite of a
- * shared block allocates anyway; measured in benchmarks/attach_compare.py).
+ * and unmap the whole blocks inside it.  ZERO_RANGE's promise to keep the
+ * space allocated means little on a thin device, where an overwrite of a
+ * shared block allocates anyway, and keeping it costs: zeroing 256 MiB of
+ * mapped 64 KiB blocks took 44 ms and kept 256 MiB in use with may_unmap 0,
+ * 3.8 ms and freed it with 1 (median of 3; a loop device sends ZERO_RANGE
+ * for REQ_NOUNMAP zeroing: mkfs, ext4's inode table initialisation).
  * Plain allocation (mode 0) gets EOPNOTSUPP, as from a block device (glibc's
  * posix_fallocate then writes a zero byte into each hole block itself). */
 static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
