@@ -245,14 +245,15 @@ def drop_caches():
         f.write("3\n")
 
 
-def cold_read(directory):
+def cold_read(directory, n):
     """MB/s of reading an 8 MiB file in 1 MiB reads at depth 1 with every
-    cache dropped, as `cowblock bench` times it (milliseconds in the report)."""
-    path = os.path.join(directory, "cold.bin")
-    if not os.path.exists(path):
-        with open(path, "wb") as f:
-            f.write(os.urandom(8 * MiB))
-            os.fsync(f.fileno())
+    cache dropped, as `cowblock bench` times it (milliseconds in the report).
+    A new file each time: pages a server has mapped (cowblock's data file)
+    survive drop_caches, so a file read before is never cold again."""
+    path = os.path.join(directory, f"cold{n}.bin")
+    with open(path, "wb") as f:
+        f.write(os.urandom(8 * MiB))
+        os.fsync(f.fileno())
     drop_caches()
     t = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
@@ -286,13 +287,21 @@ def main():
             s.setup()
             fio(s.mnt, "write", "1M", 0, f"{args.file_mib}M")  # lay the file out
             os.sync()
+        # fio's rounds first: dropping the caches for the cold reads would
+        # make later fio reads disk reads on some systems and not others.
         for rnd in range(args.rounds):
             for label, rw, bs in workloads:
                 for n, s in systems.items():
-                    mb = cold_read(s.mnt) if rw is None else \
-                        fio(s.mnt, rw, bs, args.seconds, f"{args.file_mib}M")
+                    if rw is None:
+                        continue
+                    mb = fio(s.mnt, rw, bs, args.seconds, f"{args.file_mib}M")
                     results[n][label].append(mb)
                     print(f"round {rnd + 1} {label:13} {n:28} {mb:9.1f} MB/s", file=sys.stderr)
+        for rnd in range(args.rounds if "cold-read-8m" in args.workloads else 0):
+            for n, s in systems.items():
+                mb = cold_read(s.mnt, rnd)
+                results[n]["cold-read-8m"].append(mb)
+                print(f"round {rnd + 1} cold-read-8m  {n:28} {mb:9.1f} MB/s", file=sys.stderr)
     finally:
         for s in reversed(list(systems.values())):
             s.close()

@@ -20,6 +20,8 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "cowblock.h"
 
@@ -89,6 +91,27 @@ static int read_resolve(cb_pool *p, struct cb_dev *d, uint64_t *pos, uint64_t en
     return 0;
 }
 
+/* Copy out of the data file's mapping.  A page fault of the mapping reads
+ * synchronously, one readahead window at a time, and 4 KiB at a time once
+ * the kernel has counted many misses on the mapping: a cold 8 MiB read took
+ * 0.4-1.8 s.  So a large extent is first handed to readahead
+ * (MADV_WILLNEED, asynchronous, next to nothing when the pages are cached);
+ * copying with pread instead streams as well cold but copies 3x slower hot
+ * here (1.1 ms against 0.35 ms a MiB). */
+enum { WILLNEED_MIN = 32 << 10 };
+
+static void copy_extent(uint8_t *dst, const uint8_t *src, uint64_t len, uintptr_t map_end)
+{
+    if (len >= WILLNEED_MIN) {
+        /* This extent and as much again after it, within the mapping: a
+         * sequential reader finds its next extent on the way. */
+        uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), start = (uintptr_t)src & ~(page - 1);
+        uintptr_t end = (uintptr_t)src + 2 * len;
+        madvise((void *)start, (end < map_end ? end : map_end) - start, MADV_WILLNEED);
+    }
+    memcpy(dst, src, len);
+}
+
 /* Reads resolve their blocks under the shared lock, then copy without it,
  * registered as readers with the data space map (which keeps the blocks
  * from being reused or written in place until they are done): a reader
@@ -108,10 +131,11 @@ int64_t cb_dev_read(cb_pool *p, uint32_t id, void *buf, uint64_t len, uint64_t o
         if (!(r = range_check(p, d, id, "read", pos, end - pos)))
             r = read_resolve(p, d, &pos, end, ex, &n);
         uint32_t parity = sm_read_begin(&p->m.dsm);
+        uintptr_t map_end = (uintptr_t)p->data_map + p->data_map_len; /* the map ex[] points into */
         pthread_rwlock_unlock(&p->lock);
         for (int i = 0; i < n && !r; i++) {
             if (ex[i].src)
-                memcpy(dst, ex[i].src, ex[i].len);
+                copy_extent(dst, ex[i].src, ex[i].len, map_end);
             else
                 memset(dst, 0, ex[i].len);
             dst += ex[i].len;

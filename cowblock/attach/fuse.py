@@ -169,7 +169,8 @@ def _check(code):
 
 class FuseAttach:
     """One FUSE mount of device files for a Pool (opened for writing, or
-    read-only: then every file is read-only)."""
+    read-only: then every file is read-only).  stop() it before closing the
+    pool."""
 
     def __init__(self, pool, mountpoint, options=None):
         self.pool = pool
@@ -213,6 +214,15 @@ class FuseAttach:
         _check(lib.cb_fuse_stop(self._h, 1 if force else 0))
         self._h = None
         self._names.clear()
+
+    def __del__(self):
+        # Never leave C threads serving a pool after its last Python
+        # reference is gone.  Stop before closing the pool: the server uses it.
+        if self._h is not None:
+            try:
+                self.stop(force=True)
+            except Exception:
+                pass
 
     def __enter__(self):
         return self.start() if self._h is None else self
