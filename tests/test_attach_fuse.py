@@ -565,11 +565,11 @@ def test_ext4_server_sharing_the_memory_limit_does_not_deadlock(tmp_path):
         cg.remove()
 
 
-def test_a_build_without_libfuse3_says_why(tmp_path):
-    """COWBLOCK_FUSE=off (as when pkg-config finds no fuse3): the core still
+def test_build_without_libfuse3_says_why(tmp_path):
+    """COWBLOCK_FUSE=0 (as when pkg-config finds no fuse3): the core still
     builds, and the attach layer says FUSE attach is unavailable and why."""
     from corebuild import build_core_copy
-    build_core_copy(str(tmp_path), env={"COWBLOCK_FUSE": "off"})
+    build_core_copy(str(tmp_path), env={"COWBLOCK_FUSE": "0"})
     probe = textwrap.dedent(f"""
         from cowblock import Pool
         from cowblock.attach import AttachError, FuseAttach, available

@@ -156,15 +156,14 @@ def abort_connection(mountpoint):
 
 
 def _check(code):
+    """The exception for a failed cb_fuse_* call: AttachError when a mount or
+    unmount step failed or FUSE is not built in, else by the kind of error."""
     if code >= 0:
         return code
     message = last_error()
-    if -code == errno.EBUSY:
-        raise errors.BusyError(message)
-    if -code in (errno.ENOSYS, errno.ENOTDIR, errno.ETIMEDOUT, errno.EAGAIN) or \
-            message.startswith("cannot"):
+    if message.startswith("cannot") or not lib.cb_fuse_available():
         raise AttachError(message)
-    raise errors.from_code(code, message)
+    raise errors.from_code(code, message, lib.cb_error_kind(code))
 
 
 class FuseAttach:

@@ -37,16 +37,13 @@
 #include <string.h>
 #include <stdint.h>
 
-#include "../api.h"
+#include "../cowblock.h"
 #include "fuse.h"
-
-/* The core's error reporter (errors.c): the message cb_last_error() gives. */
-int cb_err(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #ifndef COWBLOCK_HAVE_FUSE
 
 int cb_fuse_available(void) { return 0; }
-#define UNAVAILABLE cb_err(ENOSYS, "cowblock was built without libfuse3 (install libfuse3-dev " \
+#define UNAVAILABLE cb_err(CB_E_INVALID, "cowblock was built without libfuse3 (install libfuse3-dev " \
                            "and pkg-config, then reinstall cowblock)")
 int cb_fuse_start(cb_pool *p, const char *mp, const cb_fuse_config *c, cb_fuse **out)
 {
@@ -647,13 +644,14 @@ static void *loop_main(void *arg)
 static int check_config(const cb_fuse_config *c)
 {
     if (c->threads < 1 || c->threads > 256)
-        return cb_err(EINVAL, "threads %u is not from 1 to 256", c->threads);
+        return cb_err(CB_E_INVALID, "threads %u is not from 1 to 256", c->threads);
     if (c->max_write < 4096 || c->max_write > (1u << 20))
-        return cb_err(EINVAL, "max_write %u is not from 4 KiB to 1 MiB", c->max_write);
+        return cb_err(CB_E_INVALID, "max_write %u is not from 4 KiB to 1 MiB", c->max_write);
     if (c->max_background < 1 || c->max_background > 65535)
-        return cb_err(EINVAL, "max_background %u is not from 1 to 65535", c->max_background);
+        return cb_err(CB_E_INVALID, "max_background %u is not from 1 to 65535",
+                      c->max_background);
     if (!(c->timeout >= 0 && c->timeout <= 86400))
-        return cb_err(EINVAL, "timeout %g is not from 0 to 86400 seconds", c->timeout);
+        return cb_err(CB_E_INVALID, "timeout %g is not from 0 to 86400 seconds", c->timeout);
     return 0;
 }
 
@@ -718,11 +716,11 @@ int cb_fuse_start(cb_pool *p, const char *mountpoint, const cb_fuse_config *cfg,
         return r;
     struct stat st;
     if (stat(mountpoint, &st) != 0 || !S_ISDIR(st.st_mode))
-        return cb_err(ENOTDIR, "mount point %s is not a directory", mountpoint);
+        return cb_err(CB_E_INVALID, "mount point %s is not a directory", mountpoint);
     cb_fuse *f = calloc(1, sizeof *f);
     if (!f || !(f->mountpoint = strdup(mountpoint))) {
         free(f);
-        return cb_err(ENOMEM, "out of memory");
+        return cb_err(CB_E_NO_MEMORY, "out of memory");
     }
     f->p = p;
     f->cfg = *cfg;
@@ -741,16 +739,16 @@ int cb_fuse_start(cb_pool *p, const char *mountpoint, const cb_fuse_config *cfg,
     struct fuse_args args = FUSE_ARGS_INIT(2, argv);
     f->se = fuse_session_new(&args, &ops, sizeof ops, f);
     if (!f->se) {
-        r = cb_err(EINVAL, "cannot set up a FUSE session: %s", fuse_msg);
+        r = cb_err(CB_E_IO, "cannot set up a FUSE session: %s", fuse_msg);
         goto fail;
     }
     if (fuse_session_mount(f->se, mountpoint) != 0) {
-        r = cb_err(EIO, "cannot mount FUSE on %s: %s", mountpoint,
+        r = cb_err(CB_E_IO, "cannot mount FUSE on %s: %s", mountpoint,
                    fuse_msg[0] ? fuse_msg : "fuse_session_mount failed");
         goto fail_session;
     }
     if (pthread_create(&f->loop, NULL, loop_main, f) != 0) {
-        r = cb_err(EAGAIN, "cannot start the FUSE loop thread");
+        r = cb_err(CB_E_IO, "cannot start the FUSE loop thread");
         goto fail_mount;
     }
     f->loop_started = true;
@@ -760,7 +758,8 @@ int cb_fuse_start(cb_pool *p, const char *mountpoint, const cb_fuse_config *cfg,
     bool ready = wait_for(f, &f->init_done, 30);
     pthread_mutex_unlock(&f->lock);
     if (!ready) {
-        r = cb_err(ETIMEDOUT, "the kernel did not initialise the FUSE mount on %s", mountpoint);
+        r = cb_err(CB_E_IO, "cannot use the FUSE mount on %s: the kernel did not initialise it "
+                   "in 30 s", mountpoint);
         goto fail_mount;
     }
     if (stat(mountpoint, &st) == 0)
@@ -804,14 +803,15 @@ int cb_fuse_stop(cb_fuse *f, int force)
     uint32_t open = force ? open_count(f, NULL, &rw, &ro) : wait_released(f, NULL, &rw, &ro);
     pthread_mutex_unlock(&f->lock);
     if (open && !force)
-        return cb_err(EBUSY, "device files on %s are open (%u read-write, %u read-only)",
+        return cb_err(CB_E_BUSY, "device files on %s are open (%u read-write, %u read-only)",
                       f->mountpoint, rw, ro);
     /* Unmounting the last mount of the connection makes the kernel end it,
      * so the workers' reads of /dev/fuse fail and the loop returns. */
     if (umount2(f->mountpoint, force ? MNT_DETACH : 0) != 0) {
         int e = errno;
         if (e != EINVAL) /* EINVAL: not mounted any more (cleaned up by hand) */
-            return cb_err(e, "cannot unmount %s: %s", f->mountpoint, strerror(e));
+            return cb_err(e == EBUSY ? CB_E_BUSY : CB_E_IO, "cannot unmount %s: %s",
+                          f->mountpoint, strerror(e));
     }
     if (force)
         abort_connection(f);
@@ -835,8 +835,8 @@ static int check_name(const char *name)
 {
     size_t n = strlen(name);
     if (n == 0 || n > NAME_MAX_LEN || strchr(name, '/') || !strcmp(name, ".") || !strcmp(name, ".."))
-        return cb_err(EINVAL, "%.300s is not a valid file name (1-255 bytes, no '/', not . or ..)",
-                      name);
+        return cb_err(CB_E_INVALID,
+                      "%.300s is not a valid file name (1-255 bytes, no '/', not . or ..)", name);
     return 0;
 }
 
@@ -847,10 +847,10 @@ int cb_fuse_add(cb_fuse *f, const char *name, uint32_t dev_id, uint32_t flags)
     if (r || (r = cb_dev_info(f->p, dev_id, &info)) < 0)
         return r;
     if (flags & ~(uint32_t)(CB_FUSE_READ_ONLY | CB_FUSE_SHARED | CB_FUSE_DENY_RW))
-        return cb_err(EINVAL, "unknown file flags %#x", flags);
+        return cb_err(CB_E_INVALID, "unknown file flags %#x", flags);
     struct file *fl = calloc(1, sizeof *fl);
     if (!fl)
-        return cb_err(ENOMEM, "out of memory");
+        return cb_err(CB_E_NO_MEMORY, "out of memory");
     strcpy(fl->name, name);
     fl->dev_id = dev_id;
     fl->flags = flags;
@@ -858,12 +858,12 @@ int cb_fuse_add(cb_fuse *f, const char *name, uint32_t dev_id, uint32_t flags)
     clock_gettime(CLOCK_REALTIME, &fl->changed);
     pthread_mutex_lock(&f->lock);
     if (by_name(f, name)) {
-        r = cb_err(EEXIST, "a file named %s is already attached", name);
+        r = cb_err(CB_E_EXISTS, "a file named %s is already attached", name);
     } else if (f->nr_files == f->cap_files) {
         size_t cap = f->cap_files ? f->cap_files * 2 : 16;
         struct file **v = realloc(f->files, cap * sizeof *v);
         if (!v)
-            r = cb_err(ENOMEM, "out of memory");
+            r = cb_err(CB_E_NO_MEMORY, "out of memory");
         else {
             f->files = v;
             f->cap_files = cap;
@@ -887,9 +887,9 @@ int cb_fuse_remove(cb_fuse *f, const char *name)
     int r = 0;
     uint32_t rw, ro;
     if (!fl)
-        r = cb_err(ENOENT, "no file named %.300s is attached", name);
+        r = cb_err(CB_E_NOT_FOUND, "no file named %.300s is attached", name);
     else if (wait_released(f, fl, &rw, &ro))
-        r = cb_err(EBUSY, "%s is open (%u read-write, %u read-only)", name, rw, ro);
+        r = cb_err(CB_E_BUSY, "%s is open (%u read-write, %u read-only)", name, rw, ro);
     uint64_t ino = 0;
     if (!r) {
         ino = fl->ino;
@@ -910,16 +910,16 @@ int cb_fuse_remove(cb_fuse *f, const char *name)
 int cb_fuse_set_flags(cb_fuse *f, const char *name, uint32_t flags)
 {
     if (flags & ~(uint32_t)(CB_FUSE_READ_ONLY | CB_FUSE_SHARED | CB_FUSE_DENY_RW))
-        return cb_err(EINVAL, "unknown file flags %#x", flags);
+        return cb_err(CB_E_INVALID, "unknown file flags %#x", flags);
     pthread_mutex_lock(&f->lock);
     struct file *fl = by_name(f, name);
     int r = 0;
     if (!fl)
-        r = cb_err(ENOENT, "no file named %.300s is attached", name);
+        r = cb_err(CB_E_NOT_FOUND, "no file named %.300s is attached", name);
     else if (fl->open_rw && (flags & (CB_FUSE_READ_ONLY | CB_FUSE_DENY_RW)))
-        r = cb_err(EBUSY, "%s is open read-write", name);
+        r = cb_err(CB_E_BUSY, "%s is open read-write", name);
     else if (fl->open_rw > 1 && !(flags & CB_FUSE_SHARED))
-        r = cb_err(EBUSY, "%s is open read-write %u times", name, fl->open_rw);
+        r = cb_err(CB_E_BUSY, "%s is open read-write %u times", name, fl->open_rw);
     else
         fl->flags = flags;
     uint64_t ino = fl ? fl->ino : 0;
@@ -938,7 +938,7 @@ int cb_fuse_opens(cb_fuse *f, const char *name, uint32_t *read_write, uint32_t *
         *read_only = fl->open_ro;
     }
     pthread_mutex_unlock(&f->lock);
-    return fl ? 0 : cb_err(ENOENT, "no file named %.300s is attached", name);
+    return fl ? 0 : cb_err(CB_E_NOT_FOUND, "no file named %.300s is attached", name);
 }
 
 int cb_fuse_changed(cb_fuse *f, const char *name)
@@ -948,7 +948,7 @@ int cb_fuse_changed(cb_fuse *f, const char *name)
     uint32_t dev_id = fl ? fl->dev_id : 0;
     pthread_mutex_unlock(&f->lock);
     if (!fl)
-        return cb_err(ENOENT, "no file named %.300s is attached", name);
+        return cb_err(CB_E_NOT_FOUND, "no file named %.300s is attached", name);
     cb_devinfo info;
     int r = cb_dev_info(f->p, dev_id, &info);
     if (r < 0)
@@ -962,11 +962,12 @@ int cb_fuse_changed(cb_fuse *f, const char *name)
     }
     pthread_mutex_unlock(&f->lock);
     if (!fl)
-        return cb_err(ENOENT, "no file named %.300s is attached", name);
+        return cb_err(CB_E_NOT_FOUND, "no file named %.300s is attached", name);
     /* Attributes (the size) and every cached page. */
     r = fuse_lowlevel_notify_inval_inode(f->se, ino, 0, 0);
     if (r < 0 && r != -ENOENT) /* ENOENT: the kernel holds no inode for it */
-        return cb_err(-r, "cannot invalidate the kernel's cache of %s: %s", name, strerror(-r));
+        return cb_err(CB_E_IO, "cannot invalidate the kernel's cache of %s: %s", name,
+                      strerror(-r));
     return 0;
 }
 
