@@ -27,8 +27,9 @@ from .. import errors
 from .._native import ffi, last_error, lib
 
 
-class AttachError(errors.CowblockError):
-    """FUSE attach is unavailable here, or starting or stopping it failed."""
+class AttachError(errors.MountError):
+    """FUSE attach is unavailable here, or starting or stopping it failed (a
+    MountError: the CLI's exit code 13, cannot mount)."""
 
 
 _FLAGS = {"read_only": lib.CB_FUSE_READ_ONLY, "shared": lib.CB_FUSE_SHARED,
