@@ -25,7 +25,8 @@ NBD = "nbd.sock"
 PIDFILE = "daemon.pid"
 LOG = "daemon.log"
 STATE = "attachments.json"
-FILES = "files"
+FILES = "files"     # nbdfuse attach mounts and their sockets
+DEV = "dev"         # the in-process FUSE mount of device files
 POOL = "pool"
 
 
@@ -61,6 +62,7 @@ class RuntimeDir:
         self.log = os.path.join(self.path, LOG)
         self.state = os.path.join(self.path, STATE)
         self.files = os.path.join(self.path, FILES)
+        self.dev = os.path.join(self.path, DEV)
 
     def make(self):
         """Create it (0700, whatever the umask), and say which pool it is for."""
@@ -124,6 +126,8 @@ class RuntimeDir:
         for name in names + ([] if keep_log else [LOG, f"{LOG}.1"]):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.path, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dev)
         with contextlib.suppress(OSError):
             for entry in os.listdir(self.files):
                 with contextlib.suppress(OSError):

@@ -73,7 +73,21 @@ def pool(tmp_path):
                        capture_output=True)
 
 
-def test_mount_mkfs_write_commit_and_remount(pool, tmp_path):
+@pytest.fixture(params=["fuse", "nbdfuse"])
+def attach_path(request, monkeypatch):
+    """Both attach paths: the daemon's in-process FUSE server, and the
+    nbdfuse fallback (COWBLOCK_ATTACH=nbdfuse, inherited by the daemon)."""
+    if request.param == "nbdfuse":
+        monkeypatch.setenv("COWBLOCK_ATTACH", "nbdfuse")
+    else:
+        from cowblock.attach import fuse
+        ok, why = fuse.available()
+        if not ok:
+            pytest.skip(why)
+    return request.param
+
+
+def test_mount_mkfs_write_commit_and_remount(pool, tmp_path, attach_path):
     mnt = tmp_path / "mnt"
     run(pool, "mount", "base", str(mnt), "--mkfs", "ext4")
     (mnt / "hello.txt").write_text("hello from ext4\n")
@@ -191,7 +205,7 @@ def test_a_failed_mount_leaves_nothing(pool, tmp_path, case):
     assert "clean" in r.stdout
 
 
-def test_sigkill_of_the_daemon_with_a_mount_then_recovery(pool, tmp_path):
+def test_sigkill_of_the_daemon_with_a_mount_then_recovery(pool, tmp_path, attach_path):
     """A daemon killed under a writer: the writer gets EIO in bounded time (no
     hang); the next command cleans up what it left and says so; the pool
     reopens at its last commit; what was fsynced is intact after journal
@@ -237,3 +251,21 @@ def test_umount_of_a_busy_mount_is_refused_then_forced(pool, tmp_path):
         holder.kill()
         holder.wait()
     wait_for(lambda: not leftovers(pool), 30, f"no leftovers: {leftovers(pool)}")
+
+
+def test_growing_a_mounted_device_grows_its_file(pool, tmp_path):
+    from cowblock.attach import fuse
+    ok, why = fuse.available()
+    if not ok:
+        pytest.skip(why)
+    mnt = tmp_path / "mnt"
+    rec = json.loads(run(pool, "--json", "mount", "base", str(mnt), "--mkfs", "ext4").stdout)
+    run(pool, "resize", "base", "512M")               # growing is allowed while mounted
+    assert os.path.getsize(rec["file"]) == 512 * MiB
+    subprocess.run(["losetup", "-c", rec["loop"]], check=True)   # the loop device follows
+    size = subprocess.run(["blockdev", "--getsize64", rec["loop"]], capture_output=True,
+                          text=True, check=True).stdout
+    assert int(size) == 512 * MiB
+    (mnt / "still").write_text("there\n")                # (online resize2fs needs
+    os.sync()                                            #  CAP_SYS_RESOURCE, not here)
+    run(pool, "umount", str(mnt))

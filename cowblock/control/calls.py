@@ -14,6 +14,9 @@ Each Call names:
            such a call fails with EBUSY naming the user
   busy_if  when given, the busy rule applies only if busy_if(device, args)
   doing    what the call does to such a device, for the message ("remove it")
+  changes  the parameter naming a device whose size or content the call
+           changes under its users: its device file is told afterwards (new
+           size, caches dropped)
   freeze   the parameter naming a device whose mounted filesystem is frozen
            (fsfreeze) for the instant of the call, so a snapshot of it is clean
   returns  "device": the call makes a device; the reply is its DeviceInfo and
@@ -37,6 +40,7 @@ class Call:
     busy: Optional[str] = None
     busy_if: Optional[Callable] = None
     doing: Optional[str] = None
+    changes: Optional[str] = None
     freeze: Optional[str] = None
     returns: Optional[str] = None
     limit: Optional[Callable] = None
@@ -88,13 +92,14 @@ _TABLE = [
     _pool("snapshot", returns="device", freeze="origin"),
     _pool("delete", busy="names", doing="remove it"),
     _pool("rename", busy="old", doing="rename it"),
-    _pool("rollback", busy="name", doing="roll it back"),
+    _pool("rollback", busy="name", doing="roll it back", changes="name"),
     _pool("set_read_only", busy="name", busy_if=lambda dev, a: a.get("flag", True),
           doing="make it read-only"),
     _pool("set_labels"),
     _pool("update", busy="name", busy_if=lambda dev, a: a.get("read_only") is True,
           doing="make it read-only"),
-    _pool("resize_device", busy="name", busy_if=_resize_shrinks, doing="shrink it"),
+    _pool("resize_device", busy="name", busy_if=_resize_shrinks, doing="shrink it",
+          changes="name"),
     _pool("info"),
     _pool("list"),
     _pool("usage"),
@@ -118,7 +123,7 @@ _TABLE = [
     _device("write_zeroes"),
     _device("flush"),
     _device("block_status"),
-    _device("resize", busy="self", busy_if=_shrinks, doing="shrink it"),
+    _device("resize", busy="self", busy_if=_shrinks, doing="shrink it", changes="self"),
     Call("device.size", DEVICE, "cowblock.control.calls:device_size"),
     Call("device.read_only", DEVICE, "cowblock.control.calls:device_read_only"),
     # what a CLI command does in one round trip

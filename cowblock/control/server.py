@@ -265,6 +265,9 @@ class ControlServer:
         freeze = arguments.get(spec.freeze) if spec.freeze else None
         with self._frozen(freeze):
             result = target(*bound.args, **bound.kwargs)
+        if spec.changes and self.daemon is not None:
+            self.daemon.changed(device_name if spec.changes == "self" else
+                                arguments.get(spec.changes))
         if spec.returns == "device":
             return result.info()
         return result

@@ -139,6 +139,8 @@ class PoolDaemon:
         self._ids = itertools.count(1)
         self.listeners = {}     # id -> Listener
         self.mounts = {}        # id -> Mount
+        self._fuse = None       # the in-process FUSE server of device files, once started
+        self._file_users = {}   # device name -> mounts using its device file
         self._stopping = False
         self._finished = threading.Event()
 
@@ -222,6 +224,12 @@ class PoolDaemon:
             self._remove_listener(lst)
             detached.append(f"stopped the NBD listener on {lst.address}"
                             + (f" ({n} client{'s' if n != 1 else ''} cut off)" if n else ""))
+        if self._fuse is not None:
+            try:
+                self._fuse.stop(force=True)
+            except errors.CowblockError as e:
+                self.log(f"stopping the device files: {e}")
+            self._fuse = None
         self.pool.close()
         self.runtime.remove(keep_log=False)
         self.log("stopped; pool committed and released")
@@ -358,6 +366,53 @@ class PoolDaemon:
         if lst.mount is None:
             self.log(f"listener {lst.id}: {msg}")
             lst.add_event(msg)
+
+    # ---- device files (the attach path) ----
+    def file_server(self):
+        """The in-process FUSE server of device files, started on first use;
+        None where it is unavailable (mounts then use nbdfuse)."""
+        from ..attach import fuse
+        with self._lock:
+            if self._fuse is None:
+                ok, why = fuse.available()
+                if os.environ.get("COWBLOCK_ATTACH") == "nbdfuse":
+                    ok, why = False, "COWBLOCK_ATTACH=nbdfuse"
+                if not ok:
+                    if not getattr(self, "_said_no_fuse", False):
+                        self.log(f"device files through nbdfuse: {why}")
+                        self._said_no_fuse = True
+                    return None
+                self._fuse = fuse.FuseAttach(self.pool, self.runtime.dev).start()
+                self.log(f"device files served on {self.runtime.dev}")
+            return self._fuse
+
+    def attach_file(self, name, read_only):
+        """The device file of `name` (counted: detach_file when done)."""
+        server = self.file_server()
+        with self._lock:
+            if self._file_users.get(name):
+                self._file_users[name] += 1
+                return server.path(name)
+            path = server.add(name, read_only=True if read_only else None)
+            self._file_users[name] = 1
+            return path
+
+    def detach_file(self, name):
+        """Give back a use of the file; the last one removes it (BusyError
+        while something still has it open: the use is kept)."""
+        with self._lock:
+            if self._file_users[name] > 1:
+                self._file_users[name] -= 1
+                return
+            self._fuse.remove(name)
+            del self._file_users[name]
+
+    def changed(self, name):
+        """Device `name` changed under its users (grown, written by a shared
+        NBD client): its device file takes its new size, caches are dropped."""
+        with self._lock:
+            if self._fuse is not None and name in self._file_users:
+                self._fuse.changed(name)
 
     # ---- mounts ----
     def mount(self, name, directory, *, mkfs=None, read_only=None, shared=False):
