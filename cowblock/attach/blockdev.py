@@ -57,6 +57,11 @@ def loop_attach(path, read_only, direct_io=False):
                *(["--direct-io=on"] if direct_io else []), path, what="attaching a loop device")
 
 
+def set_readahead(dev, nbytes):
+    """The block device's readahead (blockdev --setra, in 512-byte sectors)."""
+    run("blockdev", "--setra", str(nbytes // 512), dev, what="setting readahead")
+
+
 def loop_detach(loop):
     subprocess.run(["losetup", "-d", loop], capture_output=True)
 
