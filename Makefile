@@ -7,6 +7,7 @@ PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 # The real clients and peers the tests drive, and clang for the fuzz
 # harnesses (Debian packages); as root.
 DEBS = qemu-utils libnbd-bin nbdkit fio fuse3 fuse-overlayfs thin-provisioning-tools e2fsprogs \
+       umoci skopeo tar \
        clang libclang-rt-14-dev
 deps:               ## Debian packages the tests use (skipped when not root)
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
