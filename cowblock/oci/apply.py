@@ -35,6 +35,7 @@ A refused layer may be half applied: the caller throws its filesystem
 away.  Nothing outside the root is ever written.
 """
 import errno
+import io
 import os
 import stat
 import tarfile
@@ -150,6 +151,46 @@ class _Budget:
                 f"{self.label}: more than {self.limit} bytes uncompressed (a decompression "
                 "bomb?); refused"))
         return data
+
+
+class _Forward(io.RawIOBase):
+    """The layer stream as a file tarfile may seek in: forward only, which
+    is all it does when it reads members in order.  (tarfile's own stream
+    mode copies its buffer at every read; io.BufferedReader over this does
+    not.)"""
+
+    def __init__(self, source):
+        super().__init__()
+        self.source, self.pos = source, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, buf):
+        data = self.source.read(len(buf))
+        buf[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=io.SEEK_SET):
+        if whence == io.SEEK_CUR:
+            pos += self.pos
+        elif whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("a layer stream has no end to seek from")
+        if pos < self.pos:
+            raise io.UnsupportedOperation("a layer stream cannot seek backwards")
+        while self.pos < pos:
+            data = self.source.read(min(CHUNK, pos - self.pos))
+            if not data:
+                break
+            self.pos += len(data)
+        return self.pos
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -295,8 +336,8 @@ class _Applier:
 
     def _run(self, budget):
         try:
-            tar = tarfile.open(fileobj=budget, mode="r|", bufsize=TAR_BUFFER,
-                               tarinfo=_StrictTarInfo)
+            tar = tarfile.open(fileobj=io.BufferedReader(_Forward(budget), TAR_BUFFER),
+                               mode="r:", tarinfo=_StrictTarInfo)
         except tarfile.ReadError as e:
             if budget.total == 0:       # an empty blob: an empty layer
                 return
