@@ -1013,6 +1013,91 @@ def test_legacy_docker_save_checks(tmp_path):
                             pass
 
 
+def test_legacy_layer_tar_may_be_a_symlink_member(tmp_path):
+    """docker save (and skopeo) store a layer once and link the others."""
+    layer = make_tar(entry("f", data=b"shared"))
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": [sha(layer), sha(layer)]}}).encode()
+    name = sha(config)[7:] + ".json"
+    files = {"aaa/layer.tar": layer, name: config, "manifest.json": json.dumps(
+        [{"Config": name, "RepoTags": ["x:1"], "Layers": ["aaa/layer.tar", "bbb/layer.tar"]}]
+    ).encode()}
+    out = tmp_path / "save.tar"
+    _write_tar(out, files)
+    with tarfile.open(out, "a") as t:
+        link = tarfile.TarInfo("bbb/layer.tar")
+        link.type, link.linkname = tarfile.SYMTYPE, "../aaa/layer.tar"
+        t.addfile(link)
+    with oci.open_archive(out) as archive:
+        image = archive.image()
+        assert [l.size for l in image.layers] == [len(layer)] * 2
+        for l in image.layers:
+            with l.open() as stream:
+                assert stream.read(1 << 20) == layer and stream.read(10) == b""
+
+
+@pytest.mark.parametrize("where", ["index", "manifest", "config"])
+def test_malformed_json_is_an_image_error(tmp_path, where):
+    """Every wrong shape of index.json, a manifest or a config gets an
+    ImageError, never another exception."""
+    bad_values = [None, 1, "x", [], {}, [1], {"a": 1}, True, -1, [None], {"": []}]
+    count = 0
+    for key_path in {"index": [("manifests",), ("manifests", 0), ("manifests", 0, "digest"),
+                               ("manifests", 0, "size"), ("manifests", 0, "annotations")],
+                     "manifest": [("config",), ("layers",), ("layers", 0),
+                                  ("layers", 0, "mediaType"), ("config", "digest"),
+                                  ("config", "size"), ("mediaType",)],
+                     "config": [("rootfs",), ("rootfs", "diff_ids"), ("rootfs", "type"),
+                                ("rootfs", "diff_ids", 0), ("os",), ("architecture",)]}[where]:
+        for value in bad_values:
+            count += 1
+            layout = Layout(tmp_path / f"l{count}")
+            desc = layout.image([make_tar(entry("f"))])
+            manifest = json.loads(layout.blob_path(desc["digest"]).read_bytes())
+            config = json.loads(layout.blob_path(manifest["config"]["digest"]).read_bytes())
+            index = {"schemaVersion": 2, "manifests": [dict(desc)]}
+            doc = {"index": index, "manifest": manifest, "config": config}[where]
+            obj = doc
+            for k in key_path[:-1]:
+                obj = obj[k]
+            obj[key_path[-1]] = value
+            if where == "config":
+                data = json.dumps(config).encode()
+                manifest["config"].update(digest=layout.blob(data), size=len(data))
+            if where in ("config", "manifest"):
+                data = json.dumps(manifest).encode()
+                index["manifests"][0].update(digest=layout.blob(data), size=len(data))
+            (layout.path / "index.json").write_text(json.dumps(index))
+            try:
+                with oci.open_archive(layout.path) as archive:
+                    archive.entries()
+                    archive.image(platform="linux/amd64")
+            except oci.ImageError:
+                pass
+
+
+@needs_root
+def test_damaged_layers_never_escape_as_other_errors(tmp_path):
+    """Random bytes flipped in a layer tar: refused with a cowblock error or
+    applied, never a traceback of another kind."""
+    from cowblock.errors import CowblockError
+    base = make_tar(entry("d", "dir"), entry("d/f", data=b"x" * 700, xattrs={"user.a": b"1"}),
+                    entry("d/l", "sym", target="f"), entry("d/h", "link", target="d/f"),
+                    entry("d/n", "chr", dev=(1, 3)), entry("d/.wh.gone"),
+                    entry("long/" + "n" * 150 + "/x", data=b"y"))
+    rnd = random.Random(7)
+    for i in range(150):
+        data = bytearray(base)
+        for _ in range(rnd.randrange(1, 6)):
+            data[rnd.randrange(len(data))] = rnd.randrange(256)
+        root = tmp_path / f"r{i}"
+        root.mkdir()
+        try:
+            oci.apply_layer(io.BytesIO(bytes(data)), root, max_bytes=1 << 20)
+        except CowblockError:
+            pass
+
+
 def test_not_an_archive(tmp_path):
     with pytest.raises(oci.ImageError, match="no such file"):
         oci.open_archive(tmp_path / "missing.tar")
