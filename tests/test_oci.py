@@ -961,6 +961,17 @@ def test_platforms_from_nested_indexes(tmp_path, monkeypatch):
         assert _only_file(archive.image()) == ["arm64"]
 
 
+def test_index_json_listing_one_manifest_per_platform(tmp_path, monkeypatch):
+    layout = Layout(tmp_path / "layout")
+    for arch in ("arm64", "amd64"):
+        d = layout.image([make_tar(entry(arch))], arch=arch)
+        layout.add(dict(d, platform={"os": "linux", "architecture": arch}), "v1")
+    monkeypatch.setattr(platforms, "host", lambda: oci.Platform("linux", "amd64"))
+    with oci.open_archive(f"{layout.path}:v1") as archive:
+        assert _only_file(archive.image()) == ["amd64"]
+        assert _only_file(archive.image(platform="linux/arm64")) == ["arm64"]
+
+
 def test_several_images_need_a_choice(tmp_path):
     layout = Layout(tmp_path / "layout")
     for tag in ("v1", "v2"):

@@ -689,8 +689,8 @@ class _Applier:
         else:
             target = base[len(WH_PREFIX):]
             if target in ("", ".", ".."):
-                raise UnsafeLayerError(f"entry {m.name!r} is a whiteout of {target or 'nothing'!r}; "
-                                       "refused")
+                what = repr(target) if target else "nothing"
+                raise UnsafeLayerError(f"entry {m.name!r} is a whiteout of {what}; refused")
             self.whiteouts.append((m.name, _join(parent, target)))
 
     def _finish(self):

@@ -392,6 +392,11 @@ class Archive:
                 skipped.append(str(image.platform))
                 return None
             return image
+        top_platform = top.descriptor.platform
+        if top_platform is not None and top.media_type in MANIFEST_TYPES and \
+                not want.matches(top_platform):
+            skipped.append(str(top_platform))     # index.json listing one per platform
+            return None
         for desc in self._leaves(top.descriptor, want, 0, skipped):
             image = self._oci_image(desc, want, explicit, skipped)
             if image is not None:
