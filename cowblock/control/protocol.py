@@ -147,10 +147,22 @@ def error_reply(e):
                       "errno": getattr(e, "errno", None)}}
 
 
+# Where error classes a reply names are found (each a CowblockError).
+ERROR_MODULES = ("cowblock.errors", "cowblock.oci.errors")
+
+
+def _error_class(name):
+    for module in ERROR_MODULES:
+        cls = getattr(importlib.import_module(module), name, None) if name else None
+        if isinstance(cls, type) and issubclass(cls, errors.CowblockError):
+            return cls
+    return None
+
+
 def raise_error(err):
     """Raise the exception an error reply describes: cowblock's own classes
     as themselves, anything else as a CowblockError naming the class."""
-    cls = getattr(errors, err.get("class", ""), None)
+    cls = _error_class(err.get("class", ""))
     message = err.get("message", "")
     if isinstance(cls, type) and issubclass(cls, errors.CowblockError):
         if issubclass(cls, OSError):
