@@ -548,6 +548,13 @@ int cb_pool_check(cb_pool *p, cb_check_summary *sum, cb_check_record **records, 
     return r;
 }
 
+static void record_lost(void *ctx, const uint8_t *key, uint32_t len)
+{
+    char text[300];
+    rec_key_text(text, sizeof text, key, len);
+    record(ctx, CB_CHECK_REPAIRED, nothing, "record \"%s\" dropped: its value is damaged", text);
+}
+
 /* Count the non-zero entries of a space map again (the superblock's counter). */
 static int recount_used(struct cb_meta *m, struct cb_sm *sm)
 {
@@ -667,7 +674,8 @@ int cb_pool_repair(cb_pool *p, cb_check_summary *sum, cb_check_record **records,
     } else if (!r && c.records_errors) {
         uint64_t kept = 0, lost = 0, lost_nodes = 0, had = p->m.sb.records_count;
         uint32_t root = 0;
-        if ((r = rec_salvage(&p->m, p->m.sb.records_root, &root, &kept, &lost, &lost_nodes)) == 0) {
+        if ((r = rec_salvage(&p->m, p->m.sb.records_root, &root, &kept, &lost, &lost_nodes,
+                             record_lost, &c)) == 0) {
             p->m.sb.records_root = root;
             p->m.sb.records_count = kept;
             record(&c, CB_CHECK_REPAIRED, values(nothing, had, kept),
@@ -676,10 +684,7 @@ int cb_pool_repair(cb_pool *p, cb_check_summary *sum, cb_check_record **records,
                    (unsigned long long)had, (unsigned long long)lost, (unsigned long long)lost_nodes);
         }
     }
-    if (p->m.sb.records_root)
-        p->m.sb.ro_compat |= CB_RO_COMPAT_RECORDS;
-    else
-        p->m.sb.ro_compat &= ~CB_RO_COMPAT_RECORDS;
+    rec_update_flag(&p->m);
     p->dirty = true;
     /* 2. Count again with those devices gone, set every count from the trees,
      *    commit, and check from scratch: the repair must leave a clean pool. */

@@ -247,11 +247,36 @@ int rec_put_locked(struct cb_meta *m, uint32_t *root, uint64_t *count, const uin
                    uint32_t klen, const uint8_t *value, uint32_t vlen);
 int rec_delete_locked(struct cb_meta *m, uint32_t *root, uint64_t *count, const uint8_t *key,
                       uint32_t klen);
+int rec_lookup(struct cb_meta *m, uint32_t root, const uint8_t *key, uint32_t klen,
+               struct rec_entry *out);
+/* A walk of the records in key order whose key has the prefix and is above
+ * `after` (alen 0: from the first): output as api.h's cb_rec_list says
+ * (want_output), or only counted; it stops at max_entries or max_bytes. */
+struct rec_lister {
+    struct cb_meta *m;
+    const uint8_t *prefix, *after;
+    uint32_t plen, alen;
+    uint64_t max_entries, max_bytes;
+    bool with_values;
+    bool want_output;
+    uint8_t *out;              /* malloc()ed output, out_len bytes of it used */
+    uint64_t out_len, out_cap;
+    uint64_t n;                /* records found */
+    bool done;
+    uint8_t last[CB_RECORD_KEY_MAX]; /* the last key found: keys must only grow */
+    uint32_t last_len;
+};
+int rec_list(struct rec_lister *l, uint32_t root);
 /* Repair: a new tree of every record of the tree at old_root that reads
  * back whole (kept); lost: records whose value is damaged; lost_nodes:
  * unreadable nodes, whose records are lost uncounted. */
+typedef void (*rec_lost_fn)(void *ctx, const uint8_t *key, uint32_t key_len);
 int rec_salvage(struct cb_meta *m, uint32_t old_root, uint32_t *new_root, uint64_t *kept,
-                uint64_t *lost, uint64_t *lost_nodes);
+                uint64_t *lost, uint64_t *lost_nodes, rec_lost_fn on_lost, void *ctx);
+/* The superblock's CB_RO_COMPAT_RECORDS: set while the store holds blocks. */
+void rec_update_flag(struct cb_meta *m);
+/* A key as text for messages: printable ASCII as it is, other bytes \xNN. */
+void rec_key_text(char *dst, size_t cap, const uint8_t *key, uint32_t len);
 
 /* ---- the pool (pool.c, device.c, dataio.c) ---- */
 struct cb_dev {

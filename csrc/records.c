@@ -36,12 +36,9 @@
  *    value block has count 1 and a shadow just moves it; rec_inc_children
  *    is there for a count above 1 all the same, as for any CoW block.
  *
- * Each public call takes the pool lock (read for lookups, write for
- * changes), checks space before it changes anything, turns the pool
- * read-only on a failure part-way (pool_fail: a half-made change is never
- * committed) and commits before it returns, unless the calling thread is in
- * an atomic section (txn.c), whose end commits it.
+ * The calls of api.h over this tree are in records_api.c.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -253,8 +250,8 @@ static uint32_t leaf_find(const uint8_t *n, const uint8_t *key, uint32_t klen, u
 }
 
 /* Find key: 1 and its entry (pointing into the leaf), 0 if absent. */
-static int lookup(struct cb_meta *m, uint32_t root, const uint8_t *key, uint32_t klen,
-                  struct rec_entry *out)
+int rec_lookup(struct cb_meta *m, uint32_t root, const uint8_t *key, uint32_t klen,
+               struct rec_entry *out)
 {
     int err = 0;
     uint32_t b = root, want = UINT32_MAX;
@@ -663,7 +660,7 @@ int rec_delete_locked(struct cb_meta *m, uint32_t *root, uint64_t *count, const 
                       uint32_t klen)
 {
     struct rec_entry e;
-    int err = lookup(m, *root, key, klen, &e);
+    int err = rec_lookup(m, *root, key, klen, &e);
     if (err <= 0)
         return err;
     /* The path from the root, each node writable, with the entry followed. */
@@ -727,22 +724,8 @@ int rec_delete_locked(struct cb_meta *m, uint32_t *root, uint64_t *count, const 
 
 /* ---- listing ---- */
 
-struct lister {
-    struct cb_meta *m;
-    const uint8_t *prefix, *after;
-    uint32_t plen, alen;
-    uint64_t max_entries, max_bytes;
-    bool with_values;
-    bool want_output;
-    uint8_t *out;
-    uint64_t out_len, out_cap;
-    uint64_t n;
-    bool done;
-    uint8_t last[CB_RECORD_KEY_MAX];
-    uint32_t last_len;
-};
 
-static int emit(struct lister *l, uint32_t b, const struct rec_entry *e)
+static int emit(struct rec_lister *l, uint32_t b, const struct rec_entry *e)
 {
     if (l->n && keycmp(l->last, l->last_len, e->key, e->key_len) >= 0)
         return cb_err(CB_E_CORRUPT, "metadata block %u is corrupt: records keys out of order", b);
@@ -778,12 +761,12 @@ static int emit(struct lister *l, uint32_t b, const struct rec_entry *e)
 }
 
 /* Is key past every key the listing wants (beyond the prefix's range)? */
-static bool past_prefix(const struct lister *l, const uint8_t *key, uint32_t klen)
+static bool past_prefix(const struct rec_lister *l, const uint8_t *key, uint32_t klen)
 {
     return !has_prefix(key, klen, l->prefix, l->plen) && keycmp(key, klen, l->prefix, l->plen) > 0;
 }
 
-static int list_node(struct lister *l, uint32_t b, uint32_t want_level)
+static int list_node(struct rec_lister *l, uint32_t b, uint32_t want_level)
 {
     int err = 0;
     const uint8_t *n = read_node(l->m, b, &err);
@@ -832,6 +815,8 @@ struct salvage {
     uint32_t *root;
     uint64_t *kept, *lost, *lost_nodes;
     uint8_t *seen;            /* nodes walked, so a damaged tree cannot send us round */
+    rec_lost_fn on_lost;
+    void *ctx;
 };
 
 static int salvage_node(struct salvage *s, uint32_t b, uint32_t level)
@@ -860,10 +845,12 @@ static int salvage_node(struct salvage *s, uint32_t b, uint32_t level)
         uint8_t *v = malloc(e.value_len ? e.value_len : 1);
         if (!v)
             return cb_err(CB_E_NO_MEMORY, "out of memory for a value of %u bytes", e.value_len);
-        if (rec_read_value(m, &e, v) == 0)
+        if (rec_read_value(m, &e, v) == 0) {
             err = rec_put_locked(m, s->root, s->kept, e.key, e.key_len, v, e.value_len);
-        else
+        } else {
             (*s->lost)++;
+            s->on_lost(s->ctx, e.key, e.key_len);
+        }
         free(v);
         if (err)
             return err;
@@ -872,11 +859,12 @@ static int salvage_node(struct salvage *s, uint32_t b, uint32_t level)
 }
 
 int rec_salvage(struct cb_meta *m, uint32_t old_root, uint32_t *new_root, uint64_t *kept,
-                uint64_t *lost, uint64_t *lost_nodes)
+                uint64_t *lost, uint64_t *lost_nodes, rec_lost_fn on_lost, void *ctx)
 {
     *new_root = 0;
     *kept = *lost = *lost_nodes = 0;
-    struct salvage s = {m, new_root, kept, lost, lost_nodes, calloc((m->nr_blocks + 7) / 8, 1)};
+    struct salvage s = {m, new_root, kept, lost, lost_nodes, calloc((m->nr_blocks + 7) / 8, 1),
+                        on_lost, ctx};
     if (!s.seen)
         return cb_err(CB_E_NO_MEMORY, "out of memory salvaging the records store");
     int r = old_root ? salvage_node(&s, old_root, UINT32_MAX) : 0;
@@ -884,167 +872,7 @@ int rec_salvage(struct cb_meta *m, uint32_t old_root, uint32_t *new_root, uint64
     return r;
 }
 
-/* ---- the API ---- */
-
-static int check_key(const void *key, uint32_t klen)
+int rec_list(struct rec_lister *l, uint32_t root)
 {
-    if (klen == 0 || klen > CB_RECORD_KEY_MAX || !key)
-        return cb_err(CB_E_INVALID, "a record key of %u bytes: keys are 1 to %u bytes", klen,
-                      CB_RECORD_KEY_MAX);
-    return 0;
-}
-
-static void update_flag(struct cb_meta *m)
-{
-    if (m->sb.records_root)
-        m->sb.ro_compat |= CB_RO_COMPAT_RECORDS;
-    else
-        m->sb.ro_compat &= ~CB_RO_COMPAT_RECORDS;
-}
-
-/* Blocks a change may take: new value blocks, a path of shadows and splits,
- * and space map pages, for new blocks and for freed ones. */
-static uint64_t room_for(uint32_t new_len, uint32_t klen, uint32_t old_blocks)
-{
-    uint64_t blocks = LEAF_HDR + klen + new_len > CB_REC_ENTRY_MAX ? rec_value_blocks(new_len) : 0;
-    return blocks + 2 * (blocks / CB_SM_ENTRIES) + 2 * ((uint64_t)old_blocks / CB_SM_ENTRIES) + 2 *
-           (uint64_t)CB_MAX_TREE_DEPTH + 32;
-}
-
-static uint32_t blocks_of(const struct rec_entry *e)
-{
-    return (e->flags & CB_REC_IN_BLOCKS) ? rec_value_blocks(e->value_len) : 0;
-}
-
-int cb_rec_put(cb_pool *p, const void *key, uint32_t klen, const void *value, uint32_t vlen)
-{
-    int r = check_key(key, klen);
-    if (!r && vlen > CB_RECORD_VALUE_MAX)
-        r = cb_err(CB_E_INVALID, "a record value of %u bytes is larger than %u", vlen,
-                   CB_RECORD_VALUE_MAX);
-    if (!r && vlen && !value)
-        r = cb_err(CB_E_INVALID, "a record value of %u bytes at NULL", vlen);
-    if (r)
-        return r;
-    pthread_rwlock_wrlock(&p->lock);
-    struct cb_meta *m = &p->m;
-    struct rec_entry old = {0};
-    if (!(r = pool_writable(p)) && (r = lookup(m, m->sb.records_root, key, klen, &old)) > 0)
-        r = 0;
-    if (!r)
-        r = meta_reserve_check(m, room_for(vlen, klen, blocks_of(&old)));
-    if (r)
-        goto out;
-    p->dirty = true;
-    if ((r = rec_put_locked(m, &m->sb.records_root, &m->sb.records_count, key, klen, value,
-                            vlen)) != 0) {
-        r = pool_fail(p, r);
-        goto out;
-    }
-    update_flag(m);
-    r = pool_commit_locked(p);
-out:
-    pthread_rwlock_unlock(&p->lock);
-    return r;
-}
-
-int cb_rec_get(cb_pool *p, const void *key, uint32_t klen, uint8_t **value, uint32_t *vlen)
-{
-    *value = NULL;
-    *vlen = 0;
-    int r = check_key(key, klen);
-    if (r)
-        return r;
-    pthread_rwlock_rdlock(&p->lock);
-    struct rec_entry e;
-    r = lookup(&p->m, p->m.sb.records_root, key, klen, &e);
-    if (r == 1) {
-        uint8_t *buf = malloc(e.value_len ? e.value_len : 1);
-        int err = buf ? rec_read_value(&p->m, &e, buf)
-                      : cb_err(CB_E_NO_MEMORY, "out of memory for a value of %u bytes", e.value_len);
-        if (err) {
-            free(buf);
-            r = err;
-        } else {
-            *value = buf;
-            *vlen = e.value_len;
-        }
-    }
-    pthread_rwlock_unlock(&p->lock);
-    return r;
-}
-
-int cb_rec_delete(cb_pool *p, const void *key, uint32_t klen)
-{
-    int r = check_key(key, klen);
-    if (r)
-        return r;
-    pthread_rwlock_wrlock(&p->lock);
-    struct cb_meta *m = &p->m;
-    struct rec_entry old;
-    if ((r = pool_writable(p)) != 0 || (r = lookup(m, m->sb.records_root, key, klen, &old)) <= 0)
-        goto out;
-    if ((r = meta_reserve_check(m, room_for(0, klen, blocks_of(&old)))) != 0)
-        goto out;
-    p->dirty = true;
-    if ((r = rec_delete_locked(m, &m->sb.records_root, &m->sb.records_count, key, klen)) < 0) {
-        r = pool_fail(p, r);
-        goto out;
-    }
-    update_flag(m);
-    r = pool_commit_locked(p);
-    if (!r)
-        r = 1;
-out:
-    pthread_rwlock_unlock(&p->lock);
-    return r;
-}
-
-static int run_list(cb_pool *p, struct lister *l)
-{
-    int r = 0;
-    if (l->plen > CB_RECORD_KEY_MAX || l->alen > CB_RECORD_KEY_MAX ||
-        (l->plen && !l->prefix) || (l->alen && !l->after))
-        return cb_err(CB_E_INVALID, "a record prefix or start key longer than %u bytes, or at NULL",
-                      CB_RECORD_KEY_MAX);
-    pthread_rwlock_rdlock(&p->lock);
-    if (p->m.sb.records_root)
-        r = list_node(l, p->m.sb.records_root, UINT32_MAX);
-    pthread_rwlock_unlock(&p->lock);
-    return r;
-}
-
-int cb_rec_list(cb_pool *p, const void *prefix, uint32_t plen, const void *after, uint32_t alen,
-                uint32_t max_entries, uint64_t max_bytes, int with_values, uint8_t **out,
-                uint64_t *out_len)
-{
-    *out = NULL;
-    *out_len = 0;
-    if (max_entries > (1u << 30))
-        max_entries = 1u << 30;
-    struct lister l = {.prefix = prefix, .plen = plen, .after = after, .alen = alen,
-                       .max_entries = max_entries ? max_entries : 1,
-                       .max_bytes = max_bytes ? max_bytes : 1, .with_values = with_values != 0,
-                       .want_output = true, .m = &p->m};
-    int r = run_list(p, &l);
-    if (r) {
-        free(l.out);
-        return r;
-    }
-    *out = l.out ? l.out : malloc(1);
-    *out_len = l.out_len;
-    return *out ? (int)l.n : cb_err(CB_E_NO_MEMORY, "out of memory");
-}
-
-int64_t cb_rec_count(cb_pool *p, const void *prefix, uint32_t plen)
-{
-    if (plen == 0) {
-        pthread_rwlock_rdlock(&p->lock);
-        int64_t n = (int64_t)p->m.sb.records_count;
-        pthread_rwlock_unlock(&p->lock);
-        return n;
-    }
-    struct lister l = {.prefix = prefix, .plen = plen, .max_entries = UINT64_MAX, .m = &p->m};
-    int r = run_list(p, &l);
-    return r ? r : (int64_t)l.n;
+    return root ? list_node(l, root, UINT32_MAX) : 0;
 }
