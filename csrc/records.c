@@ -398,11 +398,15 @@ static uint32_t make_internal_entry(uint8_t *dst, uint32_t child, const uint8_t 
     return INT_HDR + klen;
 }
 
-/* Where to split a run of entries (offsets off[0..nr], nr >= 2) so that the
- * larger half is smallest; internal halves lose the right's first key. */
-static uint32_t split_point(const uint8_t *entries, const uint16_t *off, uint32_t nr, bool leaf)
+/* Where to split a run of entries (offsets off[0..nr], nr >= 2): halves
+ * within `limit` bytes (an internal half loses the right's first key), and
+ * of them the most even in bytes, or, when the split is for the entry count
+ * (by_count), the most even in entries with the left one the larger (so
+ * that appending keys in order leaves full nodes behind, not a chain). */
+static uint32_t split_point(const uint8_t *entries, const uint16_t *off, uint32_t nr, bool leaf,
+                            uint32_t limit, bool by_count)
 {
-    uint32_t best = 1, best_size = UINT32_MAX, total = off[nr];
+    uint32_t best = 0, best_bytes = UINT32_MAX, best_count = UINT32_MAX, total = off[nr];
     for (uint32_t k = 1; k < nr; k++) {
         uint32_t left = off[k], right = total - off[k];
         if (!leaf) {
@@ -410,13 +414,17 @@ static uint32_t split_point(const uint8_t *entries, const uint16_t *off, uint32_
             memcpy(&h, entries + off[k], sizeof h);
             right -= h.key_len;
         }
-        uint32_t larger = left > right ? left : right;
-        if (larger < best_size) {
-            best_size = larger;
+        uint32_t bytes = left > right ? left : right;
+        uint32_t count = 2 * (k > nr - k ? k : nr - k) + (k < nr - k); /* ties: the left larger */
+        bool better = by_count ? count < best_count || (count == best_count && bytes < best_bytes)
+                               : bytes < best_bytes || (bytes == best_bytes && count < best_count);
+        if (bytes <= limit && better) {
             best = k;
+            best_bytes = bytes;
+            best_count = count;
         }
     }
-    return best;
+    return best ? best : nr / 2; /* never: any run with one entry too many splits within limit */
 }
 
 static bool needs_split(struct cb_meta *m, const uint8_t *n)
@@ -446,7 +454,8 @@ static int split_internal_child(struct cb_meta *m, uint8_t *parent, uint32_t i)
     memcpy(&child, rnode(parent)->entries + poff[i], 4);
     uint8_t *c = m->dirty[child];
     uint32_t nr = offsets(c, off);
-    uint32_t k = split_point(rnode(c)->entries, off, nr, false);
+    uint32_t k = split_point(rnode(c)->entries, off, nr, false, SPACE - MAX_INT_ENTRY,
+                             nr >= m->rec_max_entries);
     struct rec_entry e;
     rec_entry_at(c, off[k], &e);
     uint8_t sep[CB_RECORD_KEY_MAX];
@@ -521,7 +530,7 @@ static int leaf_put(struct cb_meta *m, uint32_t *root, uint8_t *parent, uint32_t
             pos += LEAF_HDR + h.key_len + ((h.flags & CB_REC_IN_BLOCKS) ? 4 : h.value_len);
         }
     }
-    uint32_t k = split_point(tmp, off, nr, true);
+    uint32_t k = split_point(tmp, off, nr, true, SPACE, nr > m->rec_max_entries);
     if (!parent) {
         if (!(parent = grow(m, root, 1, &err)))
             return err;
