@@ -173,7 +173,7 @@ def _record_unsorted(m, c):
         raise errors.InvalidArgumentError("no records leaf holds two records: nothing to damage")
     h, entries = format.rec_node(m.block(leaf))
     ends = [e.offset for e in entries[1:]] + [format.REC_NODE.offset("entries") + h.used]
-    first, second = (bytes(m.block(leaf)[e.offset:end]) for e, end in zip(entries, ends))
+    first, second = (bytes(m.block(leaf)[e.offset:end]) for e, end in zip(entries[:2], ends))
 
     def swap(b):
         b[entries[0].offset:ends[1]] = second + first
