@@ -141,21 +141,20 @@ class RecordStore:
             n = check(lib.cb_rec_list(self._handle(), prefix, len(prefix), after, len(after),
                                       count, PAGE_BYTES, 1 if values else 0, out, length))
         try:
-            raw = ffi.buffer(out[0], length[0])
-            page, at = [], 0
-            for _ in range(n):
-                klen, vlen = _LENGTHS.unpack_from(raw, at)
-                at += _LENGTHS.size
-                key = raw[at:at + klen]
-                at += klen
-                if values:
-                    page.append(Record(key, raw[at:at + vlen]))
-                    at += vlen
-                else:
-                    page.append(Record(key, None))
-            return page, n < count and length[0] < PAGE_BYTES
+            raw = ffi.buffer(out[0], length[0])[:]
         finally:
             lib.cb_free(out[0])
+        page, at, unpack, header = [], 0, _LENGTHS.unpack_from, _LENGTHS.size
+        for _ in range(n):
+            klen, vlen = unpack(raw, at)
+            at += header + klen
+            key = raw[at - klen:at]
+            if values:
+                page.append(Record(key, raw[at:at + vlen]))
+                at += vlen
+            else:
+                page.append(Record(key, None))
+        return page, n < count and length[0] < PAGE_BYTES
 
     def record_count(self, prefix=b""):
         """How many records there are (whose key starts with prefix)."""

@@ -38,6 +38,7 @@
  *
  * The calls of api.h over this tree are in records_api.c.
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,10 +68,34 @@ static bool has_prefix(const uint8_t *k, uint32_t klen, const uint8_t *pre, uint
     return klen >= plen && (plen == 0 || memcmp(k, pre, plen) == 0);
 }
 
+/* The size of the entry at p, and its key: only its lengths are read. */
+static inline uint32_t entry_size(const uint8_t *p, bool leaf)
+{
+    uint16_t klen;
+    if (!leaf) {
+        memcpy(&klen, p + offsetof(struct cb_rec_internal_entry, key_len), 2);
+        return INT_HDR + klen;
+    }
+    uint32_t vlen;
+    memcpy(&klen, p + offsetof(struct cb_rec_leaf_entry, key_len), 2);
+    memcpy(&vlen, p + offsetof(struct cb_rec_leaf_entry, value_len), 4);
+    return LEAF_HDR + klen + ((p[offsetof(struct cb_rec_leaf_entry, flags)] & CB_REC_IN_BLOCKS)
+                              ? 4 : vlen);
+}
+
+static inline int entry_keycmp(const uint8_t *p, bool leaf, const uint8_t *key, uint32_t klen)
+{
+    uint16_t len;
+    memcpy(&len, p + (leaf ? offsetof(struct cb_rec_leaf_entry, key_len)
+                           : offsetof(struct cb_rec_internal_entry, key_len)), 2);
+    return keycmp(p + (leaf ? LEAF_HDR : INT_HDR), len, key, klen);
+}
+
 void rec_entry_at(const uint8_t *n, uint32_t at, struct rec_entry *e)
 {
     const uint8_t *p = rnode(n)->entries + at;
-    memset(e, 0, sizeof *e);
+    e->value = NULL;
+    e->first_block = e->child = e->flags = e->value_len = 0;
     if (is_leaf(n)) {
         struct cb_rec_leaf_entry h;
         memcpy(&h, p, sizeof h);
@@ -197,15 +222,15 @@ static int wrong_level(uint32_t b, uint32_t expected, uint32_t found)
     return r;
 }
 
-/* Byte offsets of a node's entries; returns how many. */
+/* Byte offsets of a node's entries (off[nr] is the end); returns how many. */
 static uint32_t offsets(const uint8_t *n, uint16_t *off)
 {
-    struct rec_entry e;
+    const uint8_t *entries = rnode(n)->entries;
+    bool leaf = is_leaf(n);
     uint32_t at = 0, nr = rnode(n)->nr_entries;
     for (uint32_t i = 0; i < nr; i++) {
         off[i] = (uint16_t)at;
-        rec_entry_at(n, at, &e);
-        at += e.size;
+        at += entry_size(entries + at, leaf);
     }
     off[nr] = (uint16_t)at;
     return nr;
@@ -215,38 +240,35 @@ static uint32_t offsets(const uint8_t *n, uint16_t *off)
  * whose separator is <= key, else 0.  *at gets its byte offset. */
 static uint32_t child_for(const uint8_t *n, const uint8_t *key, uint32_t klen, uint32_t *at)
 {
-    struct rec_entry e;
-    uint32_t pos = 0, best = 0, best_at = 0, nr = rnode(n)->nr_entries;
-    for (uint32_t i = 0; i < nr; i++) {
-        rec_entry_at(n, pos, &e);
-        if (i > 0 && keycmp(e.key, e.key_len, key, klen) > 0)
-            break;
-        best = i;
-        best_at = pos;
-        pos += e.size;
+    uint16_t off[MAX_ENTRIES + 1];
+    uint32_t lo = 1, hi = offsets(n, off); /* the first separator above key, in [1, nr] */
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (entry_keycmp(rnode(n)->entries + off[mid], false, key, klen) <= 0)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
-    *at = best_at;
-    return best;
+    *at = off[lo - 1];
+    return lo - 1;
 }
 
 /* The first leaf entry with key >= key: its index and offset, and whether
  * it is equal. */
 static uint32_t leaf_find(const uint8_t *n, const uint8_t *key, uint32_t klen, uint32_t *at, bool *eq)
 {
-    struct rec_entry e;
-    uint32_t pos = 0, nr = rnode(n)->nr_entries, i;
-    *eq = false;
-    for (i = 0; i < nr; i++) {
-        rec_entry_at(n, pos, &e);
-        int c = keycmp(e.key, e.key_len, key, klen);
-        if (c >= 0) {
-            *eq = c == 0;
-            break;
-        }
-        pos += e.size;
+    uint16_t off[MAX_ENTRIES + 1];
+    uint32_t nr = offsets(n, off), lo = 0, hi = nr;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (entry_keycmp(rnode(n)->entries + off[mid], true, key, klen) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
     }
-    *at = pos;
-    return i;
+    *eq = lo < nr && entry_keycmp(rnode(n)->entries + off[lo], true, key, klen) == 0;
+    *at = off[lo];
+    return lo;
 }
 
 /* Find key: 1 and its entry (pointing into the leaf), 0 if absent. */
