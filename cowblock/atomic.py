@@ -22,7 +22,9 @@ in reverse, before the section ends and the exception goes on:
   section succeeds.
 
 Not undone: data written to devices, discards, device resizes and
-rollbacks.  If an undo step itself fails, the section ends with
+rollbacks.  A write that finds the pool full would commit to recycle the
+blocks freed in the transaction; inside a section it cannot, and gets
+NoSpaceError instead.  If an undo step itself fails, the section ends with
 CB_TXN_FAIL: the pool turns read-only (needs check) rather than ever commit
 a half-made section, and reopens at its last commit.
 

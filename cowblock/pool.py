@@ -531,8 +531,8 @@ class Pool(RecordStore):
         did = self._id(name)
         info = self._info(did)
         flags = (info.flags | READ_ONLY_FLAG) if flag else (info.flags & ~READ_ONLY_FLAG)
-        atomic.note_flags(self, did, info.flags)
         check(lib.cb_dev_set_flags(self._handle(), did, flags))
+        atomic.note_flags(self, did, info.flags)
 
     def _info(self, did):
         out = ffi.new("cb_devinfo *")

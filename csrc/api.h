@@ -60,7 +60,6 @@ typedef struct {
     uint32_t dirty;              /* uncommitted changes exist */
     uint32_t commits_waited;     /* internal counter: commits done to free space */
     uint8_t pool_uuid[16];
-    uint64_t nr_records;         /* records in the records store */
 } cb_stats;
 
 typedef struct {

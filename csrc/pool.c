@@ -376,7 +376,6 @@ int cb_pool_stats(cb_pool *p, cb_stats *s)
     s->read_only = p->read_only || p->failed;
     s->dirty = p->dirty || p->data_dirty;
     s->commits_waited = p->commits_waited;
-    s->nr_records = sb->records_count;
     memcpy(s->pool_uuid, sb->pool_uuid, 16);
     pthread_rwlock_unlock(&p->lock);
     return 0;
