@@ -14,7 +14,7 @@ from .lock import PoolLock
 
 KINDS = ["flip:" + t for t in format.BLOCK_TYPES] + [
     "truncate", "stale-superblock", "block-size", "refcount", "map-free", "double-map",
-    "unsorted", "mapped-count"]
+    "unsorted", "mapped-count", "record-count", "record-unsorted"]
 
 BS = format.META_BLOCK_SIZE
 
@@ -160,6 +160,28 @@ def _unsorted(m, c):
     return f"swapped the first two keys of mapping leaf {leaf}"
 
 
+def _record_count(m, c):
+    count = c.sb.records_count + 1
+    m.rewrite(c.slot, lambda b: format.SUPERBLOCK.update(b, records_count=count),
+              format.T_SUPERBLOCK)
+    return f"set the superblock's record count to {count}, one more than the store holds"
+
+
+def _record_unsorted(m, c):
+    leaf = next((b for b in c.record_leaves if len(format.rec_node(m.block(b))[1]) >= 2), None)
+    if leaf is None:
+        raise errors.InvalidArgumentError("no records leaf holds two records: nothing to damage")
+    h, entries = format.rec_node(m.block(leaf))
+    ends = [e.offset for e in entries[1:]] + [format.REC_NODE.offset("entries") + h.used]
+    first, second = (bytes(m.block(leaf)[e.offset:end]) for e, end in zip(entries[:2], ends))
+
+    def swap(b):
+        b[entries[0].offset:ends[1]] = second + first
+    m.rewrite(leaf, swap)
+    return f"swapped the first two records of records leaf {leaf}"
+
+
 _DAMAGE = {"truncate": _truncate, "stale-superblock": _stale_superblock,
            "block-size": _block_size, "mapped-count": _mapped_count, "refcount": _refcount,
-           "map-free": _map_free, "double-map": _double_map, "unsorted": _unsorted}
+           "map-free": _map_free, "double-map": _double_map, "unsorted": _unsorted,
+           "record-count": _record_count, "record-unsorted": _record_unsorted}

@@ -65,6 +65,9 @@ SM_ENTRIES = CONSTANTS["CB_SM_ENTRIES"]
 MAX_BLOCKS = CONSTANTS["CB_MAX_BLOCKS"]
 MAX_DEV_ID = CONSTANTS["CB_MAX_DEV_ID"]
 MAX_TREE_DEPTH = CONSTANTS["CB_MAX_TREE_DEPTH"]
+RO_COMPAT_RECORDS = CONSTANTS["CB_RO_COMPAT_RECORDS"]
+REC_IN_BLOCKS = CONSTANTS["CB_REC_IN_BLOCKS"]
+REC_VALUE_BYTES = CONSTANTS["CB_REC_VALUE_BYTES"]
 
 # Block types by their short names ("map-leaf" for CB_BT_MAP_LEAF); each is
 # also its checksum's salt.
@@ -77,6 +80,9 @@ T_DEV_LEAF = BLOCK_TYPES["dev-leaf"]
 T_SM_INDEX = BLOCK_TYPES["sm-index"]
 T_SM_REFS = BLOCK_TYPES["sm-refs"]
 T_CATALOG = BLOCK_TYPES["catalog"]
+T_REC_INTERNAL = BLOCK_TYPES["rec-internal"]
+T_REC_LEAF = BLOCK_TYPES["rec-leaf"]
+T_REC_VALUE = BLOCK_TYPES["rec-value"]
 
 
 # ---- records: pack and unpack side by side ----
@@ -167,6 +173,10 @@ NODE_HEADER = RECORDS["node_header"]
 DEV_DETAIL = RECORDS["dev_detail"]
 CATALOG_BLOCK = RECORDS["catalog_block"]
 SM_PAGE = RECORDS["sm_page"]
+REC_NODE = RECORDS["rec_node"]
+REC_LEAF_ENTRY = RECORDS["rec_leaf_entry"]
+REC_INTERNAL_ENTRY = RECORDS["rec_internal_entry"]
+REC_VALUE_BLOCK = RECORDS["rec_value_block"]
 
 
 # ---- checksums (the C core's crc32c) ----
@@ -224,6 +234,38 @@ def block_number(value):
     return read_uint(value, 0, len(value))
 
 
+# ---- the records store ----
+
+@dataclass
+class RecEntry:
+    offset: int          # of the entry, in the block
+    key: bytes
+    header: tuple        # REC_LEAF_ENTRY's or REC_INTERNAL_ENTRY's namedtuple
+    value: bytes = None  # an inline value (leaf entries)
+    first_block: int = 0 # the value's first block (leaf entries with REC_IN_BLOCKS)
+
+
+def rec_node(block):
+    """A records node's header and its entries, decoded."""
+    h = REC_NODE.unpack(block)
+    leaf = h.type == T_REC_LEAF
+    record = REC_LEAF_ENTRY if leaf else REC_INTERNAL_ENTRY
+    at, entries = REC_NODE.offset("entries"), []
+    for _ in range(h.nr_entries):
+        e = record.unpack(block, at)
+        key_at = at + record.size
+        entry = RecEntry(at, bytes(block[key_at:key_at + e.key_len]), e)
+        at = key_at + e.key_len
+        if leaf and e.flags & REC_IN_BLOCKS:
+            entry.first_block = read_uint(block, at, 4)
+            at += 4
+        elif leaf:
+            entry.value = bytes(block[at:at + e.value_len])
+            at += e.value_len
+        entries.append(entry)
+    return h, entries
+
+
 # ---- space maps ----
 
 def count_location(block):
@@ -262,7 +304,7 @@ class DeviceEntry:
 class Commit:
     """What the newest commit of a metadata file (its bytes) uses, block by
     block: the superblock it chose (FORMAT.md §10), both trees, both space
-    maps, the catalog blocks."""
+    maps, the catalog blocks, the records store."""
 
     def __init__(self, meta):
         self.meta = meta
@@ -275,7 +317,9 @@ class Commit:
         self.blocks = {}          # block -> UsedBlock
         self.devices = {}         # id -> DeviceEntry
         self.map_leaves = []      # every mapping leaf, once, in walk order
+        self.record_leaves = []   # every records leaf, in key order
         self._dev_tree(self.sb.device_root, 0)
+        self._records_tree(self.sb.records_root, 0)
         for d in self.devices.values():
             self._map_tree(d, d.detail.mapping_root, 0)
             if d.detail.catalog_block:
@@ -318,6 +362,38 @@ class Commit:
                 self._map_tree(dev, block_number(v), depth + 1)
         elif not shared:
             self.map_leaves.append(b)
+
+    def _records_tree(self, b, depth):
+        if not b or depth > MAX_TREE_DEPTH:
+            return
+        h, entries = rec_node(self.block(b))
+        self.blocks[b] = UsedBlock(h.type, "records store")
+        if h.type == T_REC_INTERNAL:
+            for e in entries:
+                self._records_tree(e.header.child, depth + 1)
+            return
+        self.record_leaves.append(b)
+        for e in entries:
+            for v in self._value_chain(e):
+                self.blocks[v] = UsedBlock(T_REC_VALUE, "record value")
+
+    def _value_chain(self, entry):
+        """The blocks of a record's value, in order."""
+        v, chain = entry.first_block, []
+        for _ in range(-(-entry.header.value_len // REC_VALUE_BYTES) if v else 0):
+            chain.append(v)
+            v = REC_VALUE_BLOCK.unpack(self.block(v)).next
+        return chain
+
+    def records(self):
+        """Every record, (key, value), in key order."""
+        for leaf in self.record_leaves:
+            for e in rec_node(self.block(leaf))[1]:
+                if e.value is not None:
+                    yield e.key, e.value
+                    continue
+                blocks = (REC_VALUE_BLOCK.unpack(self.block(v)) for v in self._value_chain(e))
+                yield e.key, b"".join(b.bytes[:b.len] for b in blocks)
 
     def _space_map(self, name, root):
         if not root:

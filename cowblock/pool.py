@@ -15,10 +15,11 @@ import uuid as _uuid
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
-from . import catalog, errors, format, health, owners
+from . import atomic, catalog, errors, format, health, owners
 from ._native import check, ffi, lib
 from .device import Device
 from .lock import PoolLock
+from .records import RecordStore
 
 DEFAULT_BLOCK_SIZE = 65536
 READ_ONLY_FLAG = format.DEV_READ_ONLY
@@ -209,11 +210,13 @@ def _pool_error(code):
     return check(code, not_found=errors.PoolNotFoundError, exists=errors.PoolExistsError)
 
 
-class Pool:
+class Pool(RecordStore):
     """A thin pool in a directory: ``Pool.create(...)`` or ``Pool.open(...)``.
 
     A context manager; ``close()`` commits.  One writer at a time (flock);
-    writes commit at least every ``commit_interval`` seconds.
+    writes commit at least every ``commit_interval`` seconds.  Records (keys
+    to values, cowblock.records) live beside the devices; ``atomic()`` puts
+    several changes in one commit (cowblock.atomic).
     """
 
     def __init__(self, path, handle, read_only, lock, commit_interval, background_reclaim=True):
@@ -224,7 +227,10 @@ class Pool:
         self._names = {}      # name -> id
         self._meta = {}       # id -> (name, labels)
         self._reclaim = []    # ids of devices whose removal was deferred
-        self._catalog_lock = threading.Lock()
+        # Held by every change of names and records, and for the whole of an
+        # atomic section (cowblock.atomic), so other threads wait for it.
+        self._catalog_lock = threading.RLock()
+        self._sections = atomic.new_pool_state()
         self._load_catalog()
         self.block_size = self.stats().block_size
         self._stop = threading.Event()
@@ -297,6 +303,9 @@ class Pool:
         """Commit and close.  Devices of this pool are unusable afterwards."""
         if self._h is None:
             return
+        if atomic.depth(self):
+            raise errors.InvalidArgumentError(
+                f"pool {self.path} closed inside an atomic section: end the section first")
         self._stop.set()
         for thread in (self._committer, self._reclaimer):
             if thread:
@@ -435,6 +444,7 @@ class Pool:
         return Device(self, out[0])
 
     def _register(self, did, name, labels):
+        atomic.note_catalog(self, did)
         self._names[name] = did
         self._meta[did] = (name, dict(labels or {}))
 
@@ -486,7 +496,9 @@ class Pool:
 
         deferred: return at once; each device is marked for removal in the
         metadata (hidden, its name free again) and its blocks are reclaimed
-        by a background thread, or at the next open if the pool closes first."""
+        by a background thread, or at the next open if the pool closes first.
+        Inside an atomic section every removal is deferred so (the section can
+        be undone), and reclaimed once the section has ended."""
         with self._catalog_lock:
             ids = [self._id(name) for name in names]
             if len(set(ids)) != len(ids):
@@ -496,17 +508,21 @@ class Pool:
             fixes = owners.check_delete(index, names, force=force, caller=owner)
             for dependant, labels in fixes.items():   # no label names what is gone
                 self._set_catalog(self._names[dependant], dependant, labels)
+            in_section = atomic.depth(self) > 0
             for name, did in zip(names, ids):
-                if deferred:
+                if deferred or in_section:
                     info = self._info(did)
                     self._check(lib.cb_dev_set_flags(self._handle(), did,
                                                      info.flags | DELETING_FLAG))
-                    self._reclaim.append(did)
+                    if in_section:
+                        atomic.note_delete(self, did, info.flags)
+                    else:
+                        self._reclaim.append(did)
                 else:
                     self._check(lib.cb_dev_delete(self._handle(), did))
                 del self._names[name]
                 del self._meta[did]
-        if deferred:
+        if deferred and not in_section:
             self._start_reclaim()
 
     def reclaim(self):
@@ -630,6 +646,7 @@ class Pool:
             owners.check_writable(self._device_info(did, info), force=force)
         flags = (info.flags | READ_ONLY_FLAG) if flag else (info.flags & ~READ_ONLY_FLAG)
         self._check(lib.cb_dev_set_flags(self._handle(), did, flags))
+        atomic.note_flags(self, did, info.flags)
 
     def resize_device(self, name, size=None, *, by=None):
         """Grow or shrink device name to size bytes, or by `by` bytes
@@ -763,6 +780,16 @@ class Pool:
                 f"2^32 - 1: {e}") from None
         self._check(lib.cb_dev_add_mappings(self._handle(), self._id(name), keys, values,
                                             len(pairs)))
+
+    # ---- atomic sections (cowblock.atomic) ----
+    def atomic(self, *, commit=True):
+        """A context manager: the changes made in it by this thread land in
+        one commit (made as it ends, or with commit=False left to the next
+        one); if its body raises, what it did is undone first."""
+        return atomic.Section(self, commit)
+
+    def _section_journal(self):
+        return atomic.journal(self)
 
     # ---- pool ----
     def stats(self):

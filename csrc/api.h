@@ -159,6 +159,45 @@ int cb_pool_repair(cb_pool *p, cb_check_summary *summary, cb_check_record **reco
 int cb_pool_diff(cb_pool *p, uint32_t a, uint32_t b, int with_same,
                  cb_range **out, uint64_t *count);
 
+/* ---- atomic sections (txn.c) ----
+ * Changes made by this thread between begin and end land in one commit: no
+ * commit falls between them.  Inside, operations that commit before they
+ * return do not; every other commit (the periodic one, an explicit one, an
+ * NBD FLUSH, another thread's change) waits for the section to end, and
+ * while one waits no new section begins.  Sections nest per thread.  A
+ * commit, check, trim or repair from inside the section fails (EINVAL).
+ * There is no abort: end with CB_TXN_COMMIT to commit as the outermost
+ * section ends, 0 to leave the changes to the next commit, or CB_TXN_FAIL
+ * when the section failed half-way and could not be undone: the pool turns
+ * read-only with needs_check, so it is never committed. */
+#define CB_TXN_COMMIT 1
+#define CB_TXN_FAIL 2
+int cb_pool_txn_begin(cb_pool *p);
+int cb_pool_txn_end(cb_pool *p, int flags);
+/* This thread's nesting depth of sections on p, 0 outside any. */
+int cb_pool_txn_depth(cb_pool *p);
+
+/* ---- the records store (records.c) ----
+ * Keys are 1 to CB_RECORD_KEY_MAX bytes of anything, ordered bytewise;
+ * values 0 to CB_RECORD_VALUE_MAX bytes.  put and delete commit before they
+ * return, unless inside an atomic section.  get gives a malloc()ed copy
+ * (free it with cb_free) and returns 1, or 0 when the key is absent.
+ * delete returns 1, or 0 when the key was absent.  list gives the records
+ * whose key starts with prefix and is above `after` (alen 0: from the
+ * first), in key order, at most max_entries of them and stopping once
+ * max_bytes are out (at least one): packed as u32 key length, u32 value
+ * length, the key, and the value with with_values; it returns how many.
+ * count counts the keys with the prefix (all of them in O(1)). */
+int cb_rec_put(cb_pool *p, const void *key, uint32_t key_len, const void *value,
+               uint32_t value_len);
+int cb_rec_get(cb_pool *p, const void *key, uint32_t key_len, uint8_t **value,
+               uint32_t *value_len);
+int cb_rec_delete(cb_pool *p, const void *key, uint32_t key_len);
+int cb_rec_list(cb_pool *p, const void *prefix, uint32_t prefix_len, const void *after,
+                uint32_t after_len, uint32_t max_entries, uint64_t max_bytes, int with_values,
+                uint8_t **out, uint64_t *out_len);
+int64_t cb_rec_count(cb_pool *p, const void *prefix, uint32_t prefix_len);
+
 int cb_dev_create(cb_pool *p, uint64_t size, const uint8_t *uuid16,
                   const void *catalog, uint32_t catalog_len, uint32_t *id_out);
 int cb_dev_snapshot(cb_pool *p, uint32_t origin, uint32_t flags, const uint8_t *uuid16,

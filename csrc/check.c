@@ -15,6 +15,10 @@
  * their parent's bounds, uniform leaf depth), each device's mapped-block
  * count and size bound, and the space map counters.
  *
+ * The records store is walked too: every node and value block once, keys
+ * in order within the bounds their parents give, levels going down by one,
+ * each value's chain as long as its value, and the superblock's count.
+ *
  * Each finding is a record (cb_check_record): its kind, the block or device
  * it concerns, what was expected and what was found where a count or a
  * value was compared, and the sentence a person reads.
@@ -42,6 +46,9 @@ struct checker {
     uint64_t count_errors;    /* reference counts, used counters, mapped counts: repairable */
     uint64_t tree_errors;     /* errors inside device mapping trees (repair drops the device) */
     uint8_t *sm_pages;        /* bitmap: metadata blocks that are space map pages */
+    uint64_t records_errors;  /* inside the records store (repair rebuilds it) */
+    uint64_t records_found;   /* records its tree holds */
+    bool records_recount;     /* its count (or feature flag) is wrong, the tree is fine */
     struct u32vec lost;       /* devices whose mapping tree is damaged */
     struct u32vec recount;    /* devices whose mapped-block count is wrong */
 };
@@ -277,6 +284,126 @@ static void check_devices(struct checker *c)
     }
 }
 
+/* A record's value chain, from block b. */
+static void check_value_chain(struct checker *c, uint32_t b, uint32_t len, uint32_t leaf)
+{
+    uint32_t nblocks = rec_value_blocks(len), at = 0;
+    for (uint32_t i = 0; i < nblocks; i++) {
+        char what[96];
+        snprintf(what, sizeof what, "records store, value block %u of a record in leaf %u", i, leaf);
+        struct about here = meta_block(b, 0);
+        if (b < c->m->nr_blocks && (c->visited[b >> 3] & (1u << (b & 7)))) {
+            say(c, false, here, "%s: block %u is reached twice", what, b);
+            return;
+        }
+        ref_meta(c, b);
+        const struct cb_rec_value_block *v = (const void *)read_block(c, b, CB_BT_REC_VALUE,
+                                                                      CB_BT_REC_VALUE, what, 0);
+        if (!v)
+            return;
+        c->visited[b >> 3] |= (uint8_t)(1u << (b & 7));
+        uint32_t want = len - at < CB_REC_VALUE_BYTES ? len - at : (uint32_t)CB_REC_VALUE_BYTES;
+        if (v->index != i || v->len != want) {
+            say(c, false, values(here, v->index != i ? i : want, v->index != i ? v->index : v->len),
+                "%s: %s %u, expected %u", what, v->index != i ? "index" : "length",
+                v->index != i ? v->index : v->len, v->index != i ? i : want);
+            return;
+        }
+        if ((i + 1 < nblocks) != (v->next != 0)) {
+            say(c, false, here, "%s: %s", what, v->next ? "the chain goes on past the value's "
+                "length" : "the chain ends before the value does");
+            return;
+        }
+        at += want;
+        b = v->next;
+    }
+}
+
+struct key_bound {
+    const uint8_t *key;   /* NULL: no bound */
+    uint32_t len;
+};
+
+static int bound_cmp(const struct rec_entry *e, struct key_bound k)
+{
+    uint32_t n = e->key_len < k.len ? e->key_len : k.len;
+    int r = n ? memcmp(e->key, k.key, n) : 0;
+    return r ? r : (e->key_len > k.len) - (e->key_len < k.len);
+}
+
+/* A records node below bounds [lo, hi), at the level its parent wants. */
+static void walk_records(struct checker *c, uint32_t b, uint32_t level, struct key_bound lo,
+                         struct key_bound hi)
+{
+    char what[64];
+    snprintf(what, sizeof what, "records store, node %u", b);
+    struct about here = meta_block(b, 0);
+    if (b < c->m->nr_blocks && (c->visited[b >> 3] & (1u << (b & 7)))) {
+        say(c, false, here, "%s: reached twice", what);
+        return;
+    }
+    const uint8_t *n = read_block(c, b, CB_BT_REC_INTERNAL, CB_BT_REC_LEAF, what, 0);
+    if (!n)
+        return;
+    c->visited[b >> 3] |= (uint8_t)(1u << (b & 7));
+    c->sum->nodes_checked++;
+    const struct cb_rec_node *node = (const void *)n;
+    if (level != UINT32_MAX && node->level != level) {
+        say(c, false, values(here, level, node->level), "%s: at level %u, its parent wants %u",
+            what, node->level, level);
+        return;
+    }
+    struct rec_entry e, next;
+    uint32_t at = 0;
+    for (uint32_t i = 0; i < node->nr_entries; i++, at += e.size) {
+        rec_entry_at(n, at, &e);
+        bool keyed = node->level == 0 || i > 0;
+        if (keyed && ((lo.key && bound_cmp(&e, lo) < 0) || (hi.key && bound_cmp(&e, hi) >= 0)))
+            say(c, false, here, "%s: key of entry %u outside the range its parent gives", what, i);
+        if (node->level == 0) {
+            c->records_found++;
+            if (e.flags & CB_REC_IN_BLOCKS)
+                check_value_chain(c, e.first_block, e.value_len, b);
+            continue;
+        }
+        struct key_bound clo = i ? (struct key_bound){e.key, e.key_len} : lo, chi = hi;
+        if (i + 1 < node->nr_entries) {
+            rec_entry_at(n, at + e.size, &next);
+            chi = (struct key_bound){next.key, next.key_len};
+        }
+        ref_meta(c, e.child);
+        walk_records(c, e.child, node->level - 1, clo, chi);
+    }
+}
+
+static void check_records(struct checker *c)
+{
+    const struct cb_superblock *sb = &c->m->sb;
+    uint64_t before = c->sum->errors;
+    if (sb->records_root) {
+        ref_meta(c, sb->records_root);
+        walk_records(c, sb->records_root, UINT32_MAX, (struct key_bound){0},
+                     (struct key_bound){0});
+    }
+    if (c->sum->errors > before) {
+        c->records_errors += c->sum->errors - before;
+        return;
+    }
+    if (c->records_found != sb->records_count) {
+        say(c, false, values(nothing, c->records_found, sb->records_count),
+            "records store: the superblock says %llu records, its tree holds %llu",
+            (unsigned long long)sb->records_count, (unsigned long long)c->records_found);
+        c->records_errors++;
+        c->records_recount = true;
+    }
+    if (sb->records_root && !(sb->ro_compat & CB_RO_COMPAT_RECORDS)) {
+        say(c, false, nothing, "records store: in use, but the superblock lacks its feature "
+            "flag (an older build would take its blocks for leaks)");
+        c->records_errors++;
+        c->records_recount = true;
+    }
+}
+
 /* Walk a space map's pages.  Pass 1 (compare false) verifies and counts
  * the pages themselves; pass 2 compares the stored counts with the expected
  * ones, which are complete only after both space maps had their pass 1. */
@@ -369,6 +496,7 @@ static int run_check(cb_pool *p, struct checker *c)
                       (unsigned long long)nm, (unsigned long long)nd);
     c->meta_refs[0] = c->meta_refs[1] = 1;
     check_devices(c);
+    check_records(c);
     for (int pass = 0; pass < 2; pass++) {
         walk_space_map(c, &p->m.dsm, c->data_refs, "data", pass == 1);
         walk_space_map(c, &p->m.msm, c->meta_refs, "metadata", pass == 1);
@@ -402,6 +530,9 @@ int cb_pool_check(cb_pool *p, cb_check_summary *sum, cb_check_record **records, 
     memset(sum, 0, sizeof *sum);
     *records = NULL;
     *count = 0;
+    if (txn_depth(p))
+        return cb_err(CB_E_INVALID, "a check inside an atomic section would commit half of it");
+    commit_gate_enter(p);
     pthread_rwlock_wrlock(&p->lock);
     int r = 0;
     if (!p->read_only && !p->failed)
@@ -413,7 +544,15 @@ int cb_pool_check(cb_pool *p, cb_check_summary *sum, cb_check_record **records, 
         r = take_records(&c, records, count);
     free_checker(&c);
     pthread_rwlock_unlock(&p->lock);
+    commit_gate_leave(p);
     return r;
+}
+
+static void record_lost(void *ctx, const uint8_t *key, uint32_t len)
+{
+    char text[300];
+    rec_key_text(text, sizeof text, key, len);
+    record(ctx, CB_CHECK_REPAIRED, nothing, "record \"%s\" dropped: its value is damaged", text);
 }
 
 /* Count the non-zero entries of a space map again (the superblock's counter). */
@@ -480,6 +619,9 @@ int cb_pool_repair(cb_pool *p, cb_check_summary *sum, cb_check_record **records,
     memset(sum, 0, sizeof *sum);
     *records = NULL;
     *count = 0;
+    if (txn_depth(p))
+        return cb_err(CB_E_INVALID, "a repair inside an atomic section would commit half of it");
+    commit_gate_enter(p);
     pthread_rwlock_wrlock(&p->lock);
     int r = pool_writable(p);
     if (!r)
@@ -487,7 +629,7 @@ int cb_pool_repair(cb_pool *p, cb_check_summary *sum, cb_check_record **records,
     struct checker c = {.sum = sum};
     if (!r)
         r = run_check(p, &c);
-    uint64_t structural = sum->errors - c.count_errors - c.tree_errors;
+    uint64_t structural = sum->errors - c.count_errors - c.tree_errors - c.records_errors;
     if (!r && structural)
         r = cb_err(CB_E_CORRUPT, "cannot repair: %llu errors are outside the devices' mapping trees "
                    "(superblock, device details or space map structure); nothing was changed",
@@ -522,6 +664,27 @@ int cb_pool_repair(cb_pool *p, cb_check_summary *sum, cb_check_record **records,
         d->d.mapped_blocks = n;
         d->changed = true;
     }
+    /* The records store: kept whole when only its count or flag is off,
+     * else rebuilt from every record that reads back. */
+    if (!r && c.records_errors && c.records_recount) {
+        record(&c, CB_CHECK_REPAIRED, values(nothing, c.records_found, p->m.sb.records_count),
+               "records store: count set from %llu to %llu", (unsigned long long)p->m.sb.records_count,
+               (unsigned long long)c.records_found);
+        p->m.sb.records_count = c.records_found;
+    } else if (!r && c.records_errors) {
+        uint64_t kept = 0, lost = 0, lost_nodes = 0, had = p->m.sb.records_count;
+        uint32_t root = 0;
+        if ((r = rec_salvage(&p->m, p->m.sb.records_root, &root, &kept, &lost, &lost_nodes,
+                             record_lost, &c)) == 0) {
+            p->m.sb.records_root = root;
+            p->m.sb.records_count = kept;
+            record(&c, CB_CHECK_REPAIRED, values(nothing, had, kept),
+                   "records store rebuilt: kept %llu of %llu records; %llu lost with a damaged "
+                   "value, and what %llu unreadable nodes held", (unsigned long long)kept,
+                   (unsigned long long)had, (unsigned long long)lost, (unsigned long long)lost_nodes);
+        }
+    }
+    rec_update_flag(&p->m);
     p->dirty = true;
     /* 2. Count again with those devices gone, set every count from the trees,
      *    commit, and check from scratch: the repair must leave a clean pool. */
@@ -559,5 +722,6 @@ done:
         r = take_records(&c, records, count);
     free_checker(&c);
     pthread_rwlock_unlock(&p->lock);
+    commit_gate_leave(p);
     return r;
 }

@@ -151,6 +151,7 @@ struct cb_meta {
     struct cb_sm dsm;          /* data space map */
     uint64_t reserve;          /* metadata blocks kept for commits */
     uint32_t leaf_max, internal_max, dev_leaf_max;
+    uint32_t rec_max_entries;  /* entries per records node: the node capacity, if any */
     bool read_only;
     uint64_t blocks_written, blocks_verified;
 };
@@ -223,12 +224,83 @@ static inline uint8_t *node_values(const uint8_t *n)
 }
 static inline uint32_t *node_u32_values(const uint8_t *n) { return (uint32_t *)node_values(n); }
 
+/* ---- the records store (records.c) ---- */
+/* One entry of a records node, decoded (key and inline value point into it). */
+struct rec_entry {
+    const uint8_t *key;
+    uint32_t key_len;
+    uint32_t size;             /* bytes the entry takes in its node */
+    uint32_t flags, value_len; /* leaf entries */
+    const uint8_t *value;      /* inline value, NULL when in blocks */
+    uint32_t first_block;      /* the value's first block, with CB_REC_IN_BLOCKS */
+    uint32_t child;            /* internal entries */
+};
+/* The entry at byte `at` of a verified node's entries. */
+void rec_entry_at(const uint8_t *node, uint32_t at, struct rec_entry *e);
+uint32_t rec_value_blocks(uint32_t value_len);
+/* Structure checks of a committed records node or value block (meta_read). */
+int rec_verify_node(struct cb_meta *m, uint32_t b, const uint8_t *blk);
+int rec_verify_value(uint32_t b, const uint8_t *blk);
+/* Copy a value out (value_len bytes), checking its chain. */
+int rec_read_value(struct cb_meta *m, const struct rec_entry *e, uint8_t *out);
+int rec_inc_children(struct cb_meta *m, const uint8_t *node);
+/* Changes of a tree at *root holding *count records (write lock held):
+ * put (create or replace), delete (1 deleted, 0 absent). */
+int rec_put_locked(struct cb_meta *m, uint32_t *root, uint64_t *count, const uint8_t *key,
+                   uint32_t klen, const uint8_t *value, uint32_t vlen);
+int rec_delete_locked(struct cb_meta *m, uint32_t *root, uint64_t *count, const uint8_t *key,
+                      uint32_t klen);
+int rec_lookup(struct cb_meta *m, uint32_t root, const uint8_t *key, uint32_t klen,
+               struct rec_entry *out);
+/* A walk of the records in key order whose key has the prefix and is above
+ * `after` (alen 0: from the first): output as api.h's cb_rec_list says
+ * (want_output), or only counted; it stops at max_entries or max_bytes. */
+struct rec_lister {
+    struct cb_meta *m;
+    const uint8_t *prefix, *after;
+    uint32_t plen, alen;
+    uint64_t max_entries, max_bytes;
+    bool with_values;
+    bool want_output;
+    uint8_t *out;              /* malloc()ed output, out_len bytes of it used */
+    uint64_t out_len, out_cap;
+    uint64_t n;                /* records found */
+    bool done;
+    uint8_t last[CB_RECORD_KEY_MAX]; /* the last key found: keys must only grow */
+    uint32_t last_len;
+};
+int rec_list(struct rec_lister *l, uint32_t root);
+/* Repair: a new tree of every record of the tree at old_root that reads
+ * back whole (kept); lost: records whose value is damaged; lost_nodes:
+ * unreadable nodes, whose records are lost uncounted. */
+typedef void (*rec_lost_fn)(void *ctx, const uint8_t *key, uint32_t key_len);
+int rec_salvage(struct cb_meta *m, uint32_t old_root, uint32_t *new_root, uint64_t *kept,
+                uint64_t *lost, uint64_t *lost_nodes, rec_lost_fn on_lost, void *ctx);
+/* The superblock's CB_RO_COMPAT_RECORDS: set while the store holds blocks. */
+void rec_update_flag(struct cb_meta *m);
+/* A key as text for messages: printable ASCII as it is, other bytes \xNN. */
+void rec_key_text(char *dst, size_t cap, const uint8_t *key, uint32_t len);
+
 /* ---- the pool (pool.c, device.c, dataio.c) ---- */
 struct cb_dev {
     uint32_t id;
     struct cb_dev_detail d;
     uint8_t *catalog;          /* full catalog bytes (d.catalog_len) */
     bool changed;              /* detail must be written back at commit */
+};
+
+/* Atomic sections (txn.c): who holds them, and the commits that wait. */
+struct cb_section {
+    pthread_t thread;
+    uint32_t depth;            /* nested begins of this thread */
+};
+struct cb_sections {
+    pthread_mutex_t lock;      /* taken after the pool lock, never before it */
+    pthread_cond_t cond;       /* open reached 0, or commits_waiting did */
+    uint32_t open;             /* threads inside a section */
+    uint32_t commits_waiting;  /* commits waiting for them: no new section opens */
+    struct cb_section *v;
+    size_t n, cap;
 };
 
 struct cb_pool {
@@ -261,16 +333,42 @@ struct cb_pool {
     uint32_t block_size;
     uint32_t block_shift;
     uint32_t commits_waited;
+    struct cb_sections sections;
 };
 
 struct cb_dev *pool_dev(cb_pool *p, uint32_t id);
+/* Commit with the write lock held, as an operation's last step.  Inside the
+ * calling thread's atomic section it does nothing (the section's end
+ * commits); while another thread's section is open it lets go of the lock,
+ * waits for it and takes the lock again: the caller must hold on to nothing
+ * found under the lock across it. */
 int pool_commit_locked(cb_pool *p);
+/* The same, but only if no section is open (else nothing): for commits in
+ * the middle of a change, which cannot let go of the lock. */
+int pool_commit_locked_nowait(cb_pool *p);
 int pool_fail(cb_pool *p, int err);
 int pool_writable(cb_pool *p);
 void dev_free(struct cb_dev *d);
 int dev_load_all(cb_pool *p);
 int dev_write_back(cb_pool *p);
 int dev_zero_range_locked(cb_pool *p, struct cb_dev *d, uint64_t off, uint64_t len);
+/* ---- atomic sections (txn.c) ---- */
+enum txn_turn { TXN_NOW, TXN_DEFER, TXN_WAIT };
+void txn_init(cb_pool *p);
+void txn_destroy(cb_pool *p);
+/* The calling thread's nesting depth of sections on p, 0 outside. */
+uint32_t txn_depth(cb_pool *p);
+bool txn_any_open(cb_pool *p);
+/* May a commit run now (write lock held)?  TXN_DEFER: inside this thread's
+ * section; TXN_WAIT: counted as a waiting commit, to txn_wait_idle without
+ * the lock and commit_gate_leave after committing. */
+enum txn_turn txn_turn(cb_pool *p);
+void txn_wait_idle(cb_pool *p);
+/* Around a commit made without holding the pool lock yet: wait until no
+ * section is open, and keep new ones out until leave. */
+void commit_gate_enter(cb_pool *p);
+void commit_gate_leave(cb_pool *p);
+
 int cb_range_push(cb_range **v, uint64_t *n, uint64_t *cap, uint64_t begin, uint64_t len,
                   uint32_t kind);
 

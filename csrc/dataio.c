@@ -225,7 +225,7 @@ static int alloc_data_block(cb_pool *p, uint32_t *nb)
          * and the readers that may still copy from them are done (a reader
          * stuck for long costs this write its ENOSPC, not a hang). */
         sm_wait_readers(&p->m.dsm, 1000);
-        if ((r = pool_commit_locked(p)) != 0)
+        if ((r = pool_commit_locked_nowait(p)) != 0) /* not while an atomic section is open */
             return r;
         p->commits_waited++;
         r = sm_find_free(&p->m, &p->m.dsm, &b);

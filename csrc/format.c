@@ -28,6 +28,7 @@
     S(T, meta_sm_root, meta_sm_root) S(T, device_root, device_root)                        \
     S(T, next_dev_id, next_dev_id) S(T, snap_time, snap_time)                              \
     S(T, node_capacity, node_capacity) S(T, config_len, config_len) A(T, config, config)   \
+    S(T, records_root, records_root) S(T, records_count, records_count)                    \
     A(T, reserved, reserved)
 
 #define NODE_HEADER_FIELDS(S, A, T)                                                         \
@@ -48,6 +49,21 @@
     HEADER_FIELDS(S, A, T, h.) S(T, nr_nonzero, nr_nonzero) S(T, level, level)              \
     S(T, padding, padding) A(T, entries, entries)
 
+#define REC_NODE_FIELDS(S, A, T)                                                            \
+    HEADER_FIELDS(S, A, T, h.) S(T, nr_entries, nr_entries) S(T, used, used)                \
+    S(T, level, level) S(T, padding, padding) A(T, entries, entries)
+
+#define REC_LEAF_ENTRY_FIELDS(S, A, T)                                                      \
+    S(T, key_len, key_len) S(T, flags, flags) S(T, reserved, reserved)                     \
+    S(T, value_len, value_len)
+
+#define REC_INTERNAL_ENTRY_FIELDS(S, A, T)                                                  \
+    S(T, child, child) S(T, key_len, key_len) S(T, reserved, reserved)
+
+#define REC_VALUE_BLOCK_FIELDS(S, A, T)                                                     \
+    HEADER_FIELDS(S, A, T, h.) S(T, next, next) S(T, index, index) S(T, len, len)           \
+    S(T, padding, padding) A(T, bytes, bytes)
+
 /* X(record, its fields) for every record. */
 #define RECORDS(X)                                                                          \
     X(block_header, BLOCK_HEADER_FIELDS)                                                    \
@@ -55,7 +71,11 @@
     X(node_header, NODE_HEADER_FIELDS)                                                      \
     X(dev_detail, DEV_DETAIL_FIELDS)                                                        \
     X(catalog_block, CATALOG_BLOCK_FIELDS)                                                  \
-    X(sm_page, SM_PAGE_FIELDS)
+    X(sm_page, SM_PAGE_FIELDS)                                                              \
+    X(rec_node, REC_NODE_FIELDS)                                                            \
+    X(rec_leaf_entry, REC_LEAF_ENTRY_FIELDS)                                                \
+    X(rec_internal_entry, REC_INTERNAL_ENTRY_FIELDS)                                        \
+    X(rec_value_block, REC_VALUE_BLOCK_FIELDS)
 
 #define MEMBER_SIZE(T, member) sizeof(((struct cb_##T *)0)->member)
 
@@ -88,6 +108,10 @@ static const cb_format_constant constants[] = {
     CONSTANT(CB_NODE_SPACE) CONSTANT(CB_NODE_KEY_SIZE) CONSTANT(CB_DEV_READ_ONLY) CONSTANT(CB_DEV_DELETING)
     CONSTANT(CB_CATALOG_INLINE) CONSTANT(CB_CATALOG_MAX) CONSTANT(CB_SM_ENTRIES)
     CONSTANT(CB_MAX_BLOCKS) CONSTANT(CB_MAX_DEV_ID) CONSTANT(CB_MAX_TREE_DEPTH)
+    CONSTANT(CB_RO_COMPAT_RECORDS) CONSTANT(CB_BT_REC_INTERNAL) CONSTANT(CB_BT_REC_LEAF)
+    CONSTANT(CB_BT_REC_VALUE) CONSTANT(CB_RECORD_KEY_MAX) CONSTANT(CB_RECORD_VALUE_MAX)
+    CONSTANT(CB_REC_IN_BLOCKS) CONSTANT(CB_REC_NODE_SPACE) CONSTANT(CB_REC_ENTRY_MAX)
+    CONSTANT(CB_REC_VALUE_BYTES)
 };
 
 #define COUNT(table) (uint32_t)(sizeof table / sizeof table[0])

@@ -33,8 +33,10 @@
 
 /* Feature flags.  A reader refuses a pool with an incompat bit it does not
  * know; it may open one with an unknown ro_compat bit read-only only. */
+#define CB_RO_COMPAT_RECORDS 1u /* the records store holds blocks: a build that does not know
+                                   it would count them as leaks, and its repair free them */
 #define CB_INCOMPAT_SUPPORTED 0u
-#define CB_RO_COMPAT_SUPPORTED 0u
+#define CB_RO_COMPAT_SUPPORTED CB_RO_COMPAT_RECORDS
 #define CB_COMPAT_SUPPORTED 0u
 
 #define CB_POOL_CONFIG_MAX 3072u
@@ -56,6 +58,9 @@ enum cb_block_type {
     CB_BT_SM_INDEX = 0x58444e49u,     /* "INDX": space map index page */
     CB_BT_SM_REFS = 0x53464552u,      /* "REFS": space map reference counts */
     CB_BT_CATALOG = 0x47544143u,      /* "CATG": overflow catalog blob */
+    CB_BT_REC_INTERNAL = 0x49434552u, /* "RECI": records tree internal node */
+    CB_BT_REC_LEAF = 0x4c434552u,     /* "RECL": records tree leaf */
+    CB_BT_REC_VALUE = 0x56434552u,    /* "RECV": a block of a record's value */
 };
 
 /* Every metadata block but the superblock starts with this header. */
@@ -92,7 +97,9 @@ struct cb_superblock {
     uint32_t node_capacity;     /* max entries per b-tree node, 0 = as many as fit */
     uint32_t config_len;        /* bytes of pool configuration that follow */
     uint8_t config[CB_POOL_CONFIG_MAX]; /* opaque to C: the Python layer's pool settings (JSON) */
-    uint8_t reserved[884];      /* zero */
+    uint32_t records_root;      /* root of the records tree, 0 = no records */
+    uint64_t records_count;     /* records in the store */
+    uint8_t reserved[872];      /* zero */
 };
 
 /* ---- B-tree nodes ------------------------------------------------------
@@ -164,6 +171,64 @@ struct cb_sm_page {
 };
 
 #define CB_MAX_BLOCKS ((uint64_t)CB_SM_ENTRIES * CB_SM_ENTRIES * CB_SM_ENTRIES)
+
+/* ---- The records store: byte-string keys to byte-string values ----------
+ * A copy-on-write B+tree ordered by key (bytewise, a shorter key before its
+ * extensions), rooted at the superblock's records_root, whose nodes pack
+ * variable-length entries in key order after their header.  Leaf entries
+ * hold a key and its value, inline when the entry stays within
+ * CB_REC_ENTRY_MAX bytes, else in a chain of value blocks.  Internal entry i
+ * holds child i and a separator: every key under child i is >= it and below
+ * entry i+1's; entry 0 has no separator (key_len 0).  Nodes and value blocks
+ * are counted in the metadata space map (count 1: the store is never
+ * shared).  A node's level is 0 for a leaf and its parent's minus one below
+ * the root, so every walk goes strictly down.
+ */
+#define CB_RECORD_KEY_MAX 1024u            /* bytes; keys have at least one */
+#define CB_RECORD_VALUE_MAX (16u << 20)    /* bytes */
+#define CB_REC_IN_BLOCKS 1u                /* leaf entry flag: the value is in value blocks */
+
+struct cb_rec_node {
+    struct cb_block_header h;   /* CB_BT_REC_INTERNAL or CB_BT_REC_LEAF */
+    uint32_t nr_entries;        /* at least 1 */
+    uint32_t used;              /* bytes of entries[] in use, from its start */
+    uint32_t level;             /* 0 = leaf; a child is one level below its parent */
+    uint32_t padding;           /* zero */
+    uint8_t entries[CB_META_BLOCK_SIZE - sizeof(struct cb_block_header) - 16];
+};
+#define CB_REC_NODE_SPACE (sizeof(((struct cb_rec_node *)0)->entries))
+/* The largest entry: a third of a node, so that any node that overflows by
+ * one entry splits into two that fit. */
+#define CB_REC_ENTRY_MAX (CB_REC_NODE_SPACE / 3)
+
+/* A leaf entry: this header, key[key_len], then value[value_len] inline, or
+ * with CB_REC_IN_BLOCKS the u32 number of the value's first block.  Entries
+ * are packed, so read them with memcpy. */
+struct cb_rec_leaf_entry {
+    uint16_t key_len;           /* 1 .. CB_RECORD_KEY_MAX */
+    uint8_t flags;              /* CB_REC_IN_BLOCKS */
+    uint8_t reserved;           /* zero */
+    uint32_t value_len;         /* bytes, <= CB_RECORD_VALUE_MAX */
+};
+
+/* An internal entry: this header, then key[key_len] (0 for entry 0). */
+struct cb_rec_internal_entry {
+    uint32_t child;             /* the child node's block */
+    uint16_t key_len;
+    uint16_t reserved;          /* zero */
+};
+
+/* A block of a record's value: the value in order, CB_REC_VALUE_BYTES a
+ * block (the last one holds the rest), each block pointing at the next. */
+struct cb_rec_value_block {
+    struct cb_block_header h;   /* CB_BT_REC_VALUE */
+    uint32_t next;              /* the next block of the value, 0 in the last */
+    uint32_t index;             /* this block's place in the value: 0, 1, ... */
+    uint32_t len;               /* bytes of the value in this block */
+    uint32_t padding;           /* zero */
+    uint8_t bytes[CB_META_BLOCK_SIZE - sizeof(struct cb_block_header) - 16];
+};
+#define CB_REC_VALUE_BYTES (sizeof(((struct cb_rec_value_block *)0)->bytes))
 /* Device ids are below 2^24, as dm-thin's; they are never reused. */
 #define CB_MAX_DEV_ID (1u << 24)
 /* Deeper b-trees are corrupt (a cycle, most likely): every walk stops there. */
@@ -174,5 +239,11 @@ _Static_assert(sizeof(struct cb_node_header) == 32, "node header size");
 _Static_assert(sizeof(struct cb_dev_detail) == 256, "device detail size");
 _Static_assert(sizeof(struct cb_catalog_block) == CB_META_BLOCK_SIZE, "catalog block size");
 _Static_assert(sizeof(struct cb_sm_page) <= CB_META_BLOCK_SIZE, "space map page size");
+_Static_assert(sizeof(struct cb_rec_node) == CB_META_BLOCK_SIZE, "records node size");
+_Static_assert(sizeof(struct cb_rec_value_block) == CB_META_BLOCK_SIZE, "record value block size");
+_Static_assert(sizeof(struct cb_rec_leaf_entry) == 8 && sizeof(struct cb_rec_internal_entry) == 8,
+               "record entry header size");
+_Static_assert(sizeof(struct cb_rec_leaf_entry) + CB_RECORD_KEY_MAX + 4 <= CB_REC_ENTRY_MAX,
+               "a leaf entry with the longest key fits");
 
 #endif

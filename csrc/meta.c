@@ -51,6 +51,9 @@ static const char *type_name(uint32_t t)
     case CB_BT_SM_INDEX: return "space map index";
     case CB_BT_SM_REFS: return "space map reference page";
     case CB_BT_CATALOG: return "catalog block";
+    case CB_BT_REC_INTERNAL: return "records internal node";
+    case CB_BT_REC_LEAF: return "records leaf";
+    case CB_BT_REC_VALUE: return "record value block";
     default: return "unknown block type";
     }
 }
@@ -89,6 +92,13 @@ static int verify_block(struct cb_meta *m, uint32_t b, const uint8_t *blk, uint3
         if (n->nr_entries > n->max_entries)
             return corrupt(b, "node entry count", n->max_entries, n->nr_entries);
     }
+    int r = 0;
+    if (h->type == CB_BT_REC_INTERNAL || h->type == CB_BT_REC_LEAF)
+        r = rec_verify_node(m, b, blk);
+    else if (h->type == CB_BT_REC_VALUE)
+        r = rec_verify_value(b, blk);
+    if (r)
+        return r;
     __atomic_fetch_add(&m->blocks_verified, 1, __ATOMIC_RELAXED);
     return 0;
 }
@@ -257,6 +267,7 @@ void meta_set_capacities(struct cb_meta *m)
     m->leaf_max = CB_NODE_SPACE / 8;
     m->internal_max = CB_NODE_SPACE / 8;
     m->dev_leaf_max = CB_NODE_SPACE / (4 + sizeof(struct cb_dev_detail));
+    m->rec_max_entries = cap ? cap : CB_REC_NODE_SPACE / sizeof(struct cb_rec_internal_entry);
     if (cap) {
         if (cap < m->leaf_max) m->leaf_max = cap;
         if (cap < m->internal_max) m->internal_max = cap;

@@ -152,6 +152,7 @@ int cb_pool_open(const char *dir, int read_only, cb_pool **out)
     pthread_mutex_init(&p->commit_lock, NULL);
     pthread_mutex_init(&p->cell_lock, NULL);
     pthread_cond_init(&p->cell_cond, NULL);
+    txn_init(p);
     p->read_only = true; /* until the open succeeds: close() must not commit */
     int r = 0;
     int mode = read_only ? O_RDONLY : O_RDWR;
@@ -205,7 +206,9 @@ int cb_pool_close(cb_pool *p)
         return 0;
     int r = 0;
     if (!p->read_only && !p->failed && p->m.map)
-        r = cb_pool_commit(p);
+        r = txn_depth(p) ? cb_err(CB_E_INVALID, "the pool was closed inside an atomic section: "
+                                  "what changed since the last commit is not committed")
+                         : cb_pool_commit(p);
     for (uint32_t i = 0; i < p->devs_cap; i++)
         dev_free(p->devs[i]);
     free(p->devs);
@@ -227,6 +230,7 @@ int cb_pool_close(cb_pool *p)
     pthread_mutex_destroy(&p->commit_lock);
     pthread_mutex_destroy(&p->cell_lock);
     pthread_cond_destroy(&p->cell_cond);
+    txn_destroy(p);
     free(p->cells);
     free(p->pending.v);
     free(p);
@@ -287,16 +291,48 @@ static int commit_locked(cb_pool *p, bool presynced, uint64_t presync_gen)
     return 0;
 }
 
-int pool_commit_locked(cb_pool *p) { return commit_locked(p, false, 0); }
+int pool_commit_locked(cb_pool *p)
+{
+    switch (txn_turn(p)) {
+    case TXN_DEFER:
+        return 0;
+    case TXN_WAIT: {
+        pthread_rwlock_unlock(&p->lock);
+        txn_wait_idle(p);
+        pthread_rwlock_wrlock(&p->lock);
+        int r = commit_locked(p, false, 0);
+        commit_gate_leave(p);
+        return r;
+    }
+    default:
+        return commit_locked(p, false, 0);
+    }
+}
+
+int pool_commit_locked_nowait(cb_pool *p)
+{
+    return txn_any_open(p) ? 0 : commit_locked(p, false, 0);
+}
+
+/* Refuse what needs a commit of its own inside the caller's atomic section. */
+static int outside_section(cb_pool *p, const char *what)
+{
+    return txn_depth(p) ? cb_err(CB_E_INVALID, "%s inside an atomic section would commit half of "
+                                 "it; the section commits when it ends", what) : 0;
+}
 
 /* The data file is fsynced before taking the write lock, so that I/O goes on
  * while the bulk of the data reaches the disk; under the lock only the data
  * of blocks allocated meanwhile is synced again, then the metadata. */
 int cb_pool_commit(cb_pool *p)
 {
+    int r = outside_section(p, "a commit");
+    if (r)
+        return r;
+    commit_gate_enter(p);
     pthread_mutex_lock(&p->commit_lock);
     pthread_rwlock_rdlock(&p->lock);
-    int r = p->read_only ? 0 : pool_writable(p);
+    r = p->read_only ? 0 : pool_writable(p);
     bool data_dirty = __atomic_load_n(&p->data_dirty, __ATOMIC_RELAXED);
     uint64_t gen = p->alloc_gen;
     pthread_rwlock_unlock(&p->lock);
@@ -315,6 +351,7 @@ int cb_pool_commit(cb_pool *p)
         pthread_rwlock_unlock(&p->lock);
     }
     pthread_mutex_unlock(&p->commit_lock);
+    commit_gate_leave(p);
     return r;
 }
 
@@ -353,6 +390,9 @@ int cb_pool_counters(cb_pool *p, uint64_t *meta_written, uint64_t *meta_verified
 
 int cb_pool_resize(cb_pool *p, uint64_t data_size)
 {
+    bool gated = !txn_depth(p); /* inside a section, its end commits the resize */
+    if (gated)
+        commit_gate_enter(p);
     pthread_mutex_lock(&p->commit_lock);
     pthread_rwlock_wrlock(&p->lock);
     int r = pool_writable(p);
@@ -390,11 +430,16 @@ int cb_pool_resize(cb_pool *p, uint64_t data_size)
 out:
     pthread_rwlock_unlock(&p->lock);
     pthread_mutex_unlock(&p->commit_lock);
+    if (gated)
+        commit_gate_leave(p);
     return r;
 }
 
 int cb_pool_resize_metadata(cb_pool *p, uint64_t meta_size)
 {
+    bool gated = !txn_depth(p);
+    if (gated)
+        commit_gate_enter(p);
     pthread_mutex_lock(&p->commit_lock);
     pthread_rwlock_wrlock(&p->lock);
     int r = pool_writable(p);
@@ -419,6 +464,8 @@ int cb_pool_resize_metadata(cb_pool *p, uint64_t meta_size)
 out:
     pthread_rwlock_unlock(&p->lock);
     pthread_mutex_unlock(&p->commit_lock);
+    if (gated)
+        commit_gate_leave(p);
     return r;
 }
 
@@ -484,11 +531,15 @@ int cb_pool_set_config(cb_pool *p, const void *buf, uint32_t len)
 int cb_pool_trim(cb_pool *p, uint64_t *bytes)
 {
     *bytes = 0;
+    int r = outside_section(p, "a trim");
+    if (r)
+        return r;
+    commit_gate_enter(p);
     pthread_mutex_lock(&p->commit_lock);
     pthread_rwlock_wrlock(&p->lock);
     /* After a commit every block with count 0 is free, except blocks being
      * filled right now (pending, kept busy). */
-    int r = pool_commit_locked(p);
+    r = pool_commit_locked(p);
     uint64_t n = p->m.sb.nr_data_blocks, run_start = 0, run_len = 0;
     for (uint64_t b = 0; !r && b <= n; b++) {
         uint32_t ref = 1;
@@ -509,5 +560,6 @@ int cb_pool_trim(cb_pool *p, uint64_t *bytes)
     }
     pthread_rwlock_unlock(&p->lock);
     pthread_mutex_unlock(&p->commit_lock);
+    commit_gate_leave(p);
     return r;
 }

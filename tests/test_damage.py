@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from cowblock import CorruptMetadataError, Pool, format
+from cowblock import CorruptMetadataError, InvalidArgumentError, Pool, format
 from cowblock.damage import MetadataFile, damage
 from helpers import pattern
 
@@ -152,3 +152,64 @@ def test_damage_writes_only_the_blocks_it_changes(pool_dir, kind):
                if before[n * block:(n + 1) * block] != after[n * block:(n + 1) * block]]
     assert len(changed) == 1, changed
     assert meta.stat().st_blocks <= allocated + block // 512
+
+
+# ---- the records store ----
+
+@pytest.fixture
+def records_pool_dir(tmp_path):
+    """Devices, and 60 records in several levels of nodes (capacity 4),
+    every tenth one in value blocks."""
+    path = tmp_path / "r"
+    with Pool.create(path, 1024 * BS, BS, commit_interval=0, _node_capacity=4) as pool:
+        pool.create_thin("a", 64 * BS).pwrite(pattern(1, 20 * BS), 0)
+        with pool.atomic():
+            for i in range(60):
+                pool.put_record(f"ns/{i:02d}/snap {i}", pattern(i, 9000 if i % 10 == 0 else 30))
+    return path
+
+
+def records_of(path):
+    with Pool.open(path, read_only=True) as pool:
+        return {r.key: r.value for r in pool.records()}
+
+
+@pytest.mark.parametrize("kind,found,kept", [
+    ("record-count", "the superblock says 61 records, its tree holds 60", "all"),
+    ("record-unsorted", "keys out of order", "some"),
+    ("flip:rec-leaf", "checksum", "some"),
+    ("flip:rec-internal", "checksum", "some"),
+    ("flip:rec-value", "checksum", "all but one"),
+])
+def test_records_damage_is_found_and_repair_keeps_or_rebuilds_the_store(records_pool_dir, kind,
+                                                                        found, kept):
+    before, data = records_of(records_pool_dir), contents(records_pool_dir)
+    damage(records_pool_dir, kind)
+    with Pool.open(records_pool_dir, commit_interval=0) as pool:
+        report = pool.check()
+        assert not report.ok and any(found in line for line in report.errors), str(report)
+        assert all("records store" in line for line in report.errors), str(report)
+        fixed = pool.check(repair=True)
+        assert fixed.ok, str(fixed)
+        text = "\n".join(fixed.repaired)
+        assert "records store" in text
+        after = {r.key: r.value for r in pool.records()}
+        assert pool.record_count() == len(after)
+    assert all(before[k] == v for k, v in after.items())        # what is kept is intact
+    if kept == "all":
+        assert after == before and "count set from 61 to 60" in text
+    elif kept == "all but one":
+        lost = set(before) - set(after)
+        assert len(lost) == 1 and f'record "{lost.pop().decode()}" dropped' in text
+    else:
+        assert 0 < len(after) < len(before) and "unreadable nodes" in text
+    assert contents(records_pool_dir) == data                  # the devices are untouched
+    with Pool.open(records_pool_dir) as pool:
+        assert pool.check().ok
+
+
+def test_records_damage_kinds_need_records(pool_dir):
+    with pytest.raises(InvalidArgumentError, match="no records leaf"):
+        damage(pool_dir, "record-unsorted")
+    with pytest.raises(InvalidArgumentError, match="no rec-leaf block"):
+        damage(pool_dir, "flip:rec-leaf")

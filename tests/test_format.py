@@ -15,6 +15,7 @@ from cowblock.format import (CATALOG_BLOCK, DEV_DETAIL, META_BLOCK_SIZE as META,
                              SUPERBLOCK, Commit, block_ok, crc32c, seal)
 
 BS = 4096
+EMBEDS_HEADER = ("node_header", "catalog_block", "sm_page", "rec_node", "rec_value_block")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = {f"label{i}": "v" * 40 for i in range(10)}   # overflows into a catalog block
 
@@ -27,7 +28,8 @@ def test_crc32c_is_castagnoli_and_continues():
 
 def test_every_record_is_its_fields_in_order_without_gaps():
     assert set(RECORDS) == {"block_header", "superblock", "node_header", "dev_detail",
-                            "catalog_block", "sm_page"}
+                            "catalog_block", "sm_page", "rec_node", "rec_leaf_entry",
+                            "rec_internal_entry", "rec_value_block"}
     for record in RECORDS.values():
         at = 0
         for f in record.fields:
@@ -35,10 +37,10 @@ def test_every_record_is_its_fields_in_order_without_gaps():
             assert f.size % f.item_size == 0, (record.name, f.name)
             at += f.size
         assert at == record.size, record.name
-    for name in ("superblock", "catalog_block", "sm_page"):
+    for name in ("superblock", "catalog_block", "sm_page", "rec_node", "rec_value_block"):
         assert RECORDS[name].size == META
     header = [(f.name, f.offset, f.size) for f in RECORDS["block_header"].fields]
-    for name in ("superblock", "node_header", "catalog_block", "sm_page"):
+    for name in EMBEDS_HEADER + ("superblock",):
         assert [(f.name, f.offset, f.size) for f in RECORDS[name].fields[:3]] == header
 
 
@@ -52,8 +54,15 @@ def pool_path(tmp_path):
         pool.snapshot("a", "snap", read_only=True)
         a.pwrite(b"y" * BS, 3 * BS)
         pool.create_thin("b", 16 * BS, labels=LABELS).pwrite(b"z", 0)
+        with pool.atomic():
+            for i in range(40):   # several levels of records nodes, inline and block values
+                pool.put_record(f"images/{i:02d} web", RECORD_VALUE(i))
         pool.commit()
     return path
+
+
+def RECORD_VALUE(i):
+    return bytes([i]) * (i * 300)
 
 
 def read_meta(path):
@@ -103,6 +112,11 @@ def test_python_reads_what_c_wrote(pool_path):
             assert sum(1 for b in range(nr) if commit.refcount(space, b)) == used
         mapped = {v for triples in pool.mappings().values() for _, v, _ in triples}
         assert {b for b in range(sb.nr_data_blocks) if commit.refcount("data", b)} == mapped
+        # the records store, read by Python's view of its nodes and value blocks
+        assert list(commit.records()) == [(r.key, r.value) for r in pool.records()]
+        assert sb.records_count == pool.record_count() == 40
+        assert sb.ro_compat & format.RO_COMPAT_RECORDS
+        assert commit.of_type(format.T_REC_VALUE) and len(commit.record_leaves) > 1
 
 
 def test_checksums_and_records_round_trip_in_every_block(pool_path):
@@ -139,7 +153,8 @@ def test_c_reads_what_python_wrote(pool_path):
 
 SECTIONS = {"## 2.": "block_header", "## 3.": "superblock", "## 4.": "node_header",
             "## 5.": "dev_detail", "### Overflow catalog block": "catalog_block",
-            "## 6.": "sm_page"}
+            "## 6.": "sm_page", "### Records node": "rec_node", "### Leaf entry": "rec_leaf_entry",
+            "### Internal entry": "rec_internal_entry", "### Value block": "rec_value_block"}
 
 
 def documented_tables():
@@ -165,7 +180,7 @@ def documented_tables():
 def c_fields(record):
     """(field, offset, size), the block header as one field h where a record embeds it."""
     fields = [(f.name, f.offset, f.size) for f in RECORDS[record].fields]
-    if record in ("node_header", "catalog_block", "sm_page"):
+    if record in EMBEDS_HEADER:
         fields = [("h", 0, RECORDS["block_header"].size)] + fields[3:]
     return fields
 

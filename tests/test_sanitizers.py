@@ -25,7 +25,8 @@ TEST_FILES = os.environ.get(
     "test_api.py test_hostile_api.py test_property.py test_corruption.py test_damage.py "
     "test_repair.py test_format.py test_check_records.py test_error_kinds.py "
     "test_concurrency.py test_crash.py test_full_pool.py test_nbd.py test_nbd_tls.py "
-    "test_attach_fuse.py").split()
+    "test_attach_fuse.py test_records.py test_atomic.py test_records_property.py "
+    "test_records_crash.py").split()
 # Long runs stay out, and so do the tests that drive outside clients (qemu,
 # libnbd, fio): the sanitizer runtime, preloaded, would be loaded into them
 # too, and qemu-io deadlocks in it at exit.  The NBD server is still tested

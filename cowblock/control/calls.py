@@ -113,6 +113,12 @@ _TABLE = [
     _pool("mappings"),
     _pool("add_mappings"),
     _pool("pending_removals"),
+    # the records store (cowblock.records)
+    _pool("put_record"),
+    _pool("get_record"),
+    _pool("delete_record"),
+    _pool("record_count"),
+    _function("records", "cowblock.control.calls:records"),
     _function("contains", "cowblock.control.calls:contains"),
     _function("get_config", "cowblock.control.calls:get_config"),
     _function("diff", "cowblock.control.calls:diff"),
@@ -163,6 +169,20 @@ def get_config(pool):
 
 def diff(pool, a, b, *, same=False):
     return list(pool.diff(a, b, same=same))
+
+
+def records(pool, prefix=b"", start_after=None, limit=None, *, values=True):
+    """pool.records() as a list: what one reply can carry, at most MAX_READ
+    bytes of keys and values (page with limit and start_after beyond)."""
+    out, size = [], 0
+    for record in pool.records(prefix, start_after, limit, values=values):
+        size += len(record.key) + len(record.value or b"")
+        if size > MAX_READ:
+            raise errors.InvalidArgumentError(
+                f"records of more than {MAX_READ} bytes in one call through the control socket: "
+                "page them with limit= and start_after=")
+        out.append(record)
+    return out
 
 
 def device_size(device):

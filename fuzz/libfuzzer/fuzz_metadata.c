@@ -1,7 +1,8 @@
 /*
  * libFuzzer harness for the metadata decoder: superblock, b-tree nodes,
- * space-map pages, device details and catalogs, as read by open, check,
- * repair, reads, writes, diffs, snapshots and deletes.
+ * space-map pages, device details and catalogs, the records store's nodes
+ * and value blocks, as read by open, check, repair, reads, writes, diffs,
+ * snapshots, deletes, and record lookups, listings, puts and deletes.
  *
  * The input is a list of patches to a real pool's metadata (made once at
  * start-up: devices, a snapshot, a few hundred mappings, small nodes so the
@@ -49,6 +50,18 @@ static void make_template(void)
     memset(big_catalog, 'c', sizeof big_catalog); /* lives in a catalog block */
     fuzz_must(cb_dev_create(p, 64u << 10, NULL, big_catalog, sizeof big_catalog, &b), "device b");
     fuzz_must((int)cb_dev_write(p, b, buf, sizeof buf, 0), "write b");
+    /* Records: enough for three levels of nodes of 8 entries, values inline
+     * and in chains of value blocks, put in one atomic section. */
+    static uint8_t value[8192];
+    fuzz_must(cb_pool_txn_begin(p), "section");
+    for (uint32_t i = 0; i < 120; i++) {
+        char key[64];
+        int klen = snprintf(key, sizeof key, "ns/%u/key %u", i % 7, i);
+        uint32_t vlen = i % 10 == 0 ? 5000 + i * 10 : i % 40;
+        memset(value, (int)i, sizeof value);
+        fuzz_must(cb_rec_put(p, key, (uint32_t)klen, value, vlen), "record");
+    }
+    fuzz_must(cb_pool_txn_end(p, CB_TXN_COMMIT), "section end");
     fuzz_must(cb_pool_close(p), "close");
 
     char path[320];
@@ -104,6 +117,27 @@ static void reread_metadata(void)
     close(fd);
 }
 
+/* Lookups, listings and counts of the records store. */
+static void exercise_records(cb_pool *p)
+{
+    static const char *keys[] = {"ns/0/key 0", "ns/3/key 10", "ns/6/key 118", "absent"};
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+        uint8_t *value = NULL;
+        uint32_t len;
+        if (cb_rec_get(p, keys[i], (uint32_t)strlen(keys[i]), &value, &len) == 1)
+            cb_free(value);
+    }
+    static const char *prefixes[] = {"", "ns/", "ns/4/", "zz"};
+    for (size_t i = 0; i < sizeof prefixes / sizeof prefixes[0]; i++) {
+        uint32_t plen = (uint32_t)strlen(prefixes[i]);
+        uint8_t *out = NULL;
+        uint64_t out_len;
+        if (cb_rec_list(p, prefixes[i], plen, "ns/2", 4, 1000, 1u << 20, 1, &out, &out_len) >= 0)
+            cb_free(out);
+        cb_rec_count(p, prefixes[i], plen);
+    }
+}
+
 /* Everything a reader of the pool does. */
 static void exercise_read_only(cb_pool *p)
 {
@@ -137,6 +171,7 @@ static void exercise_read_only(cb_pool *p)
         if (i > 0 && cb_pool_diff(p, ids[0], ids[i], 1, &ranges, &count) == 0)
             cb_free(ranges);
     }
+    exercise_records(p);
     cb_check_summary sum;
     cb_check_record *records = NULL;
     uint64_t nr_records;
@@ -163,6 +198,17 @@ static void exercise_writable(cb_pool *p)
     }
     if (n > 1)
         cb_dev_delete(p, ids[n - 1]);
+    /* Changes of the records store, in a section and out of one. */
+    static uint8_t big[9000];
+    memset(big, 0x33, sizeof big);
+    if (cb_pool_txn_begin(p) == 0) {
+        cb_rec_put(p, "ns/3/key 10", 11, big, sizeof big);
+        cb_rec_put(p, "ns/9/new", 8, big, 10);
+        cb_rec_delete(p, "ns/0/key 0", 10);
+        cb_pool_txn_end(p, CB_TXN_COMMIT);
+    }
+    cb_rec_delete(p, "ns/6/key 118", 12);
+    cb_rec_put(p, "ns/1/key 1", 10, big, 3000);
     cb_pool_commit(p);
     cb_check_summary sum;
     cb_check_record *records = NULL;

@@ -38,7 +38,8 @@ def nbd_inputs():
 def metadata_inputs():
     yield b"\x00"
     yield b"\x02"
-    for block in range(8):  # a change at the start of each block that keeps it valid
+    for block in range(64):  # a change at the start of each block that keeps it valid
+        # (the first blocks hold the device trees, the later ones the records store)
         yield b"\x02" + struct.pack("<HHB", block, 8, 0)
     yield b"\x00" + struct.pack("<HHB", 0, 64, 8) + struct.pack("<Q", 99)
     yield b"\x01" + struct.pack("<HHB", 3, 100, 4) + b"\xff\xff\xff\xff"
