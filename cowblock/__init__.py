@@ -6,14 +6,35 @@
         base.pwrite(b"hello", 0)
         snap = pool.snapshot("base", "snap", read_only=True)
 """
-from .device import Device, DeviceFile, Extent
-from .errors import (BusyError, CorruptMetadataError, CowblockError, DeviceExistsError,
-                     DeviceNotFoundError, HostFileError, InvalidArgumentError, MetadataSpaceError,
-                     NeedsCheckError, NoSpaceError, PoolClosedError, PoolExistsError,
-                     PoolIOError, PoolLockedError, PoolNotFoundError, ProtectedError,
-                     ReadOnlyError)
-from .pool import CheckRecord, CheckReport, DeviceInfo, DiffRange, Pool, PoolStats, Usage
-from .control.client import PoolProxy, connect
+import importlib
+
+# Names are imported on first use (PEP 562): a CLI command that only talks
+# to the pool's daemon never loads the engine's Python layer.
+_WHERE = {
+    **dict.fromkeys(["Device", "DeviceFile", "Extent"], "device"),
+    **dict.fromkeys(["BusyError", "CorruptMetadataError", "CowblockError", "DeviceExistsError",
+                     "DeviceNotFoundError", "HostFileError", "InvalidArgumentError",
+                     "MetadataSpaceError", "NeedsCheckError", "NoSpaceError", "PoolClosedError",
+                     "PoolExistsError", "PoolIOError", "PoolLockedError", "PoolNotFoundError",
+                     "ProtectedError", "ReadOnlyError"], "errors"),
+    **dict.fromkeys(["CheckRecord", "CheckReport", "DeviceInfo", "DiffRange", "Pool",
+                     "PoolStats", "Usage"], "pool"),
+    **dict.fromkeys(["PoolProxy", "connect"], "control.client"),
+}
+
+
+def __getattr__(name):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cowblock' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_WHERE))
+
 
 __version__ = "0.1.0"
 

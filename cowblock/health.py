@@ -21,7 +21,6 @@ import stat
 import subprocess
 from dataclasses import dataclass, field
 
-from . import format
 from .errors import InvalidArgumentError, NoSpaceError
 
 DEFAULTS = {"low_water_data": 10, "low_water_metadata": 10, "min_free_space": 5, "hook": None}
@@ -130,7 +129,9 @@ def _read_only(pool, stats):
 
 # The permission bits a pool directory is made without (CB_POOL_DIR_MODE is
 # owner-only): group and others.
-_OWNER_ONLY = 0o777 & ~format.CONSTANTS["CB_POOL_DIR_MODE"]
+def _owner_only():
+    from .format import CONSTANTS   # imported here: the CLI imports health at every start
+    return 0o777 & ~CONSTANTS["CB_POOL_DIR_MODE"]
 
 
 def _exposed(pool_dir):
@@ -143,7 +144,7 @@ def _exposed(pool_dir):
             mode = stat.S_IMODE(os.stat(path).st_mode)
         except OSError:
             continue
-        if mode & _OWNER_ONLY:
+        if mode & _owner_only():
             exposed.append((path, mode, what))
     return exposed
 
@@ -160,8 +161,8 @@ def tighten_permissions(pool_dir):
     returns a sentence for each one changed."""
     done = []
     for path, mode, what in _exposed(pool_dir):
-        os.chmod(path, mode & ~_OWNER_ONLY)
-        done.append(f"{what} {path}: mode {mode:04o} set to {mode & ~_OWNER_ONLY:04o} (owner only)")
+        os.chmod(path, mode & ~_owner_only())
+        done.append(f"{what} {path}: mode {mode:04o} set to {mode & ~_owner_only():04o} (owner only)")
     return done
 
 

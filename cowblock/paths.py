@@ -1,8 +1,6 @@
 """Where the embedded default pool lives, and how it is made on first use."""
 import os
 
-from .pool import Pool
-
 DEFAULT_DATA_SIZE = 64 << 30     # sparse: costs nothing until written
 DEFAULT_BLOCK_SIZE = 64 << 10
 
@@ -18,6 +16,7 @@ def default_pool_path():
 
 def open_or_create(path, *, read_only=False, timeout=0.0, commit_interval=1.0):
     """Open the pool at path, creating it (DEFAULT_DATA_SIZE, sparse) if absent."""
+    from .pool import Pool
     if not os.path.isfile(os.path.join(path, "metadata")):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         Pool.create(path, DEFAULT_DATA_SIZE, DEFAULT_BLOCK_SIZE).close()
