@@ -295,9 +295,9 @@ def connect(path, *, read_only=False, timeout=0.0, commit_interval=1.0, on_note=
     Pool itself (opened with the arguments given, waiting up to timeout
     seconds for another holder).  Leftovers of a daemon that died are
     cleaned up first, each reported to on_note(text)."""
-    from ..pool import Pool
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "metadata")):
+        from ..pool import Pool
         return Pool.open(path, read_only=read_only, timeout=timeout,
                          commit_interval=commit_interval)   # says what is missing
     runtime = RuntimeDir(path)
@@ -307,6 +307,7 @@ def connect(path, *, read_only=False, timeout=0.0, commit_interval=1.0, on_note=
         client = _try_client(runtime)
         if client is not None:
             return PoolProxy(runtime, client, on_note=on_note, open_args=open_args)
+        from ..pool import Pool   # (imported only here: a proxy needs none of it)
         try:
             pool = Pool.open(path, read_only=read_only, timeout=0,
                              commit_interval=commit_interval)
