@@ -3,6 +3,7 @@
 Buffers cross into C without copies (``ffi.from_buffer``); the C calls
 release the GIL, so threads doing I/O run in parallel.
 """
+import errno
 import io
 import operator
 from dataclasses import dataclass
@@ -132,13 +133,24 @@ class Device:
         """Write data at offset (any alignment); returns len(data) in bytes."""
         try:
             p = _from_buffer(data)
-            r = _write(self._pool._h, self._id, p, len(p), offset)
+            r = self._once_more_if_full(lambda: _write(self._pool._h, self._id, p, len(p), offset))
         except (OverflowError, TypeError) as e:
             raise self._bad_call(e, offset) from None
         except BufferError as e:
             raise TypeError(f"pwrite needs a contiguous bytes-like object: {e}") from None
         if r < 0:
             self._pool._check(r)
+        return r
+
+    def _once_more_if_full(self, call):
+        """call() (a C call returning 0 or a count, or a negative errno); when
+        it finds the pool full and the pool has a space_wait (the low-water
+        hook, cowblock.lowwater), wait for that and call once more."""
+        r = call()
+        wait = self._pool.space_wait
+        if r == -errno.ENOSPC and wait is not None:
+            wait()
+            r = call()
         return r
 
     def _bad_call(self, exc, offset):
@@ -159,8 +171,8 @@ class Device:
         self._range_call(lib.cb_dev_write_zeroes, offset, length, 1 if may_unmap else 0)
 
     def _range_call(self, fn, offset, length, *extra):
-        self._pool._check(fn(self._h(), self._id, _check("offset", offset),
-                             _check("length", length), *extra))
+        h, offset, length = self._h(), _check("offset", offset), _check("length", length)
+        self._pool._check(self._once_more_if_full(lambda: fn(h, self._id, offset, length, *extra)))
 
     def flush(self):
         """Make every write so far durable (commits the pool's transaction)."""

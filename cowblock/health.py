@@ -8,22 +8,26 @@ opens the pool sees the same ones:
   min_free_space                       refuse new devices under this
                                        percentage of free data (default 5,
                                        Docker's dm.min_free_space)
-  hook                                 a shell command run when a low-water
-                                       mark is crossed; it gets COWBLOCK_POOL,
-                                       COWBLOCK_DATA_FREE_PCT and
-                                       COWBLOCK_METADATA_FREE_PCT
+  hook                                 a shell command run once when free
+                                       space falls under a low-water mark
+                                       (cowblock.lowwater); it gets
+                                       COWBLOCK_POOL, COWBLOCK_DATA_FREE_PCT
+                                       and COWBLOCK_METADATA_FREE_PCT
+  hook_timeout                         seconds a write that finds the pool
+                                       full waits for the hook (default 60)
 
 It also warns when the pool's files are open to other users: a pool is made
 owner-only (directory 0700, data and metadata 0600) and should stay so.
 """
 import os
 import stat
-import subprocess
 from dataclasses import dataclass, field
 
 from .errors import InvalidArgumentError, NoSpaceError
 
-DEFAULTS = {"low_water_data": 10, "low_water_metadata": 10, "min_free_space": 5, "hook": None}
+DEFAULTS = {"low_water_data": 10, "low_water_metadata": 10, "min_free_space": 5, "hook": None,
+            "hook_timeout": 60}
+MAX_HOOK_TIMEOUT = 24 * 3600
 
 
 def settings(pool):
@@ -40,20 +44,25 @@ def settings(pool):
 
 def validate(changes):
     """Refuse unknown settings and values out of range (percentages 0-100,
-    hook a command string or None)."""
+    hook a command string or None, hook_timeout seconds)."""
     for key, value in changes.items():
         if key not in DEFAULTS:
             raise InvalidArgumentError(f"unknown health setting {key!r}; known: {sorted(DEFAULTS)}")
         if key == "hook":
             if value is not None and not isinstance(value, str):
                 raise InvalidArgumentError(f"hook {value!r} is not a command string or None")
+        elif key == "hook_timeout":
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not 0 < value <= MAX_HOOK_TIMEOUT):
+                raise InvalidArgumentError(f"hook timeout {value!r} is not a number of seconds "
+                                           f"over 0, up to {MAX_HOOK_TIMEOUT}")
         elif (not isinstance(value, (int, float)) or isinstance(value, bool)
               or not 0 <= value <= 100):
             raise InvalidArgumentError(f"{key} {value!r} is not a percentage from 0 to 100")
 
 
 def configure(pool, **changes):
-    """Change health settings (percentages 0-100, hook a command or None)."""
+    """Change health settings (see validate)."""
     validate(changes)
     config = pool.config
     config["health"] = {**config.get("health", {}), **changes}
@@ -74,19 +83,28 @@ class Health:
 
     @property
     def below_low_water(self):
-        return (self.data_free_pct < self.low_water_data
-                or self.metadata_free_pct < self.low_water_metadata)
+        return below_low_water(self.data_free_pct, self.metadata_free_pct, {
+            "low_water_data": self.low_water_data, "low_water_metadata": self.low_water_metadata})
 
     @property
     def overprovisioned(self):
         return self.provisioned_bytes > self.data_bytes
 
 
+def free_pct(stats):
+    """(data, metadata) free space in percent, from pool.stats()."""
+    usable_meta = stats.metadata_capacity_bytes - stats.metadata_reserve_bytes
+    return (100.0 * stats.data_free / stats.data_blocks,
+            100.0 * max(0, usable_meta - stats.metadata_used_bytes) / max(usable_meta, 1))
+
+
+def below_low_water(data_free, meta_free, cfg):
+    return data_free < cfg["low_water_data"] or meta_free < cfg["low_water_metadata"]
+
+
 def pool_health(pool):
     s, cfg = pool.stats(), settings(pool)
-    data_free = 100.0 * s.data_free / s.data_blocks
-    usable_meta = s.metadata_capacity_bytes - s.metadata_reserve_bytes
-    meta_free = 100.0 * max(0, usable_meta - s.metadata_used_bytes) / max(usable_meta, 1)
+    data_free, meta_free = free_pct(s)
     provisioned = sum(d.size for d in pool.list())
     h = Health(data_free, meta_free, provisioned, s.data_blocks * s.block_size,
                cfg["low_water_data"], cfg["low_water_metadata"], cfg["min_free_space"],
@@ -114,7 +132,7 @@ def report(pool):
             "devices": s.devices, "provisioned": h.provisioned_bytes,
             "overprovisioned": h.overprovisioned, "low_water_data": h.low_water_data,
             "low_water_metadata": h.low_water_metadata, "min_free_space": h.min_free_space,
-            "hook": cfg["hook"], "below_low_water": h.below_low_water,
+            "hook": cfg["hook"], "hook_timeout": cfg["hook_timeout"], "below_low_water": h.below_low_water,
             "needs_check": s.needs_check, "read_only": _read_only(pool, s),
             "warnings": h.warnings}
 
@@ -164,15 +182,6 @@ def tighten_permissions(pool_dir):
         os.chmod(path, mode & ~_owner_only())
         done.append(f"{what} {path}: mode {mode:04o} set to {mode & ~_owner_only():04o} (owner only)")
     return done
-
-
-def run_hook(pool_path, hook, health):
-    """Run a low-water hook command (with the pool closed: it may open it, to
-    grow it); returns its exit status."""
-    env = dict(os.environ, COWBLOCK_POOL=os.path.abspath(pool_path),
-               COWBLOCK_DATA_FREE_PCT=f"{health.data_free_pct:.1f}",
-               COWBLOCK_METADATA_FREE_PCT=f"{health.metadata_free_pct:.1f}")
-    return subprocess.run(hook, shell=True, env=env, timeout=300).returncode
 
 
 def check_room_for_device(pool):

@@ -4,6 +4,7 @@ The C core (csrc/) owns blocks, mappings, reference counts and commits;
 this layer adds names and labels (cowblock.catalog), the pool lock, the
 periodic commit, argument checking, and Python types for what it returns.
 """
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -233,15 +234,23 @@ class Pool(RecordStore):
         self._sections = atomic.new_pool_state()
         self._load_catalog()
         self.block_size = self.stats().block_size
+        # What a write that finds the pool full calls before it is tried once
+        # more (None: nothing): the low-water hook's wait (cowblock.lowwater).
+        self.space_wait = None
+        self._background_reclaim = background_reclaim
+        self._commit_interval = commit_interval
+        self._start_threads()
+
+    def _start_threads(self):
         self._stop = threading.Event()
         self._committer = None
         self._reclaimer = None
-        self._background_reclaim = background_reclaim
-        if not read_only and commit_interval:
-            self._committer = threading.Thread(target=self._commit_loop, args=(commit_interval,),
+        if not self.read_only and self._commit_interval:
+            self._committer = threading.Thread(target=self._commit_loop,
+                                               args=(self._commit_interval,),
                                                name="cowblock-commit", daemon=True)
             self._committer.start()
-        if not read_only and self._reclaim:
+        if not self.read_only and self._reclaim:
             self._start_reclaim()
 
     # ---- lifecycle ----
@@ -315,6 +324,27 @@ class Pool(RecordStore):
             check(lib.cb_pool_close(h))
         finally:
             self._lock.release()
+
+    @contextlib.contextmanager
+    def released(self, timeout=None):
+        """Commit, close and unlock the pool for the time of the block, so
+        another process may open it (the low-water hook, to grow it); then
+        open it again in this object, whose Device objects work on.  Waits up
+        to timeout seconds (None: forever) to get the pool back."""
+        space_wait = self.space_wait
+        self.close()
+        try:
+            yield
+        finally:
+            again = Pool.open(self.path, self.read_only, timeout=timeout, commit_interval=None,
+                              background_reclaim=False)
+            state = dict(again.__dict__)
+            again._h = None        # this object owns the handle and the lock now
+            for key in ("_commit_interval", "_background_reclaim"):
+                state.pop(key)
+            self.__dict__.update(state)
+            self.space_wait = space_wait
+            self._start_threads()
 
     def __enter__(self):
         return self

@@ -233,6 +233,17 @@ int64_t cb_fault_set(int mode, int64_t nth, int flags);
 /* Debug counters: metadata blocks written and read (verified) since open. */
 int cb_pool_counters(cb_pool *p, uint64_t *meta_written, uint64_t *meta_verified);
 
+/* ---- writes that find the pool full (csrc/space.c) ----
+ * What the NBD and FUSE loops call when a write fails with ENOSPC, on the
+ * thread that ran it: it may block while the pool is grown (the low-water
+ * hook, cowblock/lowwater.py); the write is then tried once more.  NULL: no
+ * such wait. */
+typedef void (*cb_space_wait_fn)(void *ctx);
+/* Whether to try a write again after it returned r on its attempt-th try
+ * (from 0): an ENOSPC write waits for wait(ctx) once and is tried again,
+ * then (wait_ms, --on-full wait=S) is retried every 100 ms for wait_ms. */
+int cb_space_retry(int r, int attempt, cb_space_wait_fn wait, void *ctx, uint32_t wait_ms);
+
 /* ---- NBD transmission phase (csrc/nbd/transmit.c) ----
  * Serve NBD requests for one device on a connected socket, after the
  * handshake (done by the caller), until the client disconnects.  Requests
@@ -249,6 +260,8 @@ typedef struct {
     uint32_t ctx_shared;        /* cowblock:shared context id, 0 = not selected */
     uint32_t workers;           /* worker threads, 1..64 */
     uint32_t on_full_wait_ms;   /* 0: ENOSPC at once; else retry writes this long */
+    cb_space_wait_fn space_wait; /* NULL, or what an ENOSPC write waits for first */
+    void *space_ctx;
     uint64_t max_buffered;      /* bytes of request payload held in memory at most */
     uint64_t requests;          /* out: requests served */
     uint64_t bytes_read;        /* out */

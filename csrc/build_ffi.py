@@ -13,7 +13,7 @@ from cffi import FFI
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCES = ["errors.c", "crc32c.c", "format.c", "io.c", "meta.c", "sm.c", "btree.c", "pool.c",
            "device.c", "dataio.c", "diff.c", "check.c", "records.c", "records_api.c", "txn.c",
-           "nbd/transmit.c", "nbd/tls.c", "attach/fuse.c"]
+           "space.c", "nbd/transmit.c", "nbd/tls.c", "attach/fuse.c"]
 
 # COWBLOCK_SANITIZE=address (or address,undefined) builds the core with
 # sanitizers, for the tests that run it so (tests/test_sanitizers.py).

@@ -24,7 +24,7 @@ import shutil
 import subprocess
 
 from .. import errors
-from .._native import ffi, last_error, lib
+from .._native import ffi, last_error, lib, space_wait_callback
 
 
 class AttachError(errors.MountError):
@@ -200,6 +200,9 @@ class FuseAttach:
             "keep_cache": o.keep_cache, "writeback_cache": o.writeback_cache,
             "allow_other": allow_other, "on_full_wait_ms": int(o.on_full_wait * 1000),
             "timeout": o.timeout})
+        # A write into the full pool waits for its low-water hook first (cowblock.lowwater).
+        self._space_wait = space_wait_callback(self.pool)
+        cfg.space_wait = self._space_wait
         out = ffi.new("cb_fuse **")
         _check(lib.cb_fuse_start(self.pool._handle(), os.fsencode(self.mountpoint), cfg, out))
         self._h = out[0]

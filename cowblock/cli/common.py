@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .. import errors, health
+from .. import errors, health, lowwater
 from ..control import client
 from ..errors import BusyError
 from ..paths import default_pool_path, open_or_create
@@ -122,7 +122,9 @@ def pass_settings(fn):
 def with_pool(read_only=False):
     """Open the pool around the command and pass it as the first argument;
     then report the pool's health (through a daemon, as part of the
-    command's own reply)."""
+    command's own reply) and, when this command crossed a low-water mark of
+    a pool it holds itself, run the hook before returning (a daemon runs it
+    for the pools it holds: cowblock.lowwater)."""
     def wrap(fn):
         @click.pass_obj
         @functools.wraps(fn)
@@ -133,16 +135,53 @@ def with_pool(read_only=False):
                     pool.want_health = True
                 result = fn(settings, pool, *args, **kwargs)
                 h = getattr(pool, "health", None) or client.run(pool, health.pool_health)
-                hook = h.hook if h.below_low_water else None
+                hook = lowwater.due(pool) if _holds(pool) else None
             for warning in h.warnings:
                 warn(warning)
             if hook:  # after closing: the hook may well open the pool itself
-                status = health.run_hook(settings.pool_path, hook, h)
-                if status:
-                    warn(f"the low-water hook exited {status}")
+                _run_hook(hook)
             return result
         return run
     return wrap
+
+
+def _holds(pool):
+    """Whether this command holds the pool itself, for writing (not through
+    its daemon)."""
+    return not isinstance(pool, client.PoolProxy) and not pool.read_only
+
+
+def _run_hook(hook):
+    status = lowwater.run(*hook)
+    if status is None:
+        warn(f"the low-water hook ran past its timeout of {hook[1]:g} s and was stopped")
+    elif status:
+        warn(f"the low-water hook exited {status}")
+
+
+def once_more_if_full(settings, pool, write):
+    """write(), for a command that writes into a device.  When it finds the
+    pool full and this command holds the pool itself, the low-water hook runs
+    now if it is due (with the pool closed, as it may open it to grow it) and
+    the write is tried once more (a daemon does the same for its pools, the
+    hook's output then in its log).  The error that remains names the pool."""
+    try:
+        return write()
+    except errors.NoSpaceError as e:
+        if not _holds(pool):
+            raise _naming_pool(settings, e) from None
+        hook = lowwater.due(pool)
+        if hook:
+            with pool.released(timeout=settings.timeout):
+                _run_hook(hook)
+    try:
+        return write()
+    except errors.NoSpaceError as e:
+        raise _naming_pool(settings, e) from None
+
+
+def _naming_pool(settings, exc):
+    return type(exc)(f"pool {settings.pool_path}: {exc}", exc.errno)
 
 
 class SizeType(click.ParamType):

@@ -12,6 +12,11 @@ attachments:
   mount      a device's filesystem on a directory: a device file (attach
              path), a loop device over it, the mount; owned by the daemon
 
+It also watches the pool's low-water marks (cowblock.lowwater.Watcher): the
+hook runs here, once per crossing, its output in the daemon's log and in the
+log of every listener (a foreground `cowblock serve` prints it), and writes
+into the full pool from NBD, device files or control calls wait for it.
+
 Who may use a device at once (the rule every attachment is checked by, where
 the use begins: a mount, an NBD client entering transmission): two uses
 conflict when either writes, unless both were asked for with --shared
@@ -41,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .. import errors
+from .. import lowwater
 from ..attach import blockdev
 from ..control import protocol as P
 from ..control.server import ControlServer
@@ -140,6 +146,7 @@ class PoolDaemon:
         self.listeners = {}     # id -> Listener
         self.mounts = {}        # id -> Mount
         self._fuse = None       # the in-process FUSE server of device files, once started
+        self._low_water = None  # the low-water hook's watcher, while the pool is held
         self._file_users = {}   # device name -> mounts using its device file
         self._stopping = False
         self._finished = threading.Event()
@@ -154,9 +161,12 @@ class PoolDaemon:
             self.runtime.make()
             self.runtime.write_pid()
             self._save_state()
+            self._low_water = lowwater.Watcher(self.pool, log=self._hook_log).start()
             self.control = ControlServer(self.pool, daemon=self, path=self.runtime.control)
             self.control.start()
         except BaseException:
+            if self._low_water:
+                self._low_water.stop()
             self.pool.close()
             raise
         self.started = time.time()
@@ -177,6 +187,14 @@ class PoolDaemon:
 
     def log(self, msg):
         self._log(msg)
+
+    def _hook_log(self, msg):
+        """The low-water hook's lines: the daemon's log, and each listener's."""
+        self.log(msg)
+        with self._lock:
+            listeners = [lst for lst in self.listeners.values() if lst.mount is None]
+        for lst in listeners:
+            lst.add_event(msg)
 
     def _exit_when_idle(self):
         idle_since = None
@@ -211,6 +229,7 @@ class PoolDaemon:
         self.log("stopping")
         if self.control:
             self.control.stop(exclude=session)
+        self._low_water.stop()    # writes waiting for the hook fail; a running hook is ended
         detached = []
         for m in list(self.mounts.values()):
             try:

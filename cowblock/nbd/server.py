@@ -16,7 +16,7 @@ import socket
 import threading
 
 from .. import errors
-from .._native import ffi, lib
+from .._native import ffi, lib, space_wait_callback
 from .handshake import Export, HandshakeError, negotiate
 from .protocol import CONTEXT_ALLOCATION, CONTEXT_SHARED
 
@@ -208,6 +208,8 @@ class NBDServer:
             c.ctx_shared = session.contexts.get(CONTEXT_SHARED, 0)
             c.workers = self.workers
             c.on_full_wait_ms = self.on_full_wait_ms
+            space_wait = space_wait_callback(self.pool)   # the low-water hook (cowblock.lowwater)
+            c.space_wait = space_wait
             h = self.pool._handle()
             r = lib.cb_nbd_transmit(h, c)
             status = "closed" if r == 0 else f"ended: {os.strerror(-r)}"

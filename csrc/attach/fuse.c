@@ -207,14 +207,9 @@ static void reply_err(cb_fuse *f, fuse_req_t req, int err)
     fuse_reply_err(req, err);
 }
 
-/* --on-full wait: hold a write that found the pool full while it may grow. */
 static bool space_wait(cb_fuse *f, int r, int attempt)
 {
-    if (r != -ENOSPC || !f->cfg.on_full_wait_ms || (uint32_t)attempt * 100 >= f->cfg.on_full_wait_ms)
-        return false;
-    struct timespec ts = {0, 100 * 1000 * 1000};
-    nanosleep(&ts, NULL);
-    return true;
+    return cb_space_retry(r, attempt, f->cfg.space_wait, f->cfg.space_ctx, f->cfg.on_full_wait_ms);
 }
 
 /* ---- the directory ---- */

@@ -25,6 +25,8 @@ typedef struct {
     uint32_t writeback_cache;         /* FUSE_CAP_WRITEBACK_CACHE for the mount */
     uint32_t allow_other;             /* users other than the mounter may reach the files */
     uint32_t on_full_wait_ms;         /* 0: ENOSPC at once; else retry writes this long */
+    cb_space_wait_fn space_wait;      /* NULL, or what an ENOSPC write waits for first */
+    void *space_ctx;
     double timeout;                   /* seconds the kernel caches names and attributes */
 } cb_fuse_config;
 

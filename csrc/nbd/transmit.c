@@ -243,12 +243,7 @@ static uint32_t validate(struct conn *cn, const struct nbd_request *r, const cha
 
 static int with_space_wait(struct conn *cn, int r, int attempt)
 {
-    /* --on-full wait: hold an ENOSPC write while the pool may be grown. */
-    if (r != -ENOSPC || !cn->c->on_full_wait_ms || (uint32_t)attempt * 100 >= cn->c->on_full_wait_ms)
-        return 0;
-    struct timespec ts = {0, 100 * 1000 * 1000};
-    nanosleep(&ts, NULL);
-    return 1;
+    return cb_space_retry(r, attempt, cn->c->space_wait, cn->c->space_ctx, cn->c->on_full_wait_ms);
 }
 
 static void do_read(struct conn *cn, struct job *j)

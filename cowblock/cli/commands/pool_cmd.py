@@ -6,7 +6,8 @@ import click
 from ... import errors, health
 from ...pool import Pool
 from ...control.client import run
-from ..common import EXIT_CHECK_FAILED, SIZE, emit, format_size, note, table, with_pool
+from ..common import (EXIT_CHECK_FAILED, RESIZE, SIZE, SignedSizeCommand, emit, format_size, note,
+                      table, with_pool)
 
 
 @click.group("pool")
@@ -76,22 +77,31 @@ def info(settings, pool):
     emit(settings, run(pool, health.report), human)
 
 
-@command.command("resize")
-@click.argument("size", type=SIZE, required=False)
+@command.command("resize", cls=SignedSizeCommand)
+@click.argument("size", type=RESIZE, required=False)
 @click.option("--metadata", "metadata", type=SIZE, default=None, help="new metadata capacity")
 @with_pool()
 def resize(settings, pool, size, metadata):
-    """Grow the pool's data (and/or metadata) space.
+    """Grow the pool's data space to SIZE, or by +SIZE (what a low-water
+    hook wants), and/or its metadata.
 
     \b
     Example:
       cowblock pool resize 200G
+      cowblock pool resize +10G
       cowblock pool resize --metadata 1G
     """
     if size is None and metadata is None:
         raise click.UsageError("give a new SIZE, --metadata SIZE, or both")
     if size is not None:
-        pool.resize(size)
+        sign, amount = size
+        if sign < 0:
+            raise click.BadParameter("a pool only grows: give a larger SIZE or +SIZE",
+                                     param_hint="SIZE")
+        if sign:
+            s = pool.stats()
+            amount += s.data_blocks * s.block_size
+        pool.resize(amount)
     if metadata is not None:
         pool.resize_metadata(metadata)
     s = pool.stats()
@@ -202,14 +212,23 @@ def trim(settings, pool):
 @click.option("--low-water-data", type=float, help="warn under this % of free data")
 @click.option("--low-water-metadata", type=float, help="warn under this % of free metadata")
 @click.option("--min-free-space", type=float, help="refuse new devices under this % free")
-@click.option("--hook", help="command to run when a low-water mark is crossed ('' to clear)")
+@click.option("--hook", help="command run once each time free space falls under a low-water "
+                            "mark ('' to clear)")
+@click.option("--hook-timeout", type=click.FloatRange(0, health.MAX_HOOK_TIMEOUT, min_open=True),
+              help="seconds a write into the full pool waits for the hook, then is tried once "
+                   "more  [default: 60]")
 @with_pool()
 def set_(settings, pool, **opts):
-    """Pool health settings.
+    """Pool health settings.  The hook runs once per crossing of a low-water
+    mark (again only after free space was back above it), by the pool's
+    daemon when one holds the pool (its output in the daemon's log), else by
+    the command that crossed it, before that command returns.  A write that
+    finds the pool full waits for the hook (--hook-timeout) and is tried
+    once more before it fails.
 
     \b
     Example:
-      cowblock pool set --low-water-data 20 --hook 'cowblock pool resize 200G'
+      cowblock pool set --low-water-data 20 --hook 'cowblock pool resize +10G'
     """
     changes = {k: v for k, v in opts.items() if v is not None}
     if "hook" in changes and not changes["hook"]:
