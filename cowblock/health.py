@@ -27,7 +27,10 @@ from .errors import InvalidArgumentError, NoSpaceError
 
 DEFAULTS = {"low_water_data": 10, "low_water_metadata": 10, "min_free_space": 5, "hook": None,
             "hook_timeout": 60}
-MAX_HOOK_TIMEOUT = 24 * 3600
+# A write from a CLI command through the pool's daemon waits for the hook
+# inside one control call, which must be answered within the call timeout
+# (cowblock.control.client.CALL_TIMEOUT, 300 s): the hook timeout stays under.
+MAX_HOOK_TIMEOUT = 240
 
 
 def settings(pool):
@@ -132,7 +135,8 @@ def report(pool):
             "devices": s.devices, "provisioned": h.provisioned_bytes,
             "overprovisioned": h.overprovisioned, "low_water_data": h.low_water_data,
             "low_water_metadata": h.low_water_metadata, "min_free_space": h.min_free_space,
-            "hook": cfg["hook"], "hook_timeout": cfg["hook_timeout"], "below_low_water": h.below_low_water,
+            "hook": cfg["hook"], "hook_timeout": cfg["hook_timeout"],
+            "below_low_water": h.below_low_water,
             "needs_check": s.needs_check, "read_only": _read_only(pool, s),
             "warnings": h.warnings}
 

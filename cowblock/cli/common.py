@@ -280,5 +280,6 @@ def table(rows, columns, title=None):
 
 
 __all__ = ["RESIZE", "SIZE", "Settings", "SignedSizeCommand", "check_range", "device_size", "emit", "exit_code", "format_size",
-           "note", "pass_settings", "report_error", "table", "warn", "with_pool",
+           "note", "once_more_if_full", "pass_settings", "report_error", "table", "warn",
+           "with_pool",
            "EXIT_CHECK_FAILED"]

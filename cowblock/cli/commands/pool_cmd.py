@@ -65,7 +65,8 @@ def info(settings, pool):
                 ("low-water marks", f"data {d['low_water_data']}%, metadata "
                                     f"{d['low_water_metadata']}%, min free "
                                     f"{d['min_free_space']}%"),
-                ("hook", d["hook"] or "-"),
+                ("hook", f"{d['hook']} (writes wait {d['hook_timeout']:g} s for it)"
+                 if d["hook"] else "-"),
                 ("transaction id", d["transaction_id"]),
                 ("needs check", "yes" if d["needs_check"] else "no")]
         table(rows, ["FIELD", "VALUE"])
