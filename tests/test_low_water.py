@@ -96,27 +96,35 @@ def test_cli_write_fails_naming_the_pool_after_the_hook_timeout(tmp_path):
 
 # ---- NBD, through the pool's daemon ----
 
-def test_nbd_write_waits_for_the_hook_then_succeeds(tmp_path):
+def test_nbd_and_cli_writes_through_the_daemon_wait_for_the_hook(tmp_path):
     if not shutil.which("qemu-io"):
         pytest.skip("qemu-io is not installed (Debian package qemu-utils)")
     path, sock = tmp_path / "p", tmp_path / "s.sock"
-    hook, count = counting(tmp_path, f"sleep 0.5; {grow('1M')}")
+    hook, count = counting(tmp_path, f"echo hook-output; sleep 0.5; {grow('1M')}")
     make_pool(path, 8, hook, mark=30)                        # 512 KiB of data space
     proc = serve(path, sock, "d")
     try:
         u = f"nbd+unix:///d?socket={sock}"
-        w = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 768k", u],
-                           capture_output=True, text=True, timeout=60)
+
+        def qemu_io(*cmds):
+            args = [a for c in cmds for a in ("-c", c)]
+            return subprocess.run(["qemu-io", "-f", "raw", *args, u], capture_output=True,
+                                  text=True, timeout=60)
+        w = qemu_io("write -P 0x5a 0 768k")                  # full at 512K: waits for the hook
         assert w.returncode == 0 and "wrote 786432/786432" in w.stdout, w.stdout + w.stderr
-        assert runs(count) == 1
-        w = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 768k 64k",
-                            "-c", "read -P 0x5a 0 768k", u],
-                           capture_output=True, text=True, timeout=60)
+        assert runs(count) == 1                              # 768K of 1.5M used: armed again
+        r = run(path, "write", "d", "--offset", "768K", stdin=b"c" * (1 << 20))
+        assert runs(count) == 2                              # full at 1.5M: waited in the daemon
+        assert b"hook-output" not in r.stderr + r.stdout     # its output is the daemon's
+        w = qemu_io("read -P 0x5a 0 768k", "write -P 0x11 1792k 256k")   # 2M of 2.5M used
         assert w.returncode == 0 and "verification failed" not in w.stdout, w.stdout
-        assert runs(count) == 1                              # 832K of 1.5M used: no new crossing
+        wait_for(lambda: runs(count) == 3, 15, "the watcher to see the crossing")
+        assert run(path, "read", "d", "--offset", "768K", "--length", "1M").stdout == \
+            b"c" * (1 << 20)
     finally:
         log = stop(proc)
-    assert "low-water hook (pid" in log and "low-water hook: pool is 1.5M" in log
+    assert "low-water hook (pid" in log and "low-water hook: hook-output" in log
+    assert "low-water hook: pool is 1.5M" in log
 
 
 def test_nbd_write_gets_enospc_after_the_hook_timeout(tmp_path):
