@@ -70,6 +70,8 @@ def test_cli_write_runs_the_hook_once_per_crossing_and_succeeds(tmp_path):
     assert runs(count) == 1
     run(path, "write", "d", "--offset", "3M", stdin=os.urandom(2 << 20))   # 80% used: a crossing
     assert runs(count) == 2
+    r = run(path, "pool", "resize", "-1M", check=False)
+    assert r.returncode == 2 and b"a pool only grows" in r.stderr
     info = json.loads(run(path, "--json", "pool", "info").stdout)
     assert info["data_size"] == 9 << 20 and not info["below_low_water"]
     run(path, "write", "d", "--offset", "5M", stdin=b"y" * K64)

@@ -60,7 +60,8 @@ class FuseOptions:
     open the files; the kernel checks the files' 0600 mode either way
     (default_permissions).
     on_full_wait: seconds a write into a full pool is retried before it
-    gets ENOSPC (--on-full wait=S).
+    gets ENOSPC (--on-full wait=S), after it waited for the pool's
+    space_wait (the low-water hook, cowblock.lowwater) and was tried once more.
     timeout: seconds the kernel caches names and sizes; changed() drops
     them at once."""
     threads: int = dataclasses.field(default_factory=lambda: _default_threads())

@@ -8,7 +8,9 @@ that authenticates every client, or insecure=True.  Each NBDServer is one
 listener with its own TLS configuration.  The socket appears only once it accepts
 (bound under a temporary name, then renamed), so its existence is the ready
 signal.  stop() closes the listener, shuts every connection down, waits for
-in-flight requests and commits.
+in-flight requests and commits.  A write that finds the pool full waits for
+the pool's space_wait (the low-water hook, cowblock.lowwater) and is tried
+once more before it gets NBD_ENOSPC (csrc/space.c).
 """
 import ipaddress
 import os

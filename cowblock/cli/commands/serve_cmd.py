@@ -49,7 +49,8 @@ def _on_full(text):
 @click.option("--workers", type=click.IntRange(1, 64), default=min(os.cpu_count() or 2, 16),
               show_default="the number of CPUs", help="threads serving each connection's requests")
 @click.option("--on-full", default="error", show_default=True, metavar="error|wait=SECONDS",
-              help="when the pool is full: fail writes with ENOSPC, or hold them while it is grown")
+              help="when the pool is full and its low-water hook did not grow it: fail writes "
+                   "with ENOSPC, or hold them while it is grown")
 @click.option("--detach", is_flag=True,
               help="leave the listener to the daemon and return (`cowblock daemon status` "
                    "lists it, `cowblock daemon stop` ends it)")
