@@ -67,9 +67,8 @@ def validate(changes):
 def configure(pool, **changes):
     """Change health settings (see validate)."""
     validate(changes)
-    config = pool.config
-    config["health"] = {**config.get("health", {}), **changes}
-    pool.set_config(config)
+    stored = pool.config.get("health")
+    pool.update_config("health", {**(stored if isinstance(stored, dict) else {}), **changes})
 
 
 @dataclass

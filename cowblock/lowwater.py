@@ -49,9 +49,7 @@ def _fired(pool):
 
 
 def _set_fired(pool, fired):
-    config = pool.config
-    config[CONFIG_KEY] = {"fired": fired}
-    pool.set_config(config)
+    pool.update_config(CONFIG_KEY, {"fired": fired})
 
 
 def due(pool):

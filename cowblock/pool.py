@@ -231,6 +231,7 @@ class Pool(RecordStore):
         # Held by every change of names and records, and for the whole of an
         # atomic section (cowblock.atomic), so other threads wait for it.
         self._catalog_lock = threading.RLock()
+        self._config_lock = threading.RLock()   # set_config and update_config, one at a time
         self._sections = atomic.new_pool_state()
         self._load_catalog()
         self.block_size = self.stats().block_size
@@ -872,7 +873,16 @@ class Pool(RecordStore):
                               allow_nan=False).encode()
         except (TypeError, ValueError) as e:
             raise errors.InvalidArgumentError(f"pool configuration is not plain JSON: {e}") from None
-        check(lib.cb_pool_set_config(self._handle(), blob, len(blob)))
+        with self._config_lock:
+            check(lib.cb_pool_set_config(self._handle(), blob, len(blob)))
+
+    def update_config(self, key, value):
+        """Set one top-level key of the settings, keeping the others: no
+        set_config of another thread lands between the read and the write."""
+        with self._config_lock:
+            config = self.config
+            config[key] = value
+            self.set_config(config)
 
     def trim(self):
         """Give unused data-file space back to the host (punch holes in free

@@ -108,6 +108,7 @@ _TABLE = [
     _pool("resize"),
     _pool("resize_metadata"),
     _pool("set_config"),
+    _pool("update_config"),
     _pool("trim"),
     _pool("check", limit=lambda a: _no_repair(a)),
     _pool("mappings"),
