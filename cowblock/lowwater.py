@@ -32,7 +32,6 @@ Who runs the hook depends on who holds the pool:
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -91,11 +90,12 @@ def _end(proc):
             continue
 
 
-def run(hook, timeout, env):
-    """Run a due hook to its end, its output on stderr (stdout stays the
-    command's own); returns its exit status, or None when it ran past
+def run(hook, timeout, env, output):
+    """Run a due hook to its end, its stdout and stderr into output (a file
+    descriptor, None: inherited; a CLI command gives its stderr, so its
+    stdout stays its own); returns its exit status, or None when it ran past
     timeout and was stopped."""
-    proc = _start(hook, env, stdout=sys.stderr, stderr=sys.stderr)
+    proc = _start(hook, env, stdout=output, stderr=output)
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:

@@ -152,7 +152,11 @@ def _holds(pool):
 
 
 def _run_hook(hook):
-    status = lowwater.run(*hook)
+    try:
+        output = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):   # stderr is not a file (run in-process)
+        output = None
+    status = lowwater.run(*hook, output=output)
     if status is None:
         warn(f"the low-water hook ran past its timeout of {hook[1]:g} s and was stopped")
     elif status:
