@@ -139,7 +139,7 @@ def with_pool(read_only=False):
             for warning in h.warnings:
                 warn(warning)
             if hook:  # after closing: the hook may well open the pool itself
-                _run_hook(hook)
+                _run_hook(hook, "free space fell under a low-water mark")
             return result
         return run
     return wrap
@@ -151,7 +151,8 @@ def _holds(pool):
     return not isinstance(pool, client.PoolProxy) and not pool.read_only
 
 
-def _run_hook(hook):
+def _run_hook(hook, why):
+    note(f"{why}: running the low-water hook ({hook[0]})")
     try:
         output = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):   # stderr is not a file (run in-process)
@@ -177,7 +178,7 @@ def once_more_if_full(settings, pool, write):
         hook = lowwater.due(pool)
         if hook:
             with pool.released(timeout=settings.timeout):
-                _run_hook(hook)
+                _run_hook(hook, "the pool is full")
     try:
         return write()
     except errors.NoSpaceError as e:
