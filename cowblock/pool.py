@@ -879,6 +879,8 @@ class Pool(RecordStore):
     def update_config(self, key, value):
         """Set one top-level key of the settings, keeping the others: no
         set_config of another thread lands between the read and the write."""
+        if not isinstance(key, str):
+            raise errors.InvalidArgumentError(f"pool configuration key {key!r:.100} is not a string")
         with self._config_lock:
             config = self.config
             config[key] = value
