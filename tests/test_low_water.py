@@ -129,6 +129,24 @@ def test_nbd_and_cli_writes_through_the_daemon_wait_for_the_hook(tmp_path):
     assert "low-water hook: pool is 1.5M" in log
 
 
+def test_nbdcopy_over_four_connections_into_a_full_pool_runs_the_hook_once(tmp_path):
+    if not shutil.which("nbdcopy"):
+        pytest.skip("nbdcopy is not installed (Debian package libnbd-bin)")
+    path, sock = tmp_path / "p", tmp_path / "s.sock"
+    hook, count = counting(tmp_path, f"sleep 0.5; {grow('8M')}")
+    make_pool(path, 8, hook, mark=30)
+    src = tmp_path / "src.raw"
+    src.write_bytes(os.urandom(4 << 20))
+    proc = serve(path, sock, "d")
+    try:
+        subprocess.run(["nbdcopy", "-C", "4", "--requests", "8", str(src),
+                        f"nbd+unix:///d?socket={sock}"], check=True, timeout=60)
+        assert runs(count) == 1           # every writer that found the pool full waited for one
+    finally:
+        stop(proc)
+    assert run(path, "read", "d", "--length", "4M").stdout == src.read_bytes()
+
+
 def test_nbd_write_gets_enospc_after_the_hook_timeout(tmp_path):
     path, sock = tmp_path / "p", tmp_path / "s.sock"
     hook, pidfile = hangs(tmp_path)
