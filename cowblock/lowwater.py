@@ -118,7 +118,12 @@ class Watcher:
         self._said_late = False
         self._stop = threading.Event()
         self._thread = None
-        self.runs = 0
+        # Checks that writers asked the watcher's thread for, and the last one
+        # it began after being asked: a hook is started only from that thread
+        # (or the caller of check), never from an NBD or FUSE thread of C,
+        # whose blocked signals it would inherit (SIGTERM could not end it).
+        self._wake = threading.Event()
+        self._asked = self._served = 0
 
     def start(self):
         self.pool.space_wait = self.wait_for_space
@@ -129,6 +134,7 @@ class Watcher:
     def stop(self):
         """Stop watching; a hook still running is ended (its process group)."""
         self._stop.set()
+        self._wake.set()
         with self._cond:
             self._cond.notify_all()   # writes waiting for the hook fail now
         if self.pool.space_wait == self.wait_for_space:
@@ -142,16 +148,25 @@ class Watcher:
             _end(proc)
 
     def _poll(self):
-        while not self._stop.wait(POLL_INTERVAL):
+        while not self._stop.is_set():
+            self._wake.wait(POLL_INTERVAL)
+            self._wake.clear()
+            with self._cond:
+                asked = self._asked
             try:
                 self.check()
             except errors.PoolClosedError:
                 return
             except errors.CowblockError as e:
                 self.log(f"low-water check: {e}")
+            finally:
+                with self._cond:
+                    self._served = asked
+                    self._cond.notify_all()
 
     def check(self):
-        """Fire the hook on a downward crossing, re-arm above the marks."""
+        """Fire the hook on a downward crossing, re-arm above the marks
+        (from a thread with the ordinary signal mask: the hook inherits it)."""
         with self._cond:
             if self._proc is not None or self._stop.is_set() or self.pool.read_only:
                 return
@@ -159,7 +174,6 @@ class Watcher:
             if hook is None:
                 return
             command, timeout, env = hook
-            self.runs += 1
             self._proc = _start(command, env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
             self._deadline = time.monotonic() + timeout
@@ -193,11 +207,12 @@ class Watcher:
         """Called by a write that found the pool full: fire the hook if it is
         due, wait while it runs (up to its timeout).  The writer then tries
         once more."""
-        try:
-            self.check()
-        except errors.CowblockError:
-            return
         with self._cond:
+            self._asked += 1
+            mine = self._asked
+            self._wake.set()
+            while self._served < mine and not self._stop.is_set():   # a check begun after this
+                self._cond.wait(POLL_INTERVAL)
             while self._proc is not None and not self._stop.is_set():
                 left = self._deadline - time.monotonic()
                 if left <= 0:

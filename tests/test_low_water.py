@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -235,3 +236,33 @@ def test_fuse_write_waits_for_the_hook(tmp_path):
         helper.join()
         watcher.stop()
         pool.close()
+
+
+def test_fuse_write_gets_enospc_after_the_hook_timeout(tmp_path):
+    from cowblock.attach import FuseAttach, available
+    ok, why = available()
+    if not ok or os.geteuid() != 0:
+        pytest.skip(why or "mounting FUSE here needs root")
+    hook, pidfile = hangs(tmp_path)
+    make_pool(tmp_path / "p", 4, hook, timeout=1)
+    pool = Pool.open(tmp_path / "p", commit_interval=0)
+    log = []
+    watcher = lowwater.Watcher(pool, log=log.append).start()
+    try:
+        with FuseAttach(pool, tmp_path / "dev") as attach:
+            fd = os.open(attach.add("d"), os.O_RDWR)
+            try:
+                os.pwrite(fd, b"f" * 4 * K64, 0)
+                begin = time.monotonic()
+                with pytest.raises(OSError) as exc:
+                    os.pwrite(fd, b"g" * K64, 4 * K64)       # full: waits 1 s for the hook
+                assert exc.value.errno == errno.ENOSPC
+                assert 0.9 <= time.monotonic() - begin < 8
+            finally:
+                os.close(fd)
+    finally:
+        watcher.stop()                    # ends the hook
+        pool.close()
+    assert gone(pidfile)
+    # by SIGTERM: it was not started from a FUSE thread, whose blocked signals it would inherit
+    assert any(line.endswith(f"exited -{signal.SIGTERM}") for line in log), log
