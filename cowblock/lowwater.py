@@ -211,7 +211,8 @@ class Watcher:
             self._asked += 1
             mine = self._asked
             self._wake.set()
-            while self._served < mine and not self._stop.is_set():   # a check begun after this
+            while (self._served < mine and not self._stop.is_set()  # a check begun after this
+                   and self._thread.is_alive()):
                 self._cond.wait(POLL_INTERVAL)
             while self._proc is not None and not self._stop.is_set():
                 left = self._deadline - time.monotonic()
