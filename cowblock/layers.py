@@ -326,6 +326,45 @@ def remove_leftovers(pool):
     return removed
 
 
+def users_lock():
+    """Held, no load can take pins nor prune run: for a user changing its
+    records and then discarding what they kept, as one step."""
+    return _users_lock
+
+
+def _remove_layer(pool, fk, chain, rec, removed):
+    with pool.atomic():
+        if rec["device"] in pool:
+            pool.delete(rec["device"], owner=OWNER)
+            removed.append(rec["device"])
+        pool.delete_record(_key(LAYER, fk, chain))
+
+
+def discard(pool, size, chain_ids, *, template=False, in_use=None):
+    """Remove the layers of these chains (of filesystems of `size`) that no
+    user keeps and nothing uses (in_use as for prune); template: also the
+    template of that size once no layer of it is left (what a failed load
+    that made it leaves).  Returns the devices removed."""
+    fk, removed = fs_key(size), []
+    with _users_lock:
+        keep = kept(pool)
+        for chain in reversed(list(chain_ids)):
+            rec = layer_record(pool, fk, chain)
+            if rec is None or (fk, chain) in keep or (in_use is not None
+                                                       and in_use(rec["device"])):
+                continue
+            _remove_layer(pool, fk, chain, rec, removed)
+        if template and not any(f == fk for f, _, _ in layers(pool)):
+            rec = _json(pool, _key(TEMPLATE, fk))
+            if rec is not None and not (in_use is not None and in_use(rec["device"])):
+                with pool.atomic():
+                    if rec["device"] in pool:
+                        pool.delete(rec["device"], owner=OWNER)
+                        removed.append(rec["device"])
+                    pool.delete_record(_key(TEMPLATE, fk))
+    return removed
+
+
 def prune(pool, keep=None, in_use=None):
     """Remove what a crash left half-built, and every layer not in `keep` (a
     set of (fs key, chain id); default kept(pool): what images, snapshots and
@@ -340,11 +379,7 @@ def prune(pool, keep=None, in_use=None):
         for fk, chain, rec in layers(pool):
             if (fk, chain) in keep or (in_use is not None and in_use(rec["device"])):
                 continue
-            with pool.atomic():
-                if rec["device"] in pool:
-                    pool.delete(rec["device"], owner=OWNER)
-                    removed.append(rec["device"])
-                pool.delete_record(_key(LAYER, fk, chain))
+            _remove_layer(pool, fk, chain, rec, removed)
         return removed
 
 

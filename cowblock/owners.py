@@ -21,6 +21,8 @@ Pool.set_labels keeps them when it replaces a device's other labels:
   cowblock.image   a container's image, by name
   cowblock.parent  the image under a layer committed from a container
   cowblock.length  the exact length of an imported file (cowblock.transfer)
+  cowblock.oci-image  the reference of the OCI image a container was made
+                   from (cowblock.ociimages), which lives in records, not devices
 
 Dependencies are facts the pool holds already; only images have dependants:
   - a container depends on its image: its origin when that is an image,
@@ -51,6 +53,7 @@ KIND_LABEL = "cowblock.kind"
 IMAGE_LABEL = "cowblock.image"
 PARENT_LABEL = "cowblock.parent"
 LENGTH_LABEL = "cowblock.length"
+OCI_REF_LABEL = "cowblock.oci-image"
 REFERENCE_LABELS = (IMAGE_LABEL, PARENT_LABEL)   # labels whose value names another device
 IMAGE, CONTAINER, INCOMPLETE = "image", "container", "incomplete"
 

@@ -144,6 +144,12 @@ _TABLE = [
     _function("remove_containers", "cowblock.images:remove_containers", busy="names",
               doing="remove it"),
     _function("device_length", "cowblock.transfer:device_length"),
+    # OCI images (cowblock.ociimages): loading mounts layers, so it runs in the daemon
+    Call("image_load", DAEMON, "cowblock.ociimages:load_call"),
+    Call("image_rm", DAEMON, "cowblock.ociimages:remove_call"),
+    Call("image_prune", DAEMON, "cowblock.ociimages:prune_call"),
+    _function("oci_images", "cowblock.ociimages:list_images"),
+    _function("oci_image_info", "cowblock.ociimages:info"),
     # the daemon itself
     _daemon("status"),
     _daemon("stop"),
