@@ -153,13 +153,121 @@ def test_docker_save_tar_loads_a_container_mounts_and_runs_sh(pool, made, tmp_pa
     assert cbj(pool, "image", "inspect", "example.com/test/a:1")["layers"] == inspected["layers"]
 
 
+def _data_used(pool):
+    with client.connect(pool) as p:
+        return p.stats().data_used * p.block_size
+
+
+def _records(pool, prefix=b""):
+    with client.connect(pool) as p:
+        return {bytes(k): v for k, v in p.records(prefix)}
+
+
 def test_a_second_image_reuses_the_shared_layers(pool, made):
     work, layout, _ = made
     first = cbj(pool, "image", "load", f"{layout.path}:a", "--name", "a", "--size", SIZE)
-    used = cbj(pool, "pool", "info")["data_used"] if False else None  # noqa: F841
-    with Pool.open(pool, read_only=True) as p:   # (the daemon exits between commands? no)
-        pass
+    used = _data_used(pool)
+    second = cbj(pool, "image", "load", f"{layout.path}:b", "--name", "b", "--size", SIZE)
+    # the two lower layers are the first image's devices, found, not unpacked
+    assert [la["reused"] for la in second["layers"]] == [True, True, False]
+    assert [la["device"] for la in second["layers"][:2]] == \
+        [la["device"] for la in first["layers"]]
+    # ... so the second image took only its own small layer's blocks: far
+    # less than the busybox and random data of the first layer
+    grown = _data_used(pool) - used
+    assert grown < 1 * MiB < 3 * MiB < first["layers"][0]["bytes"]
+    listed = {i["ref"]: i for i in cbj(pool, "image", "ls") if i.get("kind") == "oci"}
+    a, b = listed["docker.io/library/a:latest"], listed["docker.io/library/b:latest"]
+    assert a["shared_bytes"] == a["bytes"] > 3 * MiB
+    assert b["shared_bytes"] == a["bytes"] < b["bytes"]
+    assert second["layers"][0]["shared_with"] == ["docker.io/library/a:latest"]
+    # the same image under a second ref is one more record, no layer
+    third = cbj(pool, "image", "load", f"{layout.path}:b", "--name", "b:2", "--size", SIZE)
+    assert all(la["reused"] for la in third["layers"]) and _data_used(pool) - used == grown
+
+    # rm: the layers only b had go; a keeps its own
+    cbj(pool, "image", "rm", "b:2")
+    out = cbj(pool, "image", "rm", "b")
+    assert out == {"untagged": ["docker.io/library/b:latest"],
+                   "removed": [second["layers"][2]["device"]]}
+    assert _devices(pool) == sorted([la["device"] for la in first["layers"]]
+                                    + [_template(pool)])
+    out = cbj(pool, "image", "rm", "a")
+    assert sorted(out["removed"]) == sorted(la["device"] for la in first["layers"])
+    assert _devices(pool) == [_template(pool)]
+    assert _records(pool, b"images/") == {}
 
 
-def test_a_bad_blob_leaves_nothing_in_the_pool(pool, made, tmp_path):
-    pass
+def _template(pool):
+    (value,) = _records(pool, b"layers/template/").values()
+    return json.loads(value)["device"]
+
+
+def test_rm_is_refused_while_a_container_uses_the_image(pool, made):
+    _, layout, docker = made
+    cbj(pool, "image", "load", docker, "--size", SIZE)
+    cb(pool, "container", "create", "example.com/test/a:1", "c1")
+    r = cb(pool, "image", "rm", "example.com/test/a:1", rc=15)
+    assert "container c1" in r.stderr and "--force" in r.stderr
+    devices = _devices(pool)
+    out = cbj(pool, "image", "rm", "--force", "example.com/test/a:1")
+    # the container keeps the layer it is a snapshot of; the one under it goes
+    assert len(out["removed"]) == 1 and set(_devices(pool)) == set(devices) - set(out["removed"])
+    assert cbj(pool, "container", "ls")[0]["image"] is None
+    cb(pool, "container", "rm", "c1")
+    assert cbj(pool, "image", "prune")["removed"] and len(_devices(pool)) == 1   # the template
+    cb(pool, "image", "rm", "example.com/test/a:1", rc=3)
+    cb(pool, "container", "create", "example.com/test/a:1", "c2", rc=3)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_a_bad_blob_leaves_nothing_in_the_pool(pool, made, tmp_path, layer):
+    _, layout, _ = made
+    damaged = _damaged_copy(layout, tmp_path, layer)
+    r = cb(pool, "image", "load", f"{damaged}:b", "--name", "b", "--size", SIZE, rc=5)
+    assert "sha256" in r.stderr and f"layer {layer + 1} of 3" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert _devices(pool) == [] and _records(pool) == {}
+
+
+def test_a_failed_load_takes_nothing_of_what_was_there(pool, made, tmp_path):
+    _, layout, docker = made
+    cbj(pool, "image", "load", docker, "--size", SIZE)
+    devices, records = _devices(pool), _records(pool)
+    damaged = _damaged_copy(layout, tmp_path, 2)
+    cb(pool, "image", "load", f"{damaged}:b", "--name", "b", "--size", SIZE, rc=5)
+    assert _devices(pool) == devices and _records(pool) == records
+    assert cbj(pool, "pool", "check")["ok"]
+    # a layer the pool has is not read again (as docker and containerd do):
+    # a damaged blob of it does not matter
+    damaged0 = _damaged_copy(layout, tmp_path / "0", 0)
+    out = cbj(pool, "image", "load", f"{damaged0}:b", "--name", "b", "--size", SIZE)
+    assert [la["reused"] for la in out["layers"]] == [True, True, False]
+
+
+def test_a_hostile_layer_is_refused_and_leaves_nothing(pool, tmp_path):
+    layout = Layout(tmp_path / "hostile")
+    layout.add(layout.image([make_tar(entry("etc", "dir")),
+                             make_tar(entry("../escape", data=b"x"))]), "v1")
+    r = cb(pool, "image", "load", f"{layout.path}:v1", "--name", "h", "--size", SIZE, rc=5)
+    assert "layer 2 of 2" in r.stderr and "escape" in r.stderr
+    assert _devices(pool) == [] and _records(pool) == {}
+    assert not (tmp_path / "escape").exists()
+
+
+def test_load_through_the_api_and_its_refusals(pool, made):
+    _, layout, docker = made
+    proxy, _ = client.daemon(pool)
+    with proxy:
+        out = proxy.image_load(str(docker), ref="x.org/api:1", size=128 * MiB)
+        assert out["loaded"] == ["x.org/api:1"]
+        info = proxy.oci_image_info("x.org/api:1")
+        assert info["id"] == out["id"] and len(info["config"]["rootfs"]["diff_ids"]) == 2
+        with pytest.raises(Exception, match="absolute path"):
+            proxy.image_load("relative.tar")
+        with pytest.raises(Exception, match="not valid"):
+            proxy.image_load(str(docker), ref="Not A Ref")
+        with pytest.raises(Exception, match="reference"):
+            proxy.image_load(f"{layout.path}:a", size=128 * MiB)   # an OCI tag names no repo
+        with pytest.raises(Exception, match="64 MiB"):
+            proxy.image_load(str(docker), size=1 << 20)
