@@ -103,6 +103,7 @@ def load(d, archive, *, ref=None, platform=None, size=None):
         raise errors.MountError("cannot load images on this machine: " + "; ".join(why))
     size = layers.check_size(layers.DEFAULT_SIZE if size is None else size)
     pool = d.pool
+    layers.remove_leftovers(pool)   # what a crashed load left half-built
     with oci.open_archive(archive) as arc:
         image = arc.image(platform=platform)
         refs = [_normalize(ref)] if ref else list(image.refs)

@@ -9,7 +9,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -220,7 +222,7 @@ def test_rm_is_refused_while_a_container_uses_the_image(pool, made):
     cb(pool, "container", "create", "example.com/test/a:1", "c2", rc=3)
 
 
-@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("layer", [0, 2])
 def test_a_bad_blob_leaves_nothing_in_the_pool(pool, made, tmp_path, layer):
     _, layout, _ = made
     damaged = _damaged_copy(layout, tmp_path, layer)
@@ -271,3 +273,36 @@ def test_load_through_the_api_and_its_refusals(pool, made):
             proxy.image_load(f"{layout.path}:a", size=128 * MiB)   # an OCI tag names no repo
         with pytest.raises(Exception, match="64 MiB"):
             proxy.image_load(str(docker), size=1 << 20)
+
+
+def test_a_daemon_killed_mid_load_leaves_a_chain_the_next_load_resumes(pool, made, tmp_path):
+    layout = Layout(tmp_path / "slow")
+    big = make_tar(entry("data", data=os.urandom(48 * MiB)))
+    layout.add(layout.image([_busybox_layer(), big], compression="none"), "v1")
+    load = subprocess.Popen([COWBLOCK, "--pool", str(pool), "image", "load", f"{layout.path}:v1",
+                             "--name", "slow", "--size", SIZE], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        # the second layer is being applied: kill the daemon there
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and load.poll() is None:
+            if RuntimeDir(pool).pid() and any(k.startswith(b"layers/layer/") for k in
+                                              _records(pool, b"layers/")):
+                if any(k.startswith(b"layers/building/") for k in _records(pool, b"layers/")):
+                    break
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"never saw the second layer being built: {load.communicate()}")
+        os.kill(RuntimeDir(pool).pid(), signal.SIGKILL)
+        _, err = load.communicate(timeout=60)
+    finally:
+        if load.poll() is None:
+            load.kill()
+    assert load.returncode == 14 and "ended during image_load" in err
+    # no image was recorded; the finished layer and the half-built one are there
+    assert [i for i in cbj(pool, "image", "ls") if i.get("kind") == "oci"] == []
+    assert any(d.startswith("building-") for d in _devices(pool))
+    out = cbj(pool, "image", "load", f"{layout.path}:v1", "--name", "slow", "--size", SIZE)
+    assert [la["reused"] for la in out["layers"]] == [True, False]
+    assert not any(d.startswith("building-") for d in _devices(pool))
+    assert cbj(pool, "pool", "check")["ok"]
