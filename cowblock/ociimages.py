@@ -106,6 +106,9 @@ def load(d, archive, *, ref=None, platform=None, size=None):
     layers.remove_leftovers(pool)   # what a crashed load left half-built
     with oci.open_archive(archive) as arc:
         image = arc.image(platform=platform)
+        if not image.layers:
+            raise oci.ImageError(f"{archive}: the image has no layers (nothing to make a "
+                                 "filesystem of)")
         refs = [_normalize(ref)] if ref else list(image.refs)
         if not refs:
             raise oci.ImageError(
@@ -157,11 +160,13 @@ def _build_chain(d, image, size, refs, built, replaced):
             with layer.open() as stream:
                 oci.apply_layer(stream, root, label=layer.label)
 
-        found = layers.find(pool, size, layer.chain_id)
+        def publish(pool_, device, layer=layer, top=i == last):
+            built.append(layer.chain_id)    # (only a layer built here is published here)
+            if top:
+                commit(pool_, device)
+
         device = layers.layer(d, size, layer.chain_id, parent, apply, diff_id=layer.diff_id,
-                              on_publish=commit if i == last else None)
-        if found is None:
-            built.append(layer.chain_id)
+                              on_publish=publish)
         devices.append(device)
         parent = device
     if not committed:   # every layer was there already: the records commit alone
@@ -271,10 +276,10 @@ def remove(pool, texts, *, force=False, in_use=None):
     users = {ref: _containers(pool, r) for ref, r in recs.items()}
     busy = {ref: c for ref, c in users.items() if c}
     if busy and not force:
-        what = "; ".join(f"{ref} by container{'s' if len(c) > 1 else ''} {', '.join(c)}"
-                         for ref, c in busy.items())
+        what = "; ".join(f"{ref}: container{'s' if len(c) > 1 else ''} {', '.join(c)} "
+                         f"{'use' if len(c) > 1 else 'uses'} it" for ref, c in busy.items())
         raise errors.ProtectedError(
-            f"cannot remove image {what}: remove the containers first (`cowblock container "
+            f"cannot remove image {what}; remove the containers first (`cowblock container "
             "rm`), or force it (--force) to go ahead (they keep their data)")
     with pool.atomic():
         for ref in recs:

@@ -306,3 +306,23 @@ def test_a_daemon_killed_mid_load_leaves_a_chain_the_next_load_resumes(pool, mad
     assert [la["reused"] for la in out["layers"]] == [True, False]
     assert not any(d.startswith("building-") for d in _devices(pool))
     assert cbj(pool, "pool", "check")["ok"]
+
+
+def test_two_loads_sharing_layers_at_once_unpack_them_once(pool, made):
+    _, layout, _ = made
+    proxy, _ = client.daemon(pool)   # one daemon, up before both start
+    loads = [subprocess.Popen([COWBLOCK, "--pool", str(pool), "--json", "image", "load",
+                               f"{layout.path}:{tag}", "--name", tag, "--size", SIZE],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for tag in ("a", "b")]
+    outs = []
+    for p in loads:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        outs.append(json.loads(out))
+    proxy.close()
+    a, b = outs
+    for i in range(2):
+        assert a["layers"][i]["device"] == b["layers"][i]["device"]
+        assert sorted([a["layers"][i]["reused"], b["layers"][i]["reused"]]) == [False, True]
+    assert cbj(pool, "pool", "check")["ok"]
