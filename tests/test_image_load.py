@@ -5,7 +5,6 @@ save` tars and OCI layouts, unpacked by umoci to compare with.
 
 Layers are small filesystems (--size 128M) so that the tests stay quick;
 the rules do not depend on the size."""
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from cowblock import Pool
 from cowblock.attach import blockdev, nbdfuse
 from cowblock.control import client
 from cowblock.runtime import RuntimeDir
-from test_oci import Layout, _docker_legacy, assert_same_tree, entry, make_tar, sha
+from test_oci import Layout, _docker_legacy, assert_same_tree, entry, make_tar
 
 COWBLOCK = shutil.which("cowblock")
 BUSYBOX = shutil.which("busybox")
@@ -114,7 +113,13 @@ def _damaged_copy(layout, tmp_path, layer):
 
 
 def _devices(pool):
-    return sorted(d["name"] for d in cbj(pool, "ls"))
+    with client.connect(pool) as p:
+        return sorted(d.name for d in p.list())
+
+
+def _check(pool):
+    with client.connect(pool) as p:
+        return p.check().ok
 
 
 # ---- the tests ----
@@ -222,12 +227,11 @@ def test_rm_is_refused_while_a_container_uses_the_image(pool, made):
     cb(pool, "container", "create", "example.com/test/a:1", "c2", rc=3)
 
 
-@pytest.mark.parametrize("layer", [0, 2])
-def test_a_bad_blob_leaves_nothing_in_the_pool(pool, made, tmp_path, layer):
+def test_a_bad_blob_leaves_nothing_in_the_pool(pool, made, tmp_path):
     _, layout, _ = made
-    damaged = _damaged_copy(layout, tmp_path, layer)
+    damaged = _damaged_copy(layout, tmp_path, 2)   # two layers and the template made first
     r = cb(pool, "image", "load", f"{damaged}:b", "--name", "b", "--size", SIZE, rc=5)
-    assert "sha256" in r.stderr and f"layer {layer + 1} of 3" in r.stderr
+    assert "sha256" in r.stderr and "layer 3 of 3" in r.stderr
     assert "Traceback" not in r.stderr
     assert _devices(pool) == [] and _records(pool) == {}
 
@@ -239,7 +243,7 @@ def test_a_failed_load_takes_nothing_of_what_was_there(pool, made, tmp_path):
     damaged = _damaged_copy(layout, tmp_path, 2)
     cb(pool, "image", "load", f"{damaged}:b", "--name", "b", "--size", SIZE, rc=5)
     assert _devices(pool) == devices and _records(pool) == records
-    assert cbj(pool, "pool", "check")["ok"]
+    assert _check(pool)
     # a layer the pool has is not read again (as docker and containerd do):
     # a damaged blob of it does not matter
     damaged0 = _damaged_copy(layout, tmp_path / "0", 0)
@@ -277,7 +281,7 @@ def test_load_through_the_api_and_its_refusals(pool, made):
 
 def test_a_daemon_killed_mid_load_leaves_a_chain_the_next_load_resumes(pool, made, tmp_path):
     layout = Layout(tmp_path / "slow")
-    big = make_tar(entry("data", data=os.urandom(48 * MiB)))
+    big = make_tar(entry("data", data=os.urandom(32 * MiB)))
     layout.add(layout.image([_busybox_layer(), big], compression="none"), "v1")
     load = subprocess.Popen([COWBLOCK, "--pool", str(pool), "image", "load", f"{layout.path}:v1",
                              "--name", "slow", "--size", SIZE], stdout=subprocess.PIPE,
@@ -305,7 +309,7 @@ def test_a_daemon_killed_mid_load_leaves_a_chain_the_next_load_resumes(pool, mad
     out = cbj(pool, "image", "load", f"{layout.path}:v1", "--name", "slow", "--size", SIZE)
     assert [la["reused"] for la in out["layers"]] == [True, False]
     assert not any(d.startswith("building-") for d in _devices(pool))
-    assert cbj(pool, "pool", "check")["ok"]
+    assert _check(pool)
 
 
 def test_two_loads_sharing_layers_at_once_unpack_them_once(pool, made):
@@ -325,4 +329,4 @@ def test_two_loads_sharing_layers_at_once_unpack_them_once(pool, made):
     for i in range(2):
         assert a["layers"][i]["device"] == b["layers"][i]["device"]
         assert sorted([a["layers"][i]["reused"], b["layers"][i]["reused"]]) == [False, True]
-    assert cbj(pool, "pool", "check")["ok"]
+    assert _check(pool)
