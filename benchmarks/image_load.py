@@ -122,7 +122,8 @@ def main():
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="cowblock-image-bench-", dir=args.dir)
     try:
-        rootfs, source = args.rootfs, "given"
+        rootfs = args.rootfs
+        source = f"given ({os.path.basename(rootfs)})" if rootfs else None
         if not rootfs:
             rootfs = os.path.join(work, "rootfs.tar")
             try:
