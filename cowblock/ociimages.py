@@ -81,12 +81,16 @@ def find(pool, text):
     return None
 
 
-def require(pool, text):
+def require(pool, text, *, or_device=False):
+    """find(), or DeviceNotFoundError; or_device: TEXT could have named a
+    device too (the message says it names neither)."""
     rec = find(pool, text)
     if rec is None:
+        what = f"no device named {text!r}, nor an OCI image" if or_device else \
+            f"no OCI image {text!r}"
         raise errors.DeviceNotFoundError(
-            f"no image {text!r}: not a device, nor an OCI image loaded with `cowblock image "
-            "load` (`cowblock image ls` lists them)")
+            f"{what} loaded with `cowblock image load` of that reference or id (`cowblock "
+            "image ls` lists them)")
     return rec
 
 
@@ -238,7 +242,7 @@ def list_images(pool):
 def create_container(pool, text, name):
     """A writable container NAME of the image TEXT names: a snapshot of its
     top layer, labelled with its ref.  Returns the device's info."""
-    rec = require(pool, text)
+    rec = require(pool, text, or_device=True)
     pool.snapshot(rec["top"], name, labels={owners.KIND_LABEL: owners.CONTAINER,
                                             OCI_REF_LABEL: rec["ref"]}, _internal=True)
     return pool.info(name)
