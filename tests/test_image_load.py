@@ -18,7 +18,8 @@ from cowblock import Pool
 from cowblock.attach import blockdev, nbdfuse
 from cowblock.control import client
 from cowblock.runtime import RuntimeDir
-from test_oci import Layout, _docker_legacy, assert_same_tree, entry, make_tar
+from test_oci import (UMOCI_MTIME, Layout, _docker_legacy, assert_same_tree, entry, make_tar,
+                      features)  # noqa: F401 (features: test_oci's fixture, used by name)
 
 COWBLOCK = shutil.which("cowblock")
 BUSYBOX = shutil.which("busybox")
@@ -330,3 +331,19 @@ def test_two_loads_sharing_layers_at_once_unpack_them_once(pool, made):
         assert a["layers"][i]["device"] == b["layers"][i]["device"]
         assert sorted([a["layers"][i]["reused"], b["layers"][i]["reused"]]) == [False, True]
     assert _check(pool)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["docker-archive", "oci-archive"])
+def test_the_feature_image_loads_as_umoci_unpacks_it(pool, features, form, tmp_path):
+    """test_oci's image of every layer feature (whiteouts, opaque dirs, hard
+    links across layers, devices, xattrs, sparse files, odd names), loaded
+    layer by layer onto snapshots, against `umoci unpack` of it."""
+    cbj(pool, "image", "load", features.forms[form], "--name", "f", "--size", "256M")
+    cb(pool, "container", "create", "f", "box")
+    mnt = tmp_path / "mnt"
+    cb(pool, "mount", "box", mnt)
+    try:
+        assert_same_tree(mnt, features.reference, mtime_not_compared=UMOCI_MTIME)
+    finally:
+        cb(pool, "umount", mnt)
