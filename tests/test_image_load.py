@@ -18,8 +18,8 @@ from cowblock import Pool
 from cowblock.attach import blockdev, nbdfuse
 from cowblock.control import client
 from cowblock.runtime import RuntimeDir
-from test_oci import (UMOCI_MTIME, Layout, _docker_legacy, assert_same_tree, entry, make_tar,
-                      features)  # noqa: F401 (features: test_oci's fixture, used by name)
+from test_oci import (UMOCI_MTIME, Layout, _docker_legacy, _multi, assert_same_tree, entry,
+                      make_tar, features)  # noqa: F401 (features: test_oci's fixture, used by name)
 
 COWBLOCK = shutil.which("cowblock")
 BUSYBOX = shutil.which("busybox")
@@ -262,10 +262,14 @@ def test_a_hostile_layer_is_refused_and_leaves_nothing(pool, tmp_path):
     assert not (tmp_path / "escape").exists()
 
 
-def test_load_through_the_api_and_its_refusals(pool, made):
+def test_load_through_the_api_and_its_refusals(pool, made, tmp_path):
     _, layout, docker = made
     proxy, _ = client.daemon(pool)
     with proxy:
+        out = proxy.image_load(str(_multi(tmp_path).path), platform="linux/arm64",
+                               size=128 * MiB)
+        assert out["loaded"] == ["docker.io/library/multi:1"]
+        assert out["platform"] == "linux/arm64" and len(out["layers"]) == 1
         out = proxy.image_load(str(docker), ref="x.org/api:1", size=128 * MiB)
         assert out["loaded"] == ["x.org/api:1"]
         info = proxy.oci_image_info("x.org/api:1")
