@@ -40,6 +40,8 @@ Besides, kept() keeps the chains of loads running in this process
 snapshot of (a container's origin).  A new user (containerd's snapshotter)
 adds its prefix to USERS and writes "fs_key" and "chain_ids" into its
 records; nothing else is needed for prune() to leave its layers alone.
+discard() removes given layers nothing keeps (what a failed load built,
+and the template it made; what a removed image's records kept).
 
 A layer is built as a writable snapshot of its parent (or the template)
 recorded as building, changed (mounted, the OCI layer applied, synced,
@@ -354,7 +356,8 @@ def discard(pool, size, chain_ids, *, template=False, in_use=None):
                                                        and in_use(rec["device"])):
                 continue
             _remove_layer(pool, fk, chain, rec, removed)
-        if template and not any(f == fk for f, _, _ in layers(pool)):
+        if template and not any(f == fk for f, _, _ in layers(pool)) \
+                and not any(f == fk for f, _ in _pins):   # (a load of that size may want it)
             rec = _json(pool, _key(TEMPLATE, fk))
             if rec is not None and not (in_use is not None and in_use(rec["device"])):
                 with pool.atomic():
