@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from cowblock import Pool
+from cowblock import Pool, errors
 from cowblock.attach import blockdev, nbdfuse
 from cowblock.control import client
 from cowblock.runtime import RuntimeDir
@@ -124,24 +124,37 @@ def _check(pool):
 
 
 # ---- the tests ----
-def test_docker_save_tar_loads_a_container_mounts_and_runs_sh(pool, made, tmp_path):
+@pytest.fixture
+def daemon(pool):
+    """A proxy to the pool's daemon, held for the test: the commands of the
+    test go through this one daemon (and the test's own steps through the
+    proxy: the API, without a command's start-up)."""
+    proxy, _ = client.daemon(pool)
+    yield proxy
+    proxy.close()
+
+
+def _load(proxy, location, ref=None):
+    return proxy.image_load(str(location), ref=ref, size=128 * MiB, timeout=300)
+
+
+def test_docker_save_tar_loads_a_container_mounts_and_runs_sh(pool, daemon, made, tmp_path):
     work, layout, docker = made
     out = cbj(pool, "image", "load", docker, "--size", SIZE)
     assert out["loaded"] == ["example.com/test/a:1"]
     assert [la["reused"] for la in out["layers"]] == [False, False]
     assert out["form"] == "docker-save"
 
-    listed = [i for i in cbj(pool, "image", "ls") if i.get("kind") == "oci"]
-    assert [(i["ref"], len(i["layers"])) for i in listed] == [("example.com/test/a:1", 2)]
     assert "example.com/test/a:1" in cb(pool, "image", "ls").stdout
+    assert [(i["ref"], len(i["layers"])) for i in daemon.oci_images()] == [
+        ("example.com/test/a:1", 2)]
     inspected = cbj(pool, "image", "inspect", "example.com/test/a:1")
     assert inspected["config"]["rootfs"]["diff_ids"] == [la["diff_id"]
                                                         for la in inspected["layers"]]
-    assert cbj(pool, "image", "inspect", inspected["id"][7:19])["ref"] == inspected["ref"]
+    assert daemon.oci_image_info(inspected["id"][7:19])["ref"] == inspected["ref"]
 
     cb(pool, "container", "create", "example.com/test/a:1", "box")
-    assert {c["name"]: c["image"] for c in cbj(pool, "container", "ls")} == {
-        "box": "example.com/test/a:1"}
+    assert {c.name: c.image for c in daemon.list_containers()} == {"box": "example.com/test/a:1"}
     mnt = tmp_path / "mnt"
     cb(pool, "mount", "box", mnt)
     try:
@@ -156,9 +169,9 @@ def test_docker_save_tar_loads_a_container_mounts_and_runs_sh(pool, made, tmp_pa
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == ["layer", "two", "motd", "new", "os-release"]
     finally:
-        cb(pool, "umount", mnt)
+        daemon.umount(str(mnt))
     # the container wrote; its image's layers did not change
-    assert cbj(pool, "image", "inspect", "example.com/test/a:1")["layers"] == inspected["layers"]
+    assert daemon.oci_image_info("example.com/test/a:1")["layers"] == inspected["layers"]
 
 
 def _data_used(pool):
@@ -171,9 +184,9 @@ def _records(pool, prefix=b""):
         return {bytes(k): v for k, v in p.records(prefix)}
 
 
-def test_a_second_image_reuses_the_shared_layers(pool, made):
+def test_a_second_image_reuses_the_shared_layers(pool, daemon, made):
     work, layout, _ = made
-    first = cbj(pool, "image", "load", f"{layout.path}:a", "--name", "a", "--size", SIZE)
+    first = _load(daemon, f"{layout.path}:a", "a")
     used = _data_used(pool)
     second = cbj(pool, "image", "load", f"{layout.path}:b", "--name", "b", "--size", SIZE)
     # the two lower layers are the first image's devices, found, not unpacked
@@ -190,17 +203,17 @@ def test_a_second_image_reuses_the_shared_layers(pool, made):
     assert b["shared_bytes"] == a["bytes"] < b["bytes"]
     assert second["layers"][0]["shared_with"] == ["docker.io/library/a:latest"]
     # the same image under a second ref is one more record, no layer
-    third = cbj(pool, "image", "load", f"{layout.path}:b", "--name", "b:2", "--size", SIZE)
+    third = _load(daemon, f"{layout.path}:b", "b:2")
     assert all(la["reused"] for la in third["layers"]) and _data_used(pool) - used == grown
 
     # rm: the layers only b had go; a keeps its own
-    cbj(pool, "image", "rm", "b:2")
+    daemon.image_rm(["b:2"])
     out = cbj(pool, "image", "rm", "b")
     assert out == {"untagged": ["docker.io/library/b:latest"],
                    "removed": [second["layers"][2]["device"]]}
     assert _devices(pool) == sorted([la["device"] for la in first["layers"]]
                                     + [_template(pool)])
-    out = cbj(pool, "image", "rm", "a")
+    out = daemon.image_rm(["a"])
     assert sorted(out["removed"]) == sorted(la["device"] for la in first["layers"])
     assert _devices(pool) == [_template(pool)]
     assert _records(pool, b"images/") == {}
@@ -211,21 +224,22 @@ def _template(pool):
     return json.loads(value)["device"]
 
 
-def test_rm_is_refused_while_a_container_uses_the_image(pool, made):
+def test_rm_is_refused_while_a_container_uses_the_image(pool, daemon, made):
     _, layout, docker = made
-    cbj(pool, "image", "load", docker, "--size", SIZE)
-    cb(pool, "container", "create", "example.com/test/a:1", "c1")
+    _load(daemon, docker)
+    daemon.create_container("example.com/test/a:1", "c1")
     r = cb(pool, "image", "rm", "example.com/test/a:1", rc=15)
     assert "container c1" in r.stderr and "--force" in r.stderr
     devices = _devices(pool)
     out = cbj(pool, "image", "rm", "--force", "example.com/test/a:1")
     # the container keeps the layer it is a snapshot of; the one under it goes
     assert len(out["removed"]) == 1 and set(_devices(pool)) == set(devices) - set(out["removed"])
-    assert cbj(pool, "container", "ls")[0]["image"] is None
-    cb(pool, "container", "rm", "c1")
+    assert daemon.list_containers()[0].image is None
+    daemon.remove_containers(["c1"])
     assert cbj(pool, "image", "prune")["removed"] and len(_devices(pool)) == 1   # the template
     cb(pool, "image", "rm", "example.com/test/a:1", rc=3)
-    cb(pool, "container", "create", "example.com/test/a:1", "c2", rc=3)
+    with pytest.raises(errors.DeviceNotFoundError, match="no device named"):
+        daemon.create_container("example.com/test/a:1", "c2")
 
 
 def test_a_bad_blob_leaves_nothing_in_the_pool(pool, made, tmp_path):
@@ -237,9 +251,9 @@ def test_a_bad_blob_leaves_nothing_in_the_pool(pool, made, tmp_path):
     assert _devices(pool) == [] and _records(pool) == {}
 
 
-def test_a_failed_load_takes_nothing_of_what_was_there(pool, made, tmp_path):
+def test_a_failed_load_takes_nothing_of_what_was_there(pool, daemon, made, tmp_path):
     _, layout, docker = made
-    cbj(pool, "image", "load", docker, "--size", SIZE)
+    _load(daemon, docker)
     devices, records = _devices(pool), _records(pool)
     damaged = _damaged_copy(layout, tmp_path, 2)
     cb(pool, "image", "load", f"{damaged}:b", "--name", "b", "--size", SIZE, rc=5)
@@ -248,7 +262,7 @@ def test_a_failed_load_takes_nothing_of_what_was_there(pool, made, tmp_path):
     # a layer the pool has is not read again (as docker and containerd do):
     # a damaged blob of it does not matter
     damaged0 = _damaged_copy(layout, tmp_path / "0", 0)
-    out = cbj(pool, "image", "load", f"{damaged0}:b", "--name", "b", "--size", SIZE)
+    out = _load(daemon, f"{damaged0}:b", "b")
     assert [la["reused"] for la in out["layers"]] == [True, True, False]
 
 
