@@ -10,7 +10,7 @@ PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 # libfuse3's for FUSE attach (Debian packages); as root.
 DEBS = qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3 libfuse3-dev fuse-overlayfs \
        thin-provisioning-tools e2fsprogs clang libclang-rt-14-dev libgnutls28-dev gnutls-bin \
-       pkg-config umoci skopeo tar
+       pkg-config umoci skopeo tar busybox-static
 deps:               ## Debian packages the tests use (skipped when not root)
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
