@@ -289,6 +289,17 @@ def test_a_hostile_layer_is_refused_and_leaves_nothing(pool, tmp_path):
     assert not (tmp_path / "escape").exists()
 
 
+@pytest.mark.slow   # (writes its filesystem full: seconds)
+def test_a_full_layer_filesystem_is_a_clear_error_and_leaves_nothing(pool, tmp_path):
+    layout = Layout(tmp_path / "full")
+    layout.add(layout.image([make_tar(entry("etc", "dir")),
+                             make_tar(entry("fill", data=b"\x01" * (72 * MiB)))],
+                            compression="none"), "v1")
+    r = cb(pool, "image", "load", f"{layout.path}:v1", "--name", "f", "--size", "64M", rc=6)
+    assert "layer 2 of 2" in r.stderr and "fill" in r.stderr and "Traceback" not in r.stderr
+    assert _devices(pool) == [] and _records(pool) == {}
+
+
 def test_load_through_the_api_and_its_refusals(pool, made, tmp_path):
     _, layout, docker = made
     proxy, _ = client.daemon(pool)
