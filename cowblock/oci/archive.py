@@ -224,11 +224,25 @@ def _names(values):
     return out_refs, out_tags
 
 
+LOCATION_PREFIXES = ("oci:", "oci-archive:", "docker-archive:")   # skopeo's transports
+
+
+def absolute_location(location):
+    """LOCATION with its path made absolute (its transport prefix and
+    `:TAG` kept): what another process, with another working directory,
+    can open."""
+    location = os.fspath(location)
+    for prefix in LOCATION_PREFIXES:
+        if location.startswith(prefix) and not os.path.exists(location):
+            return prefix + os.path.abspath(location[len(prefix):])
+    return os.path.abspath(location)
+
+
 def split_location(location):
     """(path, tag-or-None) of `PATH`, `PATH:TAG`, or skopeo's
     `oci:PATH[:TAG]`, `oci-archive:PATH[:TAG]`, `docker-archive:PATH[:REF]`."""
     location = os.fspath(location)
-    for prefix in ("oci:", "oci-archive:", "docker-archive:"):
+    for prefix in LOCATION_PREFIXES:
         if location.startswith(prefix) and not os.path.exists(location):
             location = location[len(prefix):]
             break

@@ -1,12 +1,12 @@
 """cowblock image import|layer|load|ls|inspect|rm|prune"""
 import json
-import os
 
 import click
 
 from ... import images, ociimages
 from ...control import client
 from ...control.client import run
+from ...oci.archive import absolute_location
 from ..common import SIZE, emit, format_size, table, with_pool
 from .import_cmd import progress_bar
 
@@ -95,9 +95,8 @@ def load(settings, archive, name, platform, size):
     """
     proxy, _ = settings.daemon()
     with proxy:
-        out = proxy.image_load(os.path.abspath(archive) if not os.path.isabs(archive)
-                               else archive, ref=name, platform=platform, size=size,
-                               timeout=LOAD_TIMEOUT)
+        out = proxy.image_load(absolute_location(archive), ref=name, platform=platform,
+                               size=size, timeout=LOAD_TIMEOUT)
     emit(settings, out, lambda d: click.echo(
         f"loaded {', '.join(d['loaded'])} ({_short(d['id'])}, {len(d['layers'])} layers, "
         f"{sum(not la['reused'] for la in d['layers'])} unpacked, "
