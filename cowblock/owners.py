@@ -10,10 +10,11 @@ internal keyword ``_internal=True``, which the CLI never does), and
 Pool.set_labels keeps them when it replaces a device's other labels:
 
   cowblock.owner   the subsystem that manages the device and keeps its own
-                   records of it outside the pool: "oci" (the OCI image
-                   loader), "containerd" (the snapshotter).  Delete, rename
+                   records of it outside the pool: "layers" (the ext4 layer
+                   devices of OCI images and containerd, cowblock.layers).
+                   Delete, rename
                    and rollback refuse an owned device unless the caller says
-                   it is that owner (``owner="oci"``) or forces it
+                   it is that owner (``owner="layers"``) or forces it
                    (``force=True``, ``--force``).  Devices of `cowblock image`
                    and `cowblock container` have no owner: their whole model
                    is in their labels, which follow renames.
