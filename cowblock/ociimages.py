@@ -51,9 +51,22 @@ def _config_key(image_id):
     return CONFIG_PREFIX + image_id.encode()
 
 
+_NEEDED = {"ref", "id", "top", "layers", "chain_ids", "diff_ids", "fs_key", "size"}
+
+
 def _records(pool):
-    return {r.key[len(REF_PREFIX):].decode(): json.loads(r.value)
-            for r in pool.records(REF_PREFIX)}
+    out = {}
+    for r in pool.records(REF_PREFIX):
+        try:
+            rec = json.loads(r.value)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or not _NEEDED <= rec.keys():
+            raise errors.CorruptMetadataError(
+                f"image record {r.key!r:.200} is damaged: not JSON naming "
+                f"{', '.join(sorted(_NEEDED))}")
+        out[r.key[len(REF_PREFIX):].decode()] = rec
+    return out
 
 
 def _normalize(text):
