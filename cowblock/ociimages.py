@@ -35,7 +35,7 @@ import os
 import time
 
 from . import errors, layers, oci, owners
-from .oci.archive import LOCATION_PREFIXES
+from .oci.archive import split_transport
 
 REF_PREFIX = b"images/ref/"
 CONFIG_PREFIX = b"images/config/"
@@ -326,8 +326,7 @@ def prune(pool, *, in_use=None):
 
 # ---- the daemon's calls (control.calls): the same, with its busy rule ----
 def load_call(d, session, archive, *, ref=None, platform=None, size=None):
-    if not isinstance(archive, str) or not os.path.isabs(
-            archive.split(":", 1)[1] if archive.startswith(LOCATION_PREFIXES) else archive):
+    if not isinstance(archive, str) or not os.path.isabs(split_transport(archive)[1]):
         raise errors.InvalidArgumentError(
             f"archive {archive!r:.200} is not an absolute path (the daemon's working "
             "directory is not the caller's)")
