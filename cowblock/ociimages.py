@@ -330,7 +330,8 @@ def load_call(d, session, archive, *, ref=None, platform=None, size=None):
         raise errors.InvalidArgumentError(
             f"archive {archive!r:.200} is not an absolute path (the daemon's working "
             "directory is not the caller's)")
-    return load(d, archive, ref=ref, platform=platform, size=size)
+    with d.working(f"loading image {archive}"):
+        return load(d, archive, ref=ref, platform=platform, size=size)
 
 
 def remove_call(d, session, texts, *, force=False):

@@ -340,6 +340,9 @@ def test_a_daemon_killed_mid_load_leaves_a_chain_the_next_load_resumes(pool, mad
             time.sleep(0.02)
         else:
             pytest.fail(f"never saw the second layer being built: {load.communicate()}")
+        with client.connect(pool) as proxy:   # no stop while it loads, unless forced
+            with pytest.raises(errors.BusyError, match=f"loading image {layout.path}:v1"):
+                proxy.stop()
         os.kill(RuntimeDir(pool).pid(), signal.SIGKILL)
         _, err = load.communicate(timeout=60)
     finally:

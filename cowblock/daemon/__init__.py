@@ -141,6 +141,7 @@ class PoolDaemon:
         self.mounts = {}        # id -> Mount
         self._fuse = None       # the in-process FUSE server of device files, once started
         self._file_users = {}   # device name -> mounts using its device file
+        self._work = {}         # id -> what a long call is doing (an image load)
         self._stopping = False
         self._finished = threading.Event()
 
@@ -235,8 +236,24 @@ class PoolDaemon:
         self.log("stopped; pool committed and released")
         return detached
 
+    @contextlib.contextmanager
+    def working(self, what):
+        """A long call runs in the body: stopping without force is refused
+        meanwhile, naming WHAT."""
+        key = next(self._ids)
+        with self._lock:
+            if self._stopping:
+                raise errors.DaemonError("the pool daemon is stopping")
+            self._work[key] = what
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._work[key]
+
     def _in_use_attachments(self):
-        out = [f"{m.device} mounted on {m.dir}" for m in self.mounts.values()]
+        out = list(self._work.values())
+        out += [f"{m.device} mounted on {m.dir}" for m in self.mounts.values()]
         for lst in self.listeners.values():
             n = len(lst.server.connections())
             if n and lst.mount is None:
