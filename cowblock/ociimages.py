@@ -252,6 +252,13 @@ def list_images(pool):
     return out
 
 
+def all_images(pool):
+    """What `image ls` shows, in one call: (the raw images of
+    cowblock.images, the loaded OCI images of list_images)."""
+    from . import images
+    return images.list_images(pool), list_images(pool)
+
+
 # ---- containers ----
 def create_container(pool, text, name):
     """A writable container NAME of the image TEXT names: a snapshot of its

@@ -154,6 +154,7 @@ _TABLE = [
     Call("image_prune", DAEMON, "cowblock.ociimages:prune_call"),
     _function("oci_images", "cowblock.ociimages:list_images", query=True),
     _function("oci_image_info", "cowblock.ociimages:info", query=True),
+    _function("all_images", "cowblock.ociimages:all_images", query=True),
     # the daemon itself
     _daemon("status"),
     _daemon("stop"),

@@ -130,8 +130,9 @@ def ls(settings, pool):
       cowblock image ls
       cowblock --json image ls
     """
-    raw = [i.to_dict() for i in run(pool, images.list_images)]
-    oci = [dict(i, kind="oci", name=i["ref"]) for i in run(pool, ociimages.list_images)]
+    raw, oci = run(pool, ociimages.all_images)
+    raw = [i.to_dict() for i in raw]
+    oci = [dict(i, kind="oci", name=i["ref"]) for i in oci]
 
     def human(rows):
         if raw or not oci:
