@@ -11,17 +11,19 @@ and one small one.  Each round, interleaved:
             loading a one-file image (made once per pool and filesystem size,
             not timed), then `image load` of the image (through the daemon's
             API: the command line adds its start-up), then of the second image
-  tar       `tar -xz` of the layer blob into a fresh directory, then syncfs
-            (`sync -f`), as overlayfs' lower directories are filled
+  tar       `tar -xz` of the layer blob into a fresh ext4 of its own (on a
+            loop device with direct I/O, made before the clock starts), then
+            syncfs (`sync -f`): as overlayfs' lower directories are filled
   umoci     with --umoci: `umoci unpack` of the image (a reference
-            unpacker), then syncfs
+            unpacker) onto such an ext4, then syncfs
 
-All work files are under --dir (same filesystem for all).  Medians of
+All work files are under --dir (the pool's and the ext4 images alike).  Medians of
 --runs; run as root.
 
     python benchmarks/image_load.py --runs 3 [--rootfs TAR] [--umoci] [--json OUT]
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -89,27 +91,46 @@ def cowblock_load(work, layout):
         shutil.rmtree(pool)
 
 
-def tar_unpack(work, blob):
-    target = os.path.join(work, "tar")
-    os.mkdir(target)
+@contextlib.contextmanager
+def fresh_ext4(work, name):
+    """A new 1 GiB ext4 of its own, on a loop device with direct I/O: its
+    syncfs writes its data to the disk, and nothing else's (a syncfs of the
+    shared host filesystem would write back whatever others left dirty)."""
+    image, mnt = os.path.join(work, name + ".img"), os.path.join(work, name)
+    with open(image, "wb") as f:
+        f.truncate(1 << 30)
+    loop = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", image], check=True,
+                          capture_output=True, text=True).stdout.strip()
     try:
+        run("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+            loop)
+        os.mkdir(mnt)
+        run("mount", loop, mnt)
+        try:
+            yield mnt
+        finally:
+            run("umount", mnt)
+            os.rmdir(mnt)
+    finally:
+        run("losetup", "-d", loop)
+        os.unlink(image)
+
+
+def tar_unpack(work, blob):
+    with fresh_ext4(work, "tar") as target:
         start = time.perf_counter()
         run("tar", "-xz", *TAR_OPTIONS, "-f", blob, "-C", target)
         run("sync", "-f", target)
         return time.perf_counter() - start
-    finally:
-        shutil.rmtree(target)
 
 
 def umoci_unpack(work, layout):
-    bundle = os.path.join(work, "bundle")
-    try:
+    with fresh_ext4(work, "umoci") as target:
+        bundle = os.path.join(target, "bundle")
         start = time.perf_counter()
         run("umoci", "unpack", "--image", f"{layout}:v1", bundle)
         run("sync", "-f", bundle)
         return time.perf_counter() - start
-    finally:
-        shutil.rmtree(bundle, ignore_errors=True)
 
 
 def main():
