@@ -110,6 +110,9 @@ class Pool(RecordStore):
         self._stop = threading.Event()
         self._committer = None
         self._reclaimer = None
+        # One reclaim loop at a time: reclaim() and the background thread both
+        # work on the head of the list.
+        self._reclaim_lock = threading.Lock()
         self._background_reclaim = background_reclaim
         if not read_only and commit_interval:
             self._committer = threading.Thread(target=self._commit_loop, args=(commit_interval,),
@@ -415,6 +418,10 @@ class Pool(RecordStore):
     def _reclaim_loop(self):
         """Unmap deferred-removal devices a chunk at a time (each a short
         metadata change), then delete them; stops early when the pool closes."""
+        with self._reclaim_lock:
+            self._reclaim_pending()
+
+    def _reclaim_pending(self):
         while self._reclaim and not self._stop.is_set():
             did = self._reclaim[0]
             h = self._h
