@@ -133,6 +133,7 @@ class SnapshotterServer:
         if server.add_insecure_port(f"unix:{path}") == 0:
             raise errors.HostFileError(f"cannot listen on {path}")
         server.start()
+        os.chmod(path, 0o600)    # who may connect may remove every snapshot: root (containerd)
         self._server = server
         return self
 

@@ -93,6 +93,14 @@ class Snapshots:
         self._lock = threading.RLock()    # one change of the snapshot table at a time
         self._files = {}                  # device -> its attach file, while attached
 
+    def warm(self, log=lambda msg: None):
+        """Make the template of the default size now (on start), so the first
+        parentless Prepare does not wait for its mkfs."""
+        try:
+            layers.template(self.d, self.default_size)
+        except errors.CowblockError as e:
+            log(f"snapshotter: the ext4 template of {self.default_size} bytes: {e}")
+
     # ---- records ----
     def _get(self, key):
         raw = self.pool.get_record(_record_key(_check_key(key)))

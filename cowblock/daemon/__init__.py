@@ -544,6 +544,8 @@ class PoolDaemon:
             snap = service.SnapshotterServer(snapshots, socket_path, next(self._ids), self.log)
             snap.start()
             self.snapshotters[snap.id] = snap
+        threading.Thread(target=snapshots.warm, args=(self.log,), daemon=True,
+                         name="cowblock-ctrd-template").start()
         self.log(f"snapshotter {snap.id}: containerd's Snapshots service on {socket_path}")
         return snap.describe()
 
