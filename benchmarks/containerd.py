@@ -1,7 +1,7 @@
 """cowblock as containerd's snapshotter, side by side with containerd's own
 overlayfs and native snapshotters, on one private containerd.
 
-    python benchmarks/containerd.py [--runs 10] [--big 256M] [--dir /var/tmp] [--json out.json]
+    python benchmarks/containerd.py [--runs 5] [--big 256M] [--dir /var/tmp] [--json out.json]
 
 The image is the end-to-end test's (busybox-static and a few files) plus a
 layer holding one file of --big random bytes.  For each snapshotter, in
@@ -59,7 +59,7 @@ def first_write(c, snap, name):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--big", default="256M", help="size of the image's big file")
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--json")
