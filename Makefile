@@ -41,8 +41,9 @@ bench-micro: install ## pytest-benchmark of the hot paths
 
 torture: install    ## long crash, power-cut and property runs: thousands of SIGKILLs
 	COWBLOCK_CRASH_ITERATIONS=5000 COWBLOCK_NBD_CRASH_ITERATIONS=5000 COWBLOCK_POWER_WORKLOADS=100 \
-		COWBLOCK_EXAMPLES=2000 \
-		$(PYTHON) -m pytest -q -s tests/test_crash.py tests/test_crash_nbd.py tests/test_property.py
+		COWBLOCK_EXAMPLES=2000 COWBLOCK_CTRD_KILLS=1000 COWBLOCK_CTRD_E2E_KILLS=50 \
+		$(PYTHON) -m pytest -q -s tests/test_crash.py tests/test_crash_nbd.py tests/test_property.py \
+		tests/test_containerd.py tests/test_containerd_e2e.py
 
 FUZZ_RUNS ?= 1000000
 FUZZ_WORK ?= /var/tmp/cowblock-fuzz

@@ -32,6 +32,7 @@ MISSING = blockdev.missing_capabilities() + ([] if FUSE_OK else [FUSE_WHY]) + \
 needs_daemon = pytest.mark.skipif(bool(MISSING), reason="; ".join(MISSING))
 MiB = 1 << 20
 SIZE = 128 * MiB
+KILLS = int(os.environ.get("COWBLOCK_CTRD_KILLS", "3"))   # SIGKILL rounds (a long run: 1000)
 pb = api.pb
 Code = grpc.StatusCode
 
@@ -264,11 +265,13 @@ def test_owned_devices_status_and_stop(tmp_path):
     r = run(pool, "snapshotter", "--socket", str(tmp_path / "two.sock"), check=False)
     assert r.returncode and "already" in r.stderr
     c = Client(sock)
-    c.prepare("o/1/a")
+    c.prepare("o/0/base")
+    c.commit("o/0/done", "o/0/base")
+    c.prepare("o/1/a", "o/0/done")
     status = json.loads(run(pool, "--json", "daemon", "status").stdout)
-    assert [(a["kind"], a["snapshots"]) for a in status["attachments"]] == [("snapshotter", 1)]
+    assert [(a["kind"], a["snapshots"]) for a in status["attachments"]] == [("snapshotter", 2)]
     dev = next(d["name"] for d in json.loads(run(pool, "--json", "ls").stdout)
-               if d["name"].startswith("ctrd-"))
+               if d["name"].startswith("ctrd-") and not d["read_only"])
     r = run(pool, "rm", dev, check=False)
     assert r.returncode and "containerd" in r.stderr
     out = run(pool, "daemon", "stop").stdout
@@ -278,18 +281,26 @@ def test_owned_devices_status_and_stop(tmp_path):
         assert dev in p
         assert json.loads(p.get_record(store.PREFIX + b"o/1/a"))["device"] == dev
         assert p.check().ok
+    start(pool, sock)                 # a new daemon knows the parent has a child
+    c = Client(sock)
+    assert code_of(c.remove, "o/0/done")[0] == Code.FAILED_PRECONDITION
+    c.remove("o/1/a")
+    c.remove("o/0/done")
+    assert c.list() == []
+    c.channel.close()
+    run(pool, "daemon", "stop")
 
 
 @needs_daemon
 def test_sigkill_during_prepares_leaves_keys_and_devices_agreeing(tmp_path):
     """Prepares and Commits run until the daemon is SIGKILLed at a random
-    instant; after a restart every key names its device and every device of
+    instant (COWBLOCK_CTRD_KILLS rounds, 3 by default); after a restart every key names its device and every device of
     containerd has its key, and each Prepare the client was told had
     succeeded is there."""
     import random
     pool, sock = tmp_path / "pool", tmp_path / "snap.sock"
     run(pool, "pool", "create", "--size", "1G")
-    for round_ in range(3):
+    for round_ in range(KILLS):
         start(pool, sock)
         c = Client(sock)
         done, stop = [], threading.Event()

@@ -31,6 +31,7 @@ MISSING = [f"{t} is not installed ({p})" for t, p in TOOLS.items() if not shutil
     blockdev.missing_capabilities() + ([] if FUSE_OK else [FUSE_WHY])
 pytestmark = pytest.mark.skipif(bool(MISSING), reason="; ".join(MISSING))
 SIZE = "128M"
+KILLS = int(os.environ.get("COWBLOCK_CTRD_E2E_KILLS", "1"))   # kills of each victim (long: 100)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,8 @@ def test_ctr_snapshots_verbs(world):
 
 
 @pytest.mark.parametrize("victim", ["snapshotter", "containerd"])
-def test_sigkill_mid_import_then_retry(world, victim):
+@pytest.mark.parametrize("round_", range(KILLS))
+def test_sigkill_mid_import_then_retry(world, victim, round_):
     """SIGKILL the snapshotter's daemon (or containerd) at a random instant
     of an import; restart it; the retried import and run succeed, and after
     GC no device is left and the pool checks clean."""
@@ -158,6 +160,6 @@ def test_sigkill_mid_import_then_retry(world, victim):
     # as its owner would
     for line in leases:
         c.ctr("leases", "rm", "--sync", line.split()[0])
-    import_run_remove(world, f"t-{victim}")
+    import_run_remove(world, f"t-{victim}-{round_}")
     r = sh("cowblock", "--pool", pool, "pool", "check")
     assert r.returncode == 0, r.stdout + r.stderr

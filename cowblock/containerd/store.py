@@ -92,6 +92,7 @@ class Snapshots:
         self.default_size = layers.check_size(default_size)
         self._lock = threading.RLock()    # one change of the snapshot table at a time
         self._files = {}                  # device -> its attach file, while attached
+        self._kids = None                 # parent key -> keys of its children (from the records)
 
     def warm(self, log=lambda msg: None):
         """Make the template of the default size now (on start), so the first
@@ -115,6 +116,29 @@ class Snapshots:
         for r in self.pool.records(PREFIX):
             yield r.key[len(PREFIX):].decode("utf-8"), json.loads(r.value)
 
+    def _children(self):
+        """parent -> set of child keys, read from the records once, then kept
+        by the calls here (the only writers of these records) as their
+        sections succeed."""
+        if self._kids is None:
+            kids = {}
+            for key, rec in self._all():
+                if rec["parent"]:
+                    kids.setdefault(rec["parent"], set()).add(key)
+            self._kids = kids
+        return self._kids
+
+    def _link(self, parent, key):
+        if parent:
+            self._children().setdefault(parent, set()).add(key)
+
+    def _unlink(self, parent, key):
+        kids = self._children()
+        if parent in kids:
+            kids[parent].discard(key)
+            if not kids[parent]:
+                del kids[parent]
+
     # ---- the calls ----
     def prepare(self, key, parent="", labels=None, *, kind=ACTIVE):
         """A writable (ACTIVE) or read-only (VIEW) snapshot of committed
@@ -137,10 +161,12 @@ class Snapshots:
             rec = {"device": f"ctrd-{uuid.uuid4().hex[:16]}", "kind": kind, "parent": parent,
                    "labels": labels, "created": now, "updated": now, "size": size,
                    "origin": origin}
+            self._children()           # read before the change, which it then follows
             with self.pool.atomic():
                 self.pool.snapshot(origin, rec["device"], read_only=kind == VIEW,
                                    labels={owners.OWNER_LABEL: OWNER}, _internal=True)
                 self._put(key, rec)
+            self._link(parent, key)
             return self._mounts(rec)
 
     def _size(self, labels):
@@ -201,17 +227,20 @@ class Snapshots:
             now = time.time()
             done = dict(rec, kind=COMMITTED, labels=labels, created=now, updated=now,
                         usage=self._own_bytes(rec))
+            self._children()
             with self.pool.atomic():
                 self.pool.set_read_only(rec["device"], True)
                 self.pool.delete_record(_record_key(key))
                 self._put(name, done)
+            self._unlink(rec["parent"], key)     # an active snapshot has no children
+            self._link(rec["parent"], name)
 
     def remove(self, key):
         """The snapshot goes, its device with it (reclaimed in the background).
         Refused while other snapshots have it as parent."""
         with self._lock:
             rec = self._get(key)
-            children = [k for k, r in self._all() if r["parent"] == key]
+            children = sorted(self._children().get(key, ()))
             if children:
                 raise FailedPrecondition(
                     f"snapshot {key!r} has children ({', '.join(map(repr, children[:3]))}"
@@ -221,6 +250,7 @@ class Snapshots:
                 if rec["device"] in self.pool:
                     self.pool.delete(rec["device"], owner=OWNER)
                 self.pool.delete_record(_record_key(key))
+            self._unlink(rec["parent"], key)
 
     def stat(self, key):
         with self._lock:
