@@ -37,9 +37,9 @@ pb = api.pb
 Code = grpc.StatusCode
 
 
-def run(pool, *args, check=True):
+def run(pool, *args, check=True, env=None):
     r = subprocess.run([COWBLOCK, "--pool", str(pool), *args], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, env=dict(os.environ, **(env or {})))
     if check and r.returncode:
         raise AssertionError(f"{args}: {r.returncode} {r.stderr}")
     return r
@@ -348,3 +348,14 @@ def test_sigkill_during_prepares_leaves_keys_and_devices_agreeing(tmp_path):
     assert {i.name for i in c.list()} == set(recs)
     c.channel.close()
     run(pool, "daemon", "stop")
+
+
+@needs_daemon
+def test_without_the_fuse_attach_it_says_why(tmp_path):
+    pool = tmp_path / "pool"
+    run(pool, "pool", "create", "--size", "1G")
+    r = run(pool, "snapshotter", "--socket", str(tmp_path / "s.sock"), check=False,
+            env={"COWBLOCK_ATTACH": "nbdfuse"})
+    assert r.returncode and "FUSE attach" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "s.sock").exists()
+    run(pool, "daemon", "stop", check=False)

@@ -93,6 +93,11 @@ class Snapshots:
         self._lock = threading.RLock()    # one change of the snapshot table at a time
         self._files = {}                  # device -> its attach file, while attached
         self._kids = None                 # parent key -> keys of its children (from the records)
+        if d.file_server() is None:
+            from ..attach import fuse
+            raise errors.MountError(
+                "the containerd snapshotter hands out device files from the daemon's FUSE "
+                f"attach, which is unavailable here: {fuse.available()[1] or 'COWBLOCK_ATTACH=nbdfuse'}")
 
     def warm(self, log=lambda msg: None):
         """Make the template of the default size now (on start), so the first
