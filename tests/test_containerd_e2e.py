@@ -3,9 +3,10 @@ with cowblock as a proxy plugin, an image made here offline (busybox-static,
 a whiteout, a hard link, an opaque directory), `ctr image import`, `ctr
 run` with runc reading the layers and writing its own files, the rootfs
 compared with umoci's unpack of the same image, the `ctr snapshots` verbs,
-containerd's garbage collector leaving no device, and SIGKILLs of the
+containerd's garbage collector leaving no device, SIGKILLs of the
 snapshotter's daemon and of containerd in the middle of an import, after
-which the retried import and run succeed and nothing is left over."""
+which the retried import and run succeed and nothing is left over, and a
+running container getting EIO when the daemon dies."""
 import json
 import os
 import random
@@ -161,5 +162,33 @@ def test_sigkill_mid_import_then_retry(world, victim, round_):
     for line in leases:
         c.ctr("leases", "rm", "--sync", line.split()[0])
     import_run_remove(world, f"t-{victim}-{round_}")
+    r = sh("cowblock", "--pool", pool, "pool", "check")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_running_container_gets_eio_when_the_daemon_dies(world):
+    """The container's writes fail (EIO, not a hang) once the daemon is
+    SIGKILLed; after a restart containerd runs containers again and the GC
+    removes what is left."""
+    c, pool = world["c"], world["pool"]
+    c.retry("image", "import", "--snapshotter", "cowblock", world["archive"])
+    c.ctr("run", "-d", "--snapshotter", "cowblock", IMAGE, "t-eio", "/bin/sleep", "600")
+    try:
+        write = ["task", "exec", "--exec-id", "w", "t-eio", "/bin/sh", "-c",
+                 "echo data > /f && sync /f && cat /f"]
+        assert c.ctr(*write).stdout == "data\n"
+        pid = RuntimeDir(pool).pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not process_alive(pid), what="the daemon to die")
+        r = c.ctr(*write[:3], "w2", *write[4:], check=False, timeout=60)
+        assert r.returncode != 0 and "Input/output error" in r.stdout + r.stderr, \
+            r.stdout + r.stderr
+    finally:
+        c.ctr("task", "kill", "-s", "SIGKILL", "t-eio", check=False)
+        wait_for(lambda: c.ctr("task", "rm", "t-eio", check=False).returncode == 0 or
+                 "not found" in c.ctr("task", "ls").stdout, what="the task to go")
+        c.ctr("container", "rm", "t-eio", check=False)
+    world["snapshotter"]()
+    import_run_remove(world, "t-after-eio")
     r = sh("cowblock", "--pool", pool, "pool", "check")
     assert r.returncode == 0, r.stdout + r.stderr
