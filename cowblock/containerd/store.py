@@ -34,6 +34,7 @@ import time
 import uuid
 
 from .. import errors, layers, owners
+from ..sizes import parse_size
 from . import filters
 
 OWNER = "containerd"
@@ -178,7 +179,6 @@ class Snapshots:
         text = labels.get(SIZE_LABEL)
         if text is None:
             return self.default_size
-        from ..sizes import parse_size
         return layers.check_size(parse_size(text, f"label {SIZE_LABEL}"))
 
     def mounts(self, key):
