@@ -359,3 +359,27 @@ def test_without_the_fuse_attach_it_says_why(tmp_path):
     assert r.returncode and "FUSE attach" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "s.sock").exists()
     run(pool, "daemon", "stop", check=False)
+
+
+@needs_daemon
+def test_foreground_stops_on_sigterm_and_exits_14_when_the_daemon_dies(tmp_path):
+    pool, sock = tmp_path / "pool", tmp_path / "snap.sock"
+    run(pool, "pool", "create", "--size", "1G")
+    cmd = [COWBLOCK, "--pool", str(pool), "snapshotter", "--socket", str(sock),
+           "--default-size", str(SIZE), "--foreground"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 30
+    while not sock.exists() and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.05)
+    Client(sock).prepare("f/1/a")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    assert not sock.exists()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not sock.exists() and time.monotonic() < end + 30 and proc.poll() is None:
+        time.sleep(0.05)
+    assert [i.name for i in Client(sock).list()] == ["f/1/a"]
+    os.kill(RuntimeDir(pool).pid(), signal.SIGKILL)
+    assert proc.wait(timeout=30) == 14
+    assert "stopped or removed" in proc.stderr.read()
+    run(pool, "daemon", "stop", "--force", check=False)
