@@ -15,7 +15,8 @@ from .. import errors
 from .common import Settings, report_error
 
 COMMANDS = ["pool", "create", "snapshot", "rm", "rename", "resize", "set", "rollback", "ls",
-            "info", "diff", "read", "write", "import", "export", "image", "container", "serve", "mount", "umount", "daemon", "bench"]
+            "info", "diff", "read", "write", "import", "export", "image", "container", "serve", "mount", "umount", "snapshotter",
+            "daemon", "bench"]
 
 POOL_HELP = ("pool directory (default: $COWBLOCK_POOL, else $XDG_DATA_HOME/cowblock/pool, "
              "made on first use)")

@@ -163,6 +163,8 @@ _TABLE = [
     _daemon("watch"),
     _daemon("mount"),
     _daemon("umount"),
+    _daemon("snapshotter"),
+    _daemon("unsnapshotter"),
 ]
 
 CALLS = {c.name: c for c in _TABLE}
