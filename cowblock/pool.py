@@ -322,7 +322,7 @@ class Pool(RecordStore):
             else:
                 remote = rados.Remote(loc)
                 if not read_only:
-                    remote.lock()
+                    remote.lock(timeout)
                 remote.fetch(path)
                 _pool_error(lib.cb_pool_open_remote(os.fsencode(path), remote.h,
                                                     1 if read_only else 0, out))

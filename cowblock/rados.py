@@ -23,6 +23,7 @@ import json
 import os
 import re
 import socket
+import time
 import uuid
 
 from . import errors
@@ -121,12 +122,22 @@ class Remote:
     def create(self):
         check(lib.cb_remote_create(self.h), exists=errors.PoolExistsError)
 
-    def lock(self):
-        try:
-            check(lib.cb_remote_lock(self.h, cookie().encode(), b"cowblock writer"),
-                  not_found=errors.PoolNotFoundError)
-        except errors.BusyError as e:
-            raise errors.PoolLockedError(str(e), e.errno) from None
+    def lock(self, timeout=0.0):
+        """Take the pool's lock, waiting up to timeout seconds (None: for
+        ever) for a live holder.  A dead holder (its watch no longer answers
+        a notify in 5 s) is blocklisted and its lock broken."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = cookie().encode()
+        while True:
+            try:
+                check(lib.cb_remote_lock(self.h, me, b"cowblock writer"),
+                      not_found=errors.PoolNotFoundError)
+                return
+            except errors.BusyError as e:
+                if deadline is not None and time.monotonic() >= deadline:
+                    waited = f" after waiting {timeout:g} s" if timeout else ""
+                    raise errors.PoolLockedError(f"{e}{waited}", e.errno) from None
+            time.sleep(0.5)
 
     def fetch(self, path):
         check(lib.cb_remote_fetch(self.h, os.fsencode(path)), not_found=errors.PoolNotFoundError)

@@ -43,6 +43,7 @@
 #define LOCK_NAME "cowblock"
 #define MAX_INFLIGHT 256
 #define FETCH_INFLIGHT 32
+#define ALIVE_TIMEOUT_MS 5000  /* a holder that does not answer a notify in this is dead */
 
 #ifndef COWBLOCK_HAVE_RADOS
 
@@ -74,7 +75,8 @@ int remote_wait(struct cb_file *f) { return no_rados(); }
 struct cb_remote {
     rados_t cluster;
     rados_ioctx_t io;
-    bool connected, locked;
+    bool connected, locked, watching;
+    uint64_t watch;            /* our watch on the superblock object: the sign we are alive */
     char pool[128], name[128];
     char cookie[256];
     char epoch[24];            /* ours once locked: every superblock write compares it */
@@ -204,17 +206,107 @@ int cb_remote_create(cb_remote *r)
     return rv < 0 ? rados_error(rv, "creating the pool's superblock object") : 0;
 }
 
-static int describe_holder(cb_remote *r)
+struct holder {
+    char client[128], cookie[256], addr[256];
+};
+
+static int get_holder(cb_remote *r, struct holder *h)
 {
-    char tag[256], clients[512], cookies[1024], addrs[512];
-    size_t tl = sizeof tag, cl = sizeof clients, kl = sizeof cookies, al = sizeof addrs;
+    char tag[256];
+    size_t tl = sizeof tag, cl = sizeof h->client, kl = sizeof h->cookie, al = sizeof h->addr;
     int exclusive = 0;
-    ssize_t n = rados_list_lockers(r->io, SB_OBJECT, LOCK_NAME, &exclusive, tag, &tl, clients, &cl,
-                                   cookies, &kl, addrs, &al);
-    if (n <= 0)
-        return cb_err(CB_E_BUSY, "pool rados:%s/%s is in use by another writer", r->pool, r->name);
-    return cb_err(CB_E_BUSY, "pool rados:%s/%s is in use: open for writing by %s (Ceph %s at %s)",
-                  r->pool, r->name, cookies, clients, addrs);
+    memset(h, 0, sizeof *h);
+    ssize_t n = rados_list_lockers(r->io, SB_OBJECT, LOCK_NAME, &exclusive, tag, &tl, h->client,
+                                   &cl, h->cookie, &kl, h->addr, &al);
+    return (int)n;
+}
+
+/* The holder answers the notify through its watch (on_notify) while its
+ * process lives and reaches the cluster; a killed one does not, and its
+ * watch times out in the OSD later (osd_client_watch_timeout, 30 s). */
+static bool holder_alive(cb_remote *r, const struct holder *h)
+{
+    char *reply = NULL;
+    size_t reply_len = 0;
+    int rv = rados_notify2(r->io, SB_OBJECT, "alive?", 6, ALIVE_TIMEOUT_MS, &reply, &reply_len);
+    if (rv < 0 && rv != -ETIMEDOUT) {
+        if (reply)
+            rados_buffer_free(reply);
+        return true; /* cannot tell: never break a lock on a guess */
+    }
+    struct notify_ack_t *acks = NULL;
+    struct notify_timeout_t *timeouts = NULL;
+    size_t nr_acks = 0, nr_timeouts = 0;
+    bool alive = true;
+    if (reply && rados_decode_notify_response(reply, reply_len, &acks, &nr_acks, &timeouts,
+                                              &nr_timeouts) == 0) {
+        alive = false;
+        uint64_t gid = strncmp(h->client, "client.", 7) == 0 ? strtoull(h->client + 7, NULL, 10) : 0;
+        for (size_t i = 0; i < nr_acks; i++)
+            if (acks[i].notifier_id == gid)
+                alive = true;
+        rados_free_notify_response(acks, nr_acks, timeouts);
+    }
+    if (reply)
+        rados_buffer_free(reply);
+    return alive;
+}
+
+static void on_notify(void *arg, uint64_t notify_id, uint64_t handle, uint64_t notifier_id,
+                      void *data, size_t data_len)
+{
+    cb_remote *r = arg;
+    rados_notify_ack(r->io, SB_OBJECT, notify_id, handle, r->cookie, (unsigned)strlen(r->cookie));
+}
+
+/* Our watch failed: we may have been blocklisted, or cut off long enough
+ * for another writer to take over.  Nothing more may be committed. */
+static void on_watch_error(void *arg, uint64_t cookie, int err)
+{
+    cb_remote *r = arg;
+    pthread_mutex_lock(&r->mu);
+    if (!r->err) {
+        r->err = err < 0 ? err : -EIO;
+        snprintf(r->err_what, sizeof r->err_what, "keeping the pool's lock (its watch was lost: "
+                 "this writer was blocklisted or cut off from the cluster)");
+    }
+    pthread_mutex_unlock(&r->mu);
+}
+
+static int take_lock(cb_remote *r, const char *description)
+{
+    return rados_lock_exclusive(r->io, SB_OBJECT, LOCK_NAME, r->cookie, description, NULL, 0);
+}
+
+/* The lock is held: refuse, naming the holder, unless the holder is dead,
+ * in which case fence it (blocklist its address, so none of its writes
+ * lands any more) and break its lock, as librbd does. */
+static int lock_held(cb_remote *r, const char *description)
+{
+    struct holder h;
+    int rv;
+    if (get_holder(r, &h) <= 0) { /* released meanwhile */
+        rv = take_lock(r, description);
+        if (rv == -EBUSY || rv == -EEXIST)
+            return cb_err(CB_E_BUSY, "pool rados:%s/%s is in use by another writer", r->pool,
+                          r->name);
+        return rv < 0 ? rados_error(rv, "taking the pool's lock") : 0;
+    }
+    if (holder_alive(r, &h))
+        return cb_err(CB_E_BUSY, "pool rados:%s/%s is in use: open for writing by %s (Ceph %s at "
+                      "%s)", r->pool, r->name, h.cookie, h.client, h.addr);
+    rv = rados_blocklist_add(r->cluster, h.addr, 0);
+    if (rv < 0)
+        return rados_error(rv, "blocklisting the pool's dead writer (it needs the mon cap "
+                           "'osd blocklist')");
+    rv = rados_break_lock(r->io, SB_OBJECT, LOCK_NAME, h.client, h.cookie);
+    if (rv < 0 && rv != -ENOENT)
+        return rados_error(rv, "breaking the dead writer's lock");
+    rv = take_lock(r, description);
+    if (rv == -EBUSY || rv == -EEXIST)
+        return cb_err(CB_E_BUSY, "pool rados:%s/%s: another writer took the lock of a dead one "
+                      "first", r->pool, r->name);
+    return rv < 0 ? rados_error(rv, "taking the pool's lock") : 0;
 }
 
 int cb_remote_lock(cb_remote *r, const char *cookie, const char *description)
@@ -230,11 +322,9 @@ int cb_remote_lock(cb_remote *r, const char *cookie, const char *description)
         return cb_err(CB_E_NOT_FOUND, "no pool at rados:%s/%s", r->pool, r->name);
     if (rv < 0)
         return rados_error(rv, "looking for the pool's superblock object");
-    rv = rados_lock_exclusive(r->io, SB_OBJECT, LOCK_NAME, r->cookie, description, NULL, 0);
-    if (rv == -EBUSY || rv == -EEXIST)
-        return describe_holder(r);
-    if (rv == -ENOENT)
-        return cb_err(CB_E_NOT_FOUND, "no pool at rados:%s/%s", r->pool, r->name);
+    rv = take_lock(r, description);
+    if ((rv == -EBUSY || rv == -EEXIST) && (rv = lock_held(r, description)) < 0)
+        return rv;
     if (rv < 0)
         return rados_error(rv, "taking the pool's lock");
     r->locked = true;
@@ -254,6 +344,10 @@ int cb_remote_lock(cb_remote *r, const char *cookie, const char *description)
     rados_release_write_op(op);
     if (rv < 0)
         return rados_error(rv, "raising the pool's epoch");
+    rv = rados_watch3(r->io, SB_OBJECT, &r->watch, on_notify, on_watch_error, 0, r);
+    if (rv < 0)
+        return rados_error(rv, "watching the pool's superblock object");
+    r->watching = true;
     return 0;
 }
 
@@ -666,6 +760,8 @@ int cb_remote_close(cb_remote *r)
     int rv = 0;
     if (r->connected) {
         wait_below(r, 0);
+        if (r->watching)
+            rados_unwatch2(r->io, r->watch);
         if (r->locked && (rv = rados_unlock(r->io, SB_OBJECT, LOCK_NAME, r->cookie)) < 0 &&
             rv != -ENOENT)
             rv = rados_error(rv, "releasing the pool's lock");

@@ -119,6 +119,30 @@ def test_second_writer_is_refused_naming_the_holder(ceph, location, tmp_path):
     Pool.open(location, commit_interval=0).close()
 
 
+def test_a_killed_writer_is_fenced_and_the_next_open_succeeds(ceph, location, tmp_path):
+    """SIGKILL the writer after a commit returned: another process opens the
+    pool by itself (the dead holder does not answer the notify, so it is
+    blocklisted and its lock broken) and sees that commit."""
+    Pool.create(location, 16 * MiB, 65536, commit_interval=0).close()
+    code = (f"import sys, time\nfrom cowblock import Pool\n"
+            f"p = Pool.open({location!r}, commit_interval=0)\n"
+            f"d = p.create_thin('committed', 1 << 20)\nd.pwrite(b'k' * 4096, 0)\np.commit()\n"
+            f"print('ready', flush=True)\ntime.sleep(120)\n")
+    env = dict(os.environ, COWBLOCK_RADOS_CACHE=str(tmp_path / "victim"))
+    victim = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+    try:
+        assert victim.stdout.readline() == b"ready\n"
+    finally:
+        victim.kill()
+        victim.wait()
+    with Pool.open(location, commit_interval=0) as p:
+        assert p.device("committed").pread(4096, 0) == b"k" * 4096
+        assert p.check().ok
+    blocklist = subprocess.run(["timeout", "30", "ceph", "osd", "blocklist", "ls"], text=True,
+                               env=dict(os.environ, CEPH_CONF=ceph.conf), capture_output=True)
+    assert "127.0.0.1" in blocklist.stdout + blocklist.stderr
+
+
 def test_a_fenced_writer_cannot_commit(ceph, location, tmp_path):
     """A writer taken over as Ceph's tools do it (its address blocklisted,
     then its lock broken; what a successor does for a dead holder) fails its
