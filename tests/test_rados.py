@@ -213,3 +213,26 @@ def test_cli_create_ls_write_read(ceph, location, tmp_path):
     shutil.rmtree(tmp_path / "cli-cache")     # another host: all from RADOS
     assert run("read", "s1", "--offset", "1M", "--length", "16") == b"hello from rados"
     assert b"clean" in run("pool", "check")
+
+
+@pytest.mark.slow
+def test_build_without_librados_says_why(tmp_path):
+    """COWBLOCK_RADOS=0 (as without librados-dev): the core still builds, local
+    pools work, and a rados: location says what to install (opt-in: -m slow,
+    a build of the core)."""
+    import textwrap
+    from corebuild import build_core_copy
+    build_core_copy(str(tmp_path), env={"COWBLOCK_RADOS": "0"})
+    probe = textwrap.dedent(f"""
+        from cowblock import Pool, errors
+        Pool.create({str(tmp_path / "pool")!r}, 64 * 65536, 65536).close()
+        try:
+            Pool.open("rados:somepool/x")
+        except errors.InvalidArgumentError as e:
+            print("refused:", e)
+    """)
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path),
+                                COWBLOCK_RADOS_CACHE=str(tmp_path / "cache")))
+    assert r.returncode == 0, r.stderr
+    assert "refused: this cowblock was built without librados: install librados-dev" in r.stdout
