@@ -87,6 +87,12 @@ struct cb_remote {
     int err;                   /* the first failed request's errno (negative), sticky */
     char err_what[256];
     uint64_t requests[3];      /* reads, writes, removes */
+    struct {                   /* a write not sent yet, that the next may extend (order held) */
+        char oid[64];
+        uint64_t at;
+        uint8_t *buf;
+        size_t len, cap;
+    } pend;
 };
 
 enum { REQ_READ, REQ_WRITE, REQ_REMOVE };
@@ -426,12 +432,17 @@ static void locate(const struct cb_file *f, uint64_t off, char *oid, size_t oid_
     *room = OBJECT_SIZE - *in_obj;
 }
 
+static int flush_pending(cb_remote *r);
+
 /* Superblock writes: after every write sent before them is acknowledged,
  * one op that compares our epoch and writes (fencing). */
 static int write_superblock(cb_remote *r, const uint8_t *buf, size_t len, uint64_t off)
 {
+    int rv = flush_pending(r);
+    if (rv)
+        return rv;
     wait_below(r, 0);
-    int rv = sticky_error(r);
+    rv = sticky_error(r);
     if (rv)
         return rv;
     if (!r->locked)
@@ -483,6 +494,70 @@ static void gather(uint8_t *dst, const struct iovec *iov, int cnt, uint64_t skip
     }
 }
 
+/* Send a write of buf (ours to free) to object oid at byte at. */
+static int send_write(cb_remote *r, const char *oid, uint8_t *buf, size_t n, uint64_t at)
+{
+    struct request *q = calloc(1, sizeof *q);
+    if (!q) {
+        free(buf);
+        return cb_err(CB_E_NO_MEMORY, "out of memory");
+    }
+    *q = (struct request){r, buf, "", false};
+    snprintf(q->what, sizeof q->what, "writing object %s", oid);
+    rados_completion_t c = start(r, q, REQ_WRITE);
+    int rv;
+    if (!c || (rv = rados_aio_write(r->io, oid, c, (const char *)buf, n, at)) < 0) {
+        if (c)
+            request_done(c, q); /* counted: uncount it */
+        else
+            free(buf), free(q);
+        return rados_error(c ? rv : -ENOMEM, "sending a write");
+    }
+    return 0;
+}
+
+/* Send the write held back (order held): before any other request, so
+ * RADOS sees the writes in the cache's order. */
+static int flush_pending(cb_remote *r)
+{
+    if (!r->pend.len)
+        return 0;
+    uint8_t *buf = r->pend.buf;
+    size_t n = r->pend.len;
+    r->pend.buf = NULL;
+    r->pend.len = r->pend.cap = 0;
+    return send_write(r, r->pend.oid, buf, n, r->pend.at);
+}
+
+/* Hold a piece back if it may grow: a sequential stream of block-sized
+ * writes (the engine writes each newly allocated block alone) goes to RADOS
+ * as one write per object, not one per block; anything else sends it. */
+static int hold_or_send(cb_remote *r, const char *oid, const struct iovec *iov, int cnt,
+                        uint64_t skip, uint64_t n, uint64_t at)
+{
+    bool extends = r->pend.len && strcmp(r->pend.oid, oid) == 0 && r->pend.at + r->pend.len == at;
+    int rv;
+    if (!extends && (rv = flush_pending(r)) != 0)
+        return rv;
+    if (!r->pend.len) {
+        snprintf(r->pend.oid, sizeof r->pend.oid, "%s", oid);
+        r->pend.at = at;
+    }
+    if (r->pend.len + n > r->pend.cap) {
+        size_t cap = r->pend.cap ? r->pend.cap : 65536;
+        while (cap < r->pend.len + n)
+            cap *= 2;
+        uint8_t *b = realloc(r->pend.buf, cap);
+        if (!b)
+            return cb_err(CB_E_NO_MEMORY, "out of memory");
+        r->pend.buf = b;
+        r->pend.cap = cap;
+    }
+    gather(r->pend.buf + r->pend.len, iov, cnt, skip, n);
+    r->pend.len += n;
+    return r->pend.at + r->pend.len == OBJECT_SIZE ? flush_pending(r) : 0; /* it cannot grow */
+}
+
 int remote_write(struct cb_file *f, const struct iovec *iov, int cnt, uint64_t off)
 {
     cb_remote *r = f->remote;
@@ -497,32 +572,18 @@ int remote_write(struct cb_file *f, const struct iovec *iov, int cnt, uint64_t o
         uint64_t at, room;
         locate(f, off + done, oid, sizeof oid, &at, &room);
         uint64_t n = total - done < room ? total - done : room;
-        uint8_t *buf = malloc(n ? n : 1);
-        if (!buf)
-            return cb_err(CB_E_NO_MEMORY, "out of memory");
-        gather(buf, iov, cnt, done, n);
         if (strcmp(oid, SB_OBJECT) == 0) {
+            uint8_t *buf = malloc(n ? n : 1);
+            if (!buf)
+                return cb_err(CB_E_NO_MEMORY, "out of memory");
+            gather(buf, iov, cnt, done, n);
             rv = write_superblock(r, buf, n, at);
             free(buf);
-            if (rv)
-                return rv;
         } else {
-            struct request *q = calloc(1, sizeof *q);
-            if (!q) {
-                free(buf);
-                return cb_err(CB_E_NO_MEMORY, "out of memory");
-            }
-            *q = (struct request){r, buf, "", false};
-            snprintf(q->what, sizeof q->what, "writing object %s", oid);
-            rados_completion_t c = start(r, q, REQ_WRITE);
-            if (!c || (rv = rados_aio_write(r->io, oid, c, (const char *)buf, n, at)) < 0) {
-                if (c)
-                    request_done(c, q); /* counted: uncount it */
-                else
-                    free(buf), free(q);
-                return rados_error(c ? rv : -ENOMEM, "sending a write");
-            }
+            rv = hold_or_send(r, oid, iov, cnt, done, n, at);
         }
+        if (rv)
+            return rv;
         done += n;
     }
     return 0;
@@ -537,7 +598,8 @@ int remote_discard(struct cb_file *f, uint64_t off, uint64_t len)
     if (rv)
         return rv;
     pthread_mutex_lock(&r->order);
-    for (uint64_t done = 0; done < len;) {
+    rv = flush_pending(r);
+    for (uint64_t done = 0; done < len && !rv;) {
         char oid[64];
         uint64_t at, room;
         locate(f, off + done, oid, sizeof oid, &at, &room);
@@ -573,8 +635,13 @@ int remote_discard(struct cb_file *f, uint64_t off, uint64_t len)
 int remote_set_size(struct cb_file *f, uint64_t size)
 {
     cb_remote *r = f->remote;
+    pthread_mutex_lock(&r->order);
+    int rv = flush_pending(r);
+    pthread_mutex_unlock(&r->order);
+    if (rv)
+        return rv;
     wait_below(r, 0);
-    int rv = sticky_error(r);
+    rv = sticky_error(r);
     if (rv)
         return rv;
     char key[32], v[24];
@@ -594,6 +661,11 @@ int remote_set_size(struct cb_file *f, uint64_t size)
 
 int remote_wait(struct cb_file *f)
 {
+    pthread_mutex_lock(&f->remote->order);
+    int rv = flush_pending(f->remote);
+    pthread_mutex_unlock(&f->remote->order);
+    if (rv)
+        return rv;
     wait_below(f->remote, 0);
     return sticky_error(f->remote);
 }
@@ -759,6 +831,9 @@ int cb_remote_close(cb_remote *r)
         return 0;
     int rv = 0;
     if (r->connected) {
+        pthread_mutex_lock(&r->order);
+        flush_pending(r); /* (the pool's close committed: nothing is held) */
+        pthread_mutex_unlock(&r->order);
         wait_below(r, 0);
         if (r->watching)
             rados_unwatch2(r->io, r->watch);
@@ -770,6 +845,7 @@ int cb_remote_close(cb_remote *r)
         rados_ioctx_destroy(r->io);
         rados_shutdown(r->cluster);
     }
+    free(r->pend.buf);
     pthread_mutex_destroy(&r->order);
     pthread_mutex_destroy(&r->mu);
     pthread_cond_destroy(&r->cond);
