@@ -89,7 +89,7 @@ def location_of(path):
     try:
         with open(os.path.join(path, MARKER)) as f:
             m = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError) as e:
         raise errors.InvalidArgumentError(f"{path}/{MARKER} is unreadable: {e}") from None

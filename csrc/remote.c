@@ -155,8 +155,11 @@ int cb_remote_connect(const char *conf, const char *ceph_pool, const char *name,
     if (rv < 0) {
         rados_shutdown(r->cluster);
         free(r);
-        return rados_error(rv, conf && *conf ? "reading the Ceph configuration" :
-                           "finding a Ceph configuration ($CEPH_CONF, /etc/ceph/ceph.conf)");
+        if (conf && *conf)
+            return cb_err(CB_E_INVALID, "cannot read the Ceph configuration %s: %s", conf,
+                          strerror(-rv));
+        return cb_err(CB_E_INVALID, "no Ceph configuration found (set $CEPH_CONF or --ceph-conf, "
+                      "or make /etc/ceph/ceph.conf): %s", strerror(-rv));
     }
     /* Without these, connecting to a cluster that is not there, or a monitor
      * call while no OSD serves a placement group, waits for ever.  Data

@@ -188,6 +188,12 @@ def test_missing_pool_and_bad_locations(ceph):
             Pool.open(bad)
 
 
+def test_a_missing_ceph_conf_is_named(ceph, monkeypatch):
+    monkeypatch.setenv("CEPH_CONF", "/nonexistent/ceph.conf")
+    with pytest.raises(errors.InvalidArgumentError, match="/nonexistent/ceph.conf"):
+        Pool.open(f"rados:{ceph.pool}/x")
+
+
 def test_create_refuses_a_taken_name(ceph, location):
     Pool.create(location, 16 * MiB, 65536, commit_interval=0).close()
     with pytest.raises(errors.PoolExistsError, match="exists"):
