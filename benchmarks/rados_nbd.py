@@ -26,6 +26,8 @@ import tempfile
 import time
 import uuid
 
+from nbd_compare import wait_for
+
 MiB = 1 << 20
 IMAGE = 256 * MiB
 JOBS = [("first_write_4k", "randwrite", "4k", True), ("fill_1m", "write", "1M", False),
@@ -44,16 +46,6 @@ def fio(target_args, rw, bs, seconds, timed):
     return side["iops"] if bs == "4k" else side["bw_bytes"] / 1e6
 
 
-def wait_socket(path, proc):
-    for _ in range(300):
-        if os.path.exists(path):
-            return
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()}")
-        time.sleep(0.1)
-    raise RuntimeError(f"no socket at {path}")
-
-
 class CowblockTarget:
     def __init__(self, name, pool, tmp):
         self.name, self.pool, self.tmp = name, pool, tmp
@@ -65,8 +57,8 @@ class CowblockTarget:
         self.sock = os.path.join(self.tmp, f"{image}.sock")
         self.proc = subprocess.Popen(["cowblock", "--pool", self.pool, "serve", "--socket",
                                       self.sock, image], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        wait_socket(self.sock, self.proc)
+                                     stderr=subprocess.PIPE)
+        wait_for(self.sock, self.proc, "cowblock serve")
         return ["--ioengine=nbd", f"--uri=nbd+unix:///{image}?socket={self.sock}"]
 
     def stop(self):
@@ -90,8 +82,8 @@ class RbdTarget:
         self.proc = subprocess.Popen(["qemu-nbd", "--socket", self.sock, "--format", "raw",
                                       "--cache", "none", "--aio", "threads", "--shared", "4",
                                       "--persistent", spec],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        wait_socket(self.sock, self.proc)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for(self.sock, self.proc, "qemu-nbd")
         return ["--ioengine=nbd", f"--uri=nbd+unix:///?socket={self.sock}"]
 
     def stop(self):

@@ -368,20 +368,24 @@ struct request {
     bool enoent_ok;            /* a remove of an object that was never written */
 };
 
-static void request_done(rados_completion_t c, void *arg)
+/* A request is done (any completion callback): its error, if any, sticks. */
+static void finished(cb_remote *r, rados_completion_t c, int rv, bool enoent_ok, const char *what)
 {
-    struct request *q = arg;
-    cb_remote *r = q->r;
-    int rv = rados_aio_get_return_value(c);
     pthread_mutex_lock(&r->mu);
-    if (rv < 0 && !(rv == -ENOENT && q->enoent_ok) && !r->err) {
+    if (rv < 0 && !(rv == -ENOENT && enoent_ok) && !r->err) {
         r->err = rv;
-        snprintf(r->err_what, sizeof r->err_what, "%s", q->what);
+        snprintf(r->err_what, sizeof r->err_what, "%s", what);
     }
     r->inflight--;
     pthread_cond_broadcast(&r->cond);
     pthread_mutex_unlock(&r->mu);
     rados_aio_release(c);
+}
+
+static void request_done(rados_completion_t c, void *arg)
+{
+    struct request *q = arg;
+    finished(q->r, c, rados_aio_get_return_value(c), q->enoent_ok, q->what);
     free(q->buf);
     free(q);
 }
@@ -437,15 +441,27 @@ static void locate(const struct cb_file *f, uint64_t off, char *oid, size_t oid_
 
 static int flush_pending(cb_remote *r);
 
+/* Send what is held back, wait until every request is acknowledged, and
+ * report the first that failed.  order_held: the caller has r->order (the
+ * wait itself is made without it unless so, so writers go on meanwhile). */
+static int drain(cb_remote *r, bool order_held)
+{
+    if (!order_held)
+        pthread_mutex_lock(&r->order);
+    int rv = flush_pending(r);
+    if (!order_held)
+        pthread_mutex_unlock(&r->order);
+    if (rv)
+        return rv;
+    wait_below(r, 0);
+    return sticky_error(r);
+}
+
 /* Superblock writes: after every write sent before them is acknowledged,
  * one op that compares our epoch and writes (fencing). */
 static int write_superblock(cb_remote *r, const uint8_t *buf, size_t len, uint64_t off)
 {
-    int rv = flush_pending(r);
-    if (rv)
-        return rv;
-    wait_below(r, 0);
-    rv = sticky_error(r);
+    int rv = drain(r, true);
     if (rv)
         return rv;
     if (!r->locked)
@@ -638,13 +654,7 @@ int remote_discard(struct cb_file *f, uint64_t off, uint64_t len)
 int remote_set_size(struct cb_file *f, uint64_t size)
 {
     cb_remote *r = f->remote;
-    pthread_mutex_lock(&r->order);
-    int rv = flush_pending(r);
-    pthread_mutex_unlock(&r->order);
-    if (rv)
-        return rv;
-    wait_below(r, 0);
-    rv = sticky_error(r);
+    int rv = drain(r, false);
     if (rv)
         return rv;
     char key[32], v[24];
@@ -664,13 +674,7 @@ int remote_set_size(struct cb_file *f, uint64_t size)
 
 int remote_wait(struct cb_file *f)
 {
-    pthread_mutex_lock(&f->remote->order);
-    int rv = flush_pending(f->remote);
-    pthread_mutex_unlock(&f->remote->order);
-    if (rv)
-        return rv;
-    wait_below(f->remote, 0);
-    return sticky_error(f->remote);
+    return drain(f->remote, false);
 }
 
 /* ---- open: the cache from the objects ---- */
@@ -680,8 +684,6 @@ struct fetch {
     uint64_t at;
     uint8_t *buf;
     char oid[64];
-    pthread_mutex_t *mu;
-    int *err;
 };
 
 static void fetch_done(rados_completion_t c, void *arg)
@@ -690,16 +692,9 @@ static void fetch_done(rados_completion_t c, void *arg)
     int rv = rados_aio_get_return_value(c);
     if (rv > 0 && pwrite(q->fd, q->buf, (size_t)rv, (off_t)q->at) != rv)
         rv = -errno;
-    cb_remote *r = q->r;
-    pthread_mutex_lock(&r->mu);
-    if (rv < 0 && rv != -ENOENT && !r->err) {
-        r->err = rv;
-        snprintf(r->err_what, sizeof r->err_what, "fetching object %s", q->oid);
-    }
-    r->inflight--;
-    pthread_cond_broadcast(&r->cond);
-    pthread_mutex_unlock(&r->mu);
-    rados_aio_release(c);
+    char what[96];
+    snprintf(what, sizeof what, "fetching object %s", q->oid);
+    finished(q->r, c, rv, true, what);
     free(q->buf);
     free(q);
 }
