@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -242,3 +243,34 @@ def test_build_without_librados_says_why(tmp_path):
                                 COWBLOCK_RADOS_CACHE=str(tmp_path / "cache")))
     assert r.returncode == 0, r.stderr
     assert "refused: this cowblock was built without librados: install librados-dev" in r.stdout
+
+
+@pytest.mark.skipif(COWBLOCK is None, reason="the cowblock command is not installed")
+def test_nbd_serve_from_a_rados_pool(ceph, location, tmp_path):
+    """`cowblock serve` (through the pool's daemon) exports a device of a
+    RADOS pool; what an NBD client wrote and flushed is in RADOS."""
+    import nbdclient
+    with Pool.create(location, 64 * MiB, 65536, commit_interval=0) as p:
+        p.create_thin("base", 4 * MiB)
+    sock = str(tmp_path / "nbd.sock")
+    env = dict(os.environ, COWBLOCK_RUNTIME_DIR=str(tmp_path / "run"))
+    server = subprocess.Popen([COWBLOCK, "--pool", location, "serve", "--socket", sock, "base"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(300):
+            if os.path.exists(sock) or server.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert os.path.exists(sock), server.stderr.read().decode()
+        c = nbdclient.Client(sock)
+        c.go("base")
+        assert c.call(nbdclient.CMD_WRITE, MiB, 8192, pattern(7, 8192)) == 0
+        assert c.call(nbdclient.CMD_FLUSH) == 0
+        assert c.read(MiB, 8192) == pattern(7, 8192)
+        c.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    drop_cache(location)
+    with Pool.open(location, read_only=True) as p:
+        assert p.device("base").pread(8192, MiB) == pattern(7, 8192)
