@@ -235,9 +235,10 @@ int cb_pool_counters(cb_pool *p, uint64_t *meta_written, uint64_t *meta_verified
 
 /* ---- NBD transmission phase (csrc/nbd/transmit.c) ----
  * Serve NBD requests for one device on a connected socket, after the
- * handshake (done by the caller), until the client disconnects.  Requests
- * are read here and run by `workers` threads, so replies may go out of
- * order.  Returns 0 on a clean disconnect, else a negative errno. */
+ * handshake (done by the caller), until the client disconnects.  `workers`
+ * threads (the calling one among them) take turns reading a request and
+ * run it, so replies may go out of order.  Returns 0 on a clean
+ * disconnect, else a negative errno. */
 typedef struct {
     uint32_t dev_id;
     int fd;

@@ -11,7 +11,7 @@ import subprocess
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-SOURCES = ["errors.c", "crc32c.c", "format.c", "io.c", "meta.c", "sm.c", "btree.c", "pool.c",
+SOURCES = ["errors.c", "crc32c.c", "copy.c", "format.c", "io.c", "meta.c", "sm.c", "btree.c", "pool.c",
            "device.c", "dataio.c", "diff.c", "check.c", "records.c", "records_api.c", "txn.c",
            "nbd/transmit.c", "nbd/tls.c", "attach/fuse.c", "remote.c"]
 

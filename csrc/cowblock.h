@@ -39,6 +39,9 @@ int cb_kind_errno(int kind);
  * refused one, or an I/O error. */
 int cb_host_errno_kind(int err);
 
+/* ---- copying a read's data out of the data file's mapping (copy.c) ---- */
+void cb_copy_out(void *dst, const void *src, size_t len);
+
 /* ---- checksum (crc32c.c): cb_crc32c and cb_block_csum are in api.h ---- */
 /* A UUID given by the caller, or a random one when it passes NULL. */
 static inline void uuid_or_random(uint8_t dst[16], const uint8_t *src)

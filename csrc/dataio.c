@@ -109,7 +109,7 @@ static void copy_extent(uint8_t *dst, const uint8_t *src, uint64_t len, uintptr_
         uintptr_t end = (uintptr_t)src + 2 * len;
         madvise((void *)start, (end < map_end ? end : map_end) - start, MADV_WILLNEED);
     }
-    memcpy(dst, src, len);
+    cb_copy_out(dst, src, len);
 }
 
 /* Reads resolve their blocks under the shared lock, then copy without it,

@@ -925,6 +925,29 @@ def test_pread_pwrite_unaligned_spanning_blocks(pool, block_size):
         assert dev.pread(length, off) == bytes(model[off:off + length])
 
 
+def test_reads_into_buffers_at_every_alignment(pool, block_size):
+    """Reads of pieces from different places in the data file (a snapshot's
+    rewritten blocks among its origin's) into destinations at every
+    alignment relative to the source: the copy chosen by alignment and
+    size (copy.c) gives the same bytes as the model."""
+    bs = block_size
+    size = 8 * bs
+    base = pool.create_thin("a", size)
+    model = bytearray(pattern(1, size))
+    base.pwrite(bytes(model), 0)
+    snap = pool.snapshot("a", "b")
+    for i, off in enumerate([bs + 100, 4 * bs - 1, 6 * bs + 4096]):
+        data = pattern(10 + i, 3000)
+        snap.pwrite(data, off)
+        model[off:off + len(data)] = data
+    buf = bytearray(size + 128)
+    for shift in (0, 1, 15, 16, 31, 32, 63, 64, 65):
+        for off, length in [(0, size), (bs - 3, 2 * bs + 7), (3 * bs + 1, 2049), (5, 2047)]:
+            view = memoryview(buf)[shift:shift + length]
+            assert snap.readinto(view, off) == length
+            assert view == model[off:off + length], (shift, off, length)
+
+
 def test_zero_length_io(pool, block_size):
     dev = pool.create_thin("a", 2 * block_size)
     assert dev.pread(0, 0) == b""

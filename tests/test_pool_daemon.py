@@ -279,3 +279,46 @@ def test_proxy_retries_once_when_the_daemon_stops_under_it(pool):
         other.close()
     with Pool.open(pool) as p:
         assert "after" in p
+
+
+def test_a_query_that_reaches_a_dying_daemon_is_asked_of_the_pool(pool):
+    """A daemon killed with SIGKILL still takes connections while it exits;
+    a query that reaches it then goes to the pool itself once its leftovers
+    are cleaned up (and says so), while a call that changes the pool says
+    the daemon died during it (it may or may not have been done)."""
+    import socket
+    import threading
+    rt = RuntimeDir(pool)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+
+    def dying_daemon():
+        """A control socket that takes one connection and closes, whose pid
+        file names a process that has gone."""
+        rt.make()
+        with open(rt.pidfile, "w") as f:
+            f.write(f"{dead.pid}\n")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(rt.control)
+        listener.listen(1)
+
+        def take_one():
+            conn, _ = listener.accept()
+            conn.recv(1)
+            conn.close()
+            listener.close()
+        threading.Thread(target=take_one, daemon=True).start()
+
+    dying_daemon()
+    notes = []
+    target = cowblock.connect(pool, on_note=notes.append)
+    assert isinstance(target, client.PoolProxy)
+    with target:
+        assert [d.name for d in target.list()] == ["base", "s1"]
+    assert notes and not os.path.exists(rt.control)
+
+    dying_daemon()
+    target = cowblock.connect(pool)
+    with pytest.raises(cowblock.errors.DaemonError, match="died during create_thin"):
+        target.create_thin("lost", MiB)
+    target.close()

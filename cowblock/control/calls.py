@@ -22,6 +22,8 @@ Each Call names:
   returns  "device": the call makes a device; the reply is its DeviceInfo and
            the proxy returns a device of the proxy
   limit    a check of the arguments before the call runs
+  query    the call changes nothing, so it may be asked again of whoever holds
+           the pool next if the daemon dies before answering it
 """
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -44,6 +46,7 @@ class Call:
     freeze: Optional[str] = None
     returns: Optional[str] = None
     limit: Optional[Callable] = None
+    query: bool = False
 
 
 def _shrinks(device, args):
@@ -100,50 +103,51 @@ _TABLE = [
           doing="make it read-only"),
     _pool("resize_device", busy="name", busy_if=_resize_shrinks, doing="shrink it",
           changes="name"),
-    _pool("info"),
-    _pool("list"),
-    _pool("usage"),
-    _pool("stats"),
+    _pool("info", query=True),
+    _pool("list", query=True),
+    _pool("usage", query=True),
+    _pool("stats", query=True),
     _pool("commit"),
     _pool("resize"),
     _pool("resize_metadata"),
     _pool("set_config"),
     _pool("trim"),
     _pool("check", limit=lambda a: _no_repair(a)),
-    _pool("mappings"),
+    _pool("mappings", query=True),
     _pool("add_mappings"),
-    _pool("pending_removals"),
+    _pool("pending_removals", query=True),
     # the records store (cowblock.records)
     _pool("put_record"),
-    _pool("get_record"),
+    _pool("get_record", query=True),
     _pool("delete_record"),
-    _pool("record_count"),
-    _function("records", "cowblock.control.calls:records"),
-    _function("contains", "cowblock.control.calls:contains"),
-    _function("get_config", "cowblock.control.calls:get_config"),
-    _function("diff", "cowblock.control.calls:diff"),
+    _pool("record_count", query=True),
+    _function("records", "cowblock.control.calls:records", query=True),
+    _function("contains", "cowblock.control.calls:contains", query=True),
+    _function("get_config", "cowblock.control.calls:get_config", query=True),
+    _function("diff", "cowblock.control.calls:diff", query=True),
     # a device's I/O and properties
-    _device("pread", limit=_pread_limit),
+    _device("pread", limit=_pread_limit, query=True),
     _device("pwrite"),
     _device("discard"),
     _device("write_zeroes"),
     _device("flush"),
-    _device("block_status"),
+    _device("block_status", query=True),
     _device("resize", busy="self", busy_if=_shrinks, doing="shrink it", changes="self"),
-    Call("device.size", DEVICE, "cowblock.control.calls:device_size"),
-    Call("device.read_only", DEVICE, "cowblock.control.calls:device_read_only"),
+    Call("device.size", DEVICE, "cowblock.control.calls:device_size", query=True),
+    Call("device.read_only", DEVICE, "cowblock.control.calls:device_read_only",
+         query=True),
     # what a CLI command does in one round trip
-    _function("health", "cowblock.health:pool_health"),
-    _function("pool_report", "cowblock.health:report"),
-    _function("list_images", "cowblock.images:list_images"),
-    _function("image_info", "cowblock.images:image_info"),
-    _function("list_containers", "cowblock.images:list_containers"),
-    _function("container_info", "cowblock.images:container_info"),
+    _function("health", "cowblock.health:pool_health", query=True),
+    _function("pool_report", "cowblock.health:report", query=True),
+    _function("list_images", "cowblock.images:list_images", query=True),
+    _function("image_info", "cowblock.images:image_info", query=True),
+    _function("list_containers", "cowblock.images:list_containers", query=True),
+    _function("container_info", "cowblock.images:container_info", query=True),
     _function("create_container", "cowblock.images:create_container"),
     _function("commit_container", "cowblock.images:commit_container", freeze="container"),
     _function("remove_containers", "cowblock.images:remove_containers", busy="names",
               doing="remove it"),
-    _function("device_length", "cowblock.transfer:device_length"),
+    _function("device_length", "cowblock.transfer:device_length", query=True),
     # the daemon itself
     _daemon("status"),
     _daemon("stop"),

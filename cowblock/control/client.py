@@ -143,9 +143,13 @@ class PoolProxy:
                 raise
             pid = self.runtime.recorded_pid()
             if pid is not None and not process_alive(pid):   # killed, not stopped
-                raise errors.DaemonError(
-                    f"the pool daemon (pid {pid}) died during {name}; the next command "
-                    "cleans up after it") from e
+                if not getattr(CALLS.get(name), "query", False):   # it may or may not have been done
+                    raise errors.DaemonError(
+                        f"the pool daemon (pid {pid}) died during {name}; the next command "
+                        "cleans up after it") from e
+                # A query that reached a daemon already dying (its socket still
+                # takes connections while it exits) is asked again of the pool
+                # itself, once its leftovers are cleaned up.
             self._reconnect()
             self.want_health = want
             return self.call(name, *args, **kwargs)

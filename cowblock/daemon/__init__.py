@@ -50,6 +50,7 @@ from ..runtime import RuntimeDir
 from . import leftovers
 
 DEFAULT_GRACE = 5.0
+DEFAULT_COMMIT_INTERVAL = 1.0   # a timed commit at least this often (0: only on flush/stop)
 EVENTS_KEPT = 1000    # log lines a listener keeps for a watcher that comes later
 STREAMED = P.STREAMED
 
@@ -126,10 +127,12 @@ class Mount:
 
 
 class PoolDaemon:
-    def __init__(self, pool_path, *, auto_exit=False, grace=DEFAULT_GRACE, log=None):
+    def __init__(self, pool_path, *, auto_exit=False, grace=DEFAULT_GRACE, log=None,
+                 commit_interval=DEFAULT_COMMIT_INTERVAL):
         self.pool_path = os.path.abspath(os.fspath(pool_path))
         self.auto_exit = auto_exit
         self.grace = grace
+        self.commit_interval = commit_interval
         self._log = log or (lambda msg: None)
         self.runtime = RuntimeDir(self.pool_path)
         self.pool = None
@@ -148,7 +151,7 @@ class PoolDaemon:
     def start(self):
         """Take the pool, clean what a dead predecessor left, listen.
         Returns notes on what was cleaned up."""
-        self.pool = Pool.open(self.pool_path, timeout=0)
+        self.pool = Pool.open(self.pool_path, timeout=0, commit_interval=self.commit_interval)
         try:
             notes = leftovers.clean(self.runtime, self.pool)
             self.runtime.make()
@@ -441,7 +444,8 @@ class PoolDaemon:
         return {"pid": os.getpid(), "version": P.VERSION, "pool": self.pool_path,
                 "runtime_dir": self.runtime.path, "control_socket": self.runtime.control,
                 "log": self.runtime.log, "started": self.started, "auto_exit": self.auto_exit,
-                "grace": self.grace, "calls_served": self.control.calls_served,
+                "grace": self.grace,
+                "commit_interval": self.commit_interval, "calls_served": self.control.calls_served,
                 "sessions": self.control.session_count(), "attachments": attachments}
 
     def call_stop(self, session, *, force=False, if_idle=False):
@@ -520,11 +524,13 @@ class PoolDaemon:
 
 # ---- running one ----
 
-def run(pool_path, *, auto_exit=False, grace=DEFAULT_GRACE, ready_fd=None, log=None):
+def run(pool_path, *, auto_exit=False, grace=DEFAULT_GRACE, ready_fd=None, log=None,
+        commit_interval=DEFAULT_COMMIT_INTERVAL):
     """Run a daemon until it is stopped (by a control call, SIGTERM or
     SIGINT, or idleness with auto_exit).  ready_fd: report readiness (or
     the error that prevented it) there as one JSON line, then close it."""
-    d = PoolDaemon(pool_path, auto_exit=auto_exit, grace=grace, log=log)
+    d = PoolDaemon(pool_path, auto_exit=auto_exit, grace=grace, log=log,
+                   commit_interval=commit_interval)
     try:
         notes = d.start()
     except Exception as e:

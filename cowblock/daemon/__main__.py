@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from . import DEFAULT_GRACE, run, stderr_log
+from . import DEFAULT_COMMIT_INTERVAL, DEFAULT_GRACE, run, stderr_log
 from ..runtime import RuntimeDir
 
 LOG_LIMIT = 1 << 20   # a log over this is started afresh
@@ -33,13 +33,15 @@ def main(argv=None):
     p.add_argument("--auto", action="store_true", help="exit once nothing is attached")
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE)
     p.add_argument("--ready-fd", type=int)
+    p.add_argument("--commit-interval", type=float, default=DEFAULT_COMMIT_INTERVAL)
     a = p.parse_args(argv)
     if a.ready_fd is not None:
         try:
             _redirect_to_log(a.pool)
         except Exception:
             pass   # run() reports what is wrong with the pool on the pipe
-    return run(a.pool, auto_exit=a.auto, grace=a.grace, ready_fd=a.ready_fd, log=stderr_log)
+    return run(a.pool, auto_exit=a.auto, grace=a.grace, ready_fd=a.ready_fd, log=stderr_log,
+               commit_interval=a.commit_interval)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ from .._native import ffi, lib
 from .handshake import Export, HandshakeError, negotiate
 from .protocol import CONTEXT_ALLOCATION, CONTEXT_SHARED
 
+# Threads per connection, taking turns at its socket (csrc/nbd/transmit.c):
+# as many as a client keeps requests in flight (QD16), as nbdkit's 16, so a
+# thread blocked in a FLUSH's fdatasync or in the page cache does not stall
+# the rest; an idle one costs a stack and nothing else.
+WORKERS = 16
+
 
 class Catalog:
     """The exports: the named devices, or every device of the pool.
@@ -89,7 +95,7 @@ class NBDServer:
         self.tls = tls
         self.listen = parse_listen(listen, insecure, tls) if listen else None
         self.max_connections = max_connections
-        self.workers = workers or min(os.cpu_count() or 2, 16)
+        self.workers = workers or WORKERS
         self.on_full_wait_ms = int(on_full_wait * 1000)
         self.log = log or (lambda msg: None)
         self._lock = threading.Lock()

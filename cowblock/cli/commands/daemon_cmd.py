@@ -15,8 +15,12 @@ from ..common import emit, note, table
 @click.option("--grace", type=click.FloatRange(0), default=None,
               help="exit once nothing has been attached for this many seconds (default: "
                    "run until stopped)")
+@click.option("--commit-interval", type=click.FloatRange(0), default=1.0, show_default=True,
+              metavar="SECONDS",
+              help="commit what was written at least this often; 0: only when a client "
+                   "flushes (NBD FLUSH, fsync) and at stop, as nbdkit's file plugin syncs")
 @click.pass_context
-def command(ctx, grace):
+def command(ctx, grace, commit_interval):
     """Run the pool's daemon in the foreground (logging to stderr), or stop
     it, or show what it holds.  The daemon owns the pool and everything
     attached to it: NBD listeners (`cowblock serve`), mounts (`cowblock
@@ -34,7 +38,8 @@ def command(ctx, grace):
     from ...daemon import run, stderr_log
     settings = ctx.obj
     code = run(settings.pool_path, auto_exit=grace is not None,
-               grace=grace if grace is not None else 0, log=stderr_log)
+               grace=grace if grace is not None else 0, log=stderr_log,
+               commit_interval=commit_interval)
     ctx.exit(code)
 
 
@@ -61,7 +66,9 @@ def status(settings):
     def human(d):
         click.echo(f"daemon {d['pid']} holds {d['pool']} (control protocol {d['version']}"
                    + (f", exits {d['grace']:g} s after its last attachment" if d["auto_exit"]
-                      else "") + ")")
+                      else "")
+                   + (f", commits every {d['commit_interval']:g} s" if d["commit_interval"]
+                      else ", commits only on flush") + ")")
         click.echo(f"runtime directory {d['runtime_dir']}; log {d['log']}")
         rows = []
         for a in d["attachments"]:

@@ -46,8 +46,9 @@ def _on_full(text):
               help="allow read-write use of devices that are mounted or exported elsewhere "
                    "with --shared too (cluster filesystems)")
 @click.option("--max-connections", type=click.IntRange(1, 4096), default=16, show_default=True)
-@click.option("--workers", type=click.IntRange(1, 64), default=min(os.cpu_count() or 2, 16),
-              show_default="the number of CPUs", help="threads serving each connection's requests")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="threads taking turns at each connection, each running the request it "
+                   "read  [default: 16, as many as a client keeps in flight]")
 @click.option("--on-full", default="error", show_default=True, metavar="error|wait=SECONDS",
               help="when the pool is full: fail writes with ENOSPC, or hold them while it is grown")
 @click.option("--detach", is_flag=True,
