@@ -8,10 +8,12 @@ PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 # gnutls-bin has psktool and certtool; umoci and skopeo make OCI images),
 # containerd, runc and busybox-static for the snapshotter's end-to-end test,
 # clang for the fuzz harnesses, and GnuTLS's headers for TLS on NBD,
-# libfuse3's for FUSE attach (Debian packages); as root.
+# libfuse3's for FUSE attach, a single-node Ceph (tools/ceph-cluster.sh) and
+# librados's headers for pools on RADOS (Debian packages); as root.
 DEBS = qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3 libfuse3-dev fuse-overlayfs \
        thin-provisioning-tools e2fsprogs clang libclang-rt-14-dev libgnutls28-dev gnutls-bin \
-       pkg-config umoci skopeo tar containerd runc busybox-static
+       pkg-config umoci skopeo tar containerd runc busybox-static \
+       ceph-mon ceph-mgr ceph-osd ceph-common python3-rados librados-dev uuid-runtime
 deps:               ## Debian packages the tests use (skipped when not root)
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -13,7 +13,7 @@ import re
 import threading
 import uuid as _uuid
 
-from . import atomic, catalog, errors, format, health, owners
+from . import atomic, catalog, errors, format, health, owners, rados
 from ._native import check, ffi, lib
 from .device import Device
 from .lock import PoolLock
@@ -69,6 +69,30 @@ def _pool_path(path):
     return path
 
 
+def _create_remote(path, loc, data_size, block_size, metadata_size, node_capacity):
+    """Make a pool on RADOS: its superblock object (refused if the name is
+    taken), its lock, then the format, written through the cache at path."""
+    lock = PoolLock(path, exclusive=True)
+    try:
+        with rados.Remote(loc) as remote:
+            remote.create()
+            try:
+                remote.lock()
+                for name in ("data", "metadata"):   # the cache of an old pool of that name
+                    try:
+                        os.unlink(os.path.join(path, name))
+                    except FileNotFoundError:
+                        pass
+                _pool_error(lib.cb_pool_create_remote(os.fsencode(path), remote.h, data_size,
+                                                      block_size, metadata_size, node_capacity,
+                                                      _uuid.uuid4().bytes))
+            except BaseException:
+                remote.destroy()   # no half-made pool keeps the name
+                raise
+    finally:
+        lock.release()
+
+
 def _seconds(what, value, *, none_ok, inf_ok=False):
     if value is None and none_ok:
         return value
@@ -93,9 +117,11 @@ class Pool(RecordStore):
     several changes in one commit (cowblock.atomic).
     """
 
-    def __init__(self, path, handle, read_only, lock, commit_interval, background_reclaim=True):
+    def __init__(self, path, handle, read_only, lock, commit_interval, background_reclaim=True,
+                 remote=None):
         self.path = os.fspath(path)
         self._h = handle
+        self._remote = remote   # a pool on RADOS: its connection (cowblock.rados)
         self.read_only = read_only
         self._lock = lock
         self._names = {}      # name -> id
@@ -136,7 +162,11 @@ class Pool(RecordStore):
         if data_size < block_size or data_size % block_size:
             raise errors.InvalidArgumentError(
                 f"data size {data_size} is not a positive multiple of the block size {block_size}")
-        path = _pool_path(path)
+        path = rados.resolve(_pool_path(path))
+        loc = rados.location_of(path)
+        if loc is not None:
+            _create_remote(path, loc, data_size, block_size, metadata_size, _node_capacity)
+            return cls.open(path, commit_interval=commit_interval)
         if os.path.exists(path) and not os.path.isdir(path):
             raise errors.InvalidArgumentError(
                 f"cannot create a pool at {path}: it is a file, and a pool is a directory")
@@ -153,17 +183,30 @@ class Pool(RecordStore):
         or waits up to ``timeout`` seconds (None: forever) for it.
         background_reclaim: reclaim deferred removals in a thread (else call
         reclaim())."""
-        path = _pool_path(path)
+        path = rados.resolve(_pool_path(path))
         _seconds("timeout", timeout, none_ok=True, inf_ok=True)
         _seconds("commit_interval", commit_interval, none_ok=True)
-        if not os.path.isfile(os.path.join(path, "metadata")):
+        loc = rados.location_of(path)
+        if loc is None and not os.path.isfile(os.path.join(path, "metadata")):
             raise errors.PoolNotFoundError(f"no pool at {path} (no metadata file there)")
-        lock = PoolLock(path, exclusive=not read_only, timeout=timeout)
+        # A RADOS pool's open refills its cache: one process on a host at a time.
+        lock = PoolLock(path, exclusive=not read_only or loc is not None, timeout=timeout)
+        remote = None
         try:
             out = ffi.new("cb_pool **")
-            _pool_error(lib.cb_pool_open(os.fsencode(path), 1 if read_only else 0, out))
-            pool = cls(path, out[0], read_only, lock, commit_interval, background_reclaim)
+            if loc is None:
+                _pool_error(lib.cb_pool_open(os.fsencode(path), 1 if read_only else 0, out))
+            else:
+                remote = rados.Remote(loc)
+                if not read_only:
+                    remote.lock(timeout)
+                remote.fetch(path)
+                _pool_error(lib.cb_pool_open_remote(os.fsencode(path), remote.h,
+                                                    1 if read_only else 0, out))
+            pool = cls(path, out[0], read_only, lock, commit_interval, background_reclaim, remote)
         except BaseException:
+            if remote is not None:
+                remote.close()
             lock.release()
             raise
         if not read_only and pool.stats().needs_check:
@@ -191,7 +234,11 @@ class Pool(RecordStore):
         try:
             check(lib.cb_pool_close(h))
         finally:
-            self._lock.release()
+            try:
+                if self._remote is not None:
+                    self._remote.close()   # after the last commit: unlocks
+            finally:
+                self._lock.release()
 
     def __enter__(self):
         return self
