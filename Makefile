@@ -6,11 +6,14 @@ PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 
 # The real clients and peers the tests drive (python3-libnbd is nbdsh;
 # gnutls-bin has psktool and certtool; umoci and skopeo make OCI images),
+# containerd, runc and busybox-static for the snapshotter's end-to-end test,
 # clang for the fuzz harnesses, and GnuTLS's headers for TLS on NBD,
-# libfuse3's for FUSE attach (Debian packages); as root.
+# libfuse3's for FUSE attach, a single-node Ceph (tools/ceph-cluster.sh) and
+# librados's headers for pools on RADOS (Debian packages); as root.
 DEBS = qemu-utils libnbd-bin python3-libnbd nbdkit fio fuse3 libfuse3-dev fuse-overlayfs \
        thin-provisioning-tools e2fsprogs clang libclang-rt-14-dev libgnutls28-dev gnutls-bin \
-       pkg-config umoci skopeo tar
+       pkg-config umoci skopeo tar containerd runc busybox-static \
+       ceph-mon ceph-mgr ceph-osd ceph-common python3-rados librados-dev uuid-runtime
 deps:               ## Debian packages the tests use (skipped when not root)
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -40,8 +43,9 @@ bench-micro: install ## pytest-benchmark of the hot paths
 
 torture: install    ## long crash, power-cut and property runs: thousands of SIGKILLs
 	COWBLOCK_CRASH_ITERATIONS=5000 COWBLOCK_NBD_CRASH_ITERATIONS=5000 COWBLOCK_POWER_WORKLOADS=100 \
-		COWBLOCK_EXAMPLES=2000 \
-		$(PYTHON) -m pytest -q -s tests/test_crash.py tests/test_crash_nbd.py tests/test_property.py
+		COWBLOCK_EXAMPLES=2000 COWBLOCK_CTRD_KILLS=1000 COWBLOCK_CTRD_E2E_KILLS=50 \
+		$(PYTHON) -m pytest -q -s tests/test_crash.py tests/test_crash_nbd.py tests/test_property.py \
+		tests/test_containerd.py tests/test_containerd_e2e.py
 
 FUZZ_RUNS ?= 1000000
 FUZZ_WORK ?= /var/tmp/cowblock-fuzz

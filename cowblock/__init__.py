@@ -17,8 +17,9 @@ _WHERE = {
                      "MetadataSpaceError", "NeedsCheckError", "NoSpaceError", "PoolClosedError",
                      "PoolExistsError", "PoolIOError", "PoolLockedError", "PoolNotFoundError",
                      "ProtectedError", "ReadOnlyError"], "errors"),
-    **dict.fromkeys(["CheckRecord", "CheckReport", "DeviceInfo", "DiffRange", "Pool",
-                     "PoolStats", "Usage"], "pool"),
+    **dict.fromkeys(["CheckRecord", "CheckReport", "DeviceInfo", "DiffRange", "PoolStats",
+                     "Usage"], "infos"),
+    "Pool": "pool",
     **dict.fromkeys(["PoolProxy", "connect"], "control.client"),
 }
 

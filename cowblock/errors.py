@@ -9,7 +9,6 @@ do about it.
 """
 import errno as _errno
 
-from ._core import lib
 
 
 class CowblockError(Exception):
@@ -128,27 +127,35 @@ class MissingExtraError(CowblockError, ImportError):
 
 
 # The class for each kind of C error; "not_found" and "exists" are the
-# caller's (a device's, or a pool's).
-_BY_KIND = {
-    lib.CB_E_INVALID: InvalidArgumentError,
-    lib.CB_E_NOT_FOUND: "not_found",
-    lib.CB_E_EXISTS: "exists",
-    lib.CB_E_READ_ONLY: ReadOnlyError,
-    lib.CB_E_DATA_SPACE: NoSpaceError,
-    lib.CB_E_METADATA_SPACE: MetadataSpaceError,
-    lib.CB_E_HOST_SPACE: NoSpaceError,
-    lib.CB_E_LIMIT: NoSpaceError,
-    lib.CB_E_CORRUPT: CorruptMetadataError,
-    lib.CB_E_IO: PoolIOError,
-    lib.CB_E_NO_MEMORY: MemoryError,
-    lib.CB_E_OVERFLOW: PoolIOError,
-    lib.CB_E_BUSY: BusyError,
-    lib.CB_E_TIMEOUT: PoolIOError,
-    lib.CB_E_PROTOCOL: PoolIOError,
-    lib.CB_E_DENIED: PoolIOError,
-    lib.CB_E_CLOSED: PoolIOError,
-    lib.CB_E_UNSUPPORTED: InvalidArgumentError,
-}
+# caller's (a device's, or a pool's).  Built on first use: a command that
+# only talks to the pool's daemon never loads the engine.
+_BY_KIND = {}
+
+
+def _class_of_kind(kind):
+    if not _BY_KIND:
+        from ._core import lib
+        _BY_KIND.update({
+            lib.CB_E_INVALID: InvalidArgumentError,
+            lib.CB_E_NOT_FOUND: "not_found",
+            lib.CB_E_EXISTS: "exists",
+            lib.CB_E_READ_ONLY: ReadOnlyError,
+            lib.CB_E_DATA_SPACE: NoSpaceError,
+            lib.CB_E_METADATA_SPACE: MetadataSpaceError,
+            lib.CB_E_HOST_SPACE: NoSpaceError,
+            lib.CB_E_LIMIT: NoSpaceError,
+            lib.CB_E_CORRUPT: CorruptMetadataError,
+            lib.CB_E_IO: PoolIOError,
+            lib.CB_E_NO_MEMORY: MemoryError,
+            lib.CB_E_OVERFLOW: PoolIOError,
+            lib.CB_E_BUSY: BusyError,
+            lib.CB_E_TIMEOUT: PoolIOError,
+            lib.CB_E_PROTOCOL: PoolIOError,
+            lib.CB_E_DENIED: PoolIOError,
+            lib.CB_E_CLOSED: PoolIOError,
+            lib.CB_E_UNSUPPORTED: InvalidArgumentError,
+        })
+    return _BY_KIND.get(kind, PoolIOError)
 
 
 def from_code(code, message, kind=None, *, not_found=DeviceNotFoundError,
@@ -156,8 +163,9 @@ def from_code(code, message, kind=None, *, not_found=DeviceNotFoundError,
     """The exception for a negative errno the C core just returned; kind is
     its enum cb_error_kind (by default, what the core recorded with it)."""
     if kind is None:
+        from ._core import lib
         kind = lib.cb_error_kind(code)
-    cls = _BY_KIND.get(kind, PoolIOError)
+    cls = _class_of_kind(kind)
     cls = {"not_found": not_found, "exists": exists}.get(cls, cls)
     if issubclass(cls, _OSErrorBase):
         return cls(message, -code)

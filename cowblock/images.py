@@ -104,7 +104,8 @@ def _image(info, by_name, containers=()):
 
 
 def _container(info, by_name):
-    return Container(name=info.name, image=owners.image_of(info, by_name), size=info.size,
+    image = owners.image_of(info, by_name) or info.labels.get(owners.OCI_REF_LABEL)
+    return Container(name=info.name, image=image, size=info.size,
                      mapped_bytes=info.mapped_bytes, read_only=info.read_only,
                      created=info.created)
 
@@ -263,7 +264,12 @@ def _apply_chunk(dev, off, n, new):
 
 
 def create_container(pool, image, name):
-    """A writable container NAME: a snapshot of IMAGE; returns its Container."""
+    """A writable container NAME: a snapshot of IMAGE (a device, else the
+    ref or id of an OCI image: cowblock.ociimages); returns its Container."""
+    if image not in pool:
+        from . import ociimages   # (imported when used: it brings the OCI readers)
+        ociimages.create_container(pool, image, name)
+        return container_info(pool, name)
     _require(pool, image, IMAGE, "create a container from")
     pool.snapshot(image, name, labels={KIND: CONTAINER, IMAGE_LABEL: image}, _internal=True)
     return container_info(pool, name)

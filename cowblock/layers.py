@@ -24,21 +24,38 @@ two share layers.
              `cowblock rm/rename/rollback` refuse them without --force.
 
 Records (the pool's records store, committed with the devices they name):
-  layers/template/FSKEY            {"device"}
-  layers/layer/FSKEY/CHAINID       {"device", "chain_id", "diff_id", "parent", "size"}
-  layers/building/DEVICE           {"kind", "key"}: a device being made; what a crash
-                                   leaves of one is removed by prune()
+  layers/template/FSKEY            {"device", "bytes"}
+  layers/layer/FSKEY/CHAINID       {"device", "chain_id", "diff_id", "parent", "size",
+                                   "bytes"}; bytes: the pool space the layer itself
+                                   takes (blocks it maps differently from its parent)
+  layers/building/DEVICE           {"key"}: a device being made; what a crash leaves
+                                   of one is removed by remove_leftovers() and prune()
+
+Users.  A layer stays while a user keeps it.  Each user of layers keeps
+records under its own prefix, listed in USERS; every record there whose
+value is a JSON object with "fs_key" and "chain_ids" keeps those layers
+(kept() reads them all; prune() removes every layer nothing keeps).
+Besides, kept() keeps the chains of loads running in this process
+(pinned()) and every layer that a device outside this module is a
+snapshot of (a container's origin).  A new user (containerd's snapshotter)
+adds its prefix to USERS and writes "fs_key" and "chain_ids" into its
+records; nothing else is needed for prune() to leave its layers alone.
+discard() removes given layers nothing keeps (what a failed load built,
+and the template it made; what a removed image's records kept).
 
 A layer is built as a writable snapshot of its parent (or the template)
-recorded as building, changed (mounted, the OCI layer applied), then in one
-atomic section made read-only, renamed to its final name and recorded as a
-layer.  So a crash leaves finished layers (which the next load reuses) and
+recorded as building, changed (mounted, the OCI layer applied, synced,
+unmounted), then in one atomic section made read-only, renamed to its final
+name and recorded as a layer (with what the caller commits along with it:
+on_publish).  So a crash leaves finished layers (which the next load reuses) and
 building leftovers (which it removes), never a half-applied layer marked done.
 
 These functions run in the pool's daemon (they mount devices); `d` is the
 PoolDaemon.
 """
+import collections
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -57,8 +74,14 @@ OWNER = "layers"
 PREFIX = b"layers/"
 TEMPLATE, LAYER, BUILDING = "template", "layer", "building"
 
+# The users of layers: records prefix -> who keeps records there (see above).
+USERS = {b"images/ref/": "OCI images (cowblock.ociimages)"}
+
 _locks = {}
 _locks_lock = threading.Lock()
+_pins = collections.Counter()     # (fs key, chain id) -> loads of this process using it
+_in_progress = set()              # building devices this process is making
+_users_lock = threading.RLock()   # kept() and prune() against pins being taken
 
 
 def fs_key(size):
@@ -123,10 +146,12 @@ def find(pool, size, chain_id):
     return rec["device"] if rec and rec["device"] in pool else None
 
 
-def layer(d, size, chain_id, parent, apply, *, diff_id=None):
+def layer(d, size, chain_id, parent, apply, *, diff_id=None, on_publish=None):
     """The device of layer chain_id of size `size`, built if missing: a
     snapshot of `parent` (a layer device, or None for the template) with
-    apply(root_directory) run on its mounted filesystem."""
+    apply(root_directory) run on its mounted filesystem.  on_publish(pool,
+    device) runs inside the atomic section that publishes a layer built
+    here (not when it was found made), so what it records commits with it."""
     pool, key = d.pool, _key(LAYER, fs_key(size), chain_id)
     with _building(key):
         found = find(pool, size, chain_id)
@@ -141,44 +166,78 @@ def layer(d, size, chain_id, parent, apply, *, diff_id=None):
             mount = d.mount(tmp, root)
             try:
                 apply(root)
-                os.sync()
+                syncfs(root)
             finally:
                 d.umount(mount.dir)
                 with contextlib.suppress(OSError):
                     os.rmdir(root)
         return _build(d, key, name, origin, size, make,
                       {"device": name, "chain_id": chain_id, "diff_id": diff_id,
-                       "parent": parent, "size": size})
+                       "parent": parent, "size": size}, on_publish)
 
 
-def _build(d, key, name, origin, size, make, record):
+_libc = None
+
+
+def syncfs(path):
+    """syncfs(2) of the filesystem holding path: only that one (os.sync
+    writes back every filesystem of the host)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise errors.HostFileError(f"syncfs of {path}: {os.strerror(err)}", err)
+    finally:
+        os.close(fd)
+
+
+def _own_bytes(pool, origin, name):
+    """Pool bytes device `name` maps differently from `origin` (all it maps
+    when it has none): the space the device itself adds."""
+    if origin is None:
+        return pool.info(name).mapped_bytes
+    blocks = sum(r.length for r in pool.diff(origin, name) if r.kind != "left_only")
+    return blocks * pool.block_size
+
+
+def _build(d, key, name, origin, size, make, record, on_publish=None):
     """Make device `name` recorded under key: as a snapshot of origin (or a
     new device), changed by make(tmp_name), published atomically."""
     pool = d.pool
     tmp = f"building-{uuid.uuid4().hex[:16]}"
     labels = {owners.OWNER_LABEL: OWNER, owners.KIND_LABEL: BUILDING}
-    with pool.atomic():
-        if origin is None:
-            pool.create_thin(tmp, size, labels=labels, _internal=True)
-        else:
-            pool.snapshot(origin, tmp, labels=labels, _internal=True)
-        pool.put_record(_key(BUILDING, tmp), json.dumps({"key": key.decode()}).encode())
+    _in_progress.add(tmp)
     try:
-        make(tmp)
         with pool.atomic():
-            pool.set_read_only(tmp, True)
-            pool.rename(tmp, name, owner=OWNER)
-            pool.set_labels(name, {owners.OWNER_LABEL: OWNER,
-                                   owners.KIND_LABEL: TEMPLATE if origin is None else LAYER},
-                            _internal=True)
-            pool.put_record(key, json.dumps(record).encode())
-            pool.delete_record(_key(BUILDING, tmp))
-    except BaseException:
-        with contextlib.suppress(Exception):
+            if origin is None:
+                pool.create_thin(tmp, size, labels=labels, _internal=True)
+            else:
+                pool.snapshot(origin, tmp, labels=labels, _internal=True)
+            pool.put_record(_key(BUILDING, tmp), json.dumps({"key": key.decode()}).encode())
+        try:
+            make(tmp)
+            record = dict(record, bytes=_own_bytes(pool, origin, tmp))
             with pool.atomic():
-                pool.delete(tmp, owner=OWNER)
+                pool.set_read_only(tmp, True)
+                pool.rename(tmp, name, owner=OWNER)
+                pool.set_labels(name, {owners.OWNER_LABEL: OWNER,
+                                       owners.KIND_LABEL: TEMPLATE if origin is None else LAYER},
+                                _internal=True)
+                pool.put_record(key, json.dumps(record).encode())
                 pool.delete_record(_key(BUILDING, tmp))
-        raise
+                if on_publish is not None:
+                    on_publish(pool, name)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                with pool.atomic():
+                    pool.delete(tmp, owner=OWNER)
+                    pool.delete_record(_key(BUILDING, tmp))
+            raise
+    finally:
+        _in_progress.discard(tmp)
     return name
 
 
@@ -203,29 +262,128 @@ def layers(pool):
     return out
 
 
-def prune(pool, keep):
-    """Remove what a crash left half-built, and every layer not in `keep` (a
-    set of (fs key, chain id) that images or snapshots still use).  A thin
-    snapshot holds every block it shares, so no layer needs the layers under
-    it to keep its data: they are kept only to be shared by later loads.
-    Templates stay (a new one costs a mkfs).  Returns the devices removed."""
+def layer_record(pool, fskey, chain_id):
+    """The record of one layer (a dict), or None."""
+    return _json(pool, _key(LAYER, fskey, chain_id))
+
+
+def templates(pool):
+    """Every template record: (fs key, record)."""
+    return [(r.key.decode().split("/", 2)[2], json.loads(r.value))
+            for r in pool.records(_key(TEMPLATE) + b"/")]
+
+
+@contextlib.contextmanager
+def pinned(size, chain_ids):
+    """Keep these chains of this size from prune() while the body runs (a
+    load between building its layers and recording its image)."""
+    keys = [(fs_key(size), c) for c in chain_ids]
+    with _users_lock:
+        _pins.update(keys)
+    try:
+        yield
+    finally:
+        with _users_lock:
+            _pins.subtract(keys)
+            for k in keys:
+                if _pins[k] <= 0:
+                    del _pins[k]
+
+
+def kept(pool):
+    """Every (fs key, chain id) a user keeps: the records of USERS, the
+    loads running here, and the origins of devices that are not layers."""
+    with _users_lock:
+        keep = set(_pins)
+    for prefix in USERS:
+        for r in pool.records(prefix):
+            try:
+                value = json.loads(r.value)
+                fk, chains = value["fs_key"], value["chain_ids"]
+                keep.update((fk, c) for c in chains)
+            except (ValueError, KeyError, TypeError):
+                raise errors.CorruptMetadataError(
+                    f"record {r.key!r} of {USERS[prefix]} does not name the layers it keeps "
+                    "(a JSON object with fs_key and chain_ids): not pruning") from None
+    by_device = {rec["device"]: (fk, chain) for fk, chain, rec in layers(pool)}
+    for info in pool.list():
+        if info.origin in by_device and info.labels.get(owners.OWNER_LABEL) != OWNER:
+            keep.add(by_device[info.origin])
+    return keep
+
+
+def remove_leftovers(pool):
+    """Remove the building devices a crashed build left (not the builds
+    running in this process).  Returns the devices removed."""
     removed = []
     for r in list(pool.records(_key(BUILDING) + b"/")):
         name = r.key.decode().split("/", 2)[2]
+        if name in _in_progress:
+            continue
         with pool.atomic():
             if name in pool:
                 pool.delete(name, owner=OWNER)
                 removed.append(name)
             pool.delete_record(r.key)
-    for fk, chain, rec in layers(pool):
-        if (fk, chain) in keep:
-            continue
-        with pool.atomic():
-            if rec["device"] in pool:
-                pool.delete(rec["device"], owner=OWNER)
-                removed.append(rec["device"])
-            pool.delete_record(_key(LAYER, fk, chain))
     return removed
+
+
+def users_lock():
+    """Held, no load can take pins nor prune run: for a user changing its
+    records and then discarding what they kept, as one step."""
+    return _users_lock
+
+
+def _remove_layer(pool, fk, chain, rec, removed):
+    with pool.atomic():
+        if rec["device"] in pool:
+            pool.delete(rec["device"], owner=OWNER)
+            removed.append(rec["device"])
+        pool.delete_record(_key(LAYER, fk, chain))
+
+
+def discard(pool, size, chain_ids, *, template=False, in_use=None):
+    """Remove the layers of these chains (of filesystems of `size`) that no
+    user keeps and nothing uses (in_use as for prune); template: also the
+    template of that size once no layer of it is left (what a failed load
+    that made it leaves).  Returns the devices removed."""
+    fk, removed = fs_key(size), []
+    with _users_lock:
+        keep = kept(pool)
+        for chain in reversed(list(chain_ids)):
+            rec = layer_record(pool, fk, chain)
+            if rec is None or (fk, chain) in keep or (in_use is not None
+                                                       and in_use(rec["device"])):
+                continue
+            _remove_layer(pool, fk, chain, rec, removed)
+        if template and not any(f == fk for f, _, _ in layers(pool)) \
+                and not any(f == fk for f, _ in _pins):   # (a load of that size may want it)
+            rec = _json(pool, _key(TEMPLATE, fk))
+            if rec is not None and not (in_use is not None and in_use(rec["device"])):
+                with pool.atomic():
+                    if rec["device"] in pool:
+                        pool.delete(rec["device"], owner=OWNER)
+                        removed.append(rec["device"])
+                    pool.delete_record(_key(TEMPLATE, fk))
+    return removed
+
+
+def prune(pool, keep=None, in_use=None):
+    """Remove what a crash left half-built, and every layer not in `keep` (a
+    set of (fs key, chain id); default kept(pool): what images, snapshots and
+    running loads still use) nor in use (in_use(device) gives a description
+    of its user, or None).  A thin snapshot holds every block it shares, so
+    no layer needs the layers under it to keep its data: they are kept only
+    to be shared by later loads.  Templates stay (a new one costs a mkfs).
+    Returns the devices removed."""
+    with _users_lock:
+        removed = remove_leftovers(pool)
+        keep = kept(pool) if keep is None else keep
+        for fk, chain, rec in layers(pool):
+            if (fk, chain) in keep or (in_use is not None and in_use(rec["device"])):
+                continue
+            _remove_layer(pool, fk, chain, rec, removed)
+        return removed
 
 
 def missing_tools():

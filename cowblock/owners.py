@@ -10,10 +10,11 @@ internal keyword ``_internal=True``, which the CLI never does), and
 Pool.set_labels keeps them when it replaces a device's other labels:
 
   cowblock.owner   the subsystem that manages the device and keeps its own
-                   records of it outside the pool: "oci" (the OCI image
-                   loader), "containerd" (the snapshotter).  Delete, rename
+                   records of it outside the pool: "layers" (the ext4 layer
+                   devices of OCI images and containerd, cowblock.layers).
+                   Delete, rename
                    and rollback refuse an owned device unless the caller says
-                   it is that owner (``owner="oci"``) or forces it
+                   it is that owner (``owner="layers"``) or forces it
                    (``force=True``, ``--force``).  Devices of `cowblock image`
                    and `cowblock container` have no owner: their whole model
                    is in their labels, which follow renames.
@@ -21,6 +22,8 @@ Pool.set_labels keeps them when it replaces a device's other labels:
   cowblock.image   a container's image, by name
   cowblock.parent  the image under a layer committed from a container
   cowblock.length  the exact length of an imported file (cowblock.transfer)
+  cowblock.oci-image  the reference of the OCI image a container was made
+                   from (cowblock.ociimages), which lives in records, not devices
 
 Dependencies are facts the pool holds already; only images have dependants:
   - a container depends on its image: its origin when that is an image,
@@ -51,6 +54,7 @@ KIND_LABEL = "cowblock.kind"
 IMAGE_LABEL = "cowblock.image"
 PARENT_LABEL = "cowblock.parent"
 LENGTH_LABEL = "cowblock.length"
+OCI_REF_LABEL = "cowblock.oci-image"
 REFERENCE_LABELS = (IMAGE_LABEL, PARENT_LABEL)   # labels whose value names another device
 IMAGE, CONTAINER, INCOMPLETE = "image", "container", "incomplete"
 

@@ -13,13 +13,12 @@ import os
 import re
 import threading
 import uuid as _uuid
-from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
 
-from . import atomic, catalog, errors, format, health, owners
+from . import atomic, catalog, errors, format, health, owners, rados
 from ._native import check, ffi, lib
 from .device import Device
 from .lock import PoolLock
+from .infos import CheckRecord, CheckReport, DeviceInfo, DiffRange, PoolStats, Usage
 from .records import RecordStore
 
 DEFAULT_BLOCK_SIZE = 65536
@@ -27,91 +26,6 @@ READ_ONLY_FLAG = format.DEV_READ_ONLY
 DELETING_FLAG = format.DEV_DELETING   # removal deferred, reclaimed in the background
 RECLAIM_CHUNK = 1 << 30  # bytes unmapped per step of a deferred removal
 _DEVICE_ID = re.compile(r"\bdevice (\d+)\b")   # how the C core names a device in its errors
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    name: str
-    id: int
-    uuid: str
-    size: int
-    mapped_blocks: int
-    block_size: int
-    read_only: bool
-    origin: "str | None"
-    created: datetime.datetime
-    transaction_id: int
-    labels: dict = field(default_factory=dict)
-    creation_time: int = 0   # the pool's snapshot counter ("time", as dm-thin) at creation
-    snap_time: int = 0       # ... when it was last snapshotted
-    exclusive_blocks: "int | None" = None   # with usage=True: blocks only it maps
-    shared_blocks: "int | None" = None      # ... and blocks it shares with another device
-
-    @property
-    def mapped_bytes(self):
-        return self.mapped_blocks * self.block_size
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Blocks a device maps, split like thin_ls: exclusive to it, or shared."""
-    exclusive_blocks: int
-    shared_blocks: int
-    block_size: int
-
-    @property
-    def mapped_blocks(self):
-        return self.exclusive_blocks + self.shared_blocks
-
-    @property
-    def exclusive_bytes(self):
-        return self.exclusive_blocks * self.block_size
-
-    @property
-    def shared_bytes(self):
-        return self.shared_blocks * self.block_size
-
-
-@dataclass(frozen=True)
-class PoolStats:
-    block_size: int
-    data_blocks: int
-    data_used: int
-    data_free: int
-    metadata_used_bytes: int
-    metadata_capacity_bytes: int
-    metadata_reserve_bytes: int
-    transaction_id: int
-    devices: int
-    needs_check: bool
-    read_only: bool
-    uuid: str
-    node_capacity: int
-    time: int = 0            # snapshots taken so far: dm-thin's pool "time"
-
-
-@dataclass(frozen=True)
-class DiffRange:
-    """A run of virtual blocks: thin_delta's left_only/right_only/different/same."""
-    kind: str
-    begin: int
-    length: int
-
-
-class CheckRecord(NamedTuple):
-    """One problem a check found, or one thing a repair did (cb_check_record).
-    A tuple, so that it crosses the daemon's control socket as a list."""
-    kind: str                       # "error", "leak" or "repaired"
-    message: str
-    block: Optional[int] = None     # the block it concerns ...
-    space: Optional[str] = None     # ... counted in "metadata" or "data"
-    device: Optional[int] = None    # the id of the device it concerns
-    expected: Optional[int] = None  # what the references (or the structure) call for
-    found: Optional[int] = None     # what is stored
-    before_repair: bool = False     # found by the check a repair ran first
-
-    def __str__(self):
-        return f"{self.kind}: {self.message}"
 
 
 _CHECK_KINDS = {lib.CB_CHECK_ERROR: "error", lib.CB_CHECK_LEAK: "leak",
@@ -131,46 +45,6 @@ def _check_record(r):
         block=r.block if space else None, space=space, device=r.device or None,
         expected=r.expected if r.has_values else None, found=r.found if r.has_values else None,
         before_repair=bool(r.before_repair))
-
-
-@dataclass(frozen=True)
-class CheckReport:
-    """What pool.check() found: counts, and records (CheckRecord) of the
-    problems; errors, leaks and repaired are the same records as lines."""
-    ok: bool
-    error_count: int
-    leak_count: int
-    nodes_checked: int
-    blocks_checked: int
-    records: list = field(default_factory=list)         # the problems this check found
-    repair_records: list = field(default_factory=list)  # what a repair found first, and did
-    warnings: list = field(default_factory=list)        # not errors: e.g. pool files others can read
-
-    def __post_init__(self):  # records arrive from the control socket as plain lists
-        for name in ("records", "repair_records"):
-            object.__setattr__(self, name, [r if isinstance(r, CheckRecord) else CheckRecord(*r)
-                                            for r in getattr(self, name)])
-
-    @property
-    def errors(self):
-        return [str(r) for r in self.records if r.kind == "error"]
-
-    @property
-    def leaks(self):
-        return [str(r) for r in self.records if r.kind == "leak"]
-
-    @property
-    def repaired(self):
-        return [str(r) for r in self.repair_records]
-
-    def __str__(self):
-        head = "clean" if self.ok else f"{self.error_count} errors, {self.leak_count} leaks"
-        warnings = [f"warning: {w}" for w in self.warnings]
-        if self.repaired:
-            head += " after the repair"
-            return "\n".join([f"pool check: {head}"] + self.errors + self.leaks + warnings
-                             + ["repair:"] + [f"  {line}" for line in self.repaired])
-        return "\n".join([f"pool check: {head}"] + self.errors + self.leaks + warnings)
 
 
 _DIFF_KINDS = {lib.CB_DIFF_LEFT_ONLY: "left_only", lib.CB_DIFF_RIGHT_ONLY: "right_only",
@@ -194,6 +68,30 @@ def _pool_path(path):
     if not path or "\0" in path:
         raise errors.InvalidArgumentError(f"pool path {path!r} is empty or has a NUL byte")
     return path
+
+
+def _create_remote(path, loc, data_size, block_size, metadata_size, node_capacity):
+    """Make a pool on RADOS: its superblock object (refused if the name is
+    taken), its lock, then the format, written through the cache at path."""
+    lock = PoolLock(path, exclusive=True)
+    try:
+        with rados.Remote(loc) as remote:
+            remote.create()
+            try:
+                remote.lock()
+                for name in ("data", "metadata"):   # the cache of an old pool of that name
+                    try:
+                        os.unlink(os.path.join(path, name))
+                    except FileNotFoundError:
+                        pass
+                _pool_error(lib.cb_pool_create_remote(os.fsencode(path), remote.h, data_size,
+                                                      block_size, metadata_size, node_capacity,
+                                                      _uuid.uuid4().bytes))
+            except BaseException:
+                remote.destroy()   # no half-made pool keeps the name
+                raise
+    finally:
+        lock.release()
 
 
 def _seconds(what, value, *, none_ok, inf_ok=False):
@@ -220,9 +118,11 @@ class Pool(RecordStore):
     several changes in one commit (cowblock.atomic).
     """
 
-    def __init__(self, path, handle, read_only, lock, commit_interval, background_reclaim=True):
+    def __init__(self, path, handle, read_only, lock, commit_interval, background_reclaim=True,
+                 remote=None):
         self.path = os.fspath(path)
         self._h = handle
+        self._remote = remote   # a pool on RADOS: its connection (cowblock.rados)
         self.read_only = read_only
         self._lock = lock
         self._names = {}      # name -> id
@@ -238,6 +138,9 @@ class Pool(RecordStore):
         # What a write that finds the pool full calls before it is tried once
         # more (None: nothing): the low-water hook's wait (cowblock.lowwater).
         self.space_wait = None
+        # One reclaim loop at a time: reclaim() and the background thread both
+        # work on the head of the list.
+        self._reclaim_lock = threading.Lock()
         self._background_reclaim = background_reclaim
         self._commit_interval = commit_interval
         self._start_threads()
@@ -269,7 +172,11 @@ class Pool(RecordStore):
         if data_size < block_size or data_size % block_size:
             raise errors.InvalidArgumentError(
                 f"data size {data_size} is not a positive multiple of the block size {block_size}")
-        path = _pool_path(path)
+        path = rados.resolve(_pool_path(path))
+        loc = rados.location_of(path)
+        if loc is not None:
+            _create_remote(path, loc, data_size, block_size, metadata_size, _node_capacity)
+            return cls.open(path, commit_interval=commit_interval)
         if os.path.exists(path) and not os.path.isdir(path):
             raise errors.InvalidArgumentError(
                 f"cannot create a pool at {path}: it is a file, and a pool is a directory")
@@ -286,17 +193,30 @@ class Pool(RecordStore):
         or waits up to ``timeout`` seconds (None: forever) for it.
         background_reclaim: reclaim deferred removals in a thread (else call
         reclaim())."""
-        path = _pool_path(path)
+        path = rados.resolve(_pool_path(path))
         _seconds("timeout", timeout, none_ok=True, inf_ok=True)
         _seconds("commit_interval", commit_interval, none_ok=True)
-        if not os.path.isfile(os.path.join(path, "metadata")):
+        loc = rados.location_of(path)
+        if loc is None and not os.path.isfile(os.path.join(path, "metadata")):
             raise errors.PoolNotFoundError(f"no pool at {path} (no metadata file there)")
-        lock = PoolLock(path, exclusive=not read_only, timeout=timeout)
+        # A RADOS pool's open refills its cache: one process on a host at a time.
+        lock = PoolLock(path, exclusive=not read_only or loc is not None, timeout=timeout)
+        remote = None
         try:
             out = ffi.new("cb_pool **")
-            _pool_error(lib.cb_pool_open(os.fsencode(path), 1 if read_only else 0, out))
-            pool = cls(path, out[0], read_only, lock, commit_interval, background_reclaim)
+            if loc is None:
+                _pool_error(lib.cb_pool_open(os.fsencode(path), 1 if read_only else 0, out))
+            else:
+                remote = rados.Remote(loc)
+                if not read_only:
+                    remote.lock(timeout)
+                remote.fetch(path)
+                _pool_error(lib.cb_pool_open_remote(os.fsencode(path), remote.h,
+                                                    1 if read_only else 0, out))
+            pool = cls(path, out[0], read_only, lock, commit_interval, background_reclaim, remote)
         except BaseException:
+            if remote is not None:
+                remote.close()
             lock.release()
             raise
         if not read_only and pool.stats().needs_check:
@@ -324,7 +244,11 @@ class Pool(RecordStore):
         try:
             check(lib.cb_pool_close(h))
         finally:
-            self._lock.release()
+            try:
+                if self._remote is not None:
+                    self._remote.close()   # after the last commit: unlocks
+            finally:
+                self._lock.release()
 
     @contextlib.contextmanager
     def released(self, timeout=None):
@@ -572,6 +496,10 @@ class Pool(RecordStore):
     def _reclaim_loop(self):
         """Unmap deferred-removal devices a chunk at a time (each a short
         metadata change), then delete them; stops early when the pool closes."""
+        with self._reclaim_lock:
+            self._reclaim_pending()
+
+    def _reclaim_pending(self):
         while self._reclaim and not self._stop.is_set():
             did = self._reclaim[0]
             h = self._h

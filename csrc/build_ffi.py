@@ -13,7 +13,7 @@ from cffi import FFI
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCES = ["errors.c", "crc32c.c", "copy.c", "format.c", "io.c", "meta.c", "sm.c", "btree.c", "pool.c",
            "device.c", "dataio.c", "diff.c", "check.c", "records.c", "records_api.c", "txn.c",
-           "space.c", "nbd/transmit.c", "nbd/tls.c", "attach/fuse.c"]
+           "space.c", "nbd/transmit.c", "nbd/tls.c", "attach/fuse.c", "remote.c"]
 
 # COWBLOCK_SANITIZE=address (or address,undefined) builds the core with
 # sanitizers, for the tests that run it so (tests/test_sanitizers.py).
@@ -55,22 +55,37 @@ def fuse3():
 
 FUSE = fuse3()
 
+
+def librados():
+    """Whether librados' headers are here (Debian's librados-dev); without
+    them (or with COWBLOCK_RADOS=0) remote.c builds as stubs, and asking for
+    a pool on RADOS says which package to install."""
+    if os.environ.get("COWBLOCK_RADOS") == "0":
+        return False
+    return os.path.exists("/usr/include/rados/librados.h")
+
+
+RADOS = librados()
+
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "api.h").read_text())
 ffibuilder.cdef((HERE / "nbd" / "tls.h").read_text())
 ffibuilder.cdef((HERE / "attach" / "fuse.h").read_text())
+ffibuilder.cdef((HERE / "remote.h").read_text())
 ffibuilder.set_source(
     "cowblock._core",
-    '#include "cowblock.h"\n#include "nbd/tls.h"\n#include "attach/fuse.h"',
+    '#include "cowblock.h"\n#include "nbd/tls.h"\n#include "attach/fuse.h"\n#include "remote.h"',
     sources=[str((HERE / name).relative_to(HERE.parent)) for name in SOURCES],
     include_dirs=[str(HERE.relative_to(HERE.parent))] + (TLS[0] if TLS else [])
     + (FUSE[0] if FUSE else []),
     define_macros=([("COWBLOCK_GNUTLS", "1")] if TLS else [])
-    + ([("COWBLOCK_HAVE_FUSE", "1")] if FUSE else []),
+    + ([("COWBLOCK_HAVE_FUSE", "1")] if FUSE else [])
+    + ([("COWBLOCK_HAVE_RADOS", "1")] if RADOS else []),
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-fvisibility=hidden", "-D_GNU_SOURCE"] + SANITIZE,
     extra_link_args=SANITIZE,
-    libraries=["pthread"] + (TLS[1] if TLS else []) + (FUSE[1] if FUSE else []),
+    libraries=["pthread"] + (TLS[1] if TLS else []) + (FUSE[1] if FUSE else [])
+    + (["rados"] if RADOS else []),
 )
 
 if __name__ == "__main__":

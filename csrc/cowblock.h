@@ -53,9 +53,11 @@ static inline void uuid_or_random(uint8_t dst[16], const uint8_t *src)
 }
 
 /* ---- the I/O seam (io.c): every persistent write goes through here ---- */
+struct cb_remote;
 struct cb_file {
     int fd;
-    const char *name;   /* "data" or "metadata", for messages */
+    const char *name;   /* "data" or "metadata", for messages (and RADOS object names) */
+    struct cb_remote *remote; /* the pool lives in RADOS: fd is its cache (remote.c) */
 };
 int io_pwrite(struct cb_file *f, const void *buf, size_t len, uint64_t off);
 int io_pwritev(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off);
@@ -63,6 +65,15 @@ int io_write_zeroes(struct cb_file *f, uint64_t off, uint64_t len);
 int io_fsync(struct cb_file *f);
 int io_truncate(struct cb_file *f, uint64_t size);
 int io_punch_hole(struct cb_file *f, uint64_t off, uint64_t len);
+/* The RADOS side of the seam (remote.c), for files with a remote: writes
+ * are sent in the order their local copies are made (remote_begin/end
+ * around both), and remote_wait is the remote file's fsync. */
+void remote_begin(struct cb_file *f);
+void remote_end(struct cb_file *f);
+int remote_write(struct cb_file *f, const struct iovec *iov, int cnt, uint64_t off);
+int remote_discard(struct cb_file *f, uint64_t off, uint64_t len);
+int remote_set_size(struct cb_file *f, uint64_t size);
+int remote_wait(struct cb_file *f);
 
 /* ---- growable vector of u32 ---- */
 struct u32vec {

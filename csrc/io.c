@@ -212,7 +212,14 @@ int io_pwritev(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off)
     int r = fault_gate(f, "write", true, off, total, &torn);
     if (r > 0)
         return write_torn(f, iov, cnt, off, torn);
-    return r ? r : write_all(f, iov, cnt, off);
+    if (r || !f->remote)
+        return r ? r : write_all(f, iov, cnt, off);
+    remote_begin(f); /* RADOS gets the writes in the order the cache does */
+    r = remote_write(f, iov, cnt, off);
+    if (!r)
+        r = write_all(f, iov, cnt, off);
+    remote_end(f);
+    return r;
 }
 
 int io_pwrite(struct cb_file *f, const void *buf, size_t len, uint64_t off)
@@ -231,7 +238,7 @@ int io_write_zeroes(struct cb_file *f, uint64_t off, uint64_t len)
         if (r)
             return r;
         if (fallocate(f->fd, FALLOC_FL_ZERO_RANGE, (off_t)off, (off_t)len) == 0)
-            return 0;
+            return f->remote ? remote_discard(f, off, len) : 0;
         if (errno != EOPNOTSUPP && errno != EINVAL)
             return io_error(f, "fallocate", off, errno);
     }
@@ -258,6 +265,8 @@ int io_fsync(struct cb_file *f)
     int r = fault_gate(f, "fsync", false, 0, 0, NULL);
     if (r)
         return r;
+    if (f->remote) /* the cache needs no sync: RADOS holds the pool */
+        return remote_wait(f);
     if (fdatasync(f->fd) != 0)
         return cb_err(CB_E_IO, "fsync of %s failed: %s", f->name, strerror(errno));
     fault_synced(f);
@@ -271,7 +280,7 @@ int io_truncate(struct cb_file *f, uint64_t size)
         return r;
     if (ftruncate(f->fd, (off_t)size) != 0)
         return io_error(f, "truncate", size, errno);
-    return 0;
+    return f->remote ? remote_set_size(f, size) : 0;
 }
 
 int io_punch_hole(struct cb_file *f, uint64_t off, uint64_t len)
@@ -281,5 +290,5 @@ int io_punch_hole(struct cb_file *f, uint64_t off, uint64_t len)
         return r;
     if (fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) != 0)
         return io_error(f, "punch hole", off, errno);
-    return 0;
+    return f->remote ? remote_discard(f, off, len) : 0;
 }

@@ -342,7 +342,8 @@ static int setup_space_maps(struct cb_meta *m)
 
 int meta_open(struct cb_meta *m, int fd, bool read_only)
 {
-    m->file = (struct cb_file){fd, "metadata"};
+    m->file.fd = fd; /* m->file.remote: the caller's */
+    m->file.name = "metadata";
     m->read_only = read_only;
     struct stat st;
     if (fstat(fd, &st) != 0)
@@ -409,7 +410,8 @@ int meta_open(struct cb_meta *m, int fd, bool read_only)
 int meta_format(struct cb_meta *m, int fd, uint64_t nr_blocks, uint32_t block_size,
                 uint64_t nr_data_blocks, uint32_t node_capacity, const uint8_t *uuid)
 {
-    m->file = (struct cb_file){fd, "metadata"};
+    m->file.fd = fd; /* m->file.remote: the caller's */
+    m->file.name = "metadata";
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     memset(&m->sb, 0, sizeof m->sb);

@@ -56,7 +56,7 @@ static int map_data(cb_pool *p)
     return 0;
 }
 
-int cb_pool_create(const char *dir, uint64_t data_size, uint32_t block_size, uint64_t meta_size,
+static int pool_create(const char *dir, struct cb_remote *remote, uint64_t data_size, uint32_t block_size, uint64_t meta_size,
                    uint32_t node_capacity, const uint8_t *uuid16)
 {
     if (block_size < 4096 || block_size > (1u << 30) || (block_size & (block_size - 1)))
@@ -95,6 +95,7 @@ int cb_pool_create(const char *dir, uint64_t data_size, uint32_t block_size, uin
     int r = 0, dfd = -1, mfd = -1;
     struct cb_meta m;
     memset(&m, 0, sizeof m);
+    m.file.remote = remote;
     if (made_dir && fchmod(dirfd, CB_POOL_DIR_MODE) != 0) {
         r = cb_err(CB_E_IO, "cannot set the mode of pool directory %s: %s", dir, strerror(errno));
         goto out;
@@ -111,7 +112,7 @@ int cb_pool_create(const char *dir, uint64_t data_size, uint32_t block_size, uin
                    strerror(errno));
         goto out;
     }
-    struct cb_file data = {dfd, "data"};
+    struct cb_file data = {dfd, "data", remote};
     if ((r = io_truncate(&data, data_size)) != 0)
         goto out;
     if ((r = meta_format(&m, mfd, meta_size / CB_META_BLOCK_SIZE, block_size, nr_data, node_capacity,
@@ -135,7 +136,7 @@ out:
     return r;
 }
 
-int cb_pool_open(const char *dir, int read_only, cb_pool **out)
+static int pool_open(const char *dir, struct cb_remote *remote, int read_only, cb_pool **out)
 {
     *out = NULL;
     cb_pool *p = calloc(1, sizeof *p);
@@ -167,6 +168,7 @@ int cb_pool_open(const char *dir, int read_only, cb_pool **out)
         goto fail;
     }
     p->m.file.fd = mfd;
+    p->m.file.remote = remote;
     if ((r = meta_open(&p->m, mfd, read_only)) != 0)
         goto fail;
     int dfd = open_at(p->dirfd, "data", mode, dir);
@@ -174,7 +176,7 @@ int cb_pool_open(const char *dir, int read_only, cb_pool **out)
         r = dfd;
         goto fail;
     }
-    p->data = (struct cb_file){dfd, "data"};
+    p->data = (struct cb_file){dfd, "data", remote};
     p->block_size = p->m.sb.data_block_size;
     p->block_shift = (uint32_t)__builtin_ctz(p->block_size);
     struct stat st;
@@ -198,6 +200,35 @@ int cb_pool_open(const char *dir, int read_only, cb_pool **out)
 fail:
     cb_pool_close(p);
     return r;
+}
+
+int cb_pool_create(const char *dir, uint64_t data_size, uint32_t block_size, uint64_t meta_size,
+                   uint32_t node_capacity, const uint8_t *uuid16)
+{
+    return pool_create(dir, NULL, data_size, block_size, meta_size, node_capacity, uuid16);
+}
+
+int cb_pool_open(const char *dir, int read_only, cb_pool **out)
+{
+    return pool_open(dir, NULL, read_only, out);
+}
+
+/* A pool whose files are the cache of RADOS objects (remote.c). */
+int cb_pool_create_remote(const char *dir, struct cb_remote *r, uint64_t data_size,
+                          uint32_t block_size, uint64_t meta_size, uint32_t node_capacity,
+                          const uint8_t *uuid16)
+{
+    if (!r)
+        return cb_err(CB_E_INVALID, "no RADOS connection given");
+    return pool_create(dir, r, data_size, block_size, meta_size, node_capacity, uuid16);
+}
+
+int cb_pool_open_remote(const char *dir, struct cb_remote *r, int read_only, cb_pool **out)
+{
+    *out = NULL;
+    if (!r)
+        return cb_err(CB_E_INVALID, "no RADOS connection given");
+    return pool_open(dir, r, read_only, out);
 }
 
 int cb_pool_close(cb_pool *p)

@@ -25,3 +25,15 @@ def pool(pool_dir, block_size):
             report = p.check()
             assert report.ok, str(report)
         p.close()
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster():
+    """A single-node Ceph on 127.0.0.1 (1 mon, 1 mgr, 1 memstore OSD), once
+    per session; skips with the reason when it cannot run."""
+    from cephcluster import start
+    cluster = start()
+    if isinstance(cluster, str):
+        pytest.skip(cluster)
+    yield cluster
+    cluster.stop()

@@ -518,3 +518,21 @@ def test_a_reader_stuck_in_a_page_fault_stalls_no_other_device(tmp_path):
     assert b.pread(bs, free * bs) == pattern(999, bs)
     assert pool.check().ok
     pool.close()
+
+
+def test_reclaim_from_threads_while_the_background_reclaims(tmp_path):
+    """pool.reclaim() called from several threads while the background
+    thread reclaims deferred removals: each removal is finished once, none
+    is skipped, nothing raises (the list's head was taken twice before)."""
+    pool = Pool.create(tmp_path / "p", 64 << 20, 4096, commit_interval=0)
+    for round_ in range(5):
+        names = [f"d{round_}-{i}" for i in range(12)]
+        for name in names:
+            pool.create_thin(name, 1 << 20).pwrite(pattern(round_, 256 << 10), 0)
+        pool.delete(*names, deferred=True)
+        run_threads([pool.reclaim] * 4)
+        assert pool.wait_reclaimed(30)
+        assert pool.pending_removals() == 0
+    assert pool.stats().data_used == 0
+    assert_clean(pool)
+    pool.close()

@@ -50,8 +50,18 @@ class Settings:
         self.timeout = timeout
 
     @property
-    def pool_path(self):
+    def pool_location(self):
+        """The pool as named: a directory, or rados:CEPHPOOL/NAME."""
         return self.pool_arg or default_pool_path()
+
+    @property
+    def pool_path(self):
+        """The pool's directory (for a pool on RADOS, its cache here)."""
+        location = self.pool_location
+        if location.startswith("rados:"):
+            from ..rados import cache_dir   # (the engine is imported only for such a pool)
+            return cache_dir(location)
+        return location
 
     def open(self, read_only=False, create=True):
         """The pool, or a proxy to the daemon that holds it.  The embedded

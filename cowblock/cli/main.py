@@ -7,6 +7,7 @@ The global options (--pool, --json, --timeout) are options of every
 command too, so they work before or after it (`cowblock ls --json`).
 """
 import importlib
+import os
 import sys
 
 import click
@@ -15,10 +16,12 @@ from .. import errors
 from .common import Settings, report_error
 
 COMMANDS = ["pool", "create", "snapshot", "rm", "rename", "resize", "set", "rollback", "ls",
-            "info", "diff", "read", "write", "import", "export", "image", "container", "serve", "mount", "umount", "daemon", "bench"]
+            "info", "diff", "read", "write", "import", "export", "image", "container", "serve", "mount", "umount", "snapshotter",
+            "daemon", "bench"]
 
-POOL_HELP = ("pool directory (default: $COWBLOCK_POOL, else $XDG_DATA_HOME/cowblock/pool, "
-             "made on first use)")
+POOL_HELP = ("pool directory, or rados:CEPHPOOL/NAME for a pool on Ceph (default: $COWBLOCK_POOL, "
+             "else $XDG_DATA_HOME/cowblock/pool, made on first use)")
+CEPH_CONF_HELP = "the Ceph cluster of a rados: pool (default: $CEPH_CONF, else Ceph's own search)"
 JSON_HELP = "machine-readable output (errors too, as JSON lines on stderr)"
 TIMEOUT_HELP = "seconds to wait for another command that holds the pool [default: 30]"
 
@@ -30,13 +33,21 @@ def _setter(attr):
     return store
 
 
+def _ceph_conf(ctx, param, value):
+    # An environment variable, so that a daemon this command starts uses it too.
+    if value:
+        os.environ["CEPH_CONF"] = os.path.abspath(value)
+
+
 def _global_options():
     return [click.Option(["--pool"], metavar="PATH", expose_value=False,
                          callback=_setter("pool_arg"), help=POOL_HELP),
             click.Option(["--json"], is_flag=True, default=False, expose_value=False,
                          callback=_setter("json"), help=JSON_HELP),
             click.Option(["--timeout"], type=float, expose_value=False,
-                         callback=_setter("timeout"), help=TIMEOUT_HELP)]
+                         callback=_setter("timeout"), help=TIMEOUT_HELP),
+            click.Option(["--ceph-conf"], metavar="FILE", expose_value=False, callback=_ceph_conf,
+                         is_eager=True, help=CEPH_CONF_HELP)]
 
 
 def with_global_options(cmd):

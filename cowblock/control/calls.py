@@ -149,6 +149,13 @@ _TABLE = [
     _function("remove_containers", "cowblock.images:remove_containers", busy="names",
               doing="remove it"),
     _function("device_length", "cowblock.transfer:device_length", query=True),
+    # OCI images (cowblock.ociimages): loading mounts layers, so it runs in the daemon
+    Call("image_load", DAEMON, "cowblock.ociimages:load_call"),
+    Call("image_rm", DAEMON, "cowblock.ociimages:remove_call"),
+    Call("image_prune", DAEMON, "cowblock.ociimages:prune_call"),
+    _function("oci_images", "cowblock.ociimages:list_images", query=True),
+    _function("oci_image_info", "cowblock.ociimages:info", query=True),
+    _function("all_images", "cowblock.ociimages:all_images", query=True),
     # the daemon itself
     _daemon("status"),
     _daemon("stop"),
@@ -157,6 +164,8 @@ _TABLE = [
     _daemon("watch"),
     _daemon("mount"),
     _daemon("umount"),
+    _daemon("snapshotter"),
+    _daemon("unsnapshotter"),
 ]
 
 CALLS = {c.name: c for c in _TABLE}

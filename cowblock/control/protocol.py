@@ -33,8 +33,8 @@ MAX_READ = 32 << 20      # bytes of one device.pread (its reply is base64, 4/3 l
 
 # The dataclasses that travel in messages, and the module of each (imported
 # when one is first decoded: a client needs images' only if it asks for one).
-TYPES = {"DeviceInfo": "cowblock.pool", "PoolStats": "cowblock.pool", "Usage": "cowblock.pool",
-         "DiffRange": "cowblock.pool", "CheckReport": "cowblock.pool",
+TYPES = {"DeviceInfo": "cowblock.infos", "PoolStats": "cowblock.infos", "Usage": "cowblock.infos",
+         "DiffRange": "cowblock.infos", "CheckReport": "cowblock.infos",
          "Extent": "cowblock.device", "Health": "cowblock.health",
          "Image": "cowblock.images", "Container": "cowblock.images"}
 

@@ -11,6 +11,8 @@ attachments:
              closes) or by the daemon
   mount      a device's filesystem on a directory: a device file (attach
              path), a loop device over it, the mount; owned by the daemon
+  snapshotter  containerd's Snapshots gRPC service on a Unix socket
+             (cowblock.containerd), serving device files; owned by the daemon
 
 It also watches the pool's low-water marks (cowblock.lowwater.Watcher): the
 hook runs here, once per crossing, its output in the daemon's log and in the
@@ -148,9 +150,11 @@ class PoolDaemon:
         self._ids = itertools.count(1)
         self.listeners = {}     # id -> Listener
         self.mounts = {}        # id -> Mount
+        self.snapshotters = {}  # id -> containerd.service.SnapshotterServer
         self._fuse = None       # the in-process FUSE server of device files, once started
         self._low_water = None  # the low-water hook's watcher, while the pool is held
         self._file_users = {}   # device name -> mounts using its device file
+        self._work = {}         # id -> what a long call is doing (an image load)
         self._stopping = False
         self._finished = threading.Event()
 
@@ -204,7 +208,8 @@ class PoolDaemon:
         while not self._stopping:
             time.sleep(0.2)
             with self._lock:
-                busy = bool(self.listeners or self.mounts) or self.control.session_count()
+                busy = bool(self.listeners or self.mounts or self.snapshotters) \
+                    or self.control.session_count()
             if busy:
                 idle_since = None
             elif idle_since is None:
@@ -234,6 +239,9 @@ class PoolDaemon:
             self.control.stop(exclude=session)
         self._low_water.stop()    # writes waiting for the hook fail; a running hook is ended
         detached = []
+        for snap in list(self.snapshotters.values()):
+            self._remove_snapshotter(snap)
+            detached.append(f"stopped the containerd snapshotter on {snap.socket_path}")
         for m in list(self.mounts.values()):
             try:
                 self._umount(m, lazy=True)
@@ -257,8 +265,24 @@ class PoolDaemon:
         self.log("stopped; pool committed and released")
         return detached
 
+    @contextlib.contextmanager
+    def working(self, what):
+        """A long call runs in the body: stopping without force is refused
+        meanwhile, naming WHAT."""
+        key = next(self._ids)
+        with self._lock:
+            if self._stopping:
+                raise errors.DaemonError("the pool daemon is stopping")
+            self._work[key] = what
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._work[key]
+
     def _in_use_attachments(self):
-        out = [f"{m.device} mounted on {m.dir}" for m in self.mounts.values()]
+        out = list(self._work.values())
+        out += [f"{m.device} mounted on {m.dir}" for m in self.mounts.values()]
         for lst in self.listeners.values():
             n = len(lst.server.connections())
             if n and lst.mount is None:
@@ -460,6 +484,7 @@ class PoolDaemon:
         with self._lock:
             attachments = [lst.describe() for lst in self.listeners.values() if lst.mount is None]
             attachments += [m.describe() for m in self.mounts.values()]
+            attachments += [s.describe() for s in self.snapshotters.values()]
         return {"pid": os.getpid(), "version": P.VERSION, "pool": self.pool_path,
                 "runtime_dir": self.runtime.path, "control_socket": self.runtime.control,
                 "log": self.runtime.log, "started": self.started, "auto_exit": self.auto_exit,
@@ -471,7 +496,8 @@ class PoolDaemon:
         """Stop the daemon (the reply comes once the pool is released).
         if_idle: only if nothing is attached and no other client is connected."""
         with self._lock:
-            if if_idle and (self.listeners or self.mounts or self.control.session_count() > 1):
+            if if_idle and (self.listeners or self.mounts or self.snapshotters
+                            or self.control.session_count() > 1):
                 return {"stopped": False, "detached": []}
         detached = self.stop(force=force, session=session)
         if session is not None:
@@ -539,6 +565,44 @@ class PoolDaemon:
 
     def call_umount(self, session, directory, *, force=False):
         return self.umount(directory, force=force).describe()
+
+    def call_snapshotter(self, session, *, socket=None, default_size=None):
+        """Start containerd's Snapshots service on a Unix socket (default: the
+        runtime directory's containerd.sock); it runs until the daemon stops
+        or unsnapshotter is called."""
+        from ..containerd import service, store
+        socket_path = os.path.abspath(socket or os.path.join(self.runtime.path,
+                                                             "containerd.sock"))
+        with self._lock:
+            if self._stopping:
+                raise errors.DaemonError("the pool daemon is stopping")
+            for other in self.snapshotters.values():   # one: they would share the records
+                raise errors.BusyError(f"a containerd snapshotter runs in this daemon "
+                                       f"already, on {other.socket_path}")
+            snapshots = store.Snapshots(self, **({"default_size": default_size}
+                                                 if default_size is not None else {}))
+            snap = service.SnapshotterServer(snapshots, socket_path, next(self._ids), self.log)
+            snap.start()
+            self.snapshotters[snap.id] = snap
+        threading.Thread(target=snapshots.warm, args=(self.log,), daemon=True,
+                         name="cowblock-ctrd-template").start()
+        self.log(f"snapshotter {snap.id}: containerd's Snapshots service on {socket_path}")
+        return snap.describe()
+
+    def call_unsnapshotter(self, session, snapshotter):
+        with self._lock:
+            snap = self.snapshotters.get(snapshotter)
+        if snap is None:
+            raise errors.InvalidArgumentError(f"no snapshotter {snapshotter!r} in this daemon")
+        self._remove_snapshotter(snap)
+        return {"removed": snapshotter}
+
+    def _remove_snapshotter(self, snap):
+        with self._lock:
+            if self.snapshotters.pop(snap.id, None) is None:
+                return
+        snap.stop()
+        self.log(f"snapshotter {snap.id} on {snap.socket_path}: stopped")
 
 
 # ---- running one ----

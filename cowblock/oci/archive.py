@@ -224,14 +224,30 @@ def _names(values):
     return out_refs, out_tags
 
 
+LOCATION_PREFIXES = ("oci:", "oci-archive:", "docker-archive:")   # skopeo's transports
+
+
+def split_transport(location):
+    """(skopeo's transport prefix or "", the rest) of LOCATION."""
+    location = os.fspath(location)
+    for prefix in LOCATION_PREFIXES:
+        if location.startswith(prefix) and not os.path.exists(location):
+            return prefix, location[len(prefix):]
+    return "", location
+
+
+def absolute_location(location):
+    """LOCATION with its path made absolute (its transport prefix and
+    `:TAG` kept): what another process, with another working directory,
+    can open."""
+    prefix, rest = split_transport(location)
+    return prefix + os.path.abspath(rest)
+
+
 def split_location(location):
     """(path, tag-or-None) of `PATH`, `PATH:TAG`, or skopeo's
     `oci:PATH[:TAG]`, `oci-archive:PATH[:TAG]`, `docker-archive:PATH[:REF]`."""
-    location = os.fspath(location)
-    for prefix in ("oci:", "oci-archive:", "docker-archive:"):
-        if location.startswith(prefix) and not os.path.exists(location):
-            location = location[len(prefix):]
-            break
+    _, location = split_transport(location)
     if os.path.exists(location):
         return location, None
     colon = location.find(":")

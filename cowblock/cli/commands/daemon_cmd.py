@@ -24,7 +24,7 @@ def command(ctx, grace, commit_interval):
     """Run the pool's daemon in the foreground (logging to stderr), or stop
     it, or show what it holds.  The daemon owns the pool and everything
     attached to it: NBD listeners (`cowblock serve`), mounts (`cowblock
-    mount`).  Commands that need a daemon start one on demand, which exits
+    mount`), containerd's snapshotter (`cowblock snapshotter`).  Commands that need a daemon start one on demand, which exits
     5 s after its last attachment goes.
 
     \b
@@ -77,6 +77,9 @@ def status(settings):
                 rows.append(["listener", a["id"], exports, a["address"],
                              f"{len(a['connections'])} clients"
                              + (", read-only" if a["read_only"] else "")])
+            elif a["kind"] == "snapshotter":
+                rows.append(["snapshotter", a["id"], "-", a["address"],
+                             f"{a['snapshots']} containerd snapshots"])
             else:
                 rows.append(["mount", a["id"], a["device"], a["dir"],
                              a["loop"] + (", read-only" if a["read_only"] else "")])

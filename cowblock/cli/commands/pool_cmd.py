@@ -37,7 +37,7 @@ def create(settings, size, block_size, metadata_size):
     """
     with Pool.create(settings.pool_path, size, block_size, metadata_size=metadata_size or 0) as p:
         s = p.stats()
-    emit(settings, {"path": settings.pool_path, "size": size, "block_size": s.block_size,
+    emit(settings, {"path": settings.pool_location, "size": size, "block_size": s.block_size,
                     "metadata_capacity": s.metadata_capacity_bytes, "uuid": s.uuid},
          lambda d: click.echo(f"created pool {d['path']}: {format_size(size)} in "
                               f"{format_size(d['block_size'])} blocks"))

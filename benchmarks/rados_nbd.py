@@ -1,0 +1,156 @@
+"""cowblock on RADOS through its NBD server against RBD, same cluster, side
+by side (fio; memstore OSD of tools/ceph-cluster.sh unless CEPH_CONF names
+another cluster):
+
+  cowblock-rados   `cowblock --pool rados:POOL/NAME serve`, fio's nbd engine
+  rbd-qemu-nbd     `qemu-nbd` on an rbd: image, fio's nbd engine (same transport)
+  rbd-fio          fio's rbd engine (librbd in fio's process)
+  cowblock-local   a local pool in --dir, fio's nbd engine (for scale)
+
+On each image: 4 KiB random writes into a fresh image (first writes: a CoW
+allocation for cowblock, an object creation for RBD), a 1 MiB sequential
+fill, then 4 KiB random overwrites and reads at QD16 and 1 MiB sequential
+writes.  Rounds interleave the targets.
+
+  CEPH_CONF=... python benchmarks/rados_nbd.py [--runs 1] [--seconds 4] [--json F]
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+from nbd_compare import wait_for
+
+MiB = 1 << 20
+IMAGE = 256 * MiB
+JOBS = [("first_write_4k", "randwrite", "4k", True), ("fill_1m", "write", "1M", False),
+        ("overwrite_4k", "randwrite", "4k", True), ("randread_4k", "randread", "4k", True),
+        ("seqwrite_1m", "write", "1M", True)]
+
+
+def fio(target_args, rw, bs, seconds, timed):
+    cmd = ["fio", "--name=b", "--output-format=json", f"--rw={rw}", f"--bs={bs}",
+           f"--size={IMAGE}", "--iodepth=16", "--randrepeat=0", *target_args]
+    if timed:
+        cmd += ["--time_based", f"--runtime={seconds}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["write"] if "write" in rw else job["read"]
+    return side["iops"] if bs == "4k" else side["bw_bytes"] / 1e6
+
+
+class CowblockTarget:
+    def __init__(self, name, pool, tmp):
+        self.name, self.pool, self.tmp = name, pool, tmp
+
+    def start(self):
+        image = f"v{uuid.uuid4().hex[:6]}"
+        subprocess.run(["cowblock", "--pool", self.pool, "create", image, "--size", str(IMAGE)],
+                       check=True, capture_output=True)
+        self.sock = os.path.join(self.tmp, f"{image}.sock")
+        self.proc = subprocess.Popen(["cowblock", "--pool", self.pool, "serve", "--socket",
+                                      self.sock, image], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        wait_for(self.sock, self.proc, "cowblock serve")
+        return ["--ioengine=nbd", f"--uri=nbd+unix:///{image}?socket={self.sock}"]
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+class RbdTarget:
+    def __init__(self, name, ceph_pool, tmp, via_nbd):
+        self.name, self.ceph_pool, self.tmp, self.via_nbd = name, ceph_pool, tmp, via_nbd
+
+    def start(self):
+        self.image = f"bench-{uuid.uuid4().hex[:6]}"
+        subprocess.run(["timeout", "60", "rbd", "create", f"{self.ceph_pool}/{self.image}",
+                        "--size", f"{IMAGE // MiB}M"], check=True, capture_output=True)
+        if not self.via_nbd:
+            return ["--ioengine=rbd", f"--pool={self.ceph_pool}", f"--rbdname={self.image}",
+                    "--clientname=admin"]
+        self.sock = os.path.join(self.tmp, f"{self.image}.sock")
+        spec = f"rbd:{self.ceph_pool}/{self.image}:conf={os.environ['CEPH_CONF']}"
+        self.proc = subprocess.Popen(["qemu-nbd", "--socket", self.sock, "--format", "raw",
+                                      "--cache", "none", "--aio", "threads", "--shared", "4",
+                                      "--persistent", spec],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for(self.sock, self.proc, "qemu-nbd")
+        return ["--ioengine=nbd", f"--uri=nbd+unix:///?socket={self.sock}"]
+
+    def stop(self):
+        if self.via_nbd:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+        subprocess.run(["timeout", "120", "rbd", "rm", f"{self.ceph_pool}/{self.image}"],
+                       capture_output=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=4)
+    ap.add_argument("--ceph-pool", default="cowblock")
+    ap.add_argument("--dir", default=tempfile.gettempdir(), help="for the local pool")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if not os.environ.get("CEPH_CONF"):
+        sys.exit("set CEPH_CONF to the cluster's ceph.conf (tools/ceph-cluster.sh start DIR)")
+    tmp = tempfile.mkdtemp(prefix="cb-rados-bench-", dir=args.dir)
+    rados_pool = f"rados:{args.ceph_pool}/bench-{uuid.uuid4().hex[:6]}"
+    local_pool = os.path.join(tmp, "local-pool")
+    for pool in (rados_pool, local_pool):
+        subprocess.run(["cowblock", "--pool", pool, "pool", "create", "--size", "4G",
+                        "--block-size", "64K"], check=True, capture_output=True)
+    targets = [CowblockTarget("cowblock-rados", rados_pool, tmp),
+               RbdTarget("rbd-qemu-nbd", args.ceph_pool, tmp, via_nbd=True),
+               RbdTarget("rbd-fio", args.ceph_pool, tmp, via_nbd=False),
+               CowblockTarget("cowblock-local", local_pool, tmp)]
+    if shutil.which("qemu-nbd") is None:
+        targets = [t for t in targets if t.name != "rbd-qemu-nbd"]
+    rounds = {t.name: {job[0]: [] for job in JOBS} for t in targets}
+    try:
+        for _ in range(args.runs):
+            for t in targets:
+                fio_args = t.start()
+                try:
+                    for name, rw, bs, timed in JOBS:
+                        rounds[t.name][name].append(fio(fio_args, rw, bs, args.seconds, timed))
+                finally:
+                    t.stop()
+    finally:
+        from cowblock import rados
+        try:
+            rados.destroy(rados_pool)
+        except Exception as e:   # a benchmark's leftovers: say so, go on
+            print(f"could not remove {rados_pool}: {e}", file=sys.stderr)
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = {t: {j: round(statistics.median(v)) for j, v in jobs.items()}
+              for t, jobs in rounds.items()}
+    units = "4k: IOPS, 1m: MB/s, QD16"
+    print(units)
+    print(f"{'':16}" + "".join(f"{j:>16}" for j, *_ in JOBS))
+    for t, row in result.items():
+        print(f"{t:16}" + "".join(f"{row[j]:>16}" for j, *_ in JOBS))
+    if "rbd-qemu-nbd" in result:
+        for j in ("overwrite_4k", "randread_4k"):
+            print(f"{j}: cowblock-rados / rbd-qemu-nbd = "
+                  f"{result['cowblock-rados'][j] / result['rbd-qemu-nbd'][j]:.2f}")
+    if args.json:
+        osd = re.search(r"osd_objectstore\s*=\s*(\w+)", open(os.environ["CEPH_CONF"]).read())
+        with open(args.json, "w") as f:
+            json.dump({"units": units, "runs": args.runs, "seconds": args.seconds,
+                       "image_bytes": IMAGE, "osd_objectstore": osd.group(1) if osd else None,
+                       "results": result}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,854 @@
+/*
+ * Pools on Ceph RADOS: the remote side of the I/O seam (see remote.h for
+ * the object layout).
+ *
+ * Object size: 1 MiB for data and metadata alike, by measurement
+ * (benchmarks/rados_object_size.py, results/rados_object_size.json): 4 KiB
+ * random writes and reads at QD16 were within noise from 64 KiB to 1 MiB
+ * objects and slower at 4 MiB, while 1 MiB sequential I/O ran 2-5x faster
+ * into 1 MiB objects than into 64-256 KiB ones (one request per object a
+ * range touches).  1 MiB also keeps an open's fetch to few requests and
+ * still lets TRIM of 1 MiB-aligned ranges remove whole objects.
+ *
+ * Writes: every write of the cache is also sent to RADOS with
+ * rados_aio_write (the data copied, so the caller's buffer is free at once);
+ * up to MAX_INFLIGHT requests are in flight.  remote_wait (the seam's fsync)
+ * waits until all of them are acknowledged, which for RADOS means durable
+ * on the OSDs.  The commit's order is then the local one: data, new
+ * metadata blocks, wait, superblock.  A superblock write is one RADOS op
+ * that also compares the pool's epoch xattr with the one this writer set
+ * when it took the lock: a writer whose lock was broken and whose epoch was
+ * raised by the next one fails atomically (fencing), before it can commit.
+ * Any failed request sticks: every later wait fails, and the engine turns
+ * the pool read-only with needs_check, as after a failed fsync.
+ *
+ * Reads never go to RADOS after the open: open fetches the objects that
+ * exist (blocks never written have none, so they are never read) into the
+ * cache files, which the engine's mmap reads.
+ */
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cowblock.h"
+#include "remote.h"
+
+#define OBJECT_SIZE (1u << 20)
+#define SB_BYTES (2u * CB_META_BLOCK_SIZE) /* the superblock object: slots 0 and 1 */
+#define SB_OBJECT "superblock"
+#define LOCK_NAME "cowblock"
+#define MAX_INFLIGHT 256
+#define FETCH_INFLIGHT 32
+#define ALIVE_TIMEOUT_MS 5000  /* a holder that does not answer a notify in this is dead */
+
+#ifndef COWBLOCK_HAVE_RADOS
+
+static int no_rados(void)
+{
+    return cb_err(CB_E_UNSUPPORTED, "this cowblock was built without librados: install "
+                  "librados-dev (Debian) and reinstall cowblock for pools on RADOS");
+}
+int cb_remote_available(void) { return 0; }
+int cb_remote_connect(const char *conf, const char *ceph_pool, const char *name, double timeout,
+                      cb_remote **out) { *out = NULL; return no_rados(); }
+int cb_remote_create(cb_remote *r) { return no_rados(); }
+int cb_remote_lock(cb_remote *r, const char *cookie, const char *description) { return no_rados(); }
+int cb_remote_fetch(cb_remote *r, const char *dir) { return no_rados(); }
+int cb_remote_destroy(cb_remote *r) { return no_rados(); }
+int cb_remote_close(cb_remote *r) { return 0; }
+uint64_t cb_remote_requests(cb_remote *r, int kind) { return 0; }
+void remote_begin(struct cb_file *f) {}
+void remote_end(struct cb_file *f) {}
+int remote_write(struct cb_file *f, const struct iovec *iov, int cnt, uint64_t off) { return no_rados(); }
+int remote_discard(struct cb_file *f, uint64_t off, uint64_t len) { return no_rados(); }
+int remote_set_size(struct cb_file *f, uint64_t size) { return no_rados(); }
+int remote_wait(struct cb_file *f) { return no_rados(); }
+
+#else
+
+#include <rados/librados.h>
+
+struct cb_remote {
+    rados_t cluster;
+    rados_ioctx_t io;
+    bool connected, locked, watching;
+    uint64_t watch;            /* our watch on the superblock object: the sign we are alive */
+    char pool[128], name[128];
+    char cookie[256];
+    char epoch[24];            /* ours once locked: every superblock write compares it */
+    pthread_mutex_t order;     /* held from a write's local copy to its send */
+    pthread_mutex_t mu;        /* the rest */
+    pthread_cond_t cond;
+    uint32_t inflight;
+    int err;                   /* the first failed request's errno (negative), sticky */
+    char err_what[256];
+    uint64_t requests[3];      /* reads, writes, removes */
+    struct {                   /* a write not sent yet, that the next may extend (order held) */
+        char oid[64];
+        uint64_t at;
+        uint8_t *buf;
+        size_t len, cap;
+    } pend;
+};
+
+enum { REQ_READ, REQ_WRITE, REQ_REMOVE };
+
+static const uint8_t zero_object[OBJECT_SIZE];
+
+/* A librados error as an engine error: full cluster or quota is no space. */
+static int rados_error(int rv, const char *what)
+{
+    int err = -rv;
+    if (err == ENOSPC || err == EDQUOT)
+        return cb_err(CB_E_HOST_SPACE, "%s: the Ceph cluster is full or the pool's quota is reached "
+                      "(%s)", what, strerror(err));
+    if (err == ETIMEDOUT)
+        return cb_err(CB_E_TIMEOUT, "%s: the Ceph cluster did not answer in time", what);
+    if (err == EACCES || err == EPERM)
+        return cb_err(CB_E_DENIED, "%s: the Ceph cluster refused this client (%s; see the caps in "
+                      "README.md)", what, strerror(err));
+    return cb_err(CB_E_IO, "%s failed: %s", what, strerror(err));
+}
+
+uint64_t cb_remote_requests(cb_remote *r, int kind)
+{
+    if (!r || kind < 0 || kind > 2)
+        return 0;
+    pthread_mutex_lock(&r->mu);
+    uint64_t n = r->requests[kind];
+    pthread_mutex_unlock(&r->mu);
+    return n;
+}
+
+int cb_remote_available(void)
+{
+    return 1;
+}
+
+int cb_remote_connect(const char *conf, const char *ceph_pool, const char *name, double timeout,
+                      cb_remote **out)
+{
+    *out = NULL;
+    if (!ceph_pool || !*ceph_pool || strlen(ceph_pool) >= 128 || !name || !*name ||
+        strlen(name) >= 128)
+        return cb_err(CB_E_INVALID, "a Ceph pool name and a pool name of 1 to 127 bytes are needed");
+    cb_remote *r = calloc(1, sizeof *r);
+    if (!r)
+        return cb_err(CB_E_NO_MEMORY, "out of memory");
+    pthread_mutex_init(&r->order, NULL);
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cond, NULL);
+    snprintf(r->pool, sizeof r->pool, "%s", ceph_pool);
+    snprintf(r->name, sizeof r->name, "%s", name);
+    int rv = rados_create(&r->cluster, NULL);
+    if (rv < 0) {
+        free(r);
+        return rados_error(rv, "creating a Ceph client");
+    }
+    /* $CEPH_ARGS (--id, --keyring, ...) and the conf file, as Ceph's tools do */
+    rados_conf_parse_env(r->cluster, NULL);
+    rv = rados_conf_read_file(r->cluster, conf && *conf ? conf : NULL);
+    if (rv < 0) {
+        rados_shutdown(r->cluster);
+        free(r);
+        if (conf && *conf)
+            return cb_err(CB_E_INVALID, "cannot read the Ceph configuration %s: %s", conf,
+                          strerror(-rv));
+        return cb_err(CB_E_INVALID, "no Ceph configuration found (set $CEPH_CONF or --ceph-conf, "
+                      "or make /etc/ceph/ceph.conf): %s", strerror(-rv));
+    }
+    /* Without these, connecting to a cluster that is not there, or a monitor
+     * call while no OSD serves a placement group, waits for ever.  Data
+     * operations keep Ceph's default (no timeout): they block while an OSD
+     * is away, as RBD's do. */
+    char t[32];
+    snprintf(t, sizeof t, "%g", timeout > 0 ? timeout : 30.0);
+    rados_conf_set(r->cluster, "client_mount_timeout", t);
+    rados_conf_set(r->cluster, "rados_mon_op_timeout", t);
+    rv = rados_connect(r->cluster);
+    if (rv < 0) {
+        rados_shutdown(r->cluster);
+        free(r);
+        return rados_error(rv, "connecting to the Ceph cluster");
+    }
+    r->connected = true;
+    rv = rados_ioctx_create(r->cluster, ceph_pool, &r->io);
+    if (rv < 0) {
+        int e = rv == -ENOENT ? cb_err(CB_E_NOT_FOUND, "the Ceph cluster has no pool %s "
+                                       "(ceph osd pool create %s)", ceph_pool, ceph_pool)
+                              : rados_error(rv, "opening the Ceph pool");
+        rados_shutdown(r->cluster);
+        free(r);
+        return e;
+    }
+    rados_ioctx_set_namespace(r->io, name);
+    *out = r;
+    return 0;
+}
+
+static int get_xattr_u64(cb_remote *r, const char *key, uint64_t *v)
+{
+    char buf[32];
+    int n = rados_getxattr(r->io, SB_OBJECT, key, buf, sizeof buf - 1);
+    if (n < 0)
+        return n;
+    buf[n] = 0;
+    char *end;
+    *v = strtoull(buf, &end, 10);
+    return end == buf ? -EINVAL : 0;
+}
+
+int cb_remote_create(cb_remote *r)
+{
+    rados_write_op_t op = rados_create_write_op();
+    rados_write_op_create(op, LIBRADOS_CREATE_EXCLUSIVE, NULL);
+    rados_write_op_setxattr(op, "epoch", "00000000000000000000", 20);
+    rados_write_op_write(op, (const char *)zero_object, SB_BYTES, 0);
+    int rv = rados_write_op_operate(op, r->io, SB_OBJECT, NULL, 0);
+    rados_release_write_op(op);
+    if (rv == -EEXIST)
+        return cb_err(CB_E_EXISTS, "a pool exists at rados:%s/%s already", r->pool, r->name);
+    return rv < 0 ? rados_error(rv, "creating the pool's superblock object") : 0;
+}
+
+struct holder {
+    char client[128], cookie[256], addr[256];
+};
+
+static int get_holder(cb_remote *r, struct holder *h)
+{
+    char tag[256];
+    size_t tl = sizeof tag, cl = sizeof h->client, kl = sizeof h->cookie, al = sizeof h->addr;
+    int exclusive = 0;
+    memset(h, 0, sizeof *h);
+    ssize_t n = rados_list_lockers(r->io, SB_OBJECT, LOCK_NAME, &exclusive, tag, &tl, h->client,
+                                   &cl, h->cookie, &kl, h->addr, &al);
+    return (int)n;
+}
+
+/* The holder answers the notify through its watch (on_notify) while its
+ * process lives and reaches the cluster; a killed one does not, and its
+ * watch times out in the OSD later (osd_client_watch_timeout, 30 s). */
+static bool holder_alive(cb_remote *r, const struct holder *h)
+{
+    char *reply = NULL;
+    size_t reply_len = 0;
+    int rv = rados_notify2(r->io, SB_OBJECT, "alive?", 6, ALIVE_TIMEOUT_MS, &reply, &reply_len);
+    if (rv < 0 && rv != -ETIMEDOUT) {
+        if (reply)
+            rados_buffer_free(reply);
+        return true; /* cannot tell: never break a lock on a guess */
+    }
+    struct notify_ack_t *acks = NULL;
+    struct notify_timeout_t *timeouts = NULL;
+    size_t nr_acks = 0, nr_timeouts = 0;
+    bool alive = true;
+    if (reply && rados_decode_notify_response(reply, reply_len, &acks, &nr_acks, &timeouts,
+                                              &nr_timeouts) == 0) {
+        alive = false;
+        uint64_t gid = strncmp(h->client, "client.", 7) == 0 ? strtoull(h->client + 7, NULL, 10) : 0;
+        for (size_t i = 0; i < nr_acks; i++)
+            if (acks[i].notifier_id == gid)
+                alive = true;
+        rados_free_notify_response(acks, nr_acks, timeouts);
+    }
+    if (reply)
+        rados_buffer_free(reply);
+    return alive;
+}
+
+static void on_notify(void *arg, uint64_t notify_id, uint64_t handle, uint64_t notifier_id,
+                      void *data, size_t data_len)
+{
+    cb_remote *r = arg;
+    rados_notify_ack(r->io, SB_OBJECT, notify_id, handle, r->cookie, (unsigned)strlen(r->cookie));
+}
+
+/* Our watch failed: we may have been blocklisted, or cut off long enough
+ * for another writer to take over.  Nothing more may be committed. */
+static void on_watch_error(void *arg, uint64_t cookie, int err)
+{
+    cb_remote *r = arg;
+    pthread_mutex_lock(&r->mu);
+    if (!r->err) {
+        r->err = err < 0 ? err : -EIO;
+        snprintf(r->err_what, sizeof r->err_what, "keeping the pool's lock (its watch was lost: "
+                 "this writer was blocklisted or cut off from the cluster)");
+    }
+    pthread_mutex_unlock(&r->mu);
+}
+
+static int take_lock(cb_remote *r, const char *description)
+{
+    return rados_lock_exclusive(r->io, SB_OBJECT, LOCK_NAME, r->cookie, description, NULL, 0);
+}
+
+/* The lock is held: refuse, naming the holder, unless the holder is dead,
+ * in which case fence it (blocklist its address, so none of its writes
+ * lands any more) and break its lock, as librbd does. */
+static int lock_held(cb_remote *r, const char *description)
+{
+    struct holder h;
+    int rv;
+    if (get_holder(r, &h) <= 0) { /* released meanwhile */
+        rv = take_lock(r, description);
+        if (rv == -EBUSY || rv == -EEXIST)
+            return cb_err(CB_E_BUSY, "pool rados:%s/%s is in use by another writer", r->pool,
+                          r->name);
+        return rv < 0 ? rados_error(rv, "taking the pool's lock") : 0;
+    }
+    if (holder_alive(r, &h))
+        return cb_err(CB_E_BUSY, "pool rados:%s/%s is in use: open for writing by %s (Ceph %s at "
+                      "%s)", r->pool, r->name, h.cookie, h.client, h.addr);
+    rv = rados_blocklist_add(r->cluster, h.addr, 0);
+    if (rv < 0)
+        return rados_error(rv, "blocklisting the pool's dead writer (it needs the mon cap "
+                           "'osd blocklist')");
+    rv = rados_break_lock(r->io, SB_OBJECT, LOCK_NAME, h.client, h.cookie);
+    if (rv < 0 && rv != -ENOENT)
+        return rados_error(rv, "breaking the dead writer's lock");
+    rv = take_lock(r, description);
+    if (rv == -EBUSY || rv == -EEXIST)
+        return cb_err(CB_E_BUSY, "pool rados:%s/%s: another writer took the lock of a dead one "
+                      "first", r->pool, r->name);
+    return rv < 0 ? rados_error(rv, "taking the pool's lock") : 0;
+}
+
+int cb_remote_lock(cb_remote *r, const char *cookie, const char *description)
+{
+    if (r->locked)
+        return 0;
+    snprintf(r->cookie, sizeof r->cookie, "%s", cookie);
+    uint64_t old, size;
+    time_t mtime;
+    /* (a lock on a missing object would make it) */
+    int rv = rados_stat(r->io, SB_OBJECT, &size, &mtime);
+    if (rv == -ENOENT)
+        return cb_err(CB_E_NOT_FOUND, "no pool at rados:%s/%s", r->pool, r->name);
+    if (rv < 0)
+        return rados_error(rv, "looking for the pool's superblock object");
+    rv = take_lock(r, description);
+    if ((rv == -EBUSY || rv == -EEXIST) && (rv = lock_held(r, description)) < 0)
+        return rv;
+    if (rv < 0)
+        return rados_error(rv, "taking the pool's lock");
+    r->locked = true;
+    /* A new epoch, set only if the old one is still there: two writers that
+     * both think they hold the lock cannot both raise it from one value. */
+    if ((rv = get_xattr_u64(r, "epoch", &old)) < 0)
+        return rv == -ENODATA ? cb_err(CB_E_NOT_FOUND, "no pool at rados:%s/%s (its superblock "
+                                       "object has no epoch)", r->pool, r->name)
+                              : rados_error(rv, "reading the pool's epoch");
+    char was[24];
+    snprintf(was, sizeof was, "%020llu", (unsigned long long)old);
+    snprintf(r->epoch, sizeof r->epoch, "%020llu", (unsigned long long)old + 1);
+    rados_write_op_t op = rados_create_write_op();
+    rados_write_op_cmpxattr(op, "epoch", LIBRADOS_CMPXATTR_OP_EQ, was, 20);
+    rados_write_op_setxattr(op, "epoch", r->epoch, 20);
+    rv = rados_write_op_operate(op, r->io, SB_OBJECT, NULL, 0);
+    rados_release_write_op(op);
+    if (rv < 0)
+        return rados_error(rv, "raising the pool's epoch");
+    rv = rados_watch3(r->io, SB_OBJECT, &r->watch, on_notify, on_watch_error, 0, r);
+    if (rv < 0)
+        return rados_error(rv, "watching the pool's superblock object");
+    r->watching = true;
+    return 0;
+}
+
+/* ---- writes ---- */
+struct request {
+    cb_remote *r;
+    uint8_t *buf;              /* freed when done (NULL: static zeroes) */
+    char what[96];
+    bool enoent_ok;            /* a remove of an object that was never written */
+};
+
+/* A request is done (any completion callback): its error, if any, sticks. */
+static void finished(cb_remote *r, rados_completion_t c, int rv, bool enoent_ok, const char *what)
+{
+    pthread_mutex_lock(&r->mu);
+    if (rv < 0 && !(rv == -ENOENT && enoent_ok) && !r->err) {
+        r->err = rv;
+        snprintf(r->err_what, sizeof r->err_what, "%s", what);
+    }
+    r->inflight--;
+    pthread_cond_broadcast(&r->cond);
+    pthread_mutex_unlock(&r->mu);
+    rados_aio_release(c);
+}
+
+static void request_done(rados_completion_t c, void *arg)
+{
+    struct request *q = arg;
+    finished(q->r, c, rados_aio_get_return_value(c), q->enoent_ok, q->what);
+    free(q->buf);
+    free(q);
+}
+
+static void wait_below(cb_remote *r, uint32_t n)
+{
+    pthread_mutex_lock(&r->mu);
+    while (r->inflight > n)
+        pthread_cond_wait(&r->cond, &r->mu);
+    pthread_mutex_unlock(&r->mu);
+}
+
+static int sticky_error(cb_remote *r)
+{
+    pthread_mutex_lock(&r->mu);
+    int rv = r->err;
+    char what[256];
+    snprintf(what, sizeof what, "%s", r->err_what);
+    pthread_mutex_unlock(&r->mu);
+    return rv ? rados_error(rv, what) : 0;
+}
+
+/* A new request's completion, counted in flight; NULL (and an error) if
+ * librados has none to give. */
+static rados_completion_t start(cb_remote *r, struct request *q, int kind)
+{
+    wait_below(r, MAX_INFLIGHT - 1);
+    rados_completion_t c;
+    if (rados_aio_create_completion2(q, request_done, &c) < 0)
+        return NULL;
+    pthread_mutex_lock(&r->mu);
+    r->inflight++;
+    r->requests[kind]++;
+    pthread_mutex_unlock(&r->mu);
+    return c;
+}
+
+/* The object holding byte off of file f, the offset in it and how many
+ * bytes from there it holds. */
+static void locate(const struct cb_file *f, uint64_t off, char *oid, size_t oid_len,
+                   uint64_t *in_obj, uint64_t *room)
+{
+    if (f->name[0] == 'm' && off < SB_BYTES) {
+        snprintf(oid, oid_len, SB_OBJECT);
+        *in_obj = off;
+        *room = SB_BYTES - off;
+        return;
+    }
+    snprintf(oid, oid_len, "%s.%016llx", f->name, (unsigned long long)(off / OBJECT_SIZE));
+    *in_obj = off % OBJECT_SIZE;
+    *room = OBJECT_SIZE - *in_obj;
+}
+
+static int flush_pending(cb_remote *r);
+
+/* Send what is held back, wait until every request is acknowledged, and
+ * report the first that failed.  order_held: the caller has r->order (the
+ * wait itself is made without it unless so, so writers go on meanwhile). */
+static int drain(cb_remote *r, bool order_held)
+{
+    if (!order_held)
+        pthread_mutex_lock(&r->order);
+    int rv = flush_pending(r);
+    if (!order_held)
+        pthread_mutex_unlock(&r->order);
+    if (rv)
+        return rv;
+    wait_below(r, 0);
+    return sticky_error(r);
+}
+
+/* Superblock writes: after every write sent before them is acknowledged,
+ * one op that compares our epoch and writes (fencing). */
+static int write_superblock(cb_remote *r, const uint8_t *buf, size_t len, uint64_t off)
+{
+    int rv = drain(r, true);
+    if (rv)
+        return rv;
+    if (!r->locked)
+        return cb_err(CB_E_READ_ONLY, "pool rados:%s/%s is not locked for writing", r->pool, r->name);
+    rados_write_op_t op = rados_create_write_op();
+    rados_write_op_cmpxattr(op, "epoch", LIBRADOS_CMPXATTR_OP_EQ, r->epoch, 20);
+    rados_write_op_write(op, (const char *)buf, len, off);
+    rv = rados_write_op_operate(op, r->io, SB_OBJECT, NULL, 0);
+    rados_release_write_op(op);
+    pthread_mutex_lock(&r->mu);
+    r->requests[REQ_WRITE]++;
+    pthread_mutex_unlock(&r->mu);
+    if (rv == -ECANCELED) {
+        pthread_mutex_lock(&r->mu);
+        r->err = -EIO;
+        snprintf(r->err_what, sizeof r->err_what, "a commit (this writer is fenced)");
+        pthread_mutex_unlock(&r->mu);
+        return cb_err(CB_E_IO, "pool rados:%s/%s was taken over by another writer (its epoch is no "
+                      "longer ours): this writer's commit is refused", r->pool, r->name);
+    }
+    return rv < 0 ? rados_error(rv, "writing the superblock") : 0;
+}
+
+void remote_begin(struct cb_file *f)
+{
+    pthread_mutex_lock(&f->remote->order);
+}
+
+void remote_end(struct cb_file *f)
+{
+    pthread_mutex_unlock(&f->remote->order);
+}
+
+/* Copy n bytes of the vector from byte skip on into dst. */
+static void gather(uint8_t *dst, const struct iovec *iov, int cnt, uint64_t skip, uint64_t n)
+{
+    for (int i = 0; i < cnt && n > 0; i++) {
+        if (skip >= iov[i].iov_len) {
+            skip -= iov[i].iov_len;
+            continue;
+        }
+        uint64_t take = iov[i].iov_len - skip;
+        if (take > n)
+            take = n;
+        memcpy(dst, (const uint8_t *)iov[i].iov_base + skip, take);
+        dst += take;
+        n -= take;
+        skip = 0;
+    }
+}
+
+/* Send a write of buf (ours to free) to object oid at byte at. */
+static int send_write(cb_remote *r, const char *oid, uint8_t *buf, size_t n, uint64_t at)
+{
+    struct request *q = calloc(1, sizeof *q);
+    if (!q) {
+        free(buf);
+        return cb_err(CB_E_NO_MEMORY, "out of memory");
+    }
+    *q = (struct request){r, buf, "", false};
+    snprintf(q->what, sizeof q->what, "writing object %s", oid);
+    rados_completion_t c = start(r, q, REQ_WRITE);
+    int rv;
+    if (!c || (rv = rados_aio_write(r->io, oid, c, (const char *)buf, n, at)) < 0) {
+        if (c)
+            request_done(c, q); /* counted: uncount it */
+        else
+            free(buf), free(q);
+        return rados_error(c ? rv : -ENOMEM, "sending a write");
+    }
+    return 0;
+}
+
+/* Send the write held back (order held): before any other request, so
+ * RADOS sees the writes in the cache's order. */
+static int flush_pending(cb_remote *r)
+{
+    if (!r->pend.len)
+        return 0;
+    uint8_t *buf = r->pend.buf;
+    size_t n = r->pend.len;
+    r->pend.buf = NULL;
+    r->pend.len = r->pend.cap = 0;
+    return send_write(r, r->pend.oid, buf, n, r->pend.at);
+}
+
+/* Hold a piece back if it may grow: a sequential stream of block-sized
+ * writes (the engine writes each newly allocated block alone) goes to RADOS
+ * as one write per object, not one per block; anything else sends it. */
+static int hold_or_send(cb_remote *r, const char *oid, const struct iovec *iov, int cnt,
+                        uint64_t skip, uint64_t n, uint64_t at)
+{
+    bool extends = r->pend.len && strcmp(r->pend.oid, oid) == 0 && r->pend.at + r->pend.len == at;
+    int rv;
+    if (!extends && (rv = flush_pending(r)) != 0)
+        return rv;
+    if (!r->pend.len) {
+        snprintf(r->pend.oid, sizeof r->pend.oid, "%s", oid);
+        r->pend.at = at;
+    }
+    if (r->pend.len + n > r->pend.cap) {
+        size_t cap = r->pend.cap ? r->pend.cap : 65536;
+        while (cap < r->pend.len + n)
+            cap *= 2;
+        uint8_t *b = realloc(r->pend.buf, cap);
+        if (!b)
+            return cb_err(CB_E_NO_MEMORY, "out of memory");
+        r->pend.buf = b;
+        r->pend.cap = cap;
+    }
+    gather(r->pend.buf + r->pend.len, iov, cnt, skip, n);
+    r->pend.len += n;
+    return r->pend.at + r->pend.len == OBJECT_SIZE ? flush_pending(r) : 0; /* it cannot grow */
+}
+
+int remote_write(struct cb_file *f, const struct iovec *iov, int cnt, uint64_t off)
+{
+    cb_remote *r = f->remote;
+    int rv = sticky_error(r);
+    if (rv)
+        return rv;
+    uint64_t total = 0;
+    for (int i = 0; i < cnt; i++)
+        total += iov[i].iov_len;
+    for (uint64_t done = 0; done < total;) {
+        char oid[64];
+        uint64_t at, room;
+        locate(f, off + done, oid, sizeof oid, &at, &room);
+        uint64_t n = total - done < room ? total - done : room;
+        if (strcmp(oid, SB_OBJECT) == 0) {
+            uint8_t *buf = malloc(n ? n : 1);
+            if (!buf)
+                return cb_err(CB_E_NO_MEMORY, "out of memory");
+            gather(buf, iov, cnt, done, n);
+            rv = write_superblock(r, buf, n, at);
+            free(buf);
+        } else {
+            rv = hold_or_send(r, oid, iov, cnt, done, n, at);
+        }
+        if (rv)
+            return rv;
+        done += n;
+    }
+    return 0;
+}
+
+/* Reads of [off, off + len) return zeroes: whole objects are removed, the
+ * pieces at either end written with zeroes. */
+int remote_discard(struct cb_file *f, uint64_t off, uint64_t len)
+{
+    cb_remote *r = f->remote;
+    int rv = sticky_error(r);
+    if (rv)
+        return rv;
+    pthread_mutex_lock(&r->order);
+    rv = flush_pending(r);
+    for (uint64_t done = 0; done < len && !rv;) {
+        char oid[64];
+        uint64_t at, room;
+        locate(f, off + done, oid, sizeof oid, &at, &room);
+        uint64_t n = len - done < room ? len - done : room;
+        bool whole = at == 0 && n == OBJECT_SIZE && strcmp(oid, SB_OBJECT) != 0;
+        struct request *q = calloc(1, sizeof *q);
+        if (!q) {
+            rv = cb_err(CB_E_NO_MEMORY, "out of memory");
+            break;
+        }
+        *q = (struct request){r, NULL, "", whole};
+        snprintf(q->what, sizeof q->what, "%s object %s", whole ? "removing" : "zeroing", oid);
+        rados_completion_t c = start(r, q, whole ? REQ_REMOVE : REQ_WRITE);
+        if (!c) {
+            free(q);
+            rv = rados_error(-ENOMEM, "sending a discard");
+            break;
+        }
+        rv = whole ? rados_aio_remove(r->io, oid, c)
+                   : rados_aio_write(r->io, oid, c, (const char *)zero_object, n, at);
+        if (rv < 0) {
+            request_done(c, q);
+            rv = rados_error(rv, "sending a discard");
+            break;
+        }
+        rv = 0;
+        done += n;
+    }
+    pthread_mutex_unlock(&r->order);
+    return rv;
+}
+
+int remote_set_size(struct cb_file *f, uint64_t size)
+{
+    cb_remote *r = f->remote;
+    int rv = drain(r, false);
+    if (rv)
+        return rv;
+    char key[32], v[24];
+    snprintf(key, sizeof key, "%s_size", f->name);
+    snprintf(v, sizeof v, "%llu", (unsigned long long)size);
+    rados_write_op_t op = rados_create_write_op();
+    if (r->locked)
+        rados_write_op_cmpxattr(op, "epoch", LIBRADOS_CMPXATTR_OP_EQ, r->epoch, 20);
+    rados_write_op_setxattr(op, key, v, strlen(v));
+    rv = rados_write_op_operate(op, r->io, SB_OBJECT, NULL, 0);
+    rados_release_write_op(op);
+    if (rv == -ECANCELED)
+        return cb_err(CB_E_IO, "pool rados:%s/%s was taken over by another writer: this writer's "
+                      "resize is refused", r->pool, r->name);
+    return rv < 0 ? rados_error(rv, "recording the size of the pool's files") : 0;
+}
+
+int remote_wait(struct cb_file *f)
+{
+    return drain(f->remote, false);
+}
+
+/* ---- open: the cache from the objects ---- */
+struct fetch {
+    cb_remote *r;
+    int fd;
+    uint64_t at;
+    uint8_t *buf;
+    char oid[64];
+};
+
+static void fetch_done(rados_completion_t c, void *arg)
+{
+    struct fetch *q = arg;
+    int rv = rados_aio_get_return_value(c);
+    if (rv > 0 && pwrite(q->fd, q->buf, (size_t)rv, (off_t)q->at) != rv)
+        rv = -errno;
+    char what[96];
+    snprintf(what, sizeof what, "fetching object %s", q->oid);
+    finished(q->r, c, rv, true, what);
+    free(q->buf);
+    free(q);
+}
+
+static int open_cache(int dirfd, const char *dir, const char *name, uint64_t size)
+{
+    int fd = openat(dirfd, name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, CB_POOL_FILE_MODE);
+    if (fd < 0)
+        return cb_err(CB_E_IO, "cannot create the cache file %s/%s: %s", dir, name, strerror(errno));
+    if (ftruncate(fd, (off_t)size) != 0) {
+        int e = errno;
+        close(fd);
+        return cb_err(e == ENOSPC ? CB_E_HOST_SPACE : CB_E_IO, "cannot size the cache file %s/%s: %s",
+                      dir, name, strerror(e));
+    }
+    return fd;
+}
+
+int cb_remote_fetch(cb_remote *r, const char *dir)
+{
+    uint64_t sizes[2];
+    int rv = get_xattr_u64(r, "data_size", &sizes[0]);
+    if (rv == 0)
+        rv = get_xattr_u64(r, "metadata_size", &sizes[1]);
+    if (rv == -ENOENT || rv == -ENODATA)
+        return cb_err(CB_E_NOT_FOUND, "no pool at rados:%s/%s", r->pool, r->name);
+    if (rv < 0)
+        return rados_error(rv, "reading the pool's superblock object");
+    uint8_t *sb = malloc(SB_BYTES);
+    if (!sb)
+        return cb_err(CB_E_NO_MEMORY, "out of memory");
+    rv = rados_read(r->io, SB_OBJECT, (char *)sb, SB_BYTES, 0);
+    if (rv < 0) {
+        free(sb);
+        return rados_error(rv, "reading the pool's superblock");
+    }
+    if (mkdir(dir, CB_POOL_DIR_MODE) != 0 && errno != EEXIST) {
+        free(sb);
+        return cb_err(CB_E_IO, "cannot create the cache directory %s: %s", dir, strerror(errno));
+    }
+    int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dirfd < 0) {
+        free(sb);
+        return cb_err(CB_E_IO, "cannot open the cache directory %s: %s", dir, strerror(errno));
+    }
+    int fds[2] = {-1, -1};
+    const char *names[2] = {"data", "metadata"};
+    for (int i = 0; i < 2 && rv >= 0; i++)
+        rv = fds[i] = open_cache(dirfd, dir, names[i], sizes[i]);
+    close(dirfd);
+    rados_list_ctx_t list;
+    if (rv >= 0 && (rv = rados_nobjects_list_open(r->io, &list)) < 0)
+        rv = rados_error(rv, "listing the pool's objects");
+    if (rv >= 0) {
+        const char *oid;
+        while (rados_nobjects_list_next(list, &oid, NULL, NULL) == 0) {
+            int which = strncmp(oid, "data.", 5) == 0 ? 0 : strncmp(oid, "metadata.", 9) == 0 ? 1 : -1;
+            if (which < 0)
+                continue;
+            char *end;
+            uint64_t idx = strtoull(strchr(oid, '.') + 1, &end, 16);
+            if (*end || idx >= (sizes[which] + OBJECT_SIZE - 1) / OBJECT_SIZE)
+                continue; /* past the end of its file: left by a shrink */
+            struct fetch *q = calloc(1, sizeof *q);
+            uint8_t *buf = malloc(OBJECT_SIZE);
+            if (!q || !buf) {
+                free(q), free(buf);
+                rv = cb_err(CB_E_NO_MEMORY, "out of memory");
+                break;
+            }
+            *q = (struct fetch){.r = r, .fd = fds[which], .at = idx * OBJECT_SIZE, .buf = buf};
+            snprintf(q->oid, sizeof q->oid, "%s", oid);
+            wait_below(r, FETCH_INFLIGHT - 1);
+            rados_completion_t c;
+            if (rados_aio_create_completion2(q, fetch_done, &c) < 0) {
+                free(q), free(buf);
+                rv = cb_err(CB_E_NO_MEMORY, "out of memory");
+                break;
+            }
+            pthread_mutex_lock(&r->mu);
+            r->inflight++;
+            r->requests[REQ_READ]++;
+            pthread_mutex_unlock(&r->mu);
+            if ((rv = rados_aio_read(r->io, q->oid, c, (char *)buf, OBJECT_SIZE, 0)) < 0) {
+                fetch_done(c, q);
+                rv = rados_error(rv, "fetching an object");
+                break;
+            }
+            rv = 0;
+        }
+        rados_nobjects_list_close(list);
+        wait_below(r, 0);
+        if (rv >= 0)
+            rv = sticky_error(r);
+    }
+    /* last, over metadata object 0's first bytes (never written there) */
+    if (rv >= 0 && pwrite(fds[1], sb, SB_BYTES, 0) != SB_BYTES)
+        rv = cb_err(CB_E_IO, "cannot write the cache file %s/metadata: %s", dir, strerror(errno));
+    free(sb);
+    for (int i = 0; i < 2; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    return rv < 0 ? rv : 0;
+}
+
+int cb_remote_destroy(cb_remote *r)
+{
+    rados_list_ctx_t list;
+    int rv = rados_nobjects_list_open(r->io, &list);
+    if (rv < 0)
+        return rados_error(rv, "listing the pool's objects");
+    const char *oid;
+    while (rados_nobjects_list_next(list, &oid, NULL, NULL) == 0) {
+        if (strcmp(oid, SB_OBJECT) == 0)
+            continue; /* last: while it is there the pool is */
+        rv = rados_remove(r->io, oid);
+        if (rv < 0 && rv != -ENOENT)
+            break;
+        rv = 0;
+    }
+    rados_nobjects_list_close(list);
+    if (rv >= 0) {
+        rv = rados_remove(r->io, SB_OBJECT);
+        r->locked = false;
+    }
+    return rv < 0 && rv != -ENOENT ? rados_error(rv, "removing the pool's objects") : 0;
+}
+
+int cb_remote_close(cb_remote *r)
+{
+    if (!r)
+        return 0;
+    int rv = 0;
+    if (r->connected) {
+        pthread_mutex_lock(&r->order);
+        flush_pending(r); /* (the pool's close committed: nothing is held) */
+        pthread_mutex_unlock(&r->order);
+        wait_below(r, 0);
+        if (r->watching)
+            rados_unwatch2(r->io, r->watch);
+        if (r->locked && (rv = rados_unlock(r->io, SB_OBJECT, LOCK_NAME, r->cookie)) < 0 &&
+            rv != -ENOENT)
+            rv = rados_error(rv, "releasing the pool's lock");
+        else
+            rv = 0;
+        rados_ioctx_destroy(r->io);
+        rados_shutdown(r->cluster);
+    }
+    free(r->pend.buf);
+    pthread_mutex_destroy(&r->order);
+    pthread_mutex_destroy(&r->mu);
+    pthread_cond_destroy(&r->cond);
+    free(r);
+    return rv;
+}
+
+#endif

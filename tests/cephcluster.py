@@ -1,0 +1,50 @@
+"""A throw-away single-node Ceph for the tests (tools/ceph-cluster.sh),
+started once per session by the `ceph_cluster` fixture (conftest.py) and
+stopped at its end; a test that needs it skips with the reason when the Ceph
+packages are missing or the cluster does not start."""
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "tools" / "ceph-cluster.sh"
+NEEDED = ("ceph-mon", "ceph-mgr", "ceph-osd", "ceph", "monmaptool", "uuidgen")
+POOL = "cowblock"   # the Ceph pool the script creates
+
+
+class Cluster:
+    def __init__(self, path, owned=True):
+        self.path = path
+        self.owned = owned
+        self.conf = os.path.join(path, "ceph.conf")
+        self.pool = POOL
+
+    def stop(self):
+        if not self.owned:
+            return
+        subprocess.run(["bash", str(SCRIPT), "destroy", self.path], capture_output=True,
+                       timeout=120)
+
+
+def start():
+    """A running Cluster, or the reason there is none (a str).
+    $COWBLOCK_TEST_CEPH (a cluster directory made by the script) uses that
+    cluster instead: the monitor's ports are fixed, so one runs at a time."""
+    if os.environ.get("COWBLOCK_TEST_CEPH"):
+        return Cluster(os.environ["COWBLOCK_TEST_CEPH"], owned=False)
+    missing = [tool for tool in NEEDED if shutil.which(tool) is None]
+    if missing:
+        return (f"Ceph is not installed (no {', '.join(missing)}): apt-get install ceph-mon "
+                "ceph-mgr ceph-osd ceph-common")
+    path = tempfile.mkdtemp(prefix="cowblock-ceph-")
+    try:
+        out = subprocess.run(["bash", str(SCRIPT), "start", path], capture_output=True, text=True,
+                             timeout=180)
+    except subprocess.TimeoutExpired:
+        Cluster(path).stop()
+        return "the test Ceph cluster did not start in 180 s"
+    if out.returncode != 0:
+        Cluster(path).stop()
+        return f"the test Ceph cluster did not start: {out.stderr.strip()[-400:]}"
+    return Cluster(path)

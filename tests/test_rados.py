@@ -1,0 +1,276 @@
+"""Pools on Ceph RADOS (rados:CEPHPOOL/NAME), against a throw-away single-node
+cluster (tools/ceph-cluster.sh, started once per session: about 15-20 s).
+
+Each test opens its pool from a fresh cache directory where it matters, so
+what it reads back came from RADOS, not from this host's cache."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from cowblock import Pool, errors, rados
+
+from helpers import pattern
+
+COWBLOCK = shutil.which("cowblock")
+MiB = 1 << 20
+
+
+@pytest.fixture
+def ceph(ceph_cluster, tmp_path, monkeypatch):
+    """The cluster as this process sees it: $CEPH_CONF, and a cache root of
+    the test's own."""
+    from cowblock._native import lib
+    if not lib.cb_remote_available():
+        pytest.skip("this cowblock was built without librados (apt-get install librados-dev, "
+                    "then reinstall)")
+    monkeypatch.setenv("CEPH_CONF", ceph_cluster.conf)
+    monkeypatch.setenv("COWBLOCK_RADOS_CACHE", str(tmp_path / "cache"))
+    return ceph_cluster
+
+
+@pytest.fixture
+def location(ceph):
+    loc = f"rados:{ceph.pool}/t-{uuid.uuid4().hex[:12]}"
+    yield loc
+    try:
+        rados.destroy(loc)
+    except errors.CowblockError:
+        pass
+
+
+def rados_cli(ceph, *args):
+    return subprocess.run(["timeout", "30", "rados", "-p", ceph.pool, *args],
+                          env=dict(os.environ, CEPH_CONF=ceph.conf), check=True,
+                          capture_output=True, text=True).stdout
+
+
+def objects(ceph, loc):
+    ns = rados.parse(loc).name
+    return sorted(rados_cli(ceph, "--namespace", ns, "ls").split())
+
+
+def drop_cache(loc):
+    path = rados.cache_dir(loc)
+    for name in ("data", "metadata"):
+        os.unlink(os.path.join(path, name))
+
+
+def test_cluster_serves_objects(ceph, tmp_path):
+    src = tmp_path / "in"
+    src.write_bytes(b"cowblock" * 512)
+    rados_cli(ceph, "put", "probe", str(src))
+    rados_cli(ceph, "get", "probe", str(tmp_path / "out"))
+    rados_cli(ceph, "rm", "probe")
+    assert (tmp_path / "out").read_bytes() == src.read_bytes()
+
+
+def test_create_write_snapshot_reopen(ceph, location):
+    with Pool.create(location, 64 * MiB, 65536, commit_interval=0) as p:
+        base = p.create_thin("base", 8 * MiB)
+        base.pwrite(pattern(1, 3 * MiB), 512 * 1024)      # across object boundaries
+        p.snapshot("base", "snap")
+        base.pwrite(pattern(2, 4096), MiB)
+    # every block's home is RADOS: objects for the data written, one per MiB touched
+    names = objects(ceph, location)
+    assert "superblock" in names
+    data = [n for n in names if n.startswith("data.")]
+    assert 3 <= len(data) <= 5, names
+    drop_cache(location)
+    with Pool.open(location, commit_interval=0) as p:
+        fetched = p._remote.requests()["reads"]
+        assert fetched == len([n for n in names if n != "superblock"])
+        want = bytearray(pattern(1, 3 * MiB))
+        assert p.device("snap").pread(3 * MiB, 512 * 1024) == want
+        want[MiB - 512 * 1024:MiB - 512 * 1024 + 4096] = pattern(2, 4096)
+        assert p.device("base").pread(3 * MiB, 512 * 1024) == want
+        assert p.device("base").pread(4096, 0) == bytes(4096)   # never written
+        assert p.check().ok
+        assert {d.name for d in p.list()} == {"base", "snap"}
+
+
+def test_trim_removes_objects(ceph, location):
+    with Pool.create(location, 64 * MiB, MiB, commit_interval=0) as p:
+        d = p.create_thin("d", 8 * MiB)
+        d.pwrite(pattern(3, 4 * MiB), 0)
+        p.commit()
+        before = len([n for n in objects(ceph, location) if n.startswith("data.")])
+        p.delete("d")
+        p.commit()
+        p.trim()
+    after = len([n for n in objects(ceph, location) if n.startswith("data.")])
+    assert before == 4 and after == 0
+
+
+def test_second_writer_is_refused_naming_the_holder(ceph, location, tmp_path):
+    with Pool.create(location, 16 * MiB, 65536, commit_interval=0):
+        # another host, in effect: its own cache directory
+        code = f"from cowblock import Pool; Pool.open({location!r})"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=dict(os.environ, COWBLOCK_RADOS_CACHE=str(tmp_path / "other")))
+        assert r.returncode != 0
+        last = r.stderr.strip().splitlines()[-1]
+        assert "PoolLockedError" in last and f"pid={os.getpid()}" in last, last
+    # released at close: the next writer gets it
+    Pool.open(location, commit_interval=0).close()
+
+
+def test_a_killed_writer_is_fenced_and_the_next_open_succeeds(ceph, location, tmp_path):
+    """SIGKILL the writer after a commit returned: another process opens the
+    pool by itself (the dead holder does not answer the notify, so it is
+    blocklisted and its lock broken) and sees that commit."""
+    Pool.create(location, 16 * MiB, 65536, commit_interval=0).close()
+    code = (f"import sys, time\nfrom cowblock import Pool\n"
+            f"p = Pool.open({location!r}, commit_interval=0)\n"
+            f"d = p.create_thin('committed', 1 << 20)\nd.pwrite(b'k' * 4096, 0)\np.commit()\n"
+            f"print('ready', flush=True)\ntime.sleep(120)\n")
+    env = dict(os.environ, COWBLOCK_RADOS_CACHE=str(tmp_path / "victim"))
+    victim = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+    try:
+        assert victim.stdout.readline() == b"ready\n"
+    finally:
+        victim.kill()
+        victim.wait()
+    with Pool.open(location, commit_interval=0) as p:
+        assert p.device("committed").pread(4096, 0) == b"k" * 4096
+        assert p.check().ok
+    blocklist = subprocess.run(["timeout", "30", "ceph", "osd", "blocklist", "ls"], text=True,
+                               env=dict(os.environ, CEPH_CONF=ceph.conf), capture_output=True)
+    assert "127.0.0.1" in blocklist.stdout + blocklist.stderr
+
+
+def test_a_fenced_writer_cannot_commit(ceph, location, tmp_path):
+    """A writer taken over as Ceph's tools do it (its address blocklisted,
+    then its lock broken; what a successor does for a dead holder) fails its
+    next commit, turns read-only, and the successor's pool is intact."""
+    p = Pool.create(location, 16 * MiB, 65536, commit_interval=0)
+    try:
+        p.create_thin("before", MiB)
+        ns = rados.parse(location).name
+        holder = json.loads(rados_cli(ceph, "--namespace", ns, "lock", "info", "superblock",
+                                      "cowblock"))["lockers"][0]
+        subprocess.run(["timeout", "30", "ceph", "osd", "blocklist", "add", holder["addr"]],
+                       env=dict(os.environ, CEPH_CONF=ceph.conf), check=True, capture_output=True)
+        rados_cli(ceph, "--namespace", ns, "lock", "break", "superblock", "cowblock",
+                  holder["name"], "--lock-cookie", holder["cookie"])
+        env = dict(os.environ, COWBLOCK_RADOS_CACHE=str(tmp_path / "other"))
+        code = (f"from cowblock import Pool\nwith Pool.open({location!r}, commit_interval=0) as p:\n"
+                f"    p.create_thin('successor', 1 << 20)")
+        subprocess.run([sys.executable, "-c", code], check=True, env=env)
+        with pytest.raises(errors.PoolIOError):
+            p.create_thin("stale", MiB)     # its commit, refused
+        with pytest.raises(errors.PoolIOError, match="read-only"):
+            p.create_thin("later", MiB)
+    finally:
+        try:
+            p.close()
+        except errors.CowblockError:
+            pass
+        subprocess.run(["timeout", "30", "ceph", "osd", "blocklist", "rm", holder["addr"]],
+                       env=dict(os.environ, CEPH_CONF=ceph.conf), capture_output=True)
+    drop_cache(location)
+    with Pool.open(location, commit_interval=0) as p:
+        assert {d.name for d in p.list()} == {"before", "successor"}
+        assert p.check().ok
+
+
+def test_missing_pool_and_bad_locations(ceph):
+    with pytest.raises(errors.PoolNotFoundError, match="no pool at rados:"):
+        Pool.open(f"rados:{ceph.pool}/never-made")
+    with pytest.raises(errors.PoolNotFoundError, match="has no pool nosuchpool"):
+        Pool.open("rados:nosuchpool/x")
+    for bad in ("rados:", "rados:onlypool", "rados:/x", "rados:p/a/b", "rados:p/.x"):
+        with pytest.raises(errors.InvalidArgumentError, match="rados:CEPHPOOL/NAME"):
+            Pool.open(bad)
+
+
+def test_a_missing_ceph_conf_is_named(ceph, monkeypatch):
+    monkeypatch.setenv("CEPH_CONF", "/nonexistent/ceph.conf")
+    with pytest.raises(errors.InvalidArgumentError, match="/nonexistent/ceph.conf"):
+        Pool.open(f"rados:{ceph.pool}/x")
+
+
+def test_create_refuses_a_taken_name(ceph, location):
+    Pool.create(location, 16 * MiB, 65536, commit_interval=0).close()
+    with pytest.raises(errors.PoolExistsError, match="exists"):
+        Pool.create(location, 16 * MiB, 65536)
+
+
+@pytest.mark.skipif(COWBLOCK is None, reason="the cowblock command is not installed")
+def test_cli_create_ls_write_read(ceph, location, tmp_path):
+    conf = os.environ.pop("CEPH_CONF")   # through --ceph-conf this time
+    env = dict(os.environ, COWBLOCK_RADOS_CACHE=str(tmp_path / "cli-cache"))
+
+    def run(*args, stdin=None):
+        r = subprocess.run([COWBLOCK, "--pool", location, "--ceph-conf", conf, *args], input=stdin,
+                           capture_output=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr.decode()
+        return r.stdout
+
+    assert location.encode() in run("pool", "create", "--size", "256M", "--block-size", "64K")
+    run("create", "base", "--size", "16M")
+    run("write", "base", "--offset", "1M", stdin=b"hello from rados")
+    run("snapshot", "base", "s1")
+    assert b"s1" in run("ls")
+    shutil.rmtree(tmp_path / "cli-cache")     # another host: all from RADOS
+    assert run("read", "s1", "--offset", "1M", "--length", "16") == b"hello from rados"
+    assert b"clean" in run("pool", "check")
+
+
+@pytest.mark.slow
+def test_build_without_librados_says_why(tmp_path):
+    """COWBLOCK_RADOS=0 (as without librados-dev): the core still builds, local
+    pools work, and a rados: location says what to install (opt-in: -m slow,
+    a build of the core)."""
+    import textwrap
+    from corebuild import build_core_copy
+    build_core_copy(str(tmp_path), env={"COWBLOCK_RADOS": "0"})
+    probe = textwrap.dedent(f"""
+        from cowblock import Pool, errors
+        Pool.create({str(tmp_path / "pool")!r}, 64 * 65536, 65536).close()
+        try:
+            Pool.open("rados:somepool/x")
+        except errors.InvalidArgumentError as e:
+            print("refused:", e)
+    """)
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path),
+                                COWBLOCK_RADOS_CACHE=str(tmp_path / "cache")))
+    assert r.returncode == 0, r.stderr
+    assert "refused: this cowblock was built without librados: install librados-dev" in r.stdout
+
+
+@pytest.mark.skipif(COWBLOCK is None, reason="the cowblock command is not installed")
+def test_nbd_serve_from_a_rados_pool(ceph, location, tmp_path):
+    """`cowblock serve` (through the pool's daemon) exports a device of a
+    RADOS pool; what an NBD client wrote and flushed is in RADOS."""
+    import nbdclient
+    with Pool.create(location, 64 * MiB, 65536, commit_interval=0) as p:
+        p.create_thin("base", 4 * MiB)
+    sock = str(tmp_path / "nbd.sock")
+    env = dict(os.environ, COWBLOCK_RUNTIME_DIR=str(tmp_path / "run"))
+    server = subprocess.Popen([COWBLOCK, "--pool", location, "serve", "--socket", sock, "base"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(300):
+            if os.path.exists(sock) or server.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert os.path.exists(sock), server.stderr.read().decode()
+        c = nbdclient.Client(sock)
+        c.go("base")
+        assert c.call(nbdclient.CMD_WRITE, MiB, 8192, pattern(7, 8192)) == 0
+        assert c.call(nbdclient.CMD_FLUSH) == 0
+        assert c.read(MiB, 8192) == pattern(7, 8192)
+        c.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    drop_cache(location)
+    with Pool.open(location, read_only=True) as p:
+        assert p.device("base").pread(8192, MiB) == pattern(7, 8192)
