@@ -39,6 +39,8 @@
 #include "protocol.h"
 #include "transport.h"
 
+enum { READ_BUFFER = 64 << 10 };
+
 struct job {
     struct nbd_request req;   /* host byte order */
     uint8_t *payload;         /* WRITE data */
@@ -52,6 +54,8 @@ struct conn {
     uint64_t size;
     uint64_t block_size;
     pthread_mutex_t read_lock; /* the thread holding it reads the next request */
+    uint8_t *rbuf;             /* under read_lock: READ_BUFFER bytes, rpos..rlen not yet taken */
+    size_t rpos, rlen;
     bool stopping;             /* under read_lock: no more requests */
     int result;                /* under read_lock: why reading ended (0: disconnect) */
     pthread_mutex_t lock;      /* protects buffered */
@@ -64,23 +68,47 @@ struct conn {
 
 /* ---- socket I/O: the plain socket, or the connection's transport (TLS) ---- */
 
-static int read_full(struct conn *cn, void *buf, size_t len)
+/* One read of whatever the socket (or TLS) has, up to len: >0, 0 at EOF,
+ * or a negative errno. */
+static ssize_t read_some(struct conn *cn, void *buf, size_t len)
 {
     struct cb_nbd_transport *t = cn->c->transport;
+    for (;;) {
+        ssize_t n = t ? t->recv(t, buf, len) : read(cn->c->fd, buf, len);
+        if (t || n >= 0)
+            return n;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
+/* Exactly len bytes, through the connection's read buffer (under
+ * read_lock): a client keeping 16 requests in flight has several in the
+ * socket at once, so one read() takes many headers and small payloads
+ * instead of two reads a request.  Payloads as large as the buffer are
+ * read straight into place. */
+static int read_full(struct conn *cn, void *buf, size_t len)
+{
     uint8_t *p = buf;
     while (len) {
-        ssize_t n = t ? t->recv(t, p, len) : read(cn->c->fd, p, len);
-        if (t && n < 0)
-            return (int)n;
-        if (n == 0)
-            return -EPIPE;
-        if (n < 0) {
-            if (errno == EINTR)
+        if (cn->rpos == cn->rlen) {
+            cn->rpos = cn->rlen = 0;
+            ssize_t n = len >= READ_BUFFER ? read_some(cn, p, len)
+                                           : read_some(cn, cn->rbuf, READ_BUFFER);
+            if (n <= 0)
+                return n == 0 ? -EPIPE : (int)n;
+            if (len >= READ_BUFFER) {
+                p += n;
+                len -= (size_t)n;
                 continue;
-            return -errno;
+            }
+            cn->rlen = (size_t)n;
         }
-        p += n;
-        len -= (size_t)n;
+        size_t take = cn->rlen - cn->rpos < len ? cn->rlen - cn->rpos : len;
+        memcpy(p, cn->rbuf + cn->rpos, take);
+        cn->rpos += take;
+        p += take;
+        len -= take;
     }
     return 0;
 }
@@ -489,7 +517,10 @@ int cb_nbd_transmit(cb_pool *p, cb_nbd_conn *c)
     int r = cb_dev_info(p, c->dev_id, &info);
     if (r < 0 || (r = cb_pool_stats(p, &st)) < 0)
         return r;
-    struct conn cn = {.p = p, .c = c, .size = info.size, .block_size = st.data_block_size};
+    struct conn cn = {.p = p, .c = c, .size = info.size, .block_size = st.data_block_size,
+                      .rbuf = malloc(READ_BUFFER)};
+    if (!cn.rbuf)
+        return -ENOMEM;
     pthread_mutex_init(&cn.read_lock, NULL);
     pthread_mutex_init(&cn.lock, NULL);
     pthread_mutex_init(&cn.send_lock, NULL);
@@ -512,5 +543,6 @@ int cb_nbd_transmit(cb_pool *p, cb_nbd_conn *c)
     pthread_mutex_destroy(&cn.lock);
     pthread_mutex_destroy(&cn.send_lock);
     pthread_cond_destroy(&cn.room);
+    free(cn.rbuf);
     return cn.result;
 }
