@@ -64,8 +64,10 @@ def fio(uri, rw, bs, seconds, size, extra=()):
     job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
     side = job["read"] if job["read"]["io_bytes"] else job["write"]
     pct = side.get("clat_ns", {}).get("percentile", {})
+    flushes = job.get("sync", {}).get("total_ios", 0)
     return {"iops": side["iops"], "mb_s": side["bw_bytes"] / 1e6,
-            "p99_us": pct.get("99.000000", 0) / 1000}
+            "p99_us": pct.get("99.000000", 0) / 1000,
+            "flushes_per_1000": 1000 * flushes / max(side["total_ios"], 1)}
 
 
 def nbdcopy_out(uri):

@@ -42,19 +42,6 @@ VARIANTS = {   # name: (fio flush cadence, page-cache state, cowblock commit int
 }
 
 
-def overwrites(uri, seconds, size, fsync_every):
-    """fio's 4 KiB random writes at QD16: (IOPS, FLUSHes per 1000 writes)."""
-    argv = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
-            "--iodepth=16", f"--size={size}", f"--runtime={seconds}", "--time_based",
-            "--output-format=json"] + ([f"--fsync={fsync_every}"] if fsync_every else [])
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-    if out.returncode:
-        raise RuntimeError(f"fio failed: {out.stderr.strip()}")
-    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
-    writes, syncs = job["write"]["total_ios"], job.get("sync", {}).get("total_ios", 0)
-    return job["write"]["iops"], 1000 * syncs / max(writes, 1)
-
-
 def drop_caches():
     subprocess.run(["sync"], check=True)
     try:
@@ -131,9 +118,10 @@ def main():
                 try:
                     if cache == "dirty":
                         fio(uri, "write", "1m", 0, size)
-                    iops, flushes = overwrites(uri, args.seconds, size, every)
-                    results[vname][peer].append(iops)
-                    flush_rates[vname][peer].append(flushes)
+                    run = fio(uri, "randwrite", "4k", args.seconds, size,
+                              [f"--fsync={every}"] if every else [])
+                    results[vname][peer].append(run["iops"])
+                    flush_rates[vname][peer].append(run["flushes_per_1000"])
                 finally:
                     server.stop()
         print(f"round {r + 1}/{args.runs} done", file=sys.stderr)
