@@ -4,8 +4,8 @@ a whiteout, a hard link, an opaque directory), `ctr image import`, `ctr
 run` with runc reading the layers and writing its own files, the rootfs
 compared with umoci's unpack of the same image, the `ctr snapshots` verbs,
 containerd's garbage collector leaving no device, SIGKILLs of the
-snapshotter's daemon and of containerd in the middle of an import, after
-which the retried import and run succeed and nothing is left over, and a
+snapshotter's daemon and of containerd in the middle of an import or a
+run, after which the retried import and run succeed and nothing is left over, and a
 running container getting EIO when the daemon dies."""
 import json
 import os
@@ -133,33 +133,39 @@ def test_ctr_snapshots_verbs(world):
 
 @pytest.mark.parametrize("victim", ["snapshotter", "containerd"])
 @pytest.mark.parametrize("round_", range(KILLS))
-def test_sigkill_mid_import_then_retry(world, victim, round_):
+def test_sigkill_mid_import_or_run_then_retry(world, victim, round_):
     """SIGKILL the snapshotter's daemon (or containerd) at a random instant
-    of an import; restart it; the retried import and run succeed, and after
-    GC no device is left and the pool checks clean."""
+    of an import followed by a `ctr run --rm`; restart it; the retried import
+    and run succeed, and after GC no device is left and the pool checks
+    clean."""
     c, pool = world["c"], world["pool"]
-    imp = subprocess.Popen(["ctr", "--address", c.sock, "image", "import", "--snapshotter",
-                            "cowblock", world["archive"]], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    time.sleep(random.uniform(0.05, 0.8))
+    name = f"k-{victim}-{round_}"
+    ctr = f"ctr --address {c.sock}"
+    work = subprocess.Popen(
+        ["sh", "-c", f"{ctr} image import --snapshotter cowblock {world['archive']} && "
+                     f"{ctr} run --rm --snapshotter cowblock {IMAGE} {name} /bin/sh -c "
+                     "'echo x > /f; sync'"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(random.uniform(0.05, 2.0))     # an import here takes ~1 s, the run ~0.5 s
     if victim == "snapshotter":
         pid = RuntimeDir(pool).pid()
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not process_alive(pid), what="the daemon to die")
     else:
         c.stop(signal.SIGKILL)
-        imp.kill()           # ctr waits for its containerd to come back
-    imp.wait(timeout=60)
-    leases = c.ctr("leases", "ls", check=False).stdout.splitlines()[1:] if victim == "snapshotter" \
-        else []
+        os.killpg(work.pid, signal.SIGKILL)   # ctr waits for its containerd to come back
+    work.wait(timeout=60)
     if victim == "snapshotter":
         world["snapshotter"]()          # the next command cleans up, the daemon serves again
     else:
         c.start()
-        leases = c.ctr("leases", "ls").stdout.splitlines()[1:]
-    # the killed ctr's lease (24 h by default) keeps what it made: give it up,
-    # as its owner would
-    for line in leases:
+    # what the killed commands left is given up as its owner would: the
+    # container of an interrupted `run --rm`, and the killed ctr's lease
+    # (24 h by default), which keeps what it made
+    c.ctr("task", "rm", "--force", name, check=False)
+    if name in c.ctr("container", "ls", "-q").stdout.split():
+        c.retry("container", "rm", name)
+    for line in c.ctr("leases", "ls").stdout.splitlines()[1:]:
         c.ctr("leases", "rm", "--sync", line.split()[0])
     import_run_remove(world, f"t-{victim}-{round_}")
     r = sh("cowblock", "--pool", pool, "pool", "check")
