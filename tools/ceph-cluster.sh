@@ -10,6 +10,9 @@
 #   tools/ceph-cluster.sh destroy DIR                      # kill the daemons, remove DIR
 #   tools/ceph-cluster.sh kill-osd DIR                     # SIGKILL the OSD
 #
+# CEPH_MON_PORT (default 3300; the v1 port is the next one, or 6789 for
+# the default) lets two clusters run on one host side by side.
+#
 # Every client call has a timeout: when no OSD serves a placement group,
 # ceph, rados and rbd otherwise wait for ever.
 set -euo pipefail
@@ -18,6 +21,8 @@ D=${2:?usage: $0 $CMD DIR}
 STORE=${3:-memstore}
 T=${CEPH_TIMEOUT:-30}
 export CEPH_CONF=$D/ceph.conf
+MON_V2=${CEPH_MON_PORT:-3300}
+MON_V1=$([ "$MON_V2" = 3300 ] && echo 6789 || echo $((MON_V2 + 1)))
 
 ceph_() { timeout "$T" ceph --connect-timeout "$T" "$@"; }
 
@@ -76,7 +81,7 @@ osd_fast_shutdown = false"
     cat > "$CEPH_CONF" <<CONF
 [global]
 fsid = $FSID
-mon_host = 127.0.0.1
+mon_host = [v2:127.0.0.1:$MON_V2,v1:127.0.0.1:$MON_V1]
 public_addr = 127.0.0.1
 cluster_addr = 127.0.0.1
 auth_cluster_required = none
@@ -108,7 +113,7 @@ admin_socket = $D/run/\$name.asok
 [osd]
 admin_socket = $D/run/\$name.asok
 CONF
-    monmaptool --create --fsid "$FSID" --addv a '[v2:127.0.0.1:3300,v1:127.0.0.1:6789]' "$D/monmap" >/dev/null
+    monmaptool --create --fsid "$FSID" --addv a "[v2:127.0.0.1:$MON_V2,v1:127.0.0.1:$MON_V1]" "$D/monmap" >/dev/null
     ceph-mon --mkfs -i a --monmap "$D/monmap"
     ceph-mon -i a
     ceph-mgr -i a
