@@ -97,6 +97,24 @@ def test_cli_write_fails_naming_the_pool_after_the_hook_timeout(tmp_path):
     assert r.returncode == 2 and b"hook-timeout" in r.stderr
 
 
+def test_cli_import_waits_for_the_hook_that_grows_the_pool(tmp_path):
+    """Any command holding the pool itself (here `import`, whose writes are
+    the engine's device writes) runs the due hook when the pool is full and
+    tries the write once more; under --json the hook's output is JSON too."""
+    path = tmp_path / "p"
+    hook, count = counting(tmp_path, f"echo grown by the hook; {grow('4M')}")
+    make_pool(path, 16, hook)                                # 1 MiB of data space
+    data = os.urandom(3 << 19)          # 1.5 MiB: 70% free once grown, no second crossing
+    (tmp_path / "img").write_bytes(data)
+    r = run(path, "--json", "import", "img", str(tmp_path / "img"))
+    assert runs(count) == 1
+    said = [json.loads(line) for line in r.stderr.decode().splitlines()]   # every line JSON
+    hooks = [x["low_water_hook"] for x in said if "low_water_hook" in x]
+    assert len(hooks) == 1 and hooks[0]["exit_status"] == 0
+    assert "grown by the hook" in hooks[0]["output"]
+    assert run(path, "read", "img").stdout == data
+
+
 # ---- NBD, through the pool's daemon ----
 
 def test_nbd_and_cli_writes_through_the_daemon_wait_for_the_hook(tmp_path):

@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 
 import click
 
@@ -134,7 +135,9 @@ def with_pool(read_only=False):
     then report the pool's health (through a daemon, as part of the
     command's own reply) and, when this command crossed a low-water mark of
     a pool it holds itself, run the hook before returning (a daemon runs it
-    for the pools it holds: cowblock.lowwater)."""
+    for the pools it holds: cowblock.lowwater).  A write of such a command
+    that finds the pool full runs the due hook at once and is tried once
+    more (Pool.space_wait, which Device writes call)."""
     def wrap(fn):
         @click.pass_obj
         @functools.wraps(fn)
@@ -143,13 +146,15 @@ def with_pool(read_only=False):
             with settings.open(read_only=read_only, create=not read_only) as pool:
                 if isinstance(pool, client.PoolProxy):
                     pool.want_health = True
+                elif _holds(pool):
+                    pool.space_wait = functools.partial(_hook_when_full, settings, pool)
                 result = fn(settings, pool, *args, **kwargs)
                 h = getattr(pool, "health", None) or client.run(pool, health.pool_health)
                 hook = lowwater.due(pool) if _holds(pool) else None
             for warning in h.warnings:
                 warn(warning)
             if hook:  # after closing: the hook may well open the pool itself
-                _run_hook(hook, "free space fell under a low-water mark")
+                _run_hook(settings, hook, "free space fell under a low-water mark")
             return result
         return run
     return wrap
@@ -161,34 +166,43 @@ def _holds(pool):
     return not isinstance(pool, client.PoolProxy) and not pool.read_only
 
 
-def _run_hook(hook, why):
-    note(f"{why}: running the low-water hook ({hook[0]})")
-    try:
-        output = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):   # stderr is not a file (run in-process)
-        output = None
-    status = lowwater.run(*hook, output=output)
+def _hook_when_full(settings, pool):
+    """A held pool's space_wait: the hook, when due, runs now with the pool
+    closed (it may open it to grow it)."""
+    hook = lowwater.due(pool)
+    if hook:
+        with pool.released(timeout=settings.timeout):
+            _run_hook(settings, hook, "the pool is full")
+
+
+def _run_hook(settings, hook, why):
+    """Run the hook to its end or timeout, its output on stderr: as it
+    comes, or under --json as one object once it is over."""
+    command, timeout, _ = hook
+    note(f"{why}: running the low-water hook ({command})")
+    with tempfile.TemporaryFile() as captured:
+        if settings.json:
+            output = captured.fileno()
+        else:
+            try:
+                output = sys.stderr.fileno()
+            except (AttributeError, OSError, ValueError):   # stderr is not a file (in-process)
+                output = None
+        status = lowwater.run(*hook, output=output)
+        if settings.json:
+            captured.seek(0)
+            click.echo(json.dumps({"low_water_hook": {
+                "command": command, "exit_status": status,
+                "output": captured.read().decode(errors="replace")}}), err=True)
     if status is None:
-        warn(f"the low-water hook ran past its timeout of {hook[1]:g} s and was stopped")
+        warn(f"the low-water hook ran past its timeout of {timeout:g} s and was stopped")
     elif status:
         warn(f"the low-water hook exited {status}")
 
 
-def once_more_if_full(settings, pool, write):
-    """write(), for a command that writes into a device.  When it finds the
-    pool full and this command holds the pool itself, the low-water hook runs
-    now if it is due (with the pool closed, as it may open it to grow it) and
-    the write is tried once more (a daemon does the same for its pools, the
-    hook's output then in its log).  The error that remains names the pool."""
-    try:
-        return write()
-    except errors.NoSpaceError as e:
-        if not _holds(pool):
-            raise _naming_pool(settings, e) from None
-        hook = lowwater.due(pool)
-        if hook:
-            with pool.released(timeout=settings.timeout):
-                _run_hook(hook, "the pool is full")
+def naming_pool(settings, write):
+    """write(); a pool-full error names the pool (a write that found it full
+    has waited for its low-water hook and was tried once more already)."""
     try:
         return write()
     except errors.NoSpaceError as e:
@@ -295,6 +309,6 @@ def table(rows, columns, title=None):
 
 
 __all__ = ["RESIZE", "SIZE", "Settings", "SignedSizeCommand", "check_range", "device_size", "emit", "exit_code", "format_size",
-           "note", "once_more_if_full", "pass_settings", "report_error", "table", "warn",
+           "naming_pool", "note", "pass_settings", "report_error", "table", "warn",
            "with_pool",
            "EXIT_CHECK_FAILED"]

@@ -5,7 +5,7 @@ import tempfile
 
 import click
 
-from ..common import SIZE, check_range, emit, once_more_if_full, with_pool
+from ..common import SIZE, check_range, emit, naming_pool, with_pool
 
 CHUNK = 1 << 20
 SPOOL_IN_MEMORY = 64 << 20   # bytes of a piped stdin held in memory; more go to a temporary file
@@ -34,7 +34,7 @@ def command(settings, pool, name, offset):
             chunk = src.read(CHUNK)
             if not chunk:
                 break
-            once_more_if_full(settings, pool, lambda: dev.pwrite(chunk, pos))
+            naming_pool(settings, lambda: dev.pwrite(chunk, pos))
             pos += len(chunk)
     pool.commit()
     emit(settings, {"name": name, "offset": offset, "written": pos - offset},
