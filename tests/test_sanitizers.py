@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -37,6 +38,7 @@ TEST_FILES = os.environ.get(
 SKIP = ("not sigkill and not random_workloads and not qemu and not nbdinfo and not nbdcopy "
         "and not fio and not nbdsh and not without_gnutls and not ext4 "
         "and not without_libfuse3")
+SHARES = max(1, min(4, os.cpu_count() or 1))   # test processes run side by side
 FUZZ_RUNS = {"fuzz_nbd_transmit": 20000, "fuzz_metadata": 3000}
 
 
@@ -64,13 +66,26 @@ def test_core_tests_pass_under_asan_and_ubsan(tmp_path):
                UBSAN_OPTIONS=f"print_stacktrace=1:log_path={logs}/ubsan")
     assert loaded_core(str(build), env).startswith(str(build))
     files = [os.path.join(TESTS, f) for f in TEST_FILES if os.path.exists(os.path.join(TESTS, f))]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                          "-k", SKIP, *files],
-                         cwd=str(build), env=env, capture_output=True, text=True, timeout=1200)
+    pytest_ = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", SKIP]
+    collected = subprocess.run([*pytest_, "--collect-only", *files], cwd=str(build), env=env,
+                               capture_output=True, text=True, timeout=300)
+    tests = [os.path.join(ROOT, line) for line in collected.stdout.splitlines() if "::" in line]
+    assert tests, collected.stdout[-4000:] + collected.stderr[-2000:]
+    # The machine's cores each run a share (taken in turn, so the slow files
+    # spread), each share with its own temporary directory.
+    # (Short paths: the tests' Unix sockets must fit in 108 bytes.)
+    shares = [tests[i::SHARES] for i in range(SHARES)]
+    with tempfile.TemporaryDirectory(prefix="cb-san-") as short:
+        runs = [subprocess.Popen([*pytest_, "-x", "--basetemp", f"{short}/{i}", *share],
+                                 cwd=str(build), env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+                for i, share in enumerate(shares)]
+        outputs = [r.communicate(timeout=1200)[0] for r in runs]
     reports = sanitizer_reports(logs)
     assert not reports, f"sanitizer reports:\n{reports[:6000]}"
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    print(run.stdout.strip().splitlines()[-1])
+    for r, out in zip(runs, outputs):
+        assert r.returncode == 0, out[-6000:]
+    print(" / ".join(out.strip().splitlines()[-1] for out in outputs))
 
 
 def libfuzzer_available():
