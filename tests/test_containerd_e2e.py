@@ -74,8 +74,11 @@ def left_over(w):
             log = f.read()[-3000:]
     except OSError as e:
         log = str(e)
+    with open(w["c"].log.name, errors="replace") as f:
+        complaints = [line for line in f if "level=error" in line or "level=warn" in line]
     return (f"containerd's GC to remove {devices(w['pool'])}; containerd has\n{snaps.stdout}"
-            f"{snaps.stderr}{''.join(infos)}\nleases: {leases}\nthe daemon's log: {log}")
+            f"{snaps.stderr}{''.join(infos)}\nleases: {leases}\nthe daemon's log: {log}\n"
+            f"containerd's errors and warnings: {''.join(complaints[-15:])}")
 
 
 def import_run_remove(w, name):

@@ -23,6 +23,9 @@ _CODES = [(store.NotFound, _grpc.StatusCode.NOT_FOUND),
           (errors.InvalidArgumentError, _grpc.StatusCode.INVALID_ARGUMENT),
           (errors.NoSpaceError, _grpc.StatusCode.RESOURCE_EXHAUSTED),
           (errors.BusyError, _grpc.StatusCode.FAILED_PRECONDITION)]
+# Answers containerd expects in its normal flow (the unpacker probes with
+# Prepare, the GC repeats Removes): the rest go to the daemon's log as well.
+_ROUTINE = (_grpc.StatusCode.NOT_FOUND, _grpc.StatusCode.ALREADY_EXISTS)
 _KINDS = {store.VIEW: api.pb.VIEW, store.ACTIVE: api.pb.ACTIVE, store.COMMITTED: api.pb.COMMITTED}
 
 
@@ -53,7 +56,7 @@ class Servicer(api.grpc.SnapshotsServicer):
             yield
         except errors.CowblockError as e:
             code = _code(e)
-            if code == _grpc.StatusCode.UNKNOWN:
+            if code not in _ROUTINE:
                 self.log(f"snapshotter: {what}: {e}")
             context.abort(code, str(e))
 
