@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -79,6 +80,12 @@ def left_over(w):
     return (f"containerd's GC to remove {devices(w['pool'])}; containerd has\n{snaps.stdout}"
             f"{snaps.stderr}{''.join(infos)}\nleases: {leases}\nthe daemon's log: {log}\n"
             f"containerd's errors and warnings: {''.join(complaints[-15:])}")
+
+
+def containerd_temp_mounts():
+    prefix = os.path.join(tempfile.gettempdir(), "containerd-mount")
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
 
 
 def import_run_remove(w, name):
@@ -162,6 +169,11 @@ def test_sigkill_mid_import_or_run_then_retry(world, victim, round_):
         world["snapshotter"]()          # the next command cleans up, the daemon serves again
     else:
         c.start()
+        # containerd applies a layer in a temporary mount of its own, which a
+        # SIGKILL leaves behind (and which keeps the device file open, so the
+        # GC's Remove is refused): an operator unmounts it
+        for mnt in containerd_temp_mounts():
+            sh("umount", mnt)
     # what the killed commands left is given up as its owner would: the
     # container of an interrupted `run --rm`, and the killed ctr's lease
     # (24 h by default), which keeps what it made
