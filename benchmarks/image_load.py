@@ -149,13 +149,6 @@ def umoci_unpack(work, image):
         return time.perf_counter() - start
 
 
-def probes_of(small):
-    if small:
-        return {"usr/bin/extra": True, "usr/share/doc/pkg": False, "etc/os-release": True}
-    return {"usr/bin/ps": True, "etc/ssl/certs/ca-certificates.crt": True,
-            "usr/share/doc/dpkg": False, "usr/share/man/man1": False, "bin/sh": True}
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=5)
@@ -191,7 +184,7 @@ def main():
                     times[side].append(t1)
                     times[side + "_second"].append(t2)
                 elif side == "overlayfs":
-                    t1, t2 = overlay_unpack(work, image, probes_of(args.small))
+                    t1, t2 = overlay_unpack(work, image, image.probes)
                     times["overlayfs"].append(t1)
                     times["overlayfs_second"].append(t2)
                 else:

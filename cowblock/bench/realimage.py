@@ -10,8 +10,9 @@ the way an image build makes them, each the diff of a real change:
      by apt/dpkg, so new files and the changed dpkg database, ld.so cache
      and logs of a real install
   3  the clean-up a slim image ends with: documentation, manual pages,
-     info pages and translations deleted (whiteouts), /var/log/apt emptied
-     and made anew (as `rm -rf DIR && mkdir DIR` does)
+     info pages and translations deleted, /var/log/apt removed and made
+     anew (`rm -rf DIR && mkdir DIR`); umoci writes a `.wh.` whiteout for
+     each deleted entry (it writes no opaque directories)
 
 Tags: "v1" (layers 1-3), "v2" (layers 1-2 and one small layer: a second
 image sharing the two lower layers) and "prime" (one tiny layer; loading it
@@ -38,6 +39,13 @@ SUITE = "bookworm"
 PACKAGES = ("ca-certificates", "procps", "less")
 SLIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale")
 TAGS = {"first": "v1", "second": "v2", "prime": "prime"}
+# What a rootfs of the image holds (True) or no longer holds (False): the
+# checks that the layers were applied, whiteouts included.
+MINBASE_PROBES = {"bin/sh": True, "usr/bin/ps": True, "etc/ssl/certs/ca-certificates.crt": True,
+                  "usr/share/doc/dpkg": False, "usr/share/man/man1": False,
+                  "var/log/apt/history.log": False}
+SMALL_PROBES = {"etc/os-release": True, "usr/bin/extra": True, "usr/share/doc/pkg": False,
+                "var/log/apt/history.log": False}
 WHITEOUT, OPAQUE = ".wh.", ".wh..wh..opq"
 TAR_OPTIONS = ("-p", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sparse")
 
@@ -59,8 +67,8 @@ def _run(*argv, cwd=None):
 class Image:
     """An OCI layout on disk and what was made into it."""
 
-    def __init__(self, layout, info):
-        self.layout, self.info = layout, info
+    def __init__(self, layout, info, probes):
+        self.layout, self.info, self.probes = layout, info, probes
 
     def ref(self, which):
         return f"{self.layout}:{TAGS[which]}"
@@ -80,6 +88,11 @@ def layer_blobs(layout, tag):
     with open(blob(desc["digest"])) as f:
         manifest = json.load(f)
     return [(blob(la["digest"]), la["mediaType"]) for la in manifest["layers"]]
+
+
+def cached(cache=CACHE):
+    """Whether minbase_image() is built already."""
+    return _cached(cache) is not None
 
 
 def why_not():
@@ -120,7 +133,7 @@ def _cached(cache):
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return Image(os.path.join(cache, RECIPE, "layout"), json.load(f))
+        return Image(os.path.join(cache, RECIPE, "layout"), json.load(f), MINBASE_PROBES)
 
 
 def minbase_image(cache=CACHE, progress=lambda m: None):
@@ -181,7 +194,8 @@ def small_image(work):
         _write(rootfs, "etc/os-release", "ID=small\nVERSION=2\n")
 
     layout = os.path.join(work, "layout")
-    return Image(layout, _make_layout(layout, work, [base, install, _slim]))
+    return Image(layout, dict(_make_layout(layout, work, [base, install, _slim]),
+                              source="generated"), SMALL_PROBES)
 
 
 def _write(root, rel, text, mode=0o644):
