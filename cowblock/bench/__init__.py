@@ -139,8 +139,8 @@ def _step(results, system, key, what, step, progress):
 def _image_steps(results, system, image, scratch, containers, runs, synced, progress):
     """The workloads of the real image: load it (a few times at full scale,
     once in a quick run: a load takes seconds), then on its rootfs a first
-    write, a fan-out and a cold read of every file."""
-    loads = min(runs, 3) if results["scale"] >= 0.5 else 1
+    write, a fan-out and a cold read of every file (as many times)."""
+    loads = reads = min(runs, 3) if results["scale"] >= 0.5 else 1
     loaded = _step(results, system, "image_load",
                    f"load the {len(image.layers('first'))}-layer image", lambda s:
                    workloads.image_load(s, image, loads, scratch), progress)
@@ -150,7 +150,7 @@ def _image_steps(results, system, image, scratch, containers, runs, synced, prog
              ("image_fan_out", f"fan-out of {containers} containers of the image",
               lambda s: workloads.fan_out(s, containers)),
              ("image_read_all", "cold read of every file of the image",
-              lambda s: workloads.image_read_all(s, min(runs, 3), scratch))]
+              lambda s: workloads.image_read_all(s, reads, scratch))]
     for key, what, step in later:
         if loaded is None:
             results["workloads"][key][system.name] = {"skipped": "the image did not load"}
