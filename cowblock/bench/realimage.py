@@ -46,7 +46,7 @@ MINBASE_PROBES = {"bin/sh": True, "usr/bin/ps": True, "etc/ssl/certs/ca-certific
                   "var/log/apt/history.log": False}
 SMALL_PROBES = {"etc/os-release": True, "usr/bin/extra": True, "usr/share/doc/pkg": False,
                 "var/log/apt/history.log": False}
-WHITEOUT, OPAQUE = ".wh.", ".wh..wh..opq"
+WHITEOUT, WHITEOUT_META, OPAQUE = ".wh.", ".wh..wh.", ".wh..wh..opq"
 TAR_OPTIONS = ("-p", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sparse")
 
 
@@ -274,11 +274,11 @@ def untar_layer(blob, media_type, directory):
     """`tar -x` of one layer blob into DIRECTORY (made if missing), then its
     OCI whiteouts turned into overlayfs' whiteouts."""
     os.makedirs(directory, exist_ok=True)
-    if media_type.endswith("+gzip"):
+    if media_type.endswith(("+gzip", ".tar.gzip")):      # OCI's, Docker's
         compress = ["-z"]
     elif media_type.endswith("+zstd"):
         compress = ["--zstd"]
-    elif media_type.endswith(".tar") or media_type.endswith("layer.v1.tar"):
+    elif media_type.endswith(".tar"):
         compress = []
     else:
         raise ValueError(f"layer media type {media_type!r} is not a tar")
@@ -299,6 +299,8 @@ def overlay_whiteouts(directory):
             os.unlink(os.path.join(root, name))
             if name == OPAQUE:
                 os.setxattr(root, "trusted.overlay.opaque", b"y")
+            elif name.startswith(WHITEOUT_META):
+                continue        # aufs' own (.wh..wh.plnk ...): nothing for overlayfs
             else:
                 os.mknod(os.path.join(root, name[len(WHITEOUT):]), stat.S_IFCHR | 0o000,
                          os.makedev(0, 0))
