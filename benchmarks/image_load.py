@@ -1,31 +1,40 @@
 #!/usr/bin/env python3
-"""`cowblock image load` of a real image against unpacking it into a directory.
+"""`cowblock image load` of a real 3-layer image against untarring its
+layers into overlayfs lower directories.
 
-The image is a Debian minbase rootfs (`mmdebstrap --variant=minbase
-bookworm`, needs the Debian archive apt uses; or --rootfs TAR; or, when
-both fail, a generated tree of its shape) made into an OCI image by umoci
-(`umoci raw add-layer`: one gzip layer), and a second image of that layer
-and one small one.  Each round, interleaved:
+The image is Debian minbase as three OCI layers made by umoci from Debian's
+own packages (cowblock.bench.realimage: the `mmdebstrap --variant=minbase
+bookworm` rootfs; ca-certificates, procps and less installed; docs, manual
+pages and translations deleted), built once and cached under /var/tmp; a
+second image shares its two lower layers and adds one small layer.  Needs
+the Debian archive apt uses the first time (else it says why and stops);
+--small uses a generated image of the same shape instead (a dry run).
+Each round, the sides interleaved (their order rotating):
 
-  cowblock  a fresh pool and daemon, its 8 GiB ext4 template made first by
-            loading a one-file image (made once per pool and filesystem size,
-            not timed), then `image load` of the image (through the daemon's
-            API: the command line adds its start-up), then of the second image
-  tar       `tar -xz` of the layer blob into a fresh ext4 of its own (on a
-            loop device with direct I/O, made before the clock starts), then
-            syncfs (`sync -f`): as overlayfs' lower directories are filled
-  umoci     with --umoci: `umoci unpack` of the image (a reference
-            unpacker) onto such an ext4, then syncfs
+  cowblock   a fresh pool and its daemon, whose 8 GiB empty filesystem is
+             made first by loading a one-file image (once per pool, not
+             timed); then `cowblock image load LAYOUT:v1` as a user runs it
+             (the command, through the daemon: layers applied, synced,
+             committed), then of v2
+  overlayfs  `tar -x` of each layer blob into its own lower directory and
+             its whiteouts made overlayfs' (`.wh.X` a 0/0 character device,
+             `.wh..wh..opq` the trusted.overlay.opaque xattr), on a fresh
+             ext4 of its own (a loop device with direct I/O, made before
+             the clock starts), then syncfs; after the clock, the overlay is
+             mounted and checked (a deleted file is gone, an installed one there)
+  umoci      with --umoci: `umoci unpack` of v1 onto such an ext4, then syncfs
 
-All work files are under --dir (the pool's and the ext4 images alike).  Medians of
---runs; run as root.
+Medians of --runs, and the CPU seconds of each side (cowblock's daemon
+and the commands it ran; tar, gzip and the whiteout pass), on a loaded
+machine the fairer measure of the work each does; run as root.
 
-    python benchmarks/image_load.py --runs 3 [--rootfs TAR] [--umoci] [--json OUT]
+    python benchmarks/image_load.py --runs 5 [--cli] [--umoci] [--small] [--json OUT]
 """
 import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,58 +43,71 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oci_apply import TAR_OPTIONS, generated, minbase, warm  # noqa: E402
+from oci_apply import warm  # noqa: E402
 
 from cowblock import Pool  # noqa: E402
+from cowblock.bench import realimage  # noqa: E402
 from cowblock.control import client  # noqa: E402
+from cowblock.layers import syncfs  # noqa: E402
 from cowblock.runtime import RuntimeDir  # noqa: E402
 
-
-def run(*argv):
-    subprocess.run([str(a) for a in argv], check=True, capture_output=True)
+COWBLOCK = [sys.executable, "-m", "cowblock"]
 
 
-def make_images(work, rootfs):
-    """An OCI layout with tags prime (one tiny layer), v1 (ROOTFS) and v2
-    (v1 and one small layer); returns (layout, the v1 layer blob)."""
-    layout = os.path.join(work, "layout")
-    run("umoci", "init", "--layout", layout)
-    run("umoci", "new", "--image", f"{layout}:empty")
-    small = os.path.join(work, "small")
-    os.makedirs(os.path.join(small, "etc"))
-    with open(os.path.join(small, "etc", "app.conf"), "w") as f:
-        f.write("second image\n")
-    small_tar = os.path.join(work, "small.tar")
-    run("tar", "--numeric-owner", "-C", small, "-cf", small_tar, ".")
-    run("umoci", "raw", "add-layer", "--image", f"{layout}:empty", "--tag", "prime", small_tar)
-    run("umoci", "raw", "add-layer", "--image", f"{layout}:empty", "--tag", "v1", rootfs)
-    run("umoci", "raw", "add-layer", "--image", f"{layout}:v1", "--tag", "v2", small_tar)
-    with open(os.path.join(layout, "index.json")) as f:
-        index = json.load(f)
-    desc = next(d for d in index["manifests"]
-                if d["annotations"]["org.opencontainers.image.ref.name"] == "v1")
-    with open(os.path.join(layout, "blobs", "sha256", desc["digest"][7:])) as f:
-        manifest = json.load(f)
-    return layout, os.path.join(layout, "blobs", "sha256", manifest["layers"][0]["digest"][7:])
+def process_cpu(pid):
+    """CPU seconds of process PID and its waited-for children (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def cowblock_load(work, layout):
+def children_cpu():
+    """CPU seconds of this process and the children it waited for (the
+    finished ones not waited for yet, a pool daemon of an earlier round, are
+    waited for first: before the count starts)."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run(*argv, **kw):
+    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, **kw)
+
+
+def cowblock_load(work, image, cli):
+    """Load v1 then v2 into a fresh pool through its daemon: with the
+    command (CLI), or with the daemon's call the command makes."""
     pool = os.path.join(work, "pool")
     Pool.create(pool, 32 << 30, 65536).close()
     proxy, _ = client.daemon(pool)
     try:
-        proxy.image_load(f"{layout}:prime", ref="prime", timeout=600)
-        start = time.perf_counter()
-        first = proxy.image_load(f"{layout}:v1", ref="minbase", timeout=600)
-        t1 = time.perf_counter() - start
-        start = time.perf_counter()
-        second = proxy.image_load(f"{layout}:v2", ref="minbase-app", timeout=600)
-        t2 = time.perf_counter() - start
-        assert [la["reused"] for la in second["layers"]] == [True, False], second
-        return t1, t2, first["bytes"]
+        proxy.image_load(image.ref("prime"), ref="prime", timeout=600)
+        pid = RuntimeDir(pool).pid()
+        times = []
+        for which, ref in (("first", "minbase"), ("second", "minbase-app")):
+            cpu = process_cpu(pid)
+            start = time.perf_counter()
+            if cli:
+                run(*COWBLOCK, "--pool", pool, "image", "load", image.ref(which), "--name", ref)
+            else:
+                proxy.image_load(image.ref(which), ref=ref, timeout=600)
+            times.append(time.perf_counter() - start)
+            if which == "first":
+                first_cpu = process_cpu(pid) - cpu
+        second = proxy.oci_image_info("minbase-app")
+        first = proxy.oci_image_info("minbase")
+        shared = [la["device"] for la in first["layers"]][:2]
+        assert [la["device"] for la in second["layers"]][:2] == shared, (first, second)
+        return times[0], times[1], first["bytes"], first_cpu
     finally:
+        daemon = RuntimeDir(pool).pid()
         proxy.stop(force=True)
         proxy.close()
+        with contextlib.suppress(ChildProcessError):  # our child: gone, and its CPU counted
+            os.waitpid(daemon, 0)
         while RuntimeDir(pool).pid():
             time.sleep(0.05)
         shutil.rmtree(pool)
@@ -93,14 +115,13 @@ def cowblock_load(work, layout):
 
 @contextlib.contextmanager
 def fresh_ext4(work, name):
-    """A new 1 GiB ext4 of its own, on a loop device with direct I/O: its
+    """A new 2 GiB ext4 of its own, on a loop device with direct I/O: its
     syncfs writes its data to the disk, and nothing else's (a syncfs of the
     shared host filesystem would write back whatever others left dirty)."""
     image, mnt = os.path.join(work, name + ".img"), os.path.join(work, name)
     with open(image, "wb") as f:
-        f.truncate(1 << 30)
-    loop = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", image], check=True,
-                          capture_output=True, text=True).stdout.strip()
+        f.truncate(2 << 30)
+    loop = run("losetup", "--find", "--show", "--direct-io=on", image, text=True).stdout.strip()
     try:
         run("mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
             loop)
@@ -116,75 +137,133 @@ def fresh_ext4(work, name):
         os.unlink(image)
 
 
-def tar_unpack(work, blob):
-    with fresh_ext4(work, "tar") as target:
+def check_overlay(target, dirs, probes):
+    """Mount the lower directories as one read-only overlay and check that
+    PROBES hold ({path: should it exist}): proof that they make the rootfs."""
+    mnt = os.path.join(target, "merged")
+    os.makedirs(mnt, exist_ok=True)
+    run("mount", "-t", "overlay", "overlay", "-o",
+        f"ro,lowerdir={realimage.lowerdir_option(dirs)}", mnt)
+    try:
+        for rel, present in probes.items():
+            there = os.path.lexists(os.path.join(mnt, rel))
+            assert there == present, f"{rel}: {'missing' if present else 'not deleted'} " \
+                                     "in the overlay"
+    finally:
+        run("umount", mnt)
+
+
+def overlay_unpack(work, image, probes):
+    with fresh_ext4(work, "overlay") as target:
+        cpu = children_cpu()
         start = time.perf_counter()
-        run("tar", "-xz", *TAR_OPTIONS, "-f", blob, "-C", target)
-        run("sync", "-f", target)
-        return time.perf_counter() - start
+        dirs = realimage.unpack_for_overlay(image, "first", target)
+        syncfs(target)
+        t1 = time.perf_counter() - start
+        cpu = children_cpu() - cpu
+        start = time.perf_counter()   # the second image: only its own top layer is new
+        blob, media_type = image.layers("second")[-1]
+        realimage.untar_layer(blob, media_type, os.path.join(target, "second"))
+        syncfs(target)
+        t2 = time.perf_counter() - start
+        check_overlay(target, dirs, probes)
+        check_overlay(target, dirs[:2] + [os.path.join(target, "second")], {"etc/app.conf": True})
+        return t1, t2, cpu
 
 
-def umoci_unpack(work, layout):
+def umoci_unpack(work, image):
     with fresh_ext4(work, "umoci") as target:
         bundle = os.path.join(target, "bundle")
         start = time.perf_counter()
-        run("umoci", "unpack", "--image", f"{layout}:v1", bundle)
-        run("sync", "-f", bundle)
+        run("umoci", "unpack", "--image", image.ref("first"), bundle)
+        syncfs(bundle)
         return time.perf_counter() - start
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--rootfs", help="a rootfs tar to make the image of (default: mmdebstrap)")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--small", action="store_true",
+                   help="a small generated image of the same shape (a dry run of the script)")
     p.add_argument("--dir", default="/var/tmp", help="where the work files go (/var/tmp)")
+    p.add_argument("--cli", action="store_true", help="also time the `cowblock image load` "
+                   "command (a pool of its own)")
     p.add_argument("--umoci", action="store_true", help="also time `umoci unpack` (slow)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="cowblock-image-bench-", dir=args.dir)
     try:
-        rootfs = args.rootfs
-        source = f"given ({os.path.basename(rootfs)})" if rootfs else None
-        if not rootfs:
-            rootfs = os.path.join(work, "rootfs.tar")
-            try:
-                minbase(rootfs)
-                source = "mmdebstrap --variant=minbase bookworm"
-            except (OSError, subprocess.CalledProcessError) as e:
-                print(f"mmdebstrap failed ({e}); using a generated tree")
-                generated(rootfs)
-                source = "generated"
-        layout, blob = make_images(work, rootfs)
-        sides = ["cowblock", "tar"] + (["umoci"] if args.umoci else [])
-        times = {"cowblock_second": [], **{side: [] for side in sides}}
+        try:
+            image = realimage.small_image(work) if args.small else \
+                realimage.minbase_image(progress=print)
+        except realimage.Unavailable as e:
+            print(f"skipped: {e}")
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"skipped": str(e)}, f, indent=2)
+            return
+        blobs = [b for b, _ in image.layers("first")] + [image.layers("second")[-1][0]]
+        sides = ["cowblock", "overlayfs"] + (["cowblock_cli"] if args.cli else []) \
+            + (["umoci"] if args.umoci else [])
+        times = {"cowblock": [], "cowblock_second": [], "overlayfs": [], "overlayfs_second": []}
+        if args.cli:
+            times.update(cowblock_cli=[], cowblock_cli_second=[])
+        if args.umoci:
+            times["umoci"] = []
+        cpu = {"cowblock": [], "overlayfs": []}   # CPU seconds of the first image's load
         pool_bytes = None
         for i in range(args.runs):
             for side in sides[i % len(sides):] + sides[:i % len(sides)]:
-                warm(blob)
-                if side == "cowblock":
-                    t1, t2, pool_bytes = cowblock_load(work, layout)
-                    times["cowblock"].append(t1)
-                    times["cowblock_second"].append(t2)
-                elif side == "tar":
-                    times["tar"].append(tar_unpack(work, blob))
+                for blob in blobs:
+                    warm(blob)
+                if side.startswith("cowblock"):
+                    t1, t2, pool_bytes, c = cowblock_load(work, image, cli=side == "cowblock_cli")
+                    times[side].append(t1)
+                    times[side + "_second"].append(t2)
+                    cpu.setdefault(side, []).append(c)
+                elif side == "overlayfs":
+                    t1, t2, c = overlay_unpack(work, image, image.probes)
+                    times["overlayfs"].append(t1)
+                    times["overlayfs_second"].append(t2)
+                    cpu["overlayfs"].append(c)
                 else:
-                    times["umoci"].append(umoci_unpack(work, layout))
+                    times["umoci"].append(umoci_unpack(work, image))
+            print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()))
         med = {k: round(statistics.median(v), 3) for k, v in times.items()}
-        results = {"rootfs": source, "rootfs_bytes": os.path.getsize(rootfs),
-                   "layer_blob_bytes": os.path.getsize(blob), "layer_pool_bytes": pool_bytes,
-                   "runs": args.runs, "seconds": med, "all_seconds": times,
-                   "cowblock_over_tar": round(med["cowblock"] / med["tar"], 2),
-                   "second_over_first": round(med["cowblock_second"] / med["cowblock"], 3)}
+        second_target = max(0.05 * med["cowblock"], 0.3)
+        results = {"image": {k: v for k, v in image.info.items()}, "runs": args.runs,
+                   "command": "python benchmarks/image_load.py " + " ".join(sys.argv[1:]),
+                   "seconds": med, "all_seconds": times, "pool_bytes": pool_bytes,
+                   "cpu_seconds": {k: round(statistics.median(v), 3) for k, v in cpu.items()},
+                   "all_cpu_seconds": cpu,
+                   "cowblock_over_overlayfs": round(med["cowblock"] / med["overlayfs"], 2),
+                   "round_ratios": [round(c / o, 2) for c, o in zip(times["cowblock"],
+                                                                    times["overlayfs"])],
+                   "second_over_first": round(med["cowblock_second"] / med["cowblock"], 3),
+                   "targets": {"cowblock_over_overlayfs_at_most": 1.5,
+                               "second_seconds_under": round(second_target, 3)}}
+        if args.cli:
+            results["cowblock_cli_over_overlayfs"] = round(med["cowblock_cli"] / med["overlayfs"],
+                                                           2)
         if args.umoci:
             results["cowblock_over_umoci"] = round(med["cowblock"] / med["umoci"], 2)
-        print(f"image: {source}, {results['rootfs_bytes'] / 1e6:.0f} MB as a "
-              f"{results['layer_blob_bytes'] / 1e6:.0f} MB gzip layer; medians of {args.runs}")
-        print(f"  cowblock image load      {med['cowblock']:7.3f} s")
-        print(f"  tar -xz + syncfs         {med['tar']:7.3f} s")
+        layer_mb = " + ".join(f"{la['blob_bytes'] / 1e6:.1f}" for la in image.info["layers"])
+        print(f"image: {image.info.get('source', 'generated')}, layers {layer_mb} MB "
+              f"(gzip); medians of {args.runs}")
+        print(f"  cowblock image load (daemon call)   {med['cowblock']:7.3f} s")
+        if args.cli:
+            print(f"  cowblock image load (the command)   {med['cowblock_cli']:7.3f} s, "
+                  f"second image {med['cowblock_cli_second']:.3f} s")
+        print(f"  tar -x into lower dirs + syncfs     {med['overlayfs']:7.3f} s")
         if args.umoci:
-            print(f"  umoci unpack + syncfs    {med['umoci']:7.3f} s")
-        print(f"  second image (shares the layer, adds one): {med['cowblock_second']:.3f} s")
-        print(f"  cowblock / tar: {results['cowblock_over_tar']}"
+            print(f"  umoci unpack + syncfs               {med['umoci']:7.3f} s")
+        print(f"  CPU seconds of the first load: cowblock's daemon and its children "
+              f"{results['cpu_seconds']['cowblock']:.2f}, tar, gzip and the whiteouts "
+              f"{results['cpu_seconds']['overlayfs']:.2f}")
+        print(f"  second image: cowblock {med['cowblock_second']:.3f} s "
+              f"(target < {second_target:.3f} s), overlayfs {med['overlayfs_second']:.3f} s")
+        print(f"  cowblock / overlayfs: {results['cowblock_over_overlayfs']} (target <= 1.5; "
+              f"by round {results['round_ratios']})"
               + (f", cowblock / umoci: {results['cowblock_over_umoci']}" if args.umoci else ""))
         if args.json:
             with open(args.json, "w") as f:

@@ -2,8 +2,10 @@
 
 run() builds one image (a directory tree with a big file, small files and a
 database-like file), gives it to every system that can run here, runs the
-workloads on each, and returns every figure with the machine's details;
-report.py turns that into a table, JSON, plots and a markdown report.
+workloads on each, then loads a real OCI image (realimage: Debian minbase
+in three layers) on each and runs the workloads that make sense on its
+rootfs; it returns every figure with the machine's details; report.py turns
+that into a table, JSON, plots and a markdown report.
 """
 import contextlib
 import os
@@ -12,7 +14,7 @@ import shutil
 import tempfile
 import time
 
-from . import workloads
+from . import realimage, workloads
 from .systems import all_systems, make_ext4_image
 
 MiB = 1 << 20
@@ -29,9 +31,27 @@ def machine():
     return info
 
 
-def run(scale=1.0, runs=5, root=None, synced=False, progress=print, depths=None):
+IMAGE_WORKLOADS = ("image_load", "image_first_write", "image_fan_out", "image_read_all")
+
+
+def real_image(build=True, progress=print):
+    """The real image (realimage.minbase_image(), built when BUILD and not
+    cached yet), or the reason there is none."""
+    if not build and not realimage.cached():
+        return None, ("the Debian minbase image is not built yet (a few minutes, once; "
+                      "`cowblock bench` without --quick builds it)")
+    try:
+        return realimage.minbase_image(progress=progress), None
+    except realimage.Unavailable as e:
+        return None, str(e)
+
+
+def run(scale=1.0, runs=5, root=None, synced=False, progress=print, depths=None,
+        oci_image=None, oci_skipped="no real image was given"):
     """Every workload on every available system; scale 1.0 is a 1 GiB file and
-    100 containers, 0.05 a quick run."""
+    100 containers, 0.05 a quick run.  OCI_IMAGE (a realimage.Image) is the
+    real image the image workloads load; without one they are reported
+    skipped with OCI_SKIPPED as the reason."""
     big = max(4, int(1024 * scale)) * MiB
     containers = max(5, int(100 * scale))
     working_set = max(4, int(256 * scale)) * MiB
@@ -43,7 +63,9 @@ def run(scale=1.0, runs=5, root=None, synced=False, progress=print, depths=None)
                "parameters": {"big_file_bytes": big, "containers": containers,
                               "working_set_bytes": working_set, "depths": depths},
                "systems": {}, "workloads": {"first_write": {}, "depth": {}, "fan_out": {},
-                                            "churn": {}, "realistic_mix": {}}}
+                                            "churn": {}, "realistic_mix": {},
+                                            **{k: {} for k in IMAGE_WORKLOADS}},
+               "oci_image": dict(oci_image.info) if oci_image else {"skipped": oci_skipped}}
     try:
         tree = os.path.join(scratch, "tree")
         workloads.make_tree(tree, big, source_limit=max(2 * MiB, int(64 * MiB * min(scale, 1))))
@@ -83,18 +105,54 @@ def run(scale=1.0, runs=5, root=None, synced=False, progress=print, depths=None)
             ]
             try:
                 for key, what, step in steps:
-                    progress(f"{system.name}: {what}")
-                    try:
-                        results["workloads"][key][system.name] = step(system)
-                    except Exception as e:  # reported, and the other workloads go on
-                        results["workloads"][key][system.name] = {"error": f"{type(e).__name__}: {e}"}
-                        progress(f"{system.name}: {key} failed: {e}")
-                        for m in list(system.mounted):
-                            with contextlib.suppress(Exception):
-                                system.unmount(m)
+                    _step(results, system, key, what, step, progress)
+                if oci_image is None:
+                    for key in IMAGE_WORKLOADS:
+                        results["workloads"][key][system.name] = {"skipped": oci_skipped}
+                else:
+                    _image_steps(results, system, oci_image, scratch, containers, runs, synced,
+                                 progress)
             finally:
                 system.close()
     finally:
         if root is None:
             shutil.rmtree(scratch, ignore_errors=True)
     return results
+
+
+def _step(results, system, key, what, step, progress):
+    """Run one workload on one system; a failure is reported, and the other
+    workloads go on."""
+    progress(f"{system.name}: {what}")
+    try:
+        results["workloads"][key][system.name] = out = step(system)
+        return out
+    except Exception as e:
+        results["workloads"][key][system.name] = {"error": f"{type(e).__name__}: {e}"}
+        progress(f"{system.name}: {key} failed: {e}")
+        for m in list(system.mounted):
+            with contextlib.suppress(Exception):
+                system.unmount(m)
+        return None
+
+
+def _image_steps(results, system, image, scratch, containers, runs, synced, progress):
+    """The workloads of the real image: load it (a few times at full scale,
+    once in a quick run: a load takes seconds), then on its rootfs a first
+    write, a fan-out and a cold read of every file (as many times)."""
+    loads = reads = min(runs, 3) if results["scale"] >= 0.5 else 1
+    loaded = _step(results, system, "image_load",
+                   f"load the {len(image.layers('first'))}-layer image", lambda s:
+                   workloads.image_load(s, image, loads, scratch), progress)
+    later = [("image_first_write", "first write into the image's largest file", lambda s:
+              workloads.image_first_write(s, loaded["largest_file"],
+                                          loaded["largest_file_bytes"], runs, scratch, synced)),
+             ("image_fan_out", f"fan-out of {containers} containers of the image",
+              lambda s: workloads.fan_out(s, containers)),
+             ("image_read_all", "cold read of every file of the image",
+              lambda s: workloads.image_read_all(s, reads, scratch))]
+    for key, what, step in later:
+        if loaded is None:
+            results["workloads"][key][system.name] = {"skipped": "the image did not load"}
+        else:
+            _step(results, system, key, what, step, progress)

@@ -15,6 +15,18 @@ skipped; nothing stands in for it.
 - fuse-overlayfs: the same union in FUSE, where installed.
 - qcow2: the same ext4 image as a qcow2 base, containers as external overlays
   (backing files), mounted through qemu-nbd, nbdfuse and a loop device.
+
+Each loads a real OCI image (cowblock.bench.realimage) its own way:
+prepare_image() does what a system does once (cowblock: its empty
+filesystem, by loading a one-file image; qcow2: an empty ext4 base), then
+load_image() is the timed part, after which containers start from the
+image; unload_image() takes it away again.
+- cowblock: `image load` through the pool's daemon (one read-only ext4
+  snapshot per layer).
+- overlayfs, fuse-overlayfs: every layer untarred into a lower directory of
+  its own, whiteouts made overlayfs', then syncfs.
+- qcow2: one overlay per layer, each mounted and the layer applied by the
+  OCI rules (cowblock.oci, the applier cowblock uses), synced and unmounted.
 """
 import contextlib
 import os
@@ -22,10 +34,16 @@ import shutil
 import subprocess
 import threading
 
+from .. import oci
 from ..attach import blockdev, nbdfuse
 from ..control import client
+from ..layers import MKFS_OPTIONS, syncfs
 from ..pool import Pool
 from ..transfer import import_file
+from . import realimage
+
+IMAGE_FS_SIZE = 1 << 30     # the filesystem of the real image's layers (block systems)
+IMAGE_REF = "cowblock-bench/image"
 
 
 def missing_capabilities():
@@ -98,6 +116,9 @@ class System:
     def available(self):
         return None
 
+    def prepare_image(self, image):
+        """What the system does once before it loads images (untimed)."""
+
     def flush(self, m):
         """Push what was written in mount m down to the system's storage."""
         os.sync()
@@ -169,6 +190,19 @@ class Cowblock(System):
 
     def new_container(self, name):
         self.pool.snapshot(getattr(self, "top", None) or "image", name)
+
+    def prepare_image(self, image):
+        self.pool.image_load(image.ref("prime"), ref=IMAGE_REF + "-prime", size=IMAGE_FS_SIZE,
+                             timeout=600)
+
+    def load_image(self, image):
+        out = self.pool.image_load(image.ref("first"), ref=IMAGE_REF, size=IMAGE_FS_SIZE,
+                                   timeout=1800)
+        self.top = out["top"]
+
+    def unload_image(self):
+        self.pool.image_rm([IMAGE_REF])
+        self.top = None
 
     def space(self):
         # Blocks freed by removed containers keep their host space until a
@@ -246,6 +280,15 @@ class Overlay(System):
                        capture_output=True)
         self.layers.append(dest)
 
+    def load_image(self, image):
+        where = os.path.join(self.root, "image-layers")
+        self.layers = realimage.unpack_for_overlay(image, "first", where)
+        syncfs(where)
+
+    def unload_image(self):
+        shutil.rmtree(os.path.join(self.root, "image-layers"))
+        self.layers = []
+
     def add_layer(self, layer, scratch_offset):
         dest = os.path.join(self.root, "layers", layer)
         os.makedirs(dest, exist_ok=True)
@@ -314,6 +357,45 @@ class Qcow2(System):
 
     def remove_container(self, name):
         os.unlink(self._overlay(name))
+
+    def prepare_image(self, image):
+        raw = os.path.join(self.root, "image-empty.raw")
+        with open(raw, "wb") as f:
+            f.truncate(IMAGE_FS_SIZE)
+        subprocess.run(["mkfs.ext4", "-q", "-F", *MKFS_OPTIONS, raw], check=True,
+                       capture_output=True)
+        self.image_base = os.path.join(self.root, "image-empty.qcow2")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, self.image_base],
+                       check=True, capture_output=True)
+        os.unlink(raw)
+
+    def load_image(self, image):
+        self.top, self.image_layers = self.image_base, []
+        with oci.open_archive(image.ref("first")) as archive:
+            for i, layer in enumerate(archive.image().layers):
+                name = f"image-layer{i}"
+                self.new_container(name)
+                directory = os.path.join(self.root, f"mnt-{name}")
+                m = self.mount(name, directory)
+                try:
+                    with layer.open() as stream:
+                        oci.apply_layer(stream, directory, label=layer.label)
+                    syncfs(directory)
+                finally:
+                    self.unmount(m)
+                os.rmdir(directory)
+                self.image_layers.append(self._overlay(name))
+                self.top = self.image_layers[-1]
+        fd = os.open(self.top, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def unload_image(self):
+        for path in self.image_layers:
+            os.unlink(path)
+        self.top, self.image_layers = self.image_base, []
 
     def add_layer(self, layer, scratch_offset):
         self.new_container(layer)

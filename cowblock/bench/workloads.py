@@ -9,6 +9,7 @@ runs with min and max.
 """
 import os
 import shutil
+import stat
 import sysconfig
 import statistics
 import time
@@ -246,3 +247,105 @@ def realistic_mix(system, scratch, synced, runs=3):
         system.unmount(m)
         system.remove_container(name)
     return {"steps_s": {k: summary(v) for k, v in steps.items()}, "space_bytes": summary(space)}
+
+
+# ---- the real image (cowblock.bench.realimage), loaded by each system its own way ----
+def _warm(paths):
+    """Read the layer blobs into the page cache: every system starts from
+    blobs in memory, as after a pull."""
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(MiB):
+                pass
+
+
+def _regular_files(root):
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        for f in sorted(files):
+            path = os.path.join(d, f)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                out.append((path, st.st_size))
+    return out
+
+
+def image_load(system, image, runs, scratch):
+    """Load the image (timed; each run after the first unloads it first),
+    then check a container of it: the files the image's layers add are
+    there, those its last layer deletes are gone.  Returns the times, the
+    space the image takes and the largest file of its rootfs (for
+    image_first_write)."""
+    blobs = [path for path, _ in image.layers("first")]
+    system.prepare_image(image)
+    before = system.space()
+    times = []
+    for r in range(runs):
+        if r:
+            system.unload_image()
+        _warm(blobs)
+        t = time.perf_counter()
+        system.load_image(image)
+        times.append(time.perf_counter() - t)
+    space = system.space() - before
+    system.new_container("image-check")
+    mnt = os.path.join(scratch, f"mnt-{system.name}-image-check")
+    m = system.mount("image-check", mnt)
+    try:
+        wrong = [rel for rel, present in image.probes.items()
+                 if os.path.lexists(os.path.join(mnt, rel)) != present]
+        files = _regular_files(mnt)
+        largest, size = max(files, key=lambda f: f[1])
+    finally:
+        system.unmount(m)
+        system.remove_container("image-check")
+    if wrong:
+        raise AssertionError(f"the loaded image is wrong at {', '.join(wrong)}: expected "
+                             f"{', '.join(str(image.probes[w]) for w in wrong)}")
+    return {"load_s": summary(times), "layers": len(blobs), "space_bytes": space,
+            "files": len(files), "largest_file": os.path.relpath(largest, mnt),
+            "largest_file_bytes": size}
+
+
+def image_first_write(system, rel, size, runs, scratch, synced):
+    """4 KiB into the middle of the image's largest file (a shared library):
+    a copy-up of the whole file on the unions, one block on the others."""
+    first, space = [], []
+    for r in range(runs):
+        name = f"ifw{r}"
+        system.new_container(name)
+        mnt = os.path.join(scratch, f"mnt-{system.name}-{name}")
+        m = system.mount(name, mnt)
+        drop_caches()
+        before = system.space()
+        first.append(timed_write(os.path.join(mnt, rel), size // 2 & ~4095, synced))
+        system.flush(m)
+        space.append(system.space() - before)
+        system.unmount(m)
+        system.remove_container(name)
+    return {"file": rel, "file_bytes": size, "first_write_s": summary(first),
+            "space_bytes": summary(space)}
+
+
+def image_read_all(system, runs, scratch):
+    """Cold read of every regular file of the rootfs in a container (what
+    a scan, a checksum or an antivirus does): the cost of the layers on reads."""
+    times, total = [], 0
+    system.new_container("iread")
+    mnt = os.path.join(scratch, f"mnt-{system.name}-iread")
+    m = system.mount("iread", mnt)
+    try:
+        for _ in range(runs):
+            drop_caches()
+            t = time.perf_counter()
+            total = 0
+            for path, _ in _regular_files(mnt):
+                with open(path, "rb") as f:
+                    while chunk := f.read(MiB):
+                        total += len(chunk)
+            times.append(time.perf_counter() - t)
+    finally:
+        system.unmount(m)
+        system.remove_container("iread")
+    return {"read_s": summary(times), "bytes": total}

@@ -34,11 +34,14 @@ umoci do where it is silent):
 A refused layer may be half applied: the caller throws its filesystem
 away.  Nothing outside the root is ever written.
 """
+import contextlib
 import errno
 import io
 import os
+import queue
 import stat
 import tarfile
+import threading
 import time
 from base64 import b64decode
 from dataclasses import dataclass, field
@@ -119,6 +122,69 @@ def apply_layer(stream, root, *, label=None, max_bytes=None, max_entries=None):
         return applier.run(stream)
     finally:
         applier.close()
+
+
+class _ReadAhead:
+    """The layer stream, read ahead by a thread of its own: decompressing and
+    hashing it (zlib, zstd and hashlib let go of the GIL while they work)
+    runs on another core while this one makes the files, as `tar -xz` runs
+    gzip in a process of its own.  What the stream raises is raised by the
+    read that reaches it."""
+
+    DEPTH = 8                       # chunks of CHUNK bytes held ahead
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._queue = queue.Queue(self.DEPTH)
+        self._stop = threading.Event()
+        self._chunk, self._pos, self._end = b"", 0, None
+        self._thread = threading.Thread(target=self._fill, name="layer-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _fill(self):
+        try:
+            while not self._stop.is_set():
+                data = self._stream.read(CHUNK)
+                self._put(data)
+                if not data:
+                    return
+        except BaseException as e:  # handed to the reader, raised there
+            self._put(e)
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def read(self, n):
+        if self._pos >= len(self._chunk):
+            if self._end is None:
+                item = self._queue.get()
+                if isinstance(item, BaseException) or not item:
+                    self._end = item
+                else:
+                    self._chunk, self._pos = item, 0
+            if self._end is not None:
+                if isinstance(self._end, BaseException):
+                    raise self._end
+                return b""
+        if self._pos == 0 and n >= len(self._chunk):
+            data = self._chunk
+        else:
+            data = self._chunk[self._pos:self._pos + n]
+        self._pos += len(data)
+        return data
+
+    def close(self):
+        """Stop the thread (the stream is the caller's to close after)."""
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get_nowait()
+            self._thread.join(0.05)
 
 
 class _StreamFailure(Exception):
@@ -325,11 +391,14 @@ class _Applier:
     # ---- the run ----
     def run(self, stream):
         start = time.monotonic()
-        budget = _Budget(stream, self.max_bytes, self.label)
+        ahead = _ReadAhead(stream)
+        budget = _Budget(ahead, self.max_bytes, self.label)
         try:
             self._run(budget)
         except _StreamFailure as failure:
             raise failure.error from None
+        finally:
+            ahead.close()
         self.stats.bytes = budget.total
         self.stats.seconds = time.monotonic() - start
         return self.stats
