@@ -22,6 +22,7 @@ behind is removed by the next copy to the same place.
 import contextlib
 import errno
 import os
+import re
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -47,6 +48,21 @@ class CopyResult:
     data_blocks: int      # mapped data blocks, each copied once however many devices share it
     data_bytes: int       # bytes written (blocks of zeroes are not)
     block_size: int
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def check_location(location):
+    """InvalidArgumentError for what names neither a directory nor a pool
+    on RADOS (a URL of another store; a directory whose name has a colon
+    is written ./NAME)."""
+    text = os.fspath(location)
+    if isinstance(text, str) and not rados.is_location(text) and _SCHEME.match(text):
+        raise errors.InvalidArgumentError(
+            f"pool location {text!r} is neither a directory nor rados:CEPHPOOL/NAME "
+            f"(a directory named so is written ./{text})")
+    return text
 
 
 def _same(a, b):
@@ -78,6 +94,7 @@ def copy(src, dest, *, progress=None):
     """Copy the open pool src (read-only will do) to a new pool at dest (a
     directory, or rados:CEPHPOOL/NAME), which must not exist; returns a
     CopyResult.  progress(done_bytes, total_bytes) is called as the data goes."""
+    check_location(dest)
     dest_text = dest if rados.is_location(dest) else os.path.abspath(os.fspath(dest))
     if _same(src.path, rados.resolve(dest_text)):
         raise errors.InvalidArgumentError(f"cannot copy pool {dest_text} onto itself")
