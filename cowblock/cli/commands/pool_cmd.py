@@ -325,7 +325,7 @@ def copy(settings, src, dst):
     if not rados.is_location(src) and not os.path.isfile(os.path.join(src_path, "metadata")):
         raise errors.PoolNotFoundError(f"no pool at {src} (no metadata file there)")
     # A daemon holding SRC: an idle one stops, a busy one is named.
-    client.open_exclusive(src_path, read_only=True, timeout=settings.timeout).close()
+    client.stop_idle_daemon(src_path)
     with poolcopy.open_source(src, timeout=settings.timeout) as pool, \
             progress_bar(f"copy {src}") as progress:
         result = poolcopy.copy(pool, dst, progress=progress)
