@@ -752,12 +752,18 @@ class Pool(RecordStore):
                                             len(pairs)))
 
     # ---- whole data blocks, for copying a pool (cowblock.poolcopy) ----
-    def read_data(self, first, count):
-        """count whole data blocks from data block first on, as a bytearray."""
+    def read_data(self, first, count, out=None):
+        """count whole data blocks from data block first on: into out (a
+        writable buffer of at least that many bytes), else a new bytearray;
+        returns the buffer."""
         _uint("data block", first)
         _uint("block count", count)
-        buf = bytearray(count * self.block_size)
-        check(lib.cb_pool_read_data(self._handle(), first, count, ffi.from_buffer(buf)))
+        buf = bytearray(count * self.block_size) if out is None else out
+        if memoryview(buf).nbytes < count * self.block_size:
+            raise errors.InvalidArgumentError(
+                f"a buffer of {memoryview(buf).nbytes} bytes cannot hold {count} blocks")
+        check(lib.cb_pool_read_data(self._handle(), first, count,
+                                    ffi.from_buffer(buf, require_writable=True)))
         return buf
 
     def write_data(self, first, buf):
