@@ -12,7 +12,8 @@ copy keeps the sharing: it stores the data once, as the source does).
 Every figure is the median of --runs rounds; the sides run back to back in
 each round (interleaved, each first in one round), from a warm page cache
 with nothing dirty (`sync -f` before each), the same source files for all.  With --rados (a rados: location, $CEPH_CONF set) local -> RADOS is
-timed too, in the same rounds.  Nothing here asserts a timing.
+timed too, in the same rounds, beside `rbd import` of the raw base device
+alone (its MB/s are of its own bytes).  Nothing here asserts a timing.
 """
 import argparse
 import json
@@ -23,7 +24,7 @@ import subprocess
 import tempfile
 import time
 
-from cowblock import Pool, rados
+from cowblock import Pool, rados, transfer
 
 MiB = 1 << 20
 BS = 65536
@@ -86,6 +87,13 @@ def main():
         if args.rados:
             sides["pool_copy_to_rados_s"] = lambda dst: timed(
                 [cowblock, "pool", "copy", src, args.rados])
+            # the well-known way into Ceph for one disk image: its base device alone
+            raw = os.path.join(root, "base.raw")
+            with Pool.open(src, read_only=True) as p:
+                transfer.export_file(p, "base", raw)
+            ceph_pool = rados.parse(args.rados).ceph_pool
+            sides["rbd_import_base_s"] = lambda dst: timed(
+                ["rbd", "-p", ceph_pool, "import", raw, "cowblock-bench"])
         rounds = []
         for r in range(args.runs):
             out = {}
@@ -96,6 +104,9 @@ def main():
                 out[name] = sides[name](dst)
                 if name == "pool_copy_to_rados_s":
                     rados.destroy(args.rados)
+                elif name == "rbd_import_base_s":
+                    subprocess.run(["rbd", "-p", ceph_pool, "rm", "cowblock-bench"], check=True,
+                                   capture_output=True)
                 else:
                     shutil.rmtree(dst)
             rounds.append(out)
@@ -103,7 +114,8 @@ def main():
         result["data_bytes"] = used
         for k in list(result):
             if k.endswith("_s"):
-                result[k[:-2] + "_MBps"] = used / result[k] / 1e6
+                moved = (args.gib << 30) if k == "rbd_import_base_s" else used
+                result[k[:-2] + "_MBps"] = moved / result[k] / 1e6
         result["ratio_vs_cp_sparse_sync"] = result["cp_sparse_sync_s"] / result["pool_copy_s"]
         result["ratio_vs_cp_sparse"] = result["cp_sparse_s"] / result["pool_copy_s"]
         result["rounds"] = rounds
