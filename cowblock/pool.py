@@ -98,6 +98,17 @@ def _create_remote(path, loc, data_size, block_size, metadata_size, node_capacit
         lock.release()
 
 
+def _unfinished_copy_of(pool):
+    """The pool setting UNFINISHED_COPY (a dict), or None; an unreadable
+    configuration is for the caller's own use of it to report."""
+    try:
+        config = pool.config
+    except (errors.CowblockError, ValueError):
+        return None
+    marker = config.get(UNFINISHED_COPY) if isinstance(config, dict) else None
+    return marker if isinstance(marker, dict) else None
+
+
 def _seconds(what, value, *, none_ok, inf_ok=False):
     if value is None and none_ok:
         return value
@@ -223,8 +234,8 @@ class Pool(RecordStore):
                 remote.close()
             lock.release()
             raise
-        unfinished = pool.config.get(UNFINISHED_COPY)
-        if unfinished and not _unfinished_copy:
+        unfinished = None if _unfinished_copy else _unfinished_copy_of(pool)
+        if unfinished is not None:
             pool.close()
             raise errors.PoolNotFoundError(
                 f"no pool at {path}: it holds an unfinished copy of {unfinished.get('from')} "

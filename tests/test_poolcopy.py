@@ -278,3 +278,13 @@ def test_rados_unfinished_copy_refuses_to_open_and_is_replaced(src, location):
     poolcopy.copy(src, location)
     with Pool.open(location, read_only=True) as q:
         assert sorted(i.name for i in q.list()) == sorted(i.name for i in src.list())
+
+
+def test_an_interrupted_copy_to_rados_leaves_nothing(src, location):
+    def interrupt(done, total):
+        if done:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        poolcopy.copy(src, location, progress=interrupt)
+    with pytest.raises(errors.PoolNotFoundError):
+        Pool.open(location, read_only=True)
