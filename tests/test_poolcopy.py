@@ -132,6 +132,22 @@ def test_an_empty_dst_directory_is_filled(src, tmp_path):
         assert "base" in q
 
 
+def test_an_empty_pool_copies(tmp_path):
+    with Pool.create(tmp_path / "src", 16 * MiB, 4096) as p:
+        result = poolcopy.copy(p, str(tmp_path / "dst"))
+    assert (result.devices, result.data_blocks) == (0, 0)
+    with Pool.open(tmp_path / "dst", read_only=True) as q:
+        assert q.list() == [] and q.block_size == 4096 and q.stats().data_blocks == 4096
+
+
+def test_a_source_open_for_writing_is_refused_naming_the_holder(src, tmp_path):
+    src.close()
+    with Pool.open(tmp_path / "src"):
+        with pytest.raises(errors.PoolLockedError, match="open for writing by this process"):
+            with poolcopy.open_source(str(tmp_path / "src")):
+                pass
+
+
 def test_copy_onto_itself_and_unknown_locations_are_refused(src, tmp_path):
     for same in (src.path, str(tmp_path / "x" / ".." / "src"), src.path + "/"):
         with pytest.raises(errors.InvalidArgumentError, match="onto itself"):
