@@ -109,12 +109,10 @@ def copy(src, dest, *, progress=None):
             "from": str(src._remote.location) if src._remote is not None else src.path}
     with _new_pool(dest, plan) as pool:
         written = _copy_data(src, pool, values, progress)
-        by_id = {}
         for info in infos:
             pool.create_thin(info.name, info.size, labels=info.labels, _internal=True,
                              _uuid=uuid.UUID(info.uuid))
             pool.add_mappings(info.name, [(k, v) for k, v, _ in every[info.name]])
-            by_id[info.id] = info.name
         for info in infos:   # origins are named once every device exists
             origin = info.origin if info.origin in pool else None
             pool.set_history(info.name, info, origin)
