@@ -377,7 +377,7 @@ class Pool(RecordStore):
         return _DEVICE_ID.sub(by_name, text)
 
     # ---- devices ----
-    def create_thin(self, name, size, *, labels=None, _internal=False, _uuid=None):
+    def create_thin(self, name, size, *, labels=None, _internal=False, _device_uuid=None):
         """A new thin device of size bytes (a multiple of 4096), reading as zeroes.
         Labels starting with "cowblock." are cowblock's own (cowblock.owners)."""
         _uint("device size", size)
@@ -391,8 +391,8 @@ class Pool(RecordStore):
             health.check_room_for_device(self)
             blob = catalog.encode(name, labels)
             out = ffi.new("uint32_t *")
-            self._check(lib.cb_dev_create(self._handle(), size, (_uuid or uuid4()).bytes, blob,
-                                          len(blob), out))
+            self._check(lib.cb_dev_create(self._handle(), size, (_device_uuid or uuid4()).bytes,
+                                          blob, len(blob), out))
             self._register(out[0], name, labels)
         return Device(self, out[0])
 

@@ -111,7 +111,7 @@ def copy(src, dest, *, progress=None):
         written = _copy_data(src, pool, values, progress)
         for info in infos:
             pool.create_thin(info.name, info.size, labels=info.labels, _internal=True,
-                             _uuid=uuid.UUID(info.uuid))
+                             _device_uuid=uuid.UUID(info.uuid))
             pool.add_mappings(info.name, [(k, v) for k, v, _ in every[info.name]])
         for info in infos:   # origins are named once every device exists
             origin = info.origin if info.origin in pool else None

@@ -132,6 +132,21 @@ def test_an_empty_dst_directory_is_filled(src, tmp_path):
         assert "base" in q
 
 
+def test_whole_block_writes_go_only_to_free_blocks(tmp_path):
+    with Pool.create(tmp_path / "p", 16 * MiB, BS, commit_interval=None) as p:
+        p.create_thin("d", MiB).pwrite(pattern(9, BS), 0)
+        (used,) = {v for _, v, _ in p.mappings("d")}
+        with pytest.raises(errors.BusyError, match=f"data block {used} is in use"):
+            p.write_data(used, bytes(BS))
+        with pytest.raises(errors.InvalidArgumentError, match="past the end"):
+            p.write_data(16 * MiB // BS - 1, bytes(2 * BS))
+        with pytest.raises(errors.InvalidArgumentError, match="whole blocks"):
+            p.write_data(used + 1, bytes(4096))
+        assert p.device("d").pread(BS, 0) == pattern(9, BS)
+        p.write_data(used + 1, pattern(10, BS))
+        assert p.read_data(used, 2) == pattern(9, BS) + pattern(10, BS)
+
+
 def test_an_empty_pool_copies(tmp_path):
     with Pool.create(tmp_path / "src", 16 * MiB, 4096) as p:
         result = poolcopy.copy(p, str(tmp_path / "dst"))
