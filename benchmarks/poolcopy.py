@@ -11,9 +11,10 @@ device, and a snapshot of it whose every 16th block was rewritten (the
 copy keeps the sharing: it stores the data once, as the source does).
 Every figure is the median of --runs rounds; the sides run back to back in
 each round (interleaved, each first in one round), from a warm page cache
-with nothing dirty (`sync -f` before each), the same source files for all.  With --rados (a rados: location, $CEPH_CONF set) local -> RADOS is
-timed too, in the same rounds, beside `rbd import` of the raw base device
-alone (its MB/s are of its own bytes).  Nothing here asserts a timing.
+with nothing dirty (`sync -f` before each), the same source files for all.
+With --rados (a rados: location, $CEPH_CONF set) local -> RADOS is timed
+too, in the same rounds, beside `rbd import` of the raw base device alone
+(its MB/s are of its own bytes).  Nothing here asserts a timing.
 """
 import argparse
 import json

@@ -643,7 +643,8 @@ static int data_range_check(cb_pool *p, uint64_t first, uint64_t count)
     if (first > p->m.sb.nr_data_blocks || count > p->m.sb.nr_data_blocks - first)
         return cb_err(CB_E_INVALID, "data blocks %llu..%llu are past the end of the pool "
                       "(%llu blocks)", (unsigned long long)first,
-                      (unsigned long long)(first + count), (unsigned long long)p->m.sb.nr_data_blocks);
+                      (unsigned long long)(first + count),
+                      (unsigned long long)p->m.sb.nr_data_blocks);
     return 0;
 }
 
@@ -675,7 +676,9 @@ int cb_pool_write_data(cb_pool *p, uint64_t first, uint64_t count, const void *b
             r = cb_err(CB_E_BUSY, "data block %llu is in use: only free blocks are written "
                        "whole", (unsigned long long)b);
     }
-    if (!r && (r = io_pwrite(&p->data, buf, count << p->block_shift, first << p->block_shift)) == 0) {
+    if (!r)
+        r = io_pwrite(&p->data, buf, count << p->block_shift, first << p->block_shift);
+    if (!r) {
         __atomic_store_n(&p->data_dirty, true, __ATOMIC_RELAXED);
         p->alloc_gen++;
     }
