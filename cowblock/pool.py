@@ -13,6 +13,7 @@ import os
 import re
 import threading
 import uuid as _uuid
+from uuid import uuid4
 
 from . import atomic, catalog, errors, format, health, owners, rados
 from ._native import check, ffi, lib
@@ -24,6 +25,9 @@ from .records import RecordStore
 DEFAULT_BLOCK_SIZE = 65536
 READ_ONLY_FLAG = format.DEV_READ_ONLY
 DELETING_FLAG = format.DEV_DELETING   # removal deferred, reclaimed in the background
+# The pool setting of a pool being built by cowblock.poolcopy: no open but
+# the copy's own takes it for a pool until the copy's last commit drops it.
+UNFINISHED_COPY = "unfinished_copy"
 RECLAIM_CHUNK = 1 << 30  # bytes unmapped per step of a deferred removal
 _DEVICE_ID = re.compile(r"\bdevice (\d+)\b")   # how the C core names a device in its errors
 
@@ -92,6 +96,17 @@ def _create_remote(path, loc, data_size, block_size, metadata_size, node_capacit
                 raise
     finally:
         lock.release()
+
+
+def _unfinished_copy_of(pool):
+    """The pool setting UNFINISHED_COPY (a dict), or None; an unreadable
+    configuration is for the caller's own use of it to report."""
+    try:
+        config = pool.config
+    except (errors.CowblockError, ValueError):
+        return None
+    marker = config.get(UNFINISHED_COPY) if isinstance(config, dict) else None
+    return marker if isinstance(marker, dict) else None
 
 
 def _seconds(what, value, *, none_ok, inf_ok=False):
@@ -188,7 +203,7 @@ class Pool(RecordStore):
 
     @classmethod
     def open(cls, path, read_only=False, *, timeout=0.0, commit_interval=1.0,
-             background_reclaim=True):
+             background_reclaim=True, _unfinished_copy=False):
         """Open a pool.  A second writer gets PoolLockedError naming the holder,
         or waits up to ``timeout`` seconds (None: forever) for it.
         background_reclaim: reclaim deferred removals in a thread (else call
@@ -219,6 +234,13 @@ class Pool(RecordStore):
                 remote.close()
             lock.release()
             raise
+        unfinished = None if _unfinished_copy else _unfinished_copy_of(pool)
+        if unfinished is not None:
+            pool.close()
+            raise errors.PoolNotFoundError(
+                f"no pool at {path}: it holds an unfinished copy of {unfinished.get('from')} "
+                "(a `cowblock pool copy` that was cut short); run the copy again, which "
+                "starts it over")
         if not read_only and pool.stats().needs_check:
             report = pool.check()
             if not report.ok:
@@ -355,7 +377,7 @@ class Pool(RecordStore):
         return _DEVICE_ID.sub(by_name, text)
 
     # ---- devices ----
-    def create_thin(self, name, size, *, labels=None, _internal=False):
+    def create_thin(self, name, size, *, labels=None, _internal=False, _device_uuid=None):
         """A new thin device of size bytes (a multiple of 4096), reading as zeroes.
         Labels starting with "cowblock." are cowblock's own (cowblock.owners)."""
         _uint("device size", size)
@@ -369,8 +391,8 @@ class Pool(RecordStore):
             health.check_room_for_device(self)
             blob = catalog.encode(name, labels)
             out = ffi.new("uint32_t *")
-            self._check(lib.cb_dev_create(self._handle(), size, _uuid.uuid4().bytes, blob,
-                                          len(blob), out))
+            self._check(lib.cb_dev_create(self._handle(), size, (_device_uuid or uuid4()).bytes,
+                                          blob, len(blob), out))
             self._register(out[0], name, labels)
         return Device(self, out[0])
 
@@ -739,6 +761,41 @@ class Pool(RecordStore):
                 f"2^32 - 1: {e}") from None
         self._check(lib.cb_dev_add_mappings(self._handle(), self._id(name), keys, values,
                                             len(pairs)))
+
+    # ---- whole data blocks, for copying a pool (cowblock.poolcopy) ----
+    def read_data(self, first, count, out=None):
+        """count whole data blocks from data block first on: into out (a
+        writable buffer of at least that many bytes), else a new bytearray;
+        returns the buffer."""
+        _uint("data block", first)
+        _uint("block count", count)
+        buf = bytearray(count * self.block_size) if out is None else out
+        if memoryview(buf).nbytes < count * self.block_size:
+            raise errors.InvalidArgumentError(
+                f"a buffer of {memoryview(buf).nbytes} bytes cannot hold {count} blocks")
+        check(lib.cb_pool_read_data(self._handle(), first, count,
+                                    ffi.from_buffer(buf, require_writable=True)))
+        return buf
+
+    def write_data(self, first, buf):
+        """Write whole data blocks from data block first on; only blocks that
+        no device maps (BusyError otherwise), so nothing any device reads
+        changes.  Durable at the next commit."""
+        _uint("data block", first)
+        view = memoryview(buf).cast("B")
+        if view.nbytes % self.block_size:
+            raise errors.InvalidArgumentError(
+                f"{view.nbytes} bytes are not whole blocks of {self.block_size}")
+        check(lib.cb_pool_write_data(self._handle(), first, view.nbytes // self.block_size,
+                                     ffi.from_buffer(view)))
+
+    def set_history(self, name, info, origin=None):
+        """Give device name the creation time and dm-thin times of info (the
+        DeviceInfo of the device it copies) and origin (a device name, or None)."""
+        did, oid = self._id(name), self._id(origin) if origin is not None else 0
+        self._check(lib.cb_dev_set_history(self._handle(), did, oid,
+                                           int(info.created.timestamp() * 1e9),
+                                           info.creation_time, info.snap_time))
 
     # ---- atomic sections (cowblock.atomic) ----
     def atomic(self, *, commit=True):

@@ -286,6 +286,14 @@ int cb_dev_add_mappings(cb_pool *p, uint32_t id, const uint32_t *keys, const uin
  * counts[i]; its mappings follow the previous devices' in keys/values/shared. */
 int cb_pool_mappings(cb_pool *p, uint32_t **ids, uint64_t **counts, uint32_t *nr_devices,
                      uint32_t **keys, uint32_t **values, uint8_t **shared, uint64_t *total);
+/* Copying a pool block for block (cowblock/poolcopy.py): read count whole
+ * data blocks from first on; write them, only into blocks no device maps
+ * (EBUSY otherwise), durable at the next commit.  Then a copied device
+ * takes its original's origin, creation time and dm-thin times. */
+int cb_pool_read_data(cb_pool *p, uint64_t first, uint64_t count, void *buf);
+int cb_pool_write_data(cb_pool *p, uint64_t first, uint64_t count, const void *buf);
+int cb_dev_set_history(cb_pool *p, uint32_t id, uint32_t origin_id, uint64_t created_ns,
+                       uint32_t creation_time, uint32_t snap_time);
 
 /* ---- the on-disk format (format.c), for tools that read pool files ----
  * Every field of every record of csrc/format.h with its offset and size

@@ -635,3 +635,53 @@ out:
     }
     return r;
 }
+
+/* ---- whole data blocks, for copying a pool (cowblock/poolcopy.py) ---- */
+
+static int data_range_check(cb_pool *p, uint64_t first, uint64_t count)
+{
+    if (first > p->m.sb.nr_data_blocks || count > p->m.sb.nr_data_blocks - first)
+        return cb_err(CB_E_INVALID, "data blocks %llu..%llu are past the end of the pool "
+                      "(%llu blocks)", (unsigned long long)first,
+                      (unsigned long long)(first + count),
+                      (unsigned long long)p->m.sb.nr_data_blocks);
+    return 0;
+}
+
+int cb_pool_read_data(cb_pool *p, uint64_t first, uint64_t count, void *buf)
+{
+    pthread_rwlock_rdlock(&p->lock);
+    int r = data_range_check(p, first, count);
+    const uint8_t *src = p->data_map + (first << p->block_shift);
+    uintptr_t map_end = (uintptr_t)p->data_map + p->data_map_len;
+    uint32_t parity = sm_read_begin(&p->m.dsm);
+    pthread_rwlock_unlock(&p->lock);
+    if (!r)
+        copy_extent(buf, src, count << p->block_shift, map_end);
+    sm_read_end(&p->m.dsm, parity);
+    return r;
+}
+
+/* Only into blocks nothing maps, now or in the last commit: what any device
+ * reads stays as it was.  The next commit fsyncs them before its metadata. */
+int cb_pool_write_data(cb_pool *p, uint64_t first, uint64_t count, const void *buf)
+{
+    pthread_rwlock_wrlock(&p->lock);
+    int r = pool_writable(p);
+    if (!r)
+        r = data_range_check(p, first, count);
+    for (uint64_t b = first; !r && b < first + count; b++) {
+        uint32_t ref;
+        if ((r = sm_get(&p->m, &p->m.dsm, b, &ref)) == 0 && (ref || sm_dropped(&p->m.dsm, b)))
+            r = cb_err(CB_E_BUSY, "data block %llu is in use: only free blocks are written "
+                       "whole", (unsigned long long)b);
+    }
+    if (!r)
+        r = io_pwrite(&p->data, buf, count << p->block_shift, first << p->block_shift);
+    if (!r) {
+        __atomic_store_n(&p->data_dirty, true, __ATOMIC_RELAXED);
+        p->alloc_gen++;
+    }
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}

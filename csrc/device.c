@@ -668,3 +668,31 @@ int cb_dev_add_mappings(cb_pool *p, uint32_t id, const uint32_t *keys, const uin
     pthread_rwlock_unlock(&p->lock);
     return r;
 }
+
+/* Copying a pool: give a device the lineage and times of the one it copies
+ * (origin_id names a device of this pool, or 0), raising the pool's
+ * snapshot time to at least snap_time so later snapshots stay above it. */
+int cb_dev_set_history(cb_pool *p, uint32_t id, uint32_t origin_id, uint64_t created_ns,
+                       uint32_t creation_time, uint32_t snap_time)
+{
+    int r;
+    struct cb_dev *d = begin_change(p, id, false, 8, &r);
+    if (d && origin_id && !pool_dev(p, origin_id))
+        r = no_device(origin_id);
+    else if (d && (creation_time >= (1u << 24) || snap_time >= (1u << 24)))
+        r = cb_err(CB_E_INVALID, "snapshot times %u and %u do not fit dm-thin's 24 bits",
+                   creation_time, snap_time);
+    if (d && !r) {
+        d->d.origin_id = origin_id;
+        d->d.created_ns = created_ns;
+        d->d.creation_time = creation_time;
+        d->d.snap_time = snap_time;
+        if (p->m.sb.snap_time < snap_time)
+            p->m.sb.snap_time = snap_time;
+        d->changed = true;
+        p->dirty = true;
+        r = pool_commit_locked(p);
+    }
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}

@@ -52,7 +52,7 @@ NO_DEVICE_ARGUMENT = {"create", "import", "image import", "pool restore", "pool 
                       "umount", "bench", "daemon", "daemon stop", "daemon status", "ls",
                       "image ls", "container ls", "image", "container", "pool", "pool create",
                       "pool info", "pool resize", "pool check", "pool trim", "pool set",
-                      "pool dump", "snapshotter", "image load", "image prune",
+                      "pool dump", "pool copy", "snapshotter", "image load", "image prune",
                       "image inspect", "image rm"}   # (these name OCI images, not devices)
 SUBCOMMANDS = sorted(COMMANDS)
 

@@ -334,6 +334,17 @@ def open_exclusive(path, *, read_only=False, timeout=0.0, on_note=None):
     """The Pool itself, opened here, for what must not run inside a daemon
     (repair): an idle daemon is asked to stop first; one that has
     attachments, or clients, makes this a BusyError naming them."""
+    stop_idle_daemon(path)
+    target = connect(path, read_only=read_only, timeout=timeout, on_note=on_note)
+    if isinstance(target, PoolProxy):
+        target.close()
+        raise errors.BusyError(f"pool {path} is in use by a daemon that just started")
+    return target
+
+
+def stop_idle_daemon(path):
+    """Ask the daemon of the pool at path, if one runs, to stop; one that
+    has attachments, or clients, makes this a BusyError naming them."""
     runtime = RuntimeDir(path)
     c = _try_client(runtime)
     if c is not None:
@@ -346,11 +357,6 @@ def open_exclusive(path, *, read_only=False, timeout=0.0, on_note=None):
                     f"pool {path} is in use by its daemon (pid {st['pid']}): "
                     + ("; ".join(what) or f"{st['sessions'] - 1} other clients connected")
                     + "; stop them (or `cowblock daemon stop`) first")
-    target = connect(path, read_only=read_only, timeout=timeout, on_note=on_note)
-    if isinstance(target, PoolProxy):
-        target.close()
-        raise errors.BusyError(f"pool {path} is in use by a daemon that just started")
-    return target
 
 
 def daemon(path, *, start=True, timeout=30.0, on_note=None, grace=None):

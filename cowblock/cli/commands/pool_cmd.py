@@ -1,4 +1,5 @@
-"""cowblock pool create|info|resize|check|trim|set"""
+"""cowblock pool create|info|resize|check|trim|set|dump|restore|copy"""
+import os
 import sys
 
 import click
@@ -291,6 +292,46 @@ def restore(settings, new_pool, xml_path, data, names, mode):
     from ...interop import thinxml
     thinxml.restore(xml_path, data, new_pool, names_path=names, mode=mode)
     emit(settings, {"pool": new_pool}, lambda d: click.echo(f"restored pool {new_pool}"))
+
+
+@command.command("copy")
+@click.argument("src", metavar="SRC")
+@click.argument("dst", metavar="DST")
+@click.pass_obj
+def copy(settings, src, dst):
+    """Copy the whole pool SRC to a new pool DST: every device, snapshot,
+    name, label and read-only flag, the records, the settings; a block
+    shared by devices is stored once in DST too.  Each of SRC and DST is a
+    directory or rados:CEPHPOOL/NAME, so this moves a pool between hosts.
+
+    DST must not exist.  It is built under a temporary name (a directory) or
+    marked unfinished until the end (RADOS), so an interrupted copy leaves
+    nothing that opens as a pool.  SRC is only read; as `qemu-img convert`
+    does with an image in use, a copy refuses a pool that is in use for
+    writing (a daemon with attachments or clients is named; an idle one is
+    stopped first).
+
+    
+    Example:
+      cowblock pool copy /var/lib/cowblock/pool rados:cowblock/pool
+      cowblock pool copy rados:cowblock/pool /var/lib/cowblock/pool
+    """
+    from ... import poolcopy, rados
+    from ...control import client
+    from .import_cmd import progress_bar
+    poolcopy.check_location(src)
+    poolcopy.check_location(dst)
+    src_path = rados.resolve(src)
+    if not rados.is_location(src) and not os.path.isfile(os.path.join(src_path, "metadata")):
+        raise errors.PoolNotFoundError(f"no pool at {src} (no metadata file there)")
+    # A daemon holding SRC: an idle one stops, a busy one is named.
+    client.stop_idle_daemon(src_path)
+    with poolcopy.open_source(src, timeout=settings.timeout) as pool, \
+            progress_bar(f"copy {src}") as progress:
+        result = poolcopy.copy(pool, dst, progress=progress)
+    emit(settings, result.__dict__, lambda d: click.echo(
+        f"copied pool {d['source']} to {d['dest']}: {d['devices']} devices, {d['records']} "
+        f"records, {format_size(d['data_blocks'] * d['block_size'])} of data"))
 
 
 @command.command("damage")
