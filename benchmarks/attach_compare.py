@@ -59,6 +59,9 @@ FLAGS = {
     "t32": ({"threads": 32}, ["threads=32"], None),
     "bg12": ({"max_background": 12}, ["max_background=12"], None),
     "nocommit": ({}, [], None),   # the pool without its once-a-second commit (diagnosis only)
+    # the periodic commit as it was before cb_pool_checkpoint: a full commit
+    # (an fsync of the data file after any write) every second
+    "fullcommit": ({}, [], None),
     "ra4m": ({}, [], None),       # the loop device's readahead at 4 MiB (blockdev --setra)
 }
 
@@ -96,7 +99,7 @@ class System:
         # The FUSE ceiling runs with cowblock's defaults, changed by the same flags.
         self.opts, dio = {}, True
         self.server_words = ["direct_io", "parallel", f"threads={FuseOptions().threads}"]
-        self.commit_interval = 0 if "nocommit" in flags else 1.0
+        self.commit_interval = 0 if {"nocommit", "fullcommit"} & set(flags) else 1.0
         for flag in flags:
             o, words, d = FLAGS[flag]
             self.opts.update(o)
@@ -130,8 +133,17 @@ class Fuse(System):
         self.attach = FuseAttach(self.pool, os.path.join(self.root, "dev"),
                                  FuseOptions(**self.opts)).start()
         self.attach_loop(self.attach.add("dev"))
+        self.stop_commits = threading.Event()
+        if "fullcommit" in self.flags:
+            threading.Thread(target=self.commit_every_second, daemon=True).start()
+
+    def commit_every_second(self):
+        while not self.stop_commits.wait(1.0):
+            self.pool.commit()
 
     def close(self):
+        if getattr(self, "stop_commits", None):
+            self.stop_commits.set()
         super().close()
         if getattr(self, "attach", None):
             wait(lambda: self.attach.opens("dev") == (0, 0), 30, "the loop device to let go")
