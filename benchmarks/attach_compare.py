@@ -248,7 +248,18 @@ def fio(directory, rw, bs, seconds, file_size):
     out = run(*argv, timeout=900)
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["read"] if job["read"]["io_bytes"] else job["write"]
-    return side["bw_bytes"] / 1e6
+    return side["bw_bytes"] / 1e6, side["io_bytes"]
+
+
+def disk_sectors_written(directory):
+    """Sectors written so far to the host disk that holds directory (its
+    whole-disk counters: other writers on the machine count too)."""
+    dev = os.stat(directory).st_dev
+    path = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    if os.path.exists(os.path.join(path, "partition")):
+        path = os.path.join(path, "..")
+    with open(os.path.join(path, "stat")) as f:
+        return int(f.read().split()[6])
 
 
 def drop_caches():
@@ -291,6 +302,7 @@ def main():
     shutil.rmtree(args.dir, ignore_errors=True)
     systems = {}
     results = {n: {w[0]: [] for w in workloads} for n in names}
+    disk_per_gib = {n: {w[0]: [] for w in workloads if w[1] in ("write", "randwrite")} for n in names}
     try:
         for n in names:
             base, *flags = n.split("+")
@@ -306,9 +318,17 @@ def main():
                 for n, s in systems.items():
                     if rw is None:
                         continue
-                    mb = fio(s.mnt, rw, bs, args.seconds, f"{args.file_mib}M")
+                    before = disk_sectors_written(args.dir)
+                    mb, nbytes = fio(s.mnt, rw, bs, args.seconds, f"{args.file_mib}M")
+                    # what reached the host disk for each GiB fio wrote (a count,
+                    # where the MB/s of a loaded machine are noise)
+                    written_gib = nbytes / (1 << 30)
+                    disk = (disk_sectors_written(args.dir) - before) * 512 / MiB
                     results[n][label].append(mb)
-                    print(f"round {rnd + 1} {label:13} {n:28} {mb:9.1f} MB/s", file=sys.stderr)
+                    if rw in ("write", "randwrite"):
+                        disk_per_gib[n][label].append(disk / written_gib)
+                    print(f"round {rnd + 1} {label:13} {n:28} {mb:9.1f} MB/s, host disk {disk:7.0f} "
+                          f"MiB written", file=sys.stderr)
         for rnd in range(args.rounds if "cold-read-8m" in args.workloads else 0):
             for n, s in systems.items():
                 mb = cold_read(s.mnt, rnd)
@@ -322,7 +342,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "kernel": os.uname().release,
-                       "median_mb_s": med, "runs_mb_s": results}, f, indent=2)
+                       "median_mb_s": med, "runs_mb_s": results,
+                       "host_disk_mib_per_gib_written": disk_per_gib}, f, indent=2)
 
 
 def report(med, names, workloads):
