@@ -22,7 +22,9 @@ parallel direct writes, losetup --direct-io=on.
 fio: direct=1, libaio, iodepth 16, one job; 4 KiB randread, 4 KiB randwrite,
 1 MiB sequential read and write; time-based runs.  Rounds are interleaved
 (every workload on every system, then again), and each figure is the median
-of the rounds.  Needs root, /dev/fuse, loop devices, fio, nbdfuse, libfuse3-dev.
+of the rounds.  Two counts that a loaded machine does not blur go with each
+run into the JSON: MiB written to the host disk per GiB fio wrote, and the
+serving processes' CPU seconds per GiB fio moved.  Needs root, /dev/fuse, loop devices, fio, nbdfuse, libfuse3-dev.
 """
 import argparse
 import contextlib
@@ -118,6 +120,10 @@ class System:
             run("blockdev", "--setra", "8192", self.loop)
         mkfs_mount(self.loop, self.mnt)
 
+    def server_pids(self):
+        """The processes that serve the device file (none: the kernel alone)."""
+        return []
+
     def close(self):
         with contextlib.suppress(Exception):
             run("umount", self.mnt)
@@ -136,6 +142,9 @@ class Fuse(System):
         self.stop_commits = threading.Event()
         if "fullcommit" in self.flags:
             threading.Thread(target=self.commit_every_second, daemon=True).start()
+
+    def server_pids(self):
+        return [os.getpid()]   # the server's threads run in this process (idle during fio)
 
     def commit_every_second(self):
         while not self.stop_commits.wait(1.0):
@@ -168,6 +177,9 @@ class FuseFile(System):
             raise RuntimeError(f"fuse_file_server exited: {self.proc.stderr.read().decode()}")
         self.attach_loop(image)
 
+    def server_pids(self):
+        return [self.proc.pid]
+
     def close(self):
         super().close()
         if getattr(self, "proc", None):
@@ -196,6 +208,9 @@ class NbdFuse(System):
         self.fuse_dir = fuse_dir
         self.loop_dio = False
         self.attach_loop(os.path.join(fuse_dir, "dev"))
+
+    def server_pids(self):
+        return [os.getpid(), self.nbdfuse.pid]   # the NBD server runs in this process
 
     def close(self):
         super().close()
@@ -262,6 +277,16 @@ def disk_sectors_written(directory):
         return int(f.read().split()[6])
 
 
+def cpu_seconds(pids):
+    """User and system CPU seconds used so far by the processes pids."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])   # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def drop_caches():
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -303,6 +328,7 @@ def main():
     systems = {}
     results = {n: {w[0]: [] for w in workloads} for n in names}
     disk_per_gib = {n: {w[0]: [] for w in workloads if w[1] in ("write", "randwrite")} for n in names}
+    cpu_per_gib = {n: {w[0]: [] for w in workloads if w[1]} for n in names}
     try:
         for n in names:
             base, *flags = n.split("+")
@@ -319,16 +345,20 @@ def main():
                     if rw is None:
                         continue
                     before = disk_sectors_written(args.dir)
+                    cpu = cpu_seconds(s.server_pids())
                     mb, nbytes = fio(s.mnt, rw, bs, args.seconds, f"{args.file_mib}M")
                     # what reached the host disk for each GiB fio wrote (a count,
                     # where the MB/s of a loaded machine are noise)
                     written_gib = nbytes / (1 << 30)
                     disk = (disk_sectors_written(args.dir) - before) * 512 / MiB
+                    cpu = cpu_seconds(s.server_pids()) - cpu
                     results[n][label].append(mb)
+                    if s.server_pids():
+                        cpu_per_gib[n][label].append(cpu / (nbytes / (1 << 30)))
                     if rw in ("write", "randwrite"):
                         disk_per_gib[n][label].append(disk / written_gib)
                     print(f"round {rnd + 1} {label:13} {n:28} {mb:9.1f} MB/s, host disk {disk:7.0f} "
-                          f"MiB written", file=sys.stderr)
+                          f"MiB written, server CPU {cpu:6.2f} s", file=sys.stderr)
         for rnd in range(args.rounds if "cold-read-8m" in args.workloads else 0):
             for n, s in systems.items():
                 mb = cold_read(s.mnt, rnd)
@@ -343,7 +373,8 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "kernel": os.uname().release,
                        "median_mb_s": med, "runs_mb_s": results,
-                       "host_disk_mib_per_gib_written": disk_per_gib}, f, indent=2)
+                       "host_disk_mib_per_gib_written": disk_per_gib,
+                       "server_cpu_s_per_gib": cpu_per_gib}, f, indent=2)
 
 
 def report(med, names, workloads):
