@@ -22,7 +22,9 @@ parallel direct writes, losetup --direct-io=on.
 fio: direct=1, libaio, iodepth 16, one job; 4 KiB randread, 4 KiB randwrite,
 1 MiB sequential read and write; time-based runs.  Rounds are interleaved
 (every workload on every system, then again), and each figure is the median
-of the rounds.  Needs root, /dev/fuse, loop devices, fio, nbdfuse, libfuse3-dev.
+of the rounds.  Two counts that a loaded machine does not blur go with each
+run into the JSON: MiB written to the host disk per GiB fio wrote, and the
+serving processes' CPU seconds per GiB fio moved.  Needs root, /dev/fuse, loop devices, fio, nbdfuse, libfuse3-dev.
 """
 import argparse
 import contextlib
@@ -59,6 +61,9 @@ FLAGS = {
     "t32": ({"threads": 32}, ["threads=32"], None),
     "bg12": ({"max_background": 12}, ["max_background=12"], None),
     "nocommit": ({}, [], None),   # the pool without its once-a-second commit (diagnosis only)
+    # the periodic commit as it was before cb_pool_checkpoint: a full commit
+    # (an fsync of the data file after any write) every second
+    "fullcommit": ({}, [], None),
     "ra4m": ({}, [], None),       # the loop device's readahead at 4 MiB (blockdev --setra)
 }
 
@@ -96,7 +101,7 @@ class System:
         # The FUSE ceiling runs with cowblock's defaults, changed by the same flags.
         self.opts, dio = {}, True
         self.server_words = ["direct_io", "parallel", f"threads={FuseOptions().threads}"]
-        self.commit_interval = 0 if "nocommit" in flags else 1.0
+        self.commit_interval = 0 if {"nocommit", "fullcommit"} & set(flags) else 1.0
         for flag in flags:
             o, words, d = FLAGS[flag]
             self.opts.update(o)
@@ -115,6 +120,10 @@ class System:
             run("blockdev", "--setra", "8192", self.loop)
         mkfs_mount(self.loop, self.mnt)
 
+    def server_pids(self):
+        """The processes that serve the device file (none: the kernel alone)."""
+        return []
+
     def close(self):
         with contextlib.suppress(Exception):
             run("umount", self.mnt)
@@ -130,8 +139,20 @@ class Fuse(System):
         self.attach = FuseAttach(self.pool, os.path.join(self.root, "dev"),
                                  FuseOptions(**self.opts)).start()
         self.attach_loop(self.attach.add("dev"))
+        self.stop_commits = threading.Event()
+        if "fullcommit" in self.flags:
+            threading.Thread(target=self.commit_every_second, daemon=True).start()
+
+    def server_pids(self):
+        return [os.getpid()]   # the server's threads run in this process (idle during fio)
+
+    def commit_every_second(self):
+        while not self.stop_commits.wait(1.0):
+            self.pool.commit()
 
     def close(self):
+        if getattr(self, "stop_commits", None):
+            self.stop_commits.set()
         super().close()
         if getattr(self, "attach", None):
             wait(lambda: self.attach.opens("dev") == (0, 0), 30, "the loop device to let go")
@@ -155,6 +176,9 @@ class FuseFile(System):
         if self.proc.poll() is not None:
             raise RuntimeError(f"fuse_file_server exited: {self.proc.stderr.read().decode()}")
         self.attach_loop(image)
+
+    def server_pids(self):
+        return [self.proc.pid]
 
     def close(self):
         super().close()
@@ -184,6 +208,9 @@ class NbdFuse(System):
         self.fuse_dir = fuse_dir
         self.loop_dio = False
         self.attach_loop(os.path.join(fuse_dir, "dev"))
+
+    def server_pids(self):
+        return [os.getpid(), self.nbdfuse.pid]   # the NBD server runs in this process
 
     def close(self):
         super().close()
@@ -236,7 +263,28 @@ def fio(directory, rw, bs, seconds, file_size):
     out = run(*argv, timeout=900)
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["read"] if job["read"]["io_bytes"] else job["write"]
-    return side["bw_bytes"] / 1e6
+    return side["bw_bytes"] / 1e6, side["io_bytes"]
+
+
+def disk_sectors_written(directory):
+    """Sectors written so far to the host disk that holds directory (its
+    whole-disk counters: other writers on the machine count too)."""
+    dev = os.stat(directory).st_dev
+    path = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    if os.path.exists(os.path.join(path, "partition")):
+        path = os.path.join(path, "..")
+    with open(os.path.join(path, "stat")) as f:
+        return int(f.read().split()[6])
+
+
+def cpu_seconds(pids):
+    """User and system CPU seconds used so far by the processes pids."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])   # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def drop_caches():
@@ -279,6 +327,8 @@ def main():
     shutil.rmtree(args.dir, ignore_errors=True)
     systems = {}
     results = {n: {w[0]: [] for w in workloads} for n in names}
+    disk_per_gib = {n: {w[0]: [] for w in workloads if w[1] in ("write", "randwrite")} for n in names}
+    cpu_per_gib = {n: {w[0]: [] for w in workloads if w[1]} for n in names}
     try:
         for n in names:
             base, *flags = n.split("+")
@@ -294,9 +344,21 @@ def main():
                 for n, s in systems.items():
                     if rw is None:
                         continue
-                    mb = fio(s.mnt, rw, bs, args.seconds, f"{args.file_mib}M")
+                    before = disk_sectors_written(args.dir)
+                    cpu = cpu_seconds(s.server_pids())
+                    mb, nbytes = fio(s.mnt, rw, bs, args.seconds, f"{args.file_mib}M")
+                    # what reached the host disk for each GiB fio wrote (a count,
+                    # where the MB/s of a loaded machine are noise)
+                    written_gib = nbytes / (1 << 30)
+                    disk = (disk_sectors_written(args.dir) - before) * 512 / MiB
+                    cpu = cpu_seconds(s.server_pids()) - cpu
                     results[n][label].append(mb)
-                    print(f"round {rnd + 1} {label:13} {n:28} {mb:9.1f} MB/s", file=sys.stderr)
+                    if s.server_pids():
+                        cpu_per_gib[n][label].append(cpu / (nbytes / (1 << 30)))
+                    if rw in ("write", "randwrite"):
+                        disk_per_gib[n][label].append(disk / written_gib)
+                    print(f"round {rnd + 1} {label:13} {n:28} {mb:9.1f} MB/s, host disk {disk:7.0f} "
+                          f"MiB written, server CPU {cpu:6.2f} s", file=sys.stderr)
         for rnd in range(args.rounds if "cold-read-8m" in args.workloads else 0):
             for n, s in systems.items():
                 mb = cold_read(s.mnt, rnd)
@@ -310,7 +372,9 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "kernel": os.uname().release,
-                       "median_mb_s": med, "runs_mb_s": results}, f, indent=2)
+                       "median_mb_s": med, "runs_mb_s": results,
+                       "host_disk_mib_per_gib_written": disk_per_gib,
+                       "server_cpu_s_per_gib": cpu_per_gib}, f, indent=2)
 
 
 def report(med, names, workloads):

@@ -128,7 +128,9 @@ class Pool(RecordStore):
     """A thin pool in a directory: ``Pool.create(...)`` or ``Pool.open(...)``.
 
     A context manager; ``close()`` commits.  One writer at a time (flock);
-    writes commit at least every ``commit_interval`` seconds.  Records (keys
+    changes commit at least every ``commit_interval`` seconds (the metadata,
+    with the data of newly allocated blocks; data overwritten in place is
+    durable at the next ``commit()``, as on a disk with a write cache).  Records (keys
     to values, cowblock.records) live beside the devices; ``atomic()`` puts
     several changes in one commit (cowblock.atomic).
     """
@@ -315,7 +317,7 @@ class Pool(RecordStore):
             h = self._h
             if h is None:
                 return
-            if lib.cb_pool_commit(h) < 0:
+            if lib.cb_pool_checkpoint(h) < 0:
                 return  # the pool turned read-only; callers see it on their next call
 
     # ---- names ----

@@ -135,6 +135,13 @@ int cb_pool_create(const char *dir, uint64_t data_size, uint32_t block_size,
 int cb_pool_open(const char *dir, int read_only, cb_pool **out);
 int cb_pool_close(cb_pool *p);
 int cb_pool_commit(cb_pool *p);
+/* The periodic commit: the metadata, after an fsync of the data file only
+ * when blocks were allocated since the last one (the data a mapping names
+ * must be durable before the mapping).  Data overwritten in place in blocks
+ * the metadata already maps is left to the kernel's writeback until the
+ * next cb_pool_commit (an NBD FLUSH, a FUSE fsync, commit()), as dm-thin's
+ * periodic commit leaves it: no rewrite of a hot range every second. */
+int cb_pool_checkpoint(cb_pool *p);
 int cb_pool_clear_needs_check(cb_pool *p);
 int cb_pool_stats(cb_pool *p, cb_stats *out);
 int cb_pool_resize(cb_pool *p, uint64_t data_size);

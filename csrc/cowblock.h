@@ -336,6 +336,7 @@ struct cb_pool {
     bool dirty;                /* metadata changed since commit */
     bool data_dirty;           /* data written since the last data fsync began */
     uint64_t alloc_gen;        /* +1 per write into a newly allocated block */
+    uint64_t synced_gen;       /* alloc_gen that the last data fsync covered */
     struct u32vec pending;     /* data blocks being filled outside the write lock */
     pthread_mutex_t cell_lock; /* protects cells: (device, block) pieces in the slow path */
     pthread_cond_t cell_cond;

@@ -3,6 +3,7 @@
 COWBLOCK_CRASH_ITERATIONS sets how many SIGKILLs the kill test makes (CI
 runs a few dozen; `make torture` thousands).
 """
+import contextlib
 import os
 import random
 import shutil
@@ -236,3 +237,42 @@ def test_failed_fsync_turns_pool_read_only(tmp_path):
     with Pool.open(tmp_path / "p") as pool:
         assert not pool.stats().needs_check
         assert pool.device("a").pread(BS, 0) == b"x" * BS
+
+
+def _ios(call):
+    """I/O operations (writes and fsyncs of the pool's files) that call makes."""
+    lib.cb_fault_set(1, 0, 0)  # power cut at I/O 0: never; only counts
+    try:
+        call()
+    finally:
+        counted = lib.cb_fault_set(0, 0, 0)
+    return counted
+
+
+def test_periodic_commit_syncs_new_blocks_and_leaves_overwrites(tmp_path):
+    """The periodic commit (cb_pool_checkpoint) makes new mappings durable
+    with the data they name, and leaves data overwritten in place to the next
+    explicit commit: after only overwrites it makes no I/O at all, where a
+    commit fsyncs the data file; a power cut after it keeps what it committed."""
+    pool = Pool.create(tmp_path / "p", 64 * BS, BS, commit_interval=0)
+    dev = pool.create_thin("a", 8 * BS)
+    dev.pwrite(pattern(1, 2 * BS), 0)  # two new blocks
+    assert _ios(lambda: lib.cb_pool_checkpoint(pool._h)) >= 3  # data fsync, metadata, superblock
+    dev.pwrite(pattern(2, BS), 0)      # in place
+    assert _ios(lambda: lib.cb_pool_checkpoint(pool._h)) == 0
+    assert _ios(pool.commit) == 1      # the data file's fsync; no metadata changed
+
+    lib.cb_fault_set(1, 2, 0)          # I/O 1: the overwrite; I/O 2 cuts the power
+    try:
+        dev.pwrite(pattern(3, BS), 0)
+        assert lib.cb_pool_checkpoint(pool._h) == 0
+        with pytest.raises(OSError):
+            dev.pwrite(pattern(4, BS), 4 * BS)  # a new block: its fill is I/O 2
+    finally:
+        with contextlib.suppress(OSError):
+            pool.close()
+        lib.cb_fault_set(0, 0, 0)
+    with Pool.open(tmp_path / "p", commit_interval=0) as pool:
+        dev = pool.device("a")
+        assert dev.pread(2 * BS, 0) == pattern(2, BS) + pattern(1, 2 * BS)[BS:]
+        assert dev.pread(BS, 4 * BS) == bytes(BS)
