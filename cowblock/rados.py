@@ -146,9 +146,11 @@ class Remote:
         check(lib.cb_remote_destroy(self.h))
 
     def requests(self):
-        """Requests sent so far: reads, writes, removes."""
+        """Requests sent so far: reads (data_reads of them of data objects),
+        writes, removes; and fetched_bytes, read from RADOS into the cache."""
         return {k: lib.cb_remote_requests(self.h, i)
-                for i, k in enumerate(("reads", "writes", "removes"))}
+                for i, k in enumerate(("reads", "writes", "removes", "data_reads",
+                                       "fetched_bytes"))}
 
     def close(self):
         h, self.h = self.h, None

@@ -74,6 +74,15 @@ int remote_write(struct cb_file *f, const struct iovec *iov, int cnt, uint64_t o
 int remote_discard(struct cb_file *f, uint64_t off, uint64_t len);
 int remote_set_size(struct cb_file *f, uint64_t size);
 int remote_wait(struct cb_file *f);
+/* The cache is filled on demand (remote.c): remote_need before reading
+ * ranges of a file through its mapping, remote_will_write before writing,
+ * zeroing or punching a range of the cache. */
+struct cb_range {
+    uint64_t off, len;
+};
+int remote_need(struct cb_file *f, const struct cb_range *ranges, int count);
+int remote_will_write(struct cb_file *f, uint64_t off, uint64_t len);
+void remote_set_block_size(struct cb_file *f, uint32_t block_size);
 
 /* ---- growable vector of u32 ---- */
 struct u32vec {

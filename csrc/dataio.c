@@ -112,6 +112,18 @@ static void copy_extent(uint8_t *dst, const uint8_t *src, uint64_t len, uintptr_
     cb_copy_out(dst, src, len);
 }
 
+/* A pool on RADOS: the blocks of the extents into the cache, all at once
+ * (remote.c reads what is not there yet, many requests in flight). */
+static int fetch_extents(cb_pool *p, const uint8_t *map, const struct read_extent *ex, int n)
+{
+    struct cb_range want[READ_BATCH];
+    int k = 0;
+    for (int i = 0; i < n; i++)
+        if (ex[i].src)
+            want[k++] = (struct cb_range){(uint64_t)(ex[i].src - map), ex[i].len};
+    return k ? remote_need(&p->data, want, k) : 0;
+}
+
 /* Reads resolve their blocks under the shared lock, then copy without it,
  * registered as readers with the data space map (which keeps the blocks
  * from being reused or written in place until they are done): a reader
@@ -131,8 +143,11 @@ int64_t cb_dev_read(cb_pool *p, uint32_t id, void *buf, uint64_t len, uint64_t o
         if (!(r = range_check(p, d, id, "read", pos, end - pos)))
             r = read_resolve(p, d, &pos, end, ex, &n);
         uint32_t parity = sm_read_begin(&p->m.dsm);
-        uintptr_t map_end = (uintptr_t)p->data_map + p->data_map_len; /* the map ex[] points into */
+        const uint8_t *map = p->data_map; /* the map ex[] points into */
+        uintptr_t map_end = (uintptr_t)map + p->data_map_len;
         pthread_rwlock_unlock(&p->lock);
+        if (!r && p->data.remote)
+            r = fetch_extents(p, map, ex, n);
         for (int i = 0; i < n && !r; i++) {
             if (ex[i].src)
                 copy_extent(dst, ex[i].src, ex[i].len, map_end);
@@ -196,6 +211,13 @@ static int fill_new_block(cb_pool *p, uint32_t nb, bool mapped, uint32_t old, ui
 {
     uint64_t bs = p->block_size, base = (uint64_t)nb << p->block_shift, tail = bs - boff - n;
     const uint8_t *old_bytes = mapped ? p->data_map + ((uint64_t)old << p->block_shift) : NULL;
+    if (mapped && p->data.remote && (boff || tail)) { /* the old bytes kept, into the cache */
+        uint64_t from = (uint64_t)old << p->block_shift;
+        struct cb_range keep[2] = {{from, boff}, {from + boff + n, tail}};
+        int r = remote_need(&p->data, boff ? keep : keep + 1, boff && tail ? 2 : 1);
+        if (r)
+            return r;
+    }
     bool zero_fits = (mapped || (boff <= sizeof zeroes && tail <= sizeof zeroes)) &&
                      (src || n <= sizeof zeroes);
     if (!zero_fits) {

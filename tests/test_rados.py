@@ -83,13 +83,22 @@ def test_create_write_snapshot_reopen(ceph, location):
     assert 3 <= len(data) <= 5, names
     drop_cache(location)
     with Pool.open(location, commit_interval=0) as p:
-        fetched = p._remote.requests()["reads"]
-        assert fetched == len([n for n in names if n != "superblock"])
+        # the open reads the superblock and the metadata it walks, no data
+        opened = p._remote.requests()
+        assert opened["data_reads"] == 0 and opened["reads"] <= 3, opened
         want = bytearray(pattern(1, 3 * MiB))
         assert p.device("snap").pread(3 * MiB, 512 * 1024) == want
+        # a read fetches its blocks and nothing else: one request per object
+        snap = p._remote.requests()
+        assert snap["fetched_bytes"] - opened["fetched_bytes"] == 3 * MiB, snap
+        assert 3 <= snap["data_reads"] <= 4, snap
         want[MiB - 512 * 1024:MiB - 512 * 1024 + 4096] = pattern(2, 4096)
         assert p.device("base").pread(3 * MiB, 512 * 1024) == want
+        base = p._remote.requests()   # only its own block is new to the cache
+        assert base["fetched_bytes"] - snap["fetched_bytes"] == 65536, base
+        assert p.device("snap").pread(3 * MiB, 512 * 1024) == pattern(1, 3 * MiB)
         assert p.device("base").pread(4096, 0) == bytes(4096)   # never written
+        assert p._remote.requests()["data_reads"] == base["data_reads"]   # cached, or unmapped
         assert p.check().ok
         assert {d.name for d in p.list()} == {"base", "snap"}
 
