@@ -204,6 +204,9 @@ int cb_remote_connect(const char *conf, const char *ceph_pool, const char *name,
         return e;
     }
     rados_ioctx_set_namespace(r->io, name);
+    /* A full cluster or a pool over its quota fails writes (ENOSPC,
+     * EDQUOT: NoSpaceError) instead of pausing them until space is freed. */
+    rados_set_pool_full_try(r->io);
     *out = r;
     return 0;
 }
@@ -349,6 +352,16 @@ int cb_remote_lock(cb_remote *r, const char *cookie, const char *description)
         return cb_err(CB_E_NOT_FOUND, "no pool at rados:%s/%s", r->pool, r->name);
     if (rv < 0)
         return rados_error(rv, "looking for the pool's superblock object");
+    /* The watch first: a rival that finds our lock asks the watchers
+     * whether we live, and a holder that were not watching yet would be
+     * taken for dead, blocklisted and robbed of its lock (two writers
+     * racing for a free pool, tests/test_rados.py). */
+    if (!r->watching) {
+        rv = rados_watch3(r->io, SB_OBJECT, &r->watch, on_notify, on_watch_error, 0, r);
+        if (rv < 0)
+            return rados_error(rv, "watching the pool's superblock object");
+        r->watching = true;
+    }
     rv = take_lock(r, description);
     if ((rv == -EBUSY || rv == -EEXIST) && (rv = lock_held(r, description)) < 0)
         return rv;
@@ -369,13 +382,7 @@ int cb_remote_lock(cb_remote *r, const char *cookie, const char *description)
     rados_write_op_setxattr(op, "epoch", r->epoch, 20);
     rv = rados_write_op_operate(op, r->io, SB_OBJECT, NULL, 0);
     rados_release_write_op(op);
-    if (rv < 0)
-        return rados_error(rv, "raising the pool's epoch");
-    rv = rados_watch3(r->io, SB_OBJECT, &r->watch, on_notify, on_watch_error, 0, r);
-    if (rv < 0)
-        return rados_error(rv, "watching the pool's superblock object");
-    r->watching = true;
-    return 0;
+    return rv < 0 ? rados_error(rv, "raising the pool's epoch") : 0;
 }
 
 /* ---- writes ---- */

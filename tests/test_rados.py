@@ -283,3 +283,55 @@ def test_nbd_serve_from_a_rados_pool(ceph, location, tmp_path):
     drop_cache(location)
     with Pool.open(location, read_only=True) as p:
         assert p.device("base").pread(8192, MiB) == pattern(7, 8192)
+
+
+RACER = r"""
+import sys
+from cowblock import Pool, errors
+while sys.stdin.readline().strip() == "go":
+    try:
+        p = Pool.open(sys.argv[1], commit_interval=0)
+    except errors.PoolLockedError as e:
+        print("lost", str(e).replace("\n", " "), flush=True)
+        continue
+    print("won", flush=True)
+    sys.stdin.readline()          # held until the parent has both answers
+    p.close()
+    print("closed", flush=True)
+"""
+
+
+def test_two_writers_racing_for_the_lock(ceph, location, tmp_path):
+    """Two processes (two hosts, in effect: their own caches) open the free
+    pool at the same moment, round after round: exactly one wins, the other
+    gets PoolLockedError naming the winner, and nobody is taken for dead."""
+    Pool.create(location, 16 * MiB, 65536, commit_interval=0).close()
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, location], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, COWBLOCK_RADOS_CACHE=str(tmp_path / f"h{i}")))
+              for i in range(2)]
+    wins = [0, 0]
+    try:
+        for _ in range(20):
+            for r in racers:
+                r.stdin.write("go\n")
+            for r in racers:
+                r.stdin.flush()
+            answers = [r.stdout.readline() for r in racers]
+            won = [a.startswith("won") for a in answers]
+            assert sum(won) == 1, (answers, [r.stderr.read() if r.poll() is not None else ""
+                                             for r in racers])
+            winner = won.index(True)
+            loser = answers[1 - winner]
+            assert loser.startswith("lost") and f"pid={racers[winner].pid}:" in loser, loser
+            wins[winner] += 1
+            racers[winner].stdin.write("release\n")
+            racers[winner].stdin.flush()
+            # a winner taken for dead (blocklisted, its lock broken) fails its close
+            assert racers[winner].stdout.readline() == "closed\n", racers[winner].stderr.read()
+    finally:
+        for r in racers:
+            r.stdin.close()
+            r.wait(timeout=60)
+    with Pool.open(location, commit_interval=0) as p:
+        assert p.check().ok
