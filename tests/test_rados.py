@@ -335,3 +335,47 @@ def test_two_writers_racing_for_the_lock(ceph, location, tmp_path):
             r.wait(timeout=60)
     with Pool.open(location, commit_interval=0) as p:
         assert p.check().ok
+
+
+def ceph_cli(ceph, *args):
+    return subprocess.run(["timeout", "60", "ceph", *args], env=dict(os.environ, CEPH_CONF=ceph.conf),
+                          check=True, capture_output=True, text=True).stdout
+
+
+def test_a_pool_quota_gives_no_space_and_loses_nothing(ceph, tmp_path):
+    """A writer that goes on committing over its Ceph pool's quota gets
+    NoSpaceError saying so (not a write paused for ever) once the monitor
+    flags the pool, and every commit that returned before is there."""
+    qpool = f"quota-{uuid.uuid4().hex[:6]}"
+    ceph_cli(ceph, "osd", "pool", "create", qpool, "8", "8")
+    loc = f"rados:{qpool}/q"
+    piece = 256 * 1024
+    try:
+        p = Pool.create(loc, 64 * MiB, 65536, commit_interval=0)
+        committed = 0
+        try:
+            d = p.create_thin("d", 32 * MiB)
+            d.pwrite(pattern(5, 2 * MiB), 0)
+            p.commit()
+            ceph_cli(ceph, "osd", "pool", "set-quota", qpool, "max_bytes", str(MiB))
+            deadline = time.monotonic() + 60   # the monitor's next look at the pool's statistics
+            with pytest.raises(errors.NoSpaceError, match="quota"):
+                while time.monotonic() < deadline:
+                    d.pwrite(pattern(100 + committed, piece), 2 * MiB + committed * piece)
+                    p.commit()
+                    committed += 1
+                    time.sleep(0.1)
+        finally:
+            try:
+                p.close()
+            except errors.CowblockError:
+                pass   # (read-only since the failed commit)
+        drop_cache(loc)
+        with Pool.open(loc, read_only=True) as p:   # (reads go on over the quota)
+            d = p.device("d")
+            assert d.pread(2 * MiB, 0) == pattern(5, 2 * MiB)
+            for i in range(committed):
+                assert d.pread(piece, 2 * MiB + i * piece) == pattern(100 + i, piece), i
+            assert p.check().ok
+    finally:
+        ceph_cli(ceph, "osd", "pool", "rm", qpool, qpool, "--yes-i-really-really-mean-it")
