@@ -379,3 +379,71 @@ def test_a_pool_quota_gives_no_space_and_loses_nothing(ceph, tmp_path):
             assert p.check().ok
     finally:
         ceph_cli(ceph, "osd", "pool", "rm", qpool, qpool, "--yes-i-really-really-mean-it")
+
+
+@pytest.mark.skipif(not os.environ.get("COWBLOCK_TEST_CEPH_OSD_STOP"),
+                    reason="opt-in (COWBLOCK_TEST_CEPH_OSD_STOP=1, about 60 s): a bluestore "
+                           "cluster of its own, an OSD stopped and started")
+def test_an_osd_stopped_mid_workload_blocks_writes_until_it_returns(tmp_path, monkeypatch):
+    """Bluestore: while the only OSD is away, commits block (as RBD's writes
+    do), none fails; when it is back they go on, and every commit that
+    returned is there.  Its monitor port: $COWBLOCK_TEST_BLUESTORE_MON_PORT,
+    else $CEPH_MON_PORT + 2 (beside the session's cluster)."""
+    import threading
+    from cephcluster import SCRIPT
+    port = os.environ.get("COWBLOCK_TEST_BLUESTORE_MON_PORT") or str(
+        int(os.environ.get("CEPH_MON_PORT", "3300")) + 2)
+    cluster = str(tmp_path / "ceph")
+    env = dict(os.environ, CEPH_MON_PORT=port)
+
+    def script(*args):
+        subprocess.run(["bash", str(SCRIPT), *args], env=env, check=True, capture_output=True,
+                       timeout=180)
+
+    script("start", cluster, "bluestore")
+    try:
+        monkeypatch.setenv("CEPH_CONF", os.path.join(cluster, "ceph.conf"))
+        monkeypatch.setenv("COWBLOCK_RADOS_CACHE", str(tmp_path / "cache"))
+        loc = "rados:cowblock/osd-stop"
+        piece = 64 * 1024
+        p = Pool.create(loc, 256 * MiB, 65536, commit_interval=0)
+        d = p.create_thin("d", 128 * MiB)
+        committed, failures, stop = [0], [], threading.Event()
+
+        def writer():
+            try:
+                while not stop.is_set() and committed[0] < 2000:
+                    d.pwrite(pattern(committed[0], piece), committed[0] * piece)
+                    p.commit()
+                    committed[0] += 1
+            except errors.CowblockError as e:
+                failures.append(e)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            while committed[0] < 20:
+                time.sleep(0.05)
+            script("stop-osd", cluster)
+            time.sleep(1)    # a commit sent before the OSD went may have returned
+            during = committed[0]
+            time.sleep(4)
+            assert committed[0] == during and not failures, failures   # blocked, not failed
+            script("start-osd", cluster)
+            deadline = time.monotonic() + 90
+            while committed[0] < during + 20 and not failures:
+                assert time.monotonic() < deadline, "commits did not resume"
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            t.join(timeout=120)
+        assert not failures, failures
+        p.close()
+        drop_cache(loc)
+        with Pool.open(loc, read_only=True) as p:
+            d = p.device("d")
+            for i in range(committed[0]):
+                assert d.pread(piece, i * piece) == pattern(i, piece), i
+            assert p.check().ok
+    finally:
+        script("destroy", cluster)
