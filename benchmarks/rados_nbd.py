@@ -13,6 +13,7 @@ fill, then 4 KiB random overwrites and reads at QD16 and 1 MiB sequential
 writes.  Rounds interleave the targets.
 
   CEPH_CONF=... python benchmarks/rados_nbd.py [--runs 1] [--seconds 4] [--json F]
+      [--targets cowblock-rados,rbd-qemu-nbd] [--jobs fill_1m,seqwrite_1m]
 """
 import argparse
 import json
@@ -100,8 +101,11 @@ def main():
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--ceph-pool", default="cowblock")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="for the local pool")
+    ap.add_argument("--targets", help="comma-separated names to run (default: all)")
+    ap.add_argument("--jobs", help="comma-separated job names to run (default: all)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    jobs = [j for j in JOBS if not args.jobs or j[0] in args.jobs.split(",")]
     if not os.environ.get("CEPH_CONF"):
         sys.exit("set CEPH_CONF to the cluster's ceph.conf (tools/ceph-cluster.sh start DIR)")
     tmp = tempfile.mkdtemp(prefix="cb-rados-bench-", dir=args.dir)
@@ -116,13 +120,15 @@ def main():
                CowblockTarget("cowblock-local", local_pool, tmp)]
     if shutil.which("qemu-nbd") is None:
         targets = [t for t in targets if t.name != "rbd-qemu-nbd"]
-    rounds = {t.name: {job[0]: [] for job in JOBS} for t in targets}
+    if args.targets:
+        targets = [t for t in targets if t.name in args.targets.split(",")]
+    rounds = {t.name: {job[0]: [] for job in jobs} for t in targets}
     try:
         for _ in range(args.runs):
             for t in targets:
                 fio_args = t.start()
                 try:
-                    for name, rw, bs, timed in JOBS:
+                    for name, rw, bs, timed in jobs:
                         rounds[t.name][name].append(fio(fio_args, rw, bs, args.seconds, timed))
                 finally:
                     t.stop()
@@ -137,11 +143,13 @@ def main():
               for t, jobs in rounds.items()}
     units = "4k: IOPS, 1m: MB/s, QD16"
     print(units)
-    print(f"{'':16}" + "".join(f"{j:>16}" for j, *_ in JOBS))
+    print(f"{'':16}" + "".join(f"{j:>16}" for j, *_ in jobs))
     for t, row in result.items():
-        print(f"{t:16}" + "".join(f"{row[j]:>16}" for j, *_ in JOBS))
-    if "rbd-qemu-nbd" in result:
-        for j in ("overwrite_4k", "randread_4k"):
+        print(f"{t:16}" + "".join(f"{row[j]:>16}" for j, *_ in jobs))
+    if "rbd-qemu-nbd" in result and "cowblock-rados" in result:
+        for j in ("overwrite_4k", "randread_4k", "seqwrite_1m"):
+            if j not in result["cowblock-rados"]:
+                continue
             print(f"{j}: cowblock-rados / rbd-qemu-nbd = "
                   f"{result['cowblock-rados'][j] / result['rbd-qemu-nbd'][j]:.2f}")
     if args.json:
