@@ -103,6 +103,41 @@ def test_create_write_snapshot_reopen(ceph, location):
         assert {d.name for d in p.list()} == {"base", "snap"}
 
 
+def test_the_cache_is_never_stale_and_partial_writes_keep_the_rest(ceph, location, tmp_path,
+                                                                   monkeypatch):
+    """What an earlier open on this host cached is never served after
+    another writer changed the pool; a write into part of an uncached block
+    (in place, and as a CoW of a snapshot's block) keeps the rest of it."""
+    with Pool.create(location, 64 * MiB, 65536, commit_interval=0) as p:
+        p.create_thin("d", 4 * MiB).pwrite(pattern(1, 2 * MiB), 0)
+    with Pool.open(location, commit_interval=0) as p:
+        assert p.device("d").pread(2 * MiB, 0) == pattern(1, 2 * MiB)   # cached here now
+    cache = os.environ["COWBLOCK_RADOS_CACHE"]
+    monkeypatch.setenv("COWBLOCK_RADOS_CACHE", str(tmp_path / "other-host"))
+    with Pool.open(location, commit_interval=0) as p:
+        p.device("d").pwrite(pattern(2, MiB), 0)
+        p.snapshot("d", "s")
+    monkeypatch.setenv("COWBLOCK_RADOS_CACHE", cache)
+    with Pool.open(location, commit_interval=0) as p:
+        d = p.device("d")
+        d.pwrite(b"x" * 512, MiB + 1000)       # into a block shared with s: CoW
+        want = bytearray(pattern(2, MiB) + pattern(1, 2 * MiB)[MiB:])
+        want[MiB + 1000:MiB + 1512] = b"x" * 512
+        assert d.pread(2 * MiB, 0) == want
+        assert p.device("s").pread(2 * MiB, 0) == pattern(2, MiB) + pattern(1, 2 * MiB)[MiB:]
+    drop_cache(location)
+    with Pool.open(location, commit_interval=0) as p:
+        p.delete("s")
+        p.commit()
+        p.device("d").pwrite(b"y" * 100, 70000)   # in place, into an uncached unit
+        want[70000:70100] = b"y" * 100
+        assert p.device("d").pread(2 * MiB, 0) == want
+    drop_cache(location)
+    with Pool.open(location, read_only=True) as p:
+        assert p.device("d").pread(2 * MiB, 0) == want
+        assert p.check().ok
+
+
 def test_trim_removes_objects(ceph, location):
     with Pool.create(location, 64 * MiB, MiB, commit_interval=0) as p:
         d = p.create_thin("d", 8 * MiB)
