@@ -2,8 +2,9 @@
 
 The pool's data and metadata live as RADOS objects (csrc/remote.c, behind
 the C core's I/O seam); this host keeps a cache directory of the two files
-the engine maps, filled from the objects at every open, plus the marker
-``rados.json`` that says where the pool really is.  Everything that takes a
+the engine maps (emptied at every open, filled from the objects as reads
+need them: csrc/remote.c), plus the marker ``rados.json`` that says where
+the pool really is.  Everything that takes a
 pool directory (the daemon, its runtime directory, the pool lock) takes the
 cache directory, and opening it opens the pool on RADOS.
 
@@ -16,7 +17,7 @@ cache directory, and opening it opens the pool on RADOS.
 One writer at a time across hosts: the RADOS exclusive lock on the pool's
 superblock object (its cookie names host and process) and a fencing epoch
 compared by every superblock write.  On one host, a RADOS pool is opened by
-one process at a time (readers too: an open refills the cache), so share it
+one process at a time (readers too: an open empties the cache), so share it
 through its daemon.
 """
 import json
@@ -140,6 +141,7 @@ class Remote:
             time.sleep(0.5)
 
     def fetch(self, path):
+        """Make path's files the pool's (empty) cache, with its superblock."""
         check(lib.cb_remote_fetch(self.h, os.fsencode(path)), not_found=errors.PoolNotFoundError)
 
     def destroy(self):
