@@ -1,12 +1,12 @@
 """Why 1 MiB sequential writes into a RADOS pool can run at half of RBD's:
 block placement.  A device's blocks sit in the data file in the order they
-were first written, so after random first writes a virtual MiB is 16
-blocks in 16 RADOS objects, and a 1 MiB overwrite in place becomes 16
+were allocated, one at a time, so after random first writes or a fill by
+concurrent writers a virtual MiB is 16 blocks in up to 16 RADOS objects, and a 1 MiB overwrite in place becomes 16
 writes of 64 KiB (RBD: one write into one object).  This measures 1 MiB
-writes (16 threads, in-process: first the fill, then overwrites in place)
-into an empty device and into one whose blocks were first written at random
-(4 KiB each), with the RADOS writes sent per MiB (cb_remote_requests, the
-commit's metadata included).
+writes (in-process) into a device: a fill (first writes) by one thread
+(in-order) or by 16 (qd16-fill, random-first: after random 4 KiB first
+writes), then overwrites in place by 16 threads, with the RADOS writes sent
+per MiB (cb_remote_requests, the commit's metadata included).
 
   CEPH_CONF=... python benchmarks/rados_seqwrite.py [--mib 128] [--json F]
 """
@@ -33,10 +33,11 @@ def run(layout, size):
                     d.pwrite(b"r" * 4096, rng.randrange(size // 4096) * 4096)
             buf = os.urandom(MiB)
             out = {}
-            for job in ("fill", "overwrite"):   # first writes of what is left, then in place
+            # first writes (of what is left), then in place
+            for job, threads in (("fill", 1 if layout == "in-order" else 16), ("overwrite", 16)):
                 before = p._remote.requests()["writes"]
                 t = time.monotonic()
-                with ThreadPoolExecutor(16) as ex:
+                with ThreadPoolExecutor(threads) as ex:
                     list(ex.map(lambda off: d.pwrite(buf, off), range(0, size, MiB)))
                 p.commit()
                 seconds = time.monotonic() - t
@@ -54,7 +55,8 @@ def main():
     ap.add_argument("--json")
     args = ap.parse_args()
     os.environ.setdefault("COWBLOCK_RADOS_CACHE", f"/tmp/cb-seqwrite-{os.getpid()}")
-    result = {layout: run(layout, args.mib * MiB) for layout in ("sequential", "random-first")}
+    result = {layout: run(layout, args.mib * MiB)
+              for layout in ("in-order", "qd16-fill", "random-first")}
     for layout, jobs in result.items():
         for job, row in jobs.items():
             print(f"{layout:14} {job:10} {row['MBps']:>6} MB/s  {row['rados_writes_per_MiB']:>5} "
