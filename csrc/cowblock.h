@@ -128,6 +128,9 @@ int sm_dec(struct cb_meta *m, struct cb_sm *sm, uint64_t b, bool *now_zero);
 /* Find a block with count 0 that was not freed in this transaction, and mark
  * it busy.  Does not set its count. -ENOSPC when there is none. */
 int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out);
+/* Block b, if it is free as sm_find_free means it, marked busy: 1; 0 when
+ * it is not free. */
+int sm_take_if_free(struct cb_meta *m, struct cb_sm *sm, uint64_t b);
 /* After a commit: blocks freed or dropped in the transaction become reusable
  * (or are held while readers that may see them remain). */
 void sm_commit_done(struct cb_sm *sm);

@@ -138,6 +138,26 @@ def test_the_cache_is_never_stale_and_partial_writes_keep_the_rest(ceph, locatio
         assert p.check().ok
 
 
+def test_a_requests_blocks_stay_together_under_concurrent_writers(ceph, location):
+    """Blocks allocated by one request are contiguous in the data file
+    however many requests allocate at once, so a 1 MiB overwrite is one or
+    two RADOS writes (the objects it spans), not one per block."""
+    from concurrent.futures import ThreadPoolExecutor
+    with Pool.create(location, 64 * MiB, 65536, commit_interval=0) as p:
+        d = p.create_thin("d", 16 * MiB)
+        with ThreadPoolExecutor(8) as ex:
+            list(ex.map(lambda off: d.pwrite(pattern(off, MiB), off), range(0, 16 * MiB, MiB)))
+        p.commit()
+        before = p._remote.requests()["writes"]
+        for off in range(0, 16 * MiB, MiB):
+            d.pwrite(pattern(off + 1, MiB), off)
+        p.commit()
+        sent = p._remote.requests()["writes"] - before
+        assert sent <= 2 * 16 + 8, sent   # (the commit: a few metadata writes)
+        assert d.pread(16 * MiB, 0) == b"".join(pattern(off + 1, MiB)
+                                                for off in range(0, 16 * MiB, MiB))
+
+
 def test_trim_removes_objects(ceph, location):
     with Pool.create(location, 64 * MiB, MiB, commit_interval=0) as p:
         d = p.create_thin("d", 8 * MiB)
