@@ -42,6 +42,7 @@
 #define SB_OBJECT "superblock"
 #define LOCK_NAME "cowblock"
 #define MAX_INFLIGHT 256
+#define HELD_STREAMS 16        /* sequential streams held back at once (writers at QD16) */
 #define ALIVE_TIMEOUT_MS 5000  /* a holder that does not answer a notify in this is dead */
 
 #ifndef COWBLOCK_HAVE_RADOS
@@ -97,12 +98,14 @@ struct cb_remote {
         int fd;                /* the cache file, read-write even for a read-only open */
         uint64_t size;
     } lazy[2];
-    struct {                   /* a write not sent yet, that the next may extend (order held) */
+    struct held {              /* writes not sent yet, that the next may extend (order held) */
         char oid[64];
         uint64_t at;
         uint8_t *buf;
         size_t len, cap;
-    } pend;
+        uint64_t used;         /* when last extended, for choosing one to send */
+    } held[HELD_STREAMS];
+    uint64_t held_clock;
 };
 
 enum { REQ_READ, REQ_WRITE, REQ_REMOVE, REQ_DATA_READ, REQ_KINDS };
@@ -561,46 +564,76 @@ static int send_write(cb_remote *r, const char *oid, uint8_t *buf, size_t n, uin
     return 0;
 }
 
-/* Send the write held back (order held): before any other request, so
- * RADOS sees the writes in the cache's order. */
-static int flush_pending(cb_remote *r)
+/* Send one held write (order held). */
+static int send_held(cb_remote *r, struct held *h)
 {
-    if (!r->pend.len)
+    if (!h->len)
         return 0;
-    uint8_t *buf = r->pend.buf;
-    size_t n = r->pend.len;
-    r->pend.buf = NULL;
-    r->pend.len = r->pend.cap = 0;
-    return send_write(r, r->pend.oid, buf, n, r->pend.at);
+    uint8_t *buf = h->buf;
+    size_t n = h->len;
+    h->buf = NULL;
+    h->len = h->cap = 0;
+    return send_write(r, h->oid, buf, n, h->at);
 }
 
-/* Hold a piece back if it may grow: a sequential stream of block-sized
- * writes (the engine writes each newly allocated block alone) goes to RADOS
- * as one write per object, not one per block; anything else sends it. */
+/* Send every write held back (order held): before any request that must
+ * follow them (a superblock write, a discard, a wait). */
+static int flush_pending(cb_remote *r)
+{
+    int rv = 0;
+    for (int i = 0; i < HELD_STREAMS; i++) {
+        int e = send_held(r, &r->held[i]);
+        rv = rv ? rv : e;
+    }
+    return rv;
+}
+
+/* Hold a piece back if it may grow: sequential streams of block-sized
+ * writes (the engine writes each newly allocated block alone, and writers
+ * at QD16 fill several objects at once) go to RADOS as one write per
+ * object, not one per block.  A piece that extends no held write of its
+ * object first sends those (RADOS sees one object's writes in the cache's
+ * order), then starts a stream of its own, sending the stream used longest
+ * ago if none is free.  Writes of different objects need no order among
+ * themselves: a commit waits for all of them before its superblock. */
 static int hold_or_send(cb_remote *r, const char *oid, const struct iovec *iov, int cnt,
                         uint64_t skip, uint64_t n, uint64_t at)
 {
-    bool extends = r->pend.len && strcmp(r->pend.oid, oid) == 0 && r->pend.at + r->pend.len == at;
+    struct held *h = NULL, *lru = NULL;
     int rv;
-    if (!extends && (rv = flush_pending(r)) != 0)
-        return rv;
-    if (!r->pend.len) {
-        snprintf(r->pend.oid, sizeof r->pend.oid, "%s", oid);
-        r->pend.at = at;
+    for (int i = 0; i < HELD_STREAMS; i++) {
+        struct held *s = &r->held[i];
+        if (s->len && strcmp(s->oid, oid) == 0) {
+            if (!h && s->at + s->len == at)
+                h = s;
+            else if ((rv = send_held(r, s)) != 0)
+                return rv;
+        }
     }
-    if (r->pend.len + n > r->pend.cap) {
-        size_t cap = r->pend.cap ? r->pend.cap : 65536;
-        while (cap < r->pend.len + n)
+    if (!h) {
+        for (int i = 0; i < HELD_STREAMS && (!lru || lru->len); i++)
+            if (!lru || !r->held[i].len || r->held[i].used < lru->used)
+                lru = &r->held[i];
+        if ((rv = send_held(r, lru)) != 0)
+            return rv;
+        h = lru;
+        snprintf(h->oid, sizeof h->oid, "%s", oid);
+        h->at = at;
+    }
+    if (h->len + n > h->cap) {
+        size_t cap = h->cap ? h->cap : 65536;
+        while (cap < h->len + n)
             cap *= 2;
-        uint8_t *b = realloc(r->pend.buf, cap);
+        uint8_t *b = realloc(h->buf, cap);
         if (!b)
             return cb_err(CB_E_NO_MEMORY, "out of memory");
-        r->pend.buf = b;
-        r->pend.cap = cap;
+        h->buf = b;
+        h->cap = cap;
     }
-    gather(r->pend.buf + r->pend.len, iov, cnt, skip, n);
-    r->pend.len += n;
-    return r->pend.at + r->pend.len == OBJECT_SIZE ? flush_pending(r) : 0; /* it cannot grow */
+    gather(h->buf + h->len, iov, cnt, skip, n);
+    h->len += n;
+    h->used = ++r->held_clock;
+    return h->at + h->len == OBJECT_SIZE ? send_held(r, h) : 0; /* it cannot grow */
 }
 
 int remote_write(struct cb_file *f, const struct iovec *iov, int cnt, uint64_t off)
@@ -1101,7 +1134,8 @@ int cb_remote_close(cb_remote *r)
         rados_ioctx_destroy(r->io);
         rados_shutdown(r->cluster);
     }
-    free(r->pend.buf);
+    for (int i = 0; i < HELD_STREAMS; i++)
+        free(r->held[i].buf);
     lazy_free(r);
     pthread_cond_destroy(&r->fetched_cond);
     pthread_mutex_destroy(&r->order);
