@@ -14,6 +14,7 @@ writes.  Rounds interleave the targets.
 
   CEPH_CONF=... python benchmarks/rados_nbd.py [--runs 1] [--seconds 4] [--json F]
       [--targets cowblock-rados,rbd-qemu-nbd] [--jobs fill_1m,seqwrite_1m]
+      [--other /path/to/older/venv/bin/cowblock]
 """
 import argparse
 import json
@@ -48,15 +49,15 @@ def fio(target_args, rw, bs, seconds, timed):
 
 
 class CowblockTarget:
-    def __init__(self, name, pool, tmp):
-        self.name, self.pool, self.tmp = name, pool, tmp
+    def __init__(self, name, pool, tmp, command="cowblock"):
+        self.name, self.pool, self.tmp, self.command = name, pool, tmp, command
 
     def start(self):
         image = f"v{uuid.uuid4().hex[:6]}"
-        subprocess.run(["cowblock", "--pool", self.pool, "create", image, "--size", str(IMAGE)],
+        subprocess.run([self.command, "--pool", self.pool, "create", image, "--size", str(IMAGE)],
                        check=True, capture_output=True)
         self.sock = os.path.join(self.tmp, f"{image}.sock")
-        self.proc = subprocess.Popen(["cowblock", "--pool", self.pool, "serve", "--socket",
+        self.proc = subprocess.Popen([self.command, "--pool", self.pool, "serve", "--socket",
                                       self.sock, image], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         wait_for(self.sock, self.proc, "cowblock serve")
@@ -103,6 +104,9 @@ def main():
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="for the local pool")
     ap.add_argument("--targets", help="comma-separated names to run (default: all)")
     ap.add_argument("--jobs", help="comma-separated job names to run (default: all)")
+    ap.add_argument("--other", metavar="COWBLOCK",
+                    help="another build's cowblock command, run as target cowblock-rados-other "
+                         "on the same RADOS pool (a before/after comparison)")
     ap.add_argument("--json")
     args = ap.parse_args()
     jobs = [j for j in JOBS if not args.jobs or j[0] in args.jobs.split(",")]
@@ -118,6 +122,8 @@ def main():
                RbdTarget("rbd-qemu-nbd", args.ceph_pool, tmp, via_nbd=True),
                RbdTarget("rbd-fio", args.ceph_pool, tmp, via_nbd=False),
                CowblockTarget("cowblock-local", local_pool, tmp)]
+    if args.other:
+        targets.insert(1, CowblockTarget("cowblock-rados-other", rados_pool, tmp, args.other))
     if shutil.which("qemu-nbd") is None:
         targets = [t for t in targets if t.name != "rbd-qemu-nbd"]
     if args.targets:
