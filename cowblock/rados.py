@@ -144,6 +144,10 @@ class Remote:
         """Make path's files the pool's (empty) cache, with its superblock."""
         check(lib.cb_remote_fetch(self.h, os.fsencode(path)), not_found=errors.PoolNotFoundError)
 
+    def cache_metadata(self):
+        """All of the metadata into the cache (for a raw copy of the file)."""
+        check(lib.cb_remote_cache_metadata(self.h))
+
     def destroy(self):
         check(lib.cb_remote_destroy(self.h))
 

@@ -59,6 +59,7 @@ int cb_remote_create(cb_remote *r) { return no_rados(); }
 int cb_remote_lock(cb_remote *r, const char *cookie, const char *description) { return no_rados(); }
 int cb_remote_fetch(cb_remote *r, const char *dir) { return no_rados(); }
 int cb_remote_destroy(cb_remote *r) { return no_rados(); }
+int cb_remote_cache_metadata(cb_remote *r) { return no_rados(); }
 int cb_remote_close(cb_remote *r) { return 0; }
 uint64_t cb_remote_requests(cb_remote *r, int kind) { return 0; }
 void remote_begin(struct cb_file *f) {}
@@ -1089,6 +1090,14 @@ int cb_remote_fetch(cb_remote *r, const char *dir)
     for (uint64_t u = 0; u < SB_BYTES / CB_META_BLOCK_SIZE; u++)
         r->lazy[1].state[u] = UNIT_PRESENT;
     return 0;
+}
+
+int cb_remote_cache_metadata(cb_remote *r)
+{
+    struct lazy *z = &r->lazy[1];
+    struct cb_file f = {z->fd, "metadata", r};
+    struct cb_range all = {0, z->size};
+    return z->state ? remote_need(&f, &all, 1) : 0;
 }
 
 int cb_remote_destroy(cb_remote *r)

@@ -38,6 +38,9 @@ int cb_remote_lock(cb_remote *r, const char *cookie, const char *description);
  * sizes) the pool's cache, holding the superblock; the rest is read from
  * the objects as the engine needs it. */
 int cb_remote_fetch(cb_remote *r, const char *dir);
+/* Fetch all of the metadata into the cache, for callers that read the cache
+ * file itself (repair's preview copies it). */
+int cb_remote_cache_metadata(cb_remote *r);
 /* Remove every object of the pool (the lock must be ours, or nobody's). */
 int cb_remote_destroy(cb_remote *r);
 /* Unlock if locked, disconnect, free.  Close the pool first. */

@@ -158,6 +158,19 @@ def test_a_requests_blocks_stay_together_under_concurrent_writers(ceph, location
                                                 for off in range(0, 16 * MiB, MiB))
 
 
+def test_repair_preview_of_a_lazily_read_pool(ceph, location):
+    """The repair preview copies the metadata file: all of it is fetched
+    first, not only what this open has read."""
+    from cowblock import repair
+    # nodes of 4 entries: the mapping tree spans several metadata objects
+    with Pool.create(location, 64 * MiB, 4096, commit_interval=0, _node_capacity=4) as p:
+        p.create_thin("d", 8 * MiB).pwrite(pattern(1, 4 * MiB), 0)
+    with Pool.open(location, commit_interval=0) as p:
+        assert p._remote.requests()["reads"] < 4   # the mapping tree not read yet
+        plan = repair.preview(p)
+        assert plan.report.ok and not plan.dropped, plan.report
+
+
 def test_trim_removes_objects(ceph, location):
     with Pool.create(location, 64 * MiB, MiB, commit_interval=0) as p:
         d = p.create_thin("d", 8 * MiB)
