@@ -13,6 +13,8 @@ fill, then 4 KiB random overwrites and reads at QD16 and 1 MiB sequential
 writes.  Rounds interleave the targets.
 
   CEPH_CONF=... python benchmarks/rados_nbd.py [--runs 1] [--seconds 4] [--json F]
+      [--targets cowblock-rados,rbd-qemu-nbd] [--jobs fill_1m,seqwrite_1m]
+      [--other /path/to/older/venv/bin/cowblock]
 """
 import argparse
 import json
@@ -47,15 +49,15 @@ def fio(target_args, rw, bs, seconds, timed):
 
 
 class CowblockTarget:
-    def __init__(self, name, pool, tmp):
-        self.name, self.pool, self.tmp = name, pool, tmp
+    def __init__(self, name, pool, tmp, command="cowblock"):
+        self.name, self.pool, self.tmp, self.command = name, pool, tmp, command
 
     def start(self):
         image = f"v{uuid.uuid4().hex[:6]}"
-        subprocess.run(["cowblock", "--pool", self.pool, "create", image, "--size", str(IMAGE)],
+        subprocess.run([self.command, "--pool", self.pool, "create", image, "--size", str(IMAGE)],
                        check=True, capture_output=True)
         self.sock = os.path.join(self.tmp, f"{image}.sock")
-        self.proc = subprocess.Popen(["cowblock", "--pool", self.pool, "serve", "--socket",
+        self.proc = subprocess.Popen([self.command, "--pool", self.pool, "serve", "--socket",
                                       self.sock, image], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         wait_for(self.sock, self.proc, "cowblock serve")
@@ -100,8 +102,14 @@ def main():
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--ceph-pool", default="cowblock")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="for the local pool")
+    ap.add_argument("--targets", help="comma-separated names to run (default: all)")
+    ap.add_argument("--jobs", help="comma-separated job names to run (default: all)")
+    ap.add_argument("--other", metavar="COWBLOCK",
+                    help="another build's cowblock command, run as target cowblock-rados-other "
+                         "on the same RADOS pool (a before/after comparison)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    jobs = [j for j in JOBS if not args.jobs or j[0] in args.jobs.split(",")]
     if not os.environ.get("CEPH_CONF"):
         sys.exit("set CEPH_CONF to the cluster's ceph.conf (tools/ceph-cluster.sh start DIR)")
     tmp = tempfile.mkdtemp(prefix="cb-rados-bench-", dir=args.dir)
@@ -114,15 +122,19 @@ def main():
                RbdTarget("rbd-qemu-nbd", args.ceph_pool, tmp, via_nbd=True),
                RbdTarget("rbd-fio", args.ceph_pool, tmp, via_nbd=False),
                CowblockTarget("cowblock-local", local_pool, tmp)]
+    if args.other:
+        targets.insert(1, CowblockTarget("cowblock-rados-other", rados_pool, tmp, args.other))
     if shutil.which("qemu-nbd") is None:
         targets = [t for t in targets if t.name != "rbd-qemu-nbd"]
-    rounds = {t.name: {job[0]: [] for job in JOBS} for t in targets}
+    if args.targets:
+        targets = [t for t in targets if t.name in args.targets.split(",")]
+    rounds = {t.name: {job[0]: [] for job in jobs} for t in targets}
     try:
         for _ in range(args.runs):
             for t in targets:
                 fio_args = t.start()
                 try:
-                    for name, rw, bs, timed in JOBS:
+                    for name, rw, bs, timed in jobs:
                         rounds[t.name][name].append(fio(fio_args, rw, bs, args.seconds, timed))
                 finally:
                     t.stop()
@@ -137,11 +149,13 @@ def main():
               for t, jobs in rounds.items()}
     units = "4k: IOPS, 1m: MB/s, QD16"
     print(units)
-    print(f"{'':16}" + "".join(f"{j:>16}" for j, *_ in JOBS))
+    print(f"{'':16}" + "".join(f"{j:>16}" for j, *_ in jobs))
     for t, row in result.items():
-        print(f"{t:16}" + "".join(f"{row[j]:>16}" for j, *_ in JOBS))
-    if "rbd-qemu-nbd" in result:
-        for j in ("overwrite_4k", "randread_4k"):
+        print(f"{t:16}" + "".join(f"{row[j]:>16}" for j, *_ in jobs))
+    if "rbd-qemu-nbd" in result and "cowblock-rados" in result:
+        for j in ("overwrite_4k", "randread_4k", "seqwrite_1m"):
+            if j not in result["cowblock-rados"]:
+                continue
             print(f"{j}: cowblock-rados / rbd-qemu-nbd = "
                   f"{result['cowblock-rados'][j] / result['rbd-qemu-nbd'][j]:.2f}")
     if args.json:

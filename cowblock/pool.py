@@ -216,7 +216,7 @@ class Pool(RecordStore):
         loc = rados.location_of(path)
         if loc is None and not os.path.isfile(os.path.join(path, "metadata")):
             raise errors.PoolNotFoundError(f"no pool at {path} (no metadata file there)")
-        # A RADOS pool's open refills its cache: one process on a host at a time.
+        # A RADOS pool's open empties its cache: one process on a host at a time.
         lock = PoolLock(path, exclusive=not read_only or loc is not None, timeout=timeout)
         remote = None
         try:

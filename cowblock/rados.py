@@ -2,8 +2,9 @@
 
 The pool's data and metadata live as RADOS objects (csrc/remote.c, behind
 the C core's I/O seam); this host keeps a cache directory of the two files
-the engine maps, filled from the objects at every open, plus the marker
-``rados.json`` that says where the pool really is.  Everything that takes a
+the engine maps (emptied at every open, filled from the objects as reads
+need them: csrc/remote.c), plus the marker ``rados.json`` that says where
+the pool really is.  Everything that takes a
 pool directory (the daemon, its runtime directory, the pool lock) takes the
 cache directory, and opening it opens the pool on RADOS.
 
@@ -16,7 +17,7 @@ cache directory, and opening it opens the pool on RADOS.
 One writer at a time across hosts: the RADOS exclusive lock on the pool's
 superblock object (its cookie names host and process) and a fencing epoch
 compared by every superblock write.  On one host, a RADOS pool is opened by
-one process at a time (readers too: an open refills the cache), so share it
+one process at a time (readers too: an open empties the cache), so share it
 through its daemon.
 """
 import json
@@ -140,15 +141,22 @@ class Remote:
             time.sleep(0.5)
 
     def fetch(self, path):
+        """Make path's files the pool's (empty) cache, with its superblock."""
         check(lib.cb_remote_fetch(self.h, os.fsencode(path)), not_found=errors.PoolNotFoundError)
+
+    def cache_metadata(self):
+        """All of the metadata into the cache (for a raw copy of the file)."""
+        check(lib.cb_remote_cache_metadata(self.h))
 
     def destroy(self):
         check(lib.cb_remote_destroy(self.h))
 
     def requests(self):
-        """Requests sent so far: reads, writes, removes."""
+        """Requests sent so far: reads (data_reads of them of data objects),
+        writes, removes; and fetched_bytes, read from RADOS into the cache."""
         return {k: lib.cb_remote_requests(self.h, i)
-                for i, k in enumerate(("reads", "writes", "removes"))}
+                for i, k in enumerate(("reads", "writes", "removes", "data_reads",
+                                       "fetched_bytes"))}
 
     def close(self):
         h, self.h = self.h, None

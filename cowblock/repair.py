@@ -29,6 +29,8 @@ def preview(pool):
     pool.wait_reclaimed()   # no deferred removal changes the metadata while it is copied
     pool.commit()
     before = {i.id: i.name for i in pool.list()}
+    if pool._remote is not None:   # a pool on RADOS: its cache holds what was read so far
+        pool._remote.cache_metadata()
     scratch = tempfile.mkdtemp(prefix=".cowblock-repair-", dir=_scratch_parent(pool.path))
     try:
         _copy_sparse(os.path.join(pool.path, "metadata"), os.path.join(scratch, "metadata"))

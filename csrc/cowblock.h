@@ -74,6 +74,15 @@ int remote_write(struct cb_file *f, const struct iovec *iov, int cnt, uint64_t o
 int remote_discard(struct cb_file *f, uint64_t off, uint64_t len);
 int remote_set_size(struct cb_file *f, uint64_t size);
 int remote_wait(struct cb_file *f);
+/* The cache is filled on demand (remote.c): remote_need before reading
+ * ranges of a file through its mapping, remote_will_write before writing,
+ * zeroing or punching a range of the cache. */
+struct cb_range {
+    uint64_t off, len;
+};
+int remote_need(struct cb_file *f, const struct cb_range *ranges, int count);
+int remote_will_write(struct cb_file *f, uint64_t off, uint64_t len);
+void remote_set_block_size(struct cb_file *f, uint32_t block_size);
 
 /* ---- growable vector of u32 ---- */
 struct u32vec {
@@ -119,6 +128,9 @@ int sm_dec(struct cb_meta *m, struct cb_sm *sm, uint64_t b, bool *now_zero);
 /* Find a block with count 0 that was not freed in this transaction, and mark
  * it busy.  Does not set its count. -ENOSPC when there is none. */
 int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out);
+/* Block b, if it is free as sm_find_free means it, marked busy: 1; 0 when
+ * it is not free. */
+int sm_take_if_free(struct cb_meta *m, struct cb_sm *sm, uint64_t b);
 /* After a commit: blocks freed or dropped in the transaction become reusable
  * (or are held while readers that may see them remain). */
 void sm_commit_done(struct cb_sm *sm);

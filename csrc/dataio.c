@@ -112,6 +112,18 @@ static void copy_extent(uint8_t *dst, const uint8_t *src, uint64_t len, uintptr_
     cb_copy_out(dst, src, len);
 }
 
+/* A pool on RADOS: the blocks of the extents into the cache, all at once
+ * (remote.c reads what is not there yet, many requests in flight). */
+static int fetch_extents(cb_pool *p, const uint8_t *map, const struct read_extent *ex, int n)
+{
+    struct cb_range want[READ_BATCH];
+    int k = 0;
+    for (int i = 0; i < n; i++)
+        if (ex[i].src)
+            want[k++] = (struct cb_range){(uint64_t)(ex[i].src - map), ex[i].len};
+    return k ? remote_need(&p->data, want, k) : 0;
+}
+
 /* Reads resolve their blocks under the shared lock, then copy without it,
  * registered as readers with the data space map (which keeps the blocks
  * from being reused or written in place until they are done): a reader
@@ -131,8 +143,11 @@ int64_t cb_dev_read(cb_pool *p, uint32_t id, void *buf, uint64_t len, uint64_t o
         if (!(r = range_check(p, d, id, "read", pos, end - pos)))
             r = read_resolve(p, d, &pos, end, ex, &n);
         uint32_t parity = sm_read_begin(&p->m.dsm);
-        uintptr_t map_end = (uintptr_t)p->data_map + p->data_map_len; /* the map ex[] points into */
+        const uint8_t *map = p->data_map; /* the map ex[] points into */
+        uintptr_t map_end = (uintptr_t)map + p->data_map_len;
         pthread_rwlock_unlock(&p->lock);
+        if (!r && p->data.remote)
+            r = fetch_extents(p, map, ex, n);
         for (int i = 0; i < n && !r; i++) {
             if (ex[i].src)
                 copy_extent(dst, ex[i].src, ex[i].len, map_end);
@@ -196,6 +211,13 @@ static int fill_new_block(cb_pool *p, uint32_t nb, bool mapped, uint32_t old, ui
 {
     uint64_t bs = p->block_size, base = (uint64_t)nb << p->block_shift, tail = bs - boff - n;
     const uint8_t *old_bytes = mapped ? p->data_map + ((uint64_t)old << p->block_shift) : NULL;
+    if (mapped && p->data.remote && (boff || tail)) { /* the old bytes kept, into the cache */
+        uint64_t from = (uint64_t)old << p->block_shift;
+        struct cb_range keep[2] = {{from, boff}, {from + boff + n, tail}};
+        int r = remote_need(&p->data, boff ? keep : keep + 1, boff && tail ? 2 : 1);
+        if (r)
+            return r;
+    }
     bool zero_fits = (mapped || (boff <= sizeof zeroes && tail <= sizeof zeroes)) &&
                      (src || n <= sizeof zeroes);
     if (!zero_fits) {
@@ -240,6 +262,36 @@ static int alloc_data_block(cb_pool *p, uint32_t *nb)
 }
 
 static int map_new_block(cb_pool *p, struct cb_dev *d, uint32_t vb, uint32_t nb);
+
+/* Where one write's next new block should go, on a pool on RADOS: right
+ * after its last one, so that a request's blocks are contiguous in the data
+ * file whatever other writers allocate meanwhile, and a later overwrite of
+ * them is one RADOS write per object, not one per block.  The first block
+ * of a request moves the allocator's hint past the room the rest of the
+ * request may take (blocks skipped stay free; the hint wraps to them). */
+struct alloc_goal {
+    uint64_t next;   /* the block wanted; UINT64_MAX: none yet */
+    uint64_t room;   /* blocks of the request after this piece */
+};
+
+static int alloc_near(cb_pool *p, struct alloc_goal *g, uint32_t *nb)
+{
+    if (!g || !p->data.remote)
+        return alloc_data_block(p, nb);
+    int r = g->next == UINT64_MAX ? 0 : sm_take_if_free(&p->m, &p->m.dsm, g->next);
+    if (r < 0)
+        return r;
+    if (r == 1) {
+        *nb = (uint32_t)g->next;
+    } else {
+        if ((r = alloc_data_block(p, nb)) != 0)
+            return r;
+        if (g->room && g->next == UINT64_MAX)
+            p->m.dsm.alloc_hint = (*nb + 1 + g->room) % p->m.dsm.nr_blocks;
+    }
+    g->next = (uint64_t)*nb + 1;
+    return 0;
+}
 
 /* One piece of a write inside block vb, with the write lock held: for
  * callers inside a larger change that holds the lock (zeroing, resize).  src NULL
@@ -375,7 +427,7 @@ static int map_new_block(cb_pool *p, struct cb_dev *d, uint32_t vb, uint32_t nb)
  * else start over.  The new block stays "pending" (busy across commits)
  * until it is mapped or dropped. */
 static int write_piece(cb_pool *p, uint32_t id, uint32_t vb, uint64_t boff, const void *src,
-                       uint64_t n, bool skip_unmapped)
+                       uint64_t n, bool skip_unmapped, struct alloc_goal *goal)
 {
     int r = cell_acquire(p, id, vb);
     if (r)
@@ -393,7 +445,7 @@ static int write_piece(cb_pool *p, uint32_t id, uint32_t vb, uint64_t boff, cons
             pthread_rwlock_unlock(&p->lock);
             break;
         }
-        if ((r = meta_reserve_check(&p->m, 32)) == 0 && (r = alloc_data_block(p, &nb)) == 0)
+        if ((r = meta_reserve_check(&p->m, 32)) == 0 && (r = alloc_near(p, goal, &nb)) == 0)
             r = u32vec_push(&p->pending, nb);
         pthread_rwlock_unlock(&p->lock);
         if (r)
@@ -429,6 +481,7 @@ static int write_range(cb_pool *p, uint32_t id, const void *src, uint64_t len, u
 {
     const uint8_t *s = src;
     uint64_t pos = off, end = off + len, bs = p->block_size;
+    struct alloc_goal goal = {UINT64_MAX, 0};
     while (pos < end) {
         uint32_t vb = (uint32_t)(pos >> p->block_shift);
         uint64_t boff = pos & (bs - 1);
@@ -458,7 +511,8 @@ static int write_range(cb_pool *p, uint32_t id, const void *src, uint64_t len, u
             return r;
         if (!run) {
             uint64_t n = bs - boff < end - pos ? bs - boff : end - pos;
-            if ((r = write_piece(p, id, vb, boff, s, n, skip_unmapped)) != 0)
+            goal.room = (end - pos - n + bs - 1) >> p->block_shift;
+            if ((r = write_piece(p, id, vb, boff, s, n, skip_unmapped, &goal)) != 0)
                 return r;
             run = n;
         }

@@ -214,6 +214,8 @@ int io_pwritev(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off)
         return write_torn(f, iov, cnt, off, torn);
     if (r || !f->remote)
         return r ? r : write_all(f, iov, cnt, off);
+    if ((r = remote_will_write(f, off, total)) != 0)
+        return r;
     remote_begin(f); /* RADOS gets the writes in the order the cache does */
     r = remote_write(f, iov, cnt, off);
     if (!r)
@@ -235,6 +237,8 @@ int io_write_zeroes(struct cb_file *f, uint64_t off, uint64_t len)
     /* Large ranges: let the filesystem zero them (also allocates space). */
     if (len >= (1u << 20)) {
         int r = fault_gate(f, "zero", true, off, len, NULL);
+        if (!r && f->remote)
+            r = remote_will_write(f, off, len);
         if (r)
             return r;
         if (fallocate(f->fd, FALLOC_FL_ZERO_RANGE, (off_t)off, (off_t)len) == 0)
@@ -286,6 +290,8 @@ int io_truncate(struct cb_file *f, uint64_t size)
 int io_punch_hole(struct cb_file *f, uint64_t off, uint64_t len)
 {
     int r = fault_gate(f, "punch", true, off, len, NULL);
+    if (!r && f->remote)
+        r = remote_will_write(f, off, len);
     if (r)
         return r;
     if (fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) != 0)

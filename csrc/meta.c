@@ -125,7 +125,14 @@ const uint8_t *meta_read(struct cb_meta *m, uint32_t b, uint32_t t1, uint32_t t2
     blk = m->map + (uint64_t)b * CB_META_BLOCK_SIZE;
     uint8_t bit = (uint8_t)(1u << (b & 7));
     if (!(__atomic_load_n(&m->verified[b >> 3], __ATOMIC_ACQUIRE) & bit)) {
-        int r = verify_block(m, b, blk, t1, t2);
+        /* first use: a pool on RADOS fetches it (verified means cached) */
+        struct cb_range at = {(uint64_t)b * CB_META_BLOCK_SIZE, CB_META_BLOCK_SIZE};
+        int r = m->file.remote ? remote_need(&m->file, &at, 1) : 0;
+        if (r) {
+            *err = r;
+            return NULL;
+        }
+        r = verify_block(m, b, blk, t1, t2);
         if (r) {
             *err = r;
             return NULL;

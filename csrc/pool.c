@@ -179,6 +179,8 @@ static int pool_open(const char *dir, struct cb_remote *remote, int read_only, c
     p->data = (struct cb_file){dfd, "data", remote};
     p->block_size = p->m.sb.data_block_size;
     p->block_shift = (uint32_t)__builtin_ctz(p->block_size);
+    if (remote)
+        remote_set_block_size(&p->data, p->block_size);
     struct stat st;
     if (fstat(dfd, &st) != 0) {
         r = cb_err(CB_E_IO, "cannot stat %s/data: %s", dir, strerror(errno));

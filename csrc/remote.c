@@ -22,14 +22,14 @@
  * Any failed request sticks: every later wait fails, and the engine turns
  * the pool read-only with needs_check, as after a failed fsync.
  *
- * Reads never go to RADOS after the open: open fetches the objects that
- * exist (blocks never written have none, so they are never read) into the
- * cache files, which the engine's mmap reads.
+ * Reads: the engine's mmap reads the cache files, which an open leaves
+ * empty and reads fill on first use (see "reads" below).
  */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -42,7 +42,7 @@
 #define SB_OBJECT "superblock"
 #define LOCK_NAME "cowblock"
 #define MAX_INFLIGHT 256
-#define FETCH_INFLIGHT 32
+#define HELD_STREAMS 16        /* sequential streams held back at once (writers at QD16) */
 #define ALIVE_TIMEOUT_MS 5000  /* a holder that does not answer a notify in this is dead */
 
 #ifndef COWBLOCK_HAVE_RADOS
@@ -59,6 +59,7 @@ int cb_remote_create(cb_remote *r) { return no_rados(); }
 int cb_remote_lock(cb_remote *r, const char *cookie, const char *description) { return no_rados(); }
 int cb_remote_fetch(cb_remote *r, const char *dir) { return no_rados(); }
 int cb_remote_destroy(cb_remote *r) { return no_rados(); }
+int cb_remote_cache_metadata(cb_remote *r) { return no_rados(); }
 int cb_remote_close(cb_remote *r) { return 0; }
 uint64_t cb_remote_requests(cb_remote *r, int kind) { return 0; }
 void remote_begin(struct cb_file *f) {}
@@ -67,6 +68,9 @@ int remote_write(struct cb_file *f, const struct iovec *iov, int cnt, uint64_t o
 int remote_discard(struct cb_file *f, uint64_t off, uint64_t len) { return no_rados(); }
 int remote_set_size(struct cb_file *f, uint64_t size) { return no_rados(); }
 int remote_wait(struct cb_file *f) { return no_rados(); }
+int remote_need(struct cb_file *f, const struct cb_range *ranges, int count) { return no_rados(); }
+int remote_will_write(struct cb_file *f, uint64_t off, uint64_t len) { return no_rados(); }
+void remote_set_block_size(struct cb_file *f, uint32_t block_size) {}
 
 #else
 
@@ -86,16 +90,31 @@ struct cb_remote {
     uint32_t inflight;
     int err;                   /* the first failed request's errno (negative), sticky */
     char err_what[256];
-    uint64_t requests[3];      /* reads, writes, removes */
-    struct {                   /* a write not sent yet, that the next may extend (order held) */
+    uint64_t requests[4];      /* reads, writes, removes, reads of data objects */
+    uint64_t fetched;          /* bytes read from RADOS into the cache */
+    pthread_cond_t fetched_cond; /* a fetch ended (mu) */
+    struct lazy {              /* what the cache holds of a file: data [0], metadata [1] */
+        uint8_t *state;        /* a byte a unit (UNIT_*); NULL: all of it (a pool made here) */
+        uint32_t shift;        /* a unit is 1 << shift bytes */
+        int fd;                /* the cache file, read-write even for a read-only open */
+        uint64_t size;
+    } lazy[2];
+    struct held {              /* writes not sent yet, that the next may extend (order held) */
         char oid[64];
         uint64_t at;
         uint8_t *buf;
         size_t len, cap;
-    } pend;
+        uint64_t used;         /* when last extended, for choosing one to send */
+    } held[HELD_STREAMS];
+    uint64_t held_clock;
 };
 
-enum { REQ_READ, REQ_WRITE, REQ_REMOVE };
+enum { REQ_READ, REQ_WRITE, REQ_REMOVE, REQ_DATA_READ, REQ_KINDS };
+enum { UNIT_ABSENT, UNIT_FETCHING, UNIT_PRESENT };
+/* The state maps, reserved (not committed) for the largest files: data
+ * units are at least 1/16 of a block. */
+#define UNIT_MIN 4096u
+static const uint64_t state_bytes[2] = {16 * CB_MAX_BLOCKS, CB_MAX_BLOCKS};
 
 static const uint8_t zero_object[OBJECT_SIZE];
 
@@ -116,10 +135,10 @@ static int rados_error(int rv, const char *what)
 
 uint64_t cb_remote_requests(cb_remote *r, int kind)
 {
-    if (!r || kind < 0 || kind > 2)
+    if (!r || kind < 0 || kind > REQ_KINDS)
         return 0;
     pthread_mutex_lock(&r->mu);
-    uint64_t n = r->requests[kind];
+    uint64_t n = kind == REQ_KINDS ? r->fetched : r->requests[kind];
     pthread_mutex_unlock(&r->mu);
     return n;
 }
@@ -142,6 +161,9 @@ int cb_remote_connect(const char *conf, const char *ceph_pool, const char *name,
     pthread_mutex_init(&r->order, NULL);
     pthread_mutex_init(&r->mu, NULL);
     pthread_cond_init(&r->cond, NULL);
+    pthread_cond_init(&r->fetched_cond, NULL);
+    for (int i = 0; i < 2; i++)
+        r->lazy[i] = (struct lazy){.fd = -1, .shift = 12};
     snprintf(r->pool, sizeof r->pool, "%s", ceph_pool);
     snprintf(r->name, sizeof r->name, "%s", name);
     int rv = rados_create(&r->cluster, NULL);
@@ -186,6 +208,9 @@ int cb_remote_connect(const char *conf, const char *ceph_pool, const char *name,
         return e;
     }
     rados_ioctx_set_namespace(r->io, name);
+    /* A full cluster or a pool over its quota fails writes (ENOSPC,
+     * EDQUOT: NoSpaceError) instead of pausing them until space is freed. */
+    rados_set_pool_full_try(r->io);
     *out = r;
     return 0;
 }
@@ -331,6 +356,16 @@ int cb_remote_lock(cb_remote *r, const char *cookie, const char *description)
         return cb_err(CB_E_NOT_FOUND, "no pool at rados:%s/%s", r->pool, r->name);
     if (rv < 0)
         return rados_error(rv, "looking for the pool's superblock object");
+    /* The watch first: a rival that finds our lock asks the watchers
+     * whether we live, and a holder that were not watching yet would be
+     * taken for dead, blocklisted and robbed of its lock (two writers
+     * racing for a free pool, tests/test_rados.py). */
+    if (!r->watching) {
+        rv = rados_watch3(r->io, SB_OBJECT, &r->watch, on_notify, on_watch_error, 0, r);
+        if (rv < 0)
+            return rados_error(rv, "watching the pool's superblock object");
+        r->watching = true;
+    }
     rv = take_lock(r, description);
     if ((rv == -EBUSY || rv == -EEXIST) && (rv = lock_held(r, description)) < 0)
         return rv;
@@ -351,13 +386,7 @@ int cb_remote_lock(cb_remote *r, const char *cookie, const char *description)
     rados_write_op_setxattr(op, "epoch", r->epoch, 20);
     rv = rados_write_op_operate(op, r->io, SB_OBJECT, NULL, 0);
     rados_release_write_op(op);
-    if (rv < 0)
-        return rados_error(rv, "raising the pool's epoch");
-    rv = rados_watch3(r->io, SB_OBJECT, &r->watch, on_notify, on_watch_error, 0, r);
-    if (rv < 0)
-        return rados_error(rv, "watching the pool's superblock object");
-    r->watching = true;
-    return 0;
+    return rv < 0 ? rados_error(rv, "raising the pool's epoch") : 0;
 }
 
 /* ---- writes ---- */
@@ -440,6 +469,7 @@ static void locate(const struct cb_file *f, uint64_t off, char *oid, size_t oid_
 }
 
 static int flush_pending(cb_remote *r);
+static void lazy_resize(cb_remote *r, const struct cb_file *f, uint64_t size);
 
 /* Send what is held back, wait until every request is acknowledged, and
  * report the first that failed.  order_held: the caller has r->order (the
@@ -535,46 +565,76 @@ static int send_write(cb_remote *r, const char *oid, uint8_t *buf, size_t n, uin
     return 0;
 }
 
-/* Send the write held back (order held): before any other request, so
- * RADOS sees the writes in the cache's order. */
-static int flush_pending(cb_remote *r)
+/* Send one held write (order held). */
+static int send_held(cb_remote *r, struct held *h)
 {
-    if (!r->pend.len)
+    if (!h->len)
         return 0;
-    uint8_t *buf = r->pend.buf;
-    size_t n = r->pend.len;
-    r->pend.buf = NULL;
-    r->pend.len = r->pend.cap = 0;
-    return send_write(r, r->pend.oid, buf, n, r->pend.at);
+    uint8_t *buf = h->buf;
+    size_t n = h->len;
+    h->buf = NULL;
+    h->len = h->cap = 0;
+    return send_write(r, h->oid, buf, n, h->at);
 }
 
-/* Hold a piece back if it may grow: a sequential stream of block-sized
- * writes (the engine writes each newly allocated block alone) goes to RADOS
- * as one write per object, not one per block; anything else sends it. */
+/* Send every write held back (order held): before any request that must
+ * follow them (a superblock write, a discard, a wait). */
+static int flush_pending(cb_remote *r)
+{
+    int rv = 0;
+    for (int i = 0; i < HELD_STREAMS; i++) {
+        int e = send_held(r, &r->held[i]);
+        rv = rv ? rv : e;
+    }
+    return rv;
+}
+
+/* Hold a piece back if it may grow: sequential streams of block-sized
+ * writes (the engine writes each newly allocated block alone, and writers
+ * at QD16 fill several objects at once) go to RADOS as one write per
+ * object, not one per block.  A piece that extends no held write of its
+ * object first sends those (RADOS sees one object's writes in the cache's
+ * order), then starts a stream of its own, sending the stream used longest
+ * ago if none is free.  Writes of different objects need no order among
+ * themselves: a commit waits for all of them before its superblock. */
 static int hold_or_send(cb_remote *r, const char *oid, const struct iovec *iov, int cnt,
                         uint64_t skip, uint64_t n, uint64_t at)
 {
-    bool extends = r->pend.len && strcmp(r->pend.oid, oid) == 0 && r->pend.at + r->pend.len == at;
+    struct held *h = NULL, *lru = NULL;
     int rv;
-    if (!extends && (rv = flush_pending(r)) != 0)
-        return rv;
-    if (!r->pend.len) {
-        snprintf(r->pend.oid, sizeof r->pend.oid, "%s", oid);
-        r->pend.at = at;
+    for (int i = 0; i < HELD_STREAMS; i++) {
+        struct held *s = &r->held[i];
+        if (s->len && strcmp(s->oid, oid) == 0) {
+            if (!h && s->at + s->len == at)
+                h = s;
+            else if ((rv = send_held(r, s)) != 0)
+                return rv;
+        }
     }
-    if (r->pend.len + n > r->pend.cap) {
-        size_t cap = r->pend.cap ? r->pend.cap : 65536;
-        while (cap < r->pend.len + n)
+    if (!h) {
+        for (int i = 0; i < HELD_STREAMS && (!lru || lru->len); i++)
+            if (!lru || !r->held[i].len || r->held[i].used < lru->used)
+                lru = &r->held[i];
+        if ((rv = send_held(r, lru)) != 0)
+            return rv;
+        h = lru;
+        snprintf(h->oid, sizeof h->oid, "%s", oid);
+        h->at = at;
+    }
+    if (h->len + n > h->cap) {
+        size_t cap = h->cap ? h->cap : 65536;
+        while (cap < h->len + n)
             cap *= 2;
-        uint8_t *b = realloc(r->pend.buf, cap);
+        uint8_t *b = realloc(h->buf, cap);
         if (!b)
             return cb_err(CB_E_NO_MEMORY, "out of memory");
-        r->pend.buf = b;
-        r->pend.cap = cap;
+        h->buf = b;
+        h->cap = cap;
     }
-    gather(r->pend.buf + r->pend.len, iov, cnt, skip, n);
-    r->pend.len += n;
-    return r->pend.at + r->pend.len == OBJECT_SIZE ? flush_pending(r) : 0; /* it cannot grow */
+    gather(h->buf + h->len, iov, cnt, skip, n);
+    h->len += n;
+    h->used = ++r->held_clock;
+    return h->at + h->len == OBJECT_SIZE ? send_held(r, h) : 0; /* it cannot grow */
 }
 
 int remote_write(struct cb_file *f, const struct iovec *iov, int cnt, uint64_t off)
@@ -654,6 +714,7 @@ int remote_discard(struct cb_file *f, uint64_t off, uint64_t len)
 int remote_set_size(struct cb_file *f, uint64_t size)
 {
     cb_remote *r = f->remote;
+    lazy_resize(r, f, size);
     int rv = drain(r, false);
     if (rv)
         return rv;
@@ -677,26 +738,290 @@ int remote_wait(struct cb_file *f)
     return drain(f->remote, false);
 }
 
-/* ---- open: the cache from the objects ---- */
-struct fetch {
-    cb_remote *r;
-    int fd;
-    uint64_t at;
+/* ---- reads: the cache filled on demand ----
+ *
+ * An open fetches the superblock object alone and starts from empty
+ * (sparse) cache files.  What the cache holds is kept unit by unit (a data
+ * block, a 4 KiB metadata block): absent, being fetched, or present.  The
+ * engine asks for a range before it reads it through its mapping
+ * (remote_need: the data of a read, a metadata block on first use), and the
+ * absent units of it are read from RADOS, one request per run of them
+ * within an object, all in flight at once, then written into the cache.  A
+ * metadata miss fetches the rest of its object's absent units with it:
+ * metadata is dense and a tree walk goes on nearby.  Data never reads ahead,
+ * so blocks the read does not need (unmapped or not) are never read.
+ *
+ * Writes keep the cache whole (remote_will_write): a unit a write covers
+ * becomes present without a fetch (after any fetch of it in flight ends, so
+ * that fetch cannot land over the new bytes), and a unit it covers in part
+ * is fetched first.  Nothing is ever dropped from the cache while the pool
+ * is open, and every open starts empty: this writer holds the lock, so
+ * nobody else changes the objects under its cache, and the next writer
+ * (after a close, or after breaking a dead holder's lock) starts from the
+ * objects, never from what an earlier process cached. */
+
+static struct lazy *lazy_of(cb_remote *r, const struct cb_file *f)
+{
+    return &r->lazy[f->name[0] == 'm'];
+}
+
+static uint8_t unit_state(const struct lazy *z, uint64_t u)
+{
+    return __atomic_load_n(&z->state[u], __ATOMIC_ACQUIRE);
+}
+
+/* Units [first, last] of the range, clamped to the file. */
+static bool unit_span(const struct lazy *z, uint64_t off, uint64_t len, uint64_t *first,
+                      uint64_t *last)
+{
+    uint64_t units = (z->size + (1ull << z->shift) - 1) >> z->shift;
+    if (!len || off >= z->size || !units)
+        return false;
+    *first = off >> z->shift;
+    *last = (off + len - 1) >> z->shift;
+    if (*last >= units)
+        *last = units - 1;
+    return true;
+}
+
+struct piece {
+    uint64_t at, len;          /* bytes of the file */
     uint8_t *buf;
+    rados_completion_t c;
     char oid[64];
 };
 
-static void fetch_done(rados_completion_t c, void *arg)
+/* Claim the absent units among [first, last] (state fetching) as pieces,
+ * one per run within an object; *others: some are being fetched by
+ * another thread.  mu held. */
+static int claim(cb_remote *r, const struct cb_file *f, struct lazy *z, uint64_t first,
+                 uint64_t last, struct piece **pieces, size_t *n, size_t *cap, bool *others)
 {
-    struct fetch *q = arg;
-    int rv = rados_aio_get_return_value(c);
-    if (rv > 0 && pwrite(q->fd, q->buf, (size_t)rv, (off_t)q->at) != rv)
-        rv = -errno;
-    char what[96];
-    snprintf(what, sizeof what, "fetching object %s", q->oid);
-    finished(q->r, c, rv, true, what);
-    free(q->buf);
-    free(q);
+    uint64_t unit = 1ull << z->shift;
+    for (uint64_t u = first; u <= last; u++) {
+        uint8_t st = z->state[u];
+        if (st == UNIT_FETCHING)
+            *others = true;
+        if (st != UNIT_ABSENT)
+            continue;
+        __atomic_store_n(&z->state[u], UNIT_FETCHING, __ATOMIC_RELEASE);
+        uint64_t at = u << z->shift, len = unit;
+        if (at + len > z->size)
+            len = z->size - at;
+        struct piece *p = *n ? &(*pieces)[*n - 1] : NULL;
+        if (p && p->at + p->len == at && p->at / OBJECT_SIZE == at / OBJECT_SIZE) {
+            p->len += len;
+            continue;
+        }
+        if (*n == *cap) {
+            size_t c = *cap ? *cap * 2 : 16;
+            struct piece *v = realloc(*pieces, c * sizeof *v);
+            if (!v) {
+                __atomic_store_n(&z->state[u], UNIT_ABSENT, __ATOMIC_RELEASE);
+                return cb_err(CB_E_NO_MEMORY, "out of memory");
+            }
+            *pieces = v;
+            *cap = c;
+        }
+        (*pieces)[(*n)++] = (struct piece){.at = at, .len = len};
+    }
+    return 0;
+}
+
+/* Read the pieces (all in flight at once) into the cache; mark their
+ * units present, or absent again if their read failed. */
+static int fetch_pieces(cb_remote *r, const struct cb_file *f, struct lazy *z, struct piece *v,
+                        size_t n)
+{
+    int rv = 0;
+    bool data = f->name[0] == 'd';
+    for (size_t i = 0; i < n; i++) {
+        uint64_t in_obj, room;
+        locate(f, v[i].at, v[i].oid, sizeof v[i].oid, &in_obj, &room);
+        v[i].buf = malloc(v[i].len);
+        if (!v[i].buf || rados_aio_create_completion2(NULL, NULL, &v[i].c) < 0) {
+            v[i].c = NULL;
+            rv = rv ? rv : cb_err(CB_E_NO_MEMORY, "out of memory");
+            continue;
+        }
+        int e = rados_aio_read(r->io, v[i].oid, v[i].c, (char *)v[i].buf, v[i].len, in_obj);
+        if (e < 0) {
+            rados_aio_release(v[i].c);
+            v[i].c = NULL;
+            rv = rv ? rv : rados_error(e, "sending a read");
+        }
+    }
+    pthread_mutex_lock(&r->mu);
+    for (size_t i = 0; i < n; i++)
+        if (v[i].c) {
+            r->requests[REQ_READ]++;
+            r->requests[REQ_DATA_READ] += data;
+            r->fetched += v[i].len;
+        }
+    pthread_mutex_unlock(&r->mu);
+    for (size_t i = 0; i < n; i++) {
+        int got = -EIO;
+        if (v[i].c) {
+            rados_aio_wait_for_complete(v[i].c);
+            got = rados_aio_get_return_value(v[i].c);
+            rados_aio_release(v[i].c);
+            if (got == -ENOENT)
+                got = 0; /* never written: zeroes, as the cache holds them */
+            if (got < 0 && !rv) {
+                char what[96];
+                snprintf(what, sizeof what, "reading object %s", v[i].oid);
+                rv = rados_error(got, what);
+            }
+            /* a short object: the rest was never written, zeroes as in the cache */
+            if (got > 0 && pwrite(z->fd, v[i].buf, (size_t)got, (off_t)v[i].at) != got) {
+                if (!rv)
+                    rv = cb_err(CB_E_IO, "cannot write the pool's cache file %s: %s", f->name,
+                                strerror(errno));
+                got = -EIO;
+            }
+        }
+        free(v[i].buf);
+        uint8_t to = got >= 0 ? UNIT_PRESENT : UNIT_ABSENT;
+        pthread_mutex_lock(&r->mu);
+        for (uint64_t u = v[i].at >> z->shift; u <= (v[i].at + v[i].len - 1) >> z->shift; u++)
+            __atomic_store_n(&z->state[u], to, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&r->fetched_cond);
+        pthread_mutex_unlock(&r->mu);
+    }
+    return rv;
+}
+
+static bool all_present(const struct lazy *z, uint64_t first, uint64_t last)
+{
+    for (uint64_t u = first; u <= last; u++)
+        if (unit_state(z, u) != UNIT_PRESENT)
+            return false;
+    return true;
+}
+
+int remote_need(struct cb_file *f, const struct cb_range *ranges, int count)
+{
+    cb_remote *r = f->remote;
+    struct lazy *z = lazy_of(r, f);
+    if (!z->state)
+        return 0;
+    bool meta = f->name[0] == 'm';
+    bool missing = false;
+    for (int i = 0; i < count && !missing; i++) {
+        uint64_t first, last;
+        missing = unit_span(z, ranges[i].off, ranges[i].len, &first, &last) &&
+                  !all_present(z, first, last);
+    }
+    if (!missing)
+        return 0; /* the common case once warm: no lock taken */
+    struct piece *v = NULL;
+    size_t n = 0, cap = 0;
+    int rv = 0;
+    for (;;) {
+        bool others = false;
+        n = 0;
+        pthread_mutex_lock(&r->mu);
+        for (int i = 0; i < count && !rv; i++) {
+            uint64_t off = ranges[i].off, len = ranges[i].len;
+            if (meta) { /* the whole object it falls in */
+                uint64_t end = (off + len + OBJECT_SIZE - 1) / OBJECT_SIZE * OBJECT_SIZE;
+                off = off / OBJECT_SIZE * OBJECT_SIZE;
+                len = end - off;
+            }
+            uint64_t first, last;
+            if (unit_span(z, off, len, &first, &last))
+                rv = claim(r, f, z, first, last, &v, &n, &cap, &others);
+        }
+        pthread_mutex_unlock(&r->mu);
+        if (n) {
+            int e = fetch_pieces(r, f, z, v, n);
+            rv = rv ? rv : e;
+        }
+        if (rv || !others)
+            break;
+        /* wait for the other fetches, then claim again what they failed */
+        bool absent = false;
+        pthread_mutex_lock(&r->mu);
+        for (int i = 0; i < count; i++) {
+            uint64_t first, last;
+            if (!unit_span(z, ranges[i].off, ranges[i].len, &first, &last))
+                continue;
+            for (uint64_t u = first; u <= last; u++) {
+                while (z->state[u] == UNIT_FETCHING)
+                    pthread_cond_wait(&r->fetched_cond, &r->mu);
+                absent |= z->state[u] == UNIT_ABSENT;
+            }
+        }
+        pthread_mutex_unlock(&r->mu);
+        if (!absent)
+            break;
+    }
+    free(v);
+    return rv;
+}
+
+int remote_will_write(struct cb_file *f, uint64_t off, uint64_t len)
+{
+    cb_remote *r = f->remote;
+    struct lazy *z = lazy_of(r, f);
+    uint64_t first, last;
+    if (!z->state || !unit_span(z, off, len, &first, &last))
+        return 0;
+    uint64_t mask = (1ull << z->shift) - 1, end = off + len;
+    /* the units it covers in part keep the rest of their bytes: fetch them */
+    struct cb_range ends[2];
+    int cnt = 0;
+    if (off & mask)
+        ends[cnt++] = (struct cb_range){off & ~mask, 1};
+    if ((end & mask) && end < z->size && (cnt == 0 || (end >> z->shift) != first))
+        ends[cnt++] = (struct cb_range){end & ~mask, 1};
+    int rv = cnt ? remote_need(f, ends, cnt) : 0;
+    if (rv)
+        return rv;
+    pthread_mutex_lock(&r->mu);
+    for (uint64_t u = first; u <= last; u++) {
+        while (z->state[u] == UNIT_FETCHING)
+            pthread_cond_wait(&r->fetched_cond, &r->mu);
+        __atomic_store_n(&z->state[u], UNIT_PRESENT, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return 0;
+}
+
+/* Data units: 4 KiB, so that a write of whole pages fetches nothing, or
+ * 1/16 of the block for blocks over 64 KiB (bounding the state map). */
+void remote_set_block_size(struct cb_file *f, uint32_t block_size)
+{
+    uint32_t unit = block_size / 16 > UNIT_MIN ? block_size / 16 : UNIT_MIN;
+    lazy_of(f->remote, f)->shift = (uint32_t)__builtin_ctz(unit);
+}
+
+/* The file grew: its new bytes are zeroes in the cache, and no block there
+ * is read before it is written, so they count as present. */
+static void lazy_resize(cb_remote *r, const struct cb_file *f, uint64_t size)
+{
+    struct lazy *z = lazy_of(r, f);
+    pthread_mutex_lock(&r->mu);
+    if (z->state && size > z->size) {
+        uint64_t unit = 1ull << z->shift;
+        uint64_t from = (z->size + unit - 1) >> z->shift, to = (size + unit - 1) >> z->shift;
+        for (uint64_t u = from; u < to; u++)
+            __atomic_store_n(&z->state[u], UNIT_PRESENT, __ATOMIC_RELEASE);
+    }
+    z->size = size;
+    pthread_mutex_unlock(&r->mu);
+}
+
+static void lazy_free(cb_remote *r)
+{
+    for (int i = 0; i < 2; i++) {
+        struct lazy *z = &r->lazy[i];
+        if (z->state)
+            munmap(z->state, state_bytes[i]);
+        if (z->fd >= 0)
+            close(z->fd);
+        *z = (struct lazy){.fd = -1, .shift = 12};
+    }
 }
 
 static int open_cache(int dirfd, const char *dir, const char *name, uint64_t size)
@@ -723,81 +1048,56 @@ int cb_remote_fetch(cb_remote *r, const char *dir)
         return cb_err(CB_E_NOT_FOUND, "no pool at rados:%s/%s", r->pool, r->name);
     if (rv < 0)
         return rados_error(rv, "reading the pool's superblock object");
-    uint8_t *sb = malloc(SB_BYTES);
-    if (!sb)
-        return cb_err(CB_E_NO_MEMORY, "out of memory");
+    if (sizes[1] < SB_BYTES || sizes[1] / CB_META_BLOCK_SIZE > CB_MAX_BLOCKS ||
+        sizes[0] / (1u << 30) > CB_MAX_BLOCKS)
+        return cb_err(CB_E_CORRUPT, "the pool's superblock object is corrupt: file sizes %llu and "
+                      "%llu", (unsigned long long)sizes[0], (unsigned long long)sizes[1]);
+    uint8_t sb[SB_BYTES];
     rv = rados_read(r->io, SB_OBJECT, (char *)sb, SB_BYTES, 0);
-    if (rv < 0) {
-        free(sb);
+    if (rv < 0)
         return rados_error(rv, "reading the pool's superblock");
-    }
-    if (mkdir(dir, CB_POOL_DIR_MODE) != 0 && errno != EEXIST) {
-        free(sb);
+    pthread_mutex_lock(&r->mu);
+    r->requests[REQ_READ]++;
+    pthread_mutex_unlock(&r->mu);
+    if (mkdir(dir, CB_POOL_DIR_MODE) != 0 && errno != EEXIST)
         return cb_err(CB_E_IO, "cannot create the cache directory %s: %s", dir, strerror(errno));
-    }
     int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dirfd < 0) {
-        free(sb);
+    if (dirfd < 0)
         return cb_err(CB_E_IO, "cannot open the cache directory %s: %s", dir, strerror(errno));
-    }
-    int fds[2] = {-1, -1};
+    lazy_free(r);
     const char *names[2] = {"data", "metadata"};
-    for (int i = 0; i < 2 && rv >= 0; i++)
-        rv = fds[i] = open_cache(dirfd, dir, names[i], sizes[i]);
-    close(dirfd);
-    rados_list_ctx_t list;
-    if (rv >= 0 && (rv = rados_nobjects_list_open(r->io, &list)) < 0)
-        rv = rados_error(rv, "listing the pool's objects");
-    if (rv >= 0) {
-        const char *oid;
-        while (rados_nobjects_list_next(list, &oid, NULL, NULL) == 0) {
-            int which = strncmp(oid, "data.", 5) == 0 ? 0 : strncmp(oid, "metadata.", 9) == 0 ? 1 : -1;
-            if (which < 0)
-                continue;
-            char *end;
-            uint64_t idx = strtoull(strchr(oid, '.') + 1, &end, 16);
-            if (*end || idx >= (sizes[which] + OBJECT_SIZE - 1) / OBJECT_SIZE)
-                continue; /* past the end of its file: left by a shrink */
-            struct fetch *q = calloc(1, sizeof *q);
-            uint8_t *buf = malloc(OBJECT_SIZE);
-            if (!q || !buf) {
-                free(q), free(buf);
-                rv = cb_err(CB_E_NO_MEMORY, "out of memory");
-                break;
-            }
-            *q = (struct fetch){.r = r, .fd = fds[which], .at = idx * OBJECT_SIZE, .buf = buf};
-            snprintf(q->oid, sizeof q->oid, "%s", oid);
-            wait_below(r, FETCH_INFLIGHT - 1);
-            rados_completion_t c;
-            if (rados_aio_create_completion2(q, fetch_done, &c) < 0) {
-                free(q), free(buf);
-                rv = cb_err(CB_E_NO_MEMORY, "out of memory");
-                break;
-            }
-            pthread_mutex_lock(&r->mu);
-            r->inflight++;
-            r->requests[REQ_READ]++;
-            pthread_mutex_unlock(&r->mu);
-            if ((rv = rados_aio_read(r->io, q->oid, c, (char *)buf, OBJECT_SIZE, 0)) < 0) {
-                fetch_done(c, q);
-                rv = rados_error(rv, "fetching an object");
-                break;
-            }
-            rv = 0;
+    rv = 0;
+    for (int i = 0; i < 2 && rv >= 0; i++) {
+        struct lazy *z = &r->lazy[i];
+        if ((rv = z->fd = open_cache(dirfd, dir, names[i], sizes[i])) < 0)
+            break;
+        z->size = sizes[i];
+        /* one byte a unit, for the largest pool: only what is touched costs memory */
+        z->state = mmap(NULL, state_bytes[i], PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (z->state == MAP_FAILED) {
+            z->state = NULL;
+            rv = cb_err(CB_E_NO_MEMORY, "out of memory for the cache's map");
         }
-        rados_nobjects_list_close(list);
-        wait_below(r, 0);
-        if (rv >= 0)
-            rv = sticky_error(r);
     }
-    /* last, over metadata object 0's first bytes (never written there) */
-    if (rv >= 0 && pwrite(fds[1], sb, SB_BYTES, 0) != SB_BYTES)
+    close(dirfd);
+    if (rv >= 0 && pwrite(r->lazy[1].fd, sb, SB_BYTES, 0) != SB_BYTES)
         rv = cb_err(CB_E_IO, "cannot write the cache file %s/metadata: %s", dir, strerror(errno));
-    free(sb);
-    for (int i = 0; i < 2; i++)
-        if (fds[i] >= 0)
-            close(fds[i]);
-    return rv < 0 ? rv : 0;
+    if (rv < 0) {
+        lazy_free(r);
+        return rv;
+    }
+    for (uint64_t u = 0; u < SB_BYTES / CB_META_BLOCK_SIZE; u++)
+        r->lazy[1].state[u] = UNIT_PRESENT;
+    return 0;
+}
+
+int cb_remote_cache_metadata(cb_remote *r)
+{
+    struct lazy *z = &r->lazy[1];
+    struct cb_file f = {z->fd, "metadata", r};
+    struct cb_range all = {0, z->size};
+    return z->state ? remote_need(&f, &all, 1) : 0;
 }
 
 int cb_remote_destroy(cb_remote *r)
@@ -843,7 +1143,10 @@ int cb_remote_close(cb_remote *r)
         rados_ioctx_destroy(r->io);
         rados_shutdown(r->cluster);
     }
-    free(r->pend.buf);
+    for (int i = 0; i < HELD_STREAMS; i++)
+        free(r->held[i].buf);
+    lazy_free(r);
+    pthread_cond_destroy(&r->fetched_cond);
     pthread_mutex_destroy(&r->order);
     pthread_mutex_destroy(&r->mu);
     pthread_cond_destroy(&r->cond);

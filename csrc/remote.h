@@ -4,7 +4,8 @@
  * (io.c).  The local files stay as the engine's in-memory cache: the mmap
  * reads them, every write goes to them and to RADOS (asynchronously, many in
  * flight), an fsync waits until every write RADOS was sent has been
- * acknowledged, and an open fetches the objects that exist into them.
+ * acknowledged, and reads fill them from the objects on first use (an open
+ * fetches the superblock alone).
  *
  * Objects, in a RADOS namespace named after the pool, in the Ceph pool:
  *   superblock          metadata bytes 0..8191 (the two superblock slots);
@@ -33,13 +34,19 @@ int cb_remote_create(cb_remote *r);
  * the holder if another has it; then raise the epoch that every superblock
  * write compares, so a writer whose lock was broken can commit no more. */
 int cb_remote_lock(cb_remote *r, const char *cookie, const char *description);
-/* Fill dir/data and dir/metadata (made or emptied) from the objects. */
+/* Make dir/data and dir/metadata (made or emptied: sparse, of the pool's
+ * sizes) the pool's cache, holding the superblock; the rest is read from
+ * the objects as the engine needs it. */
 int cb_remote_fetch(cb_remote *r, const char *dir);
+/* Fetch all of the metadata into the cache, for callers that read the cache
+ * file itself (repair's preview copies it). */
+int cb_remote_cache_metadata(cb_remote *r);
 /* Remove every object of the pool (the lock must be ours, or nobody's). */
 int cb_remote_destroy(cb_remote *r);
 /* Unlock if locked, disconnect, free.  Close the pool first. */
 int cb_remote_close(cb_remote *r);
-/* Requests sent, for tests and benchmarks: reads, writes, removes. */
+/* For tests and benchmarks, kind 0-3: requests sent (reads, writes,
+ * removes, reads of data objects); kind 4: bytes read into the cache. */
 uint64_t cb_remote_requests(cb_remote *r, int kind);
 
 int cb_pool_create_remote(const char *dir, cb_remote *r, uint64_t data_size, uint32_t block_size,

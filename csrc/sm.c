@@ -263,6 +263,18 @@ int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out)
     return -ENOSPC;
 }
 
+int sm_take_if_free(struct cb_meta *m, struct cb_sm *sm, uint64_t b)
+{
+    if (b >= sm->nr_blocks || busy_test(sm, b) ||
+        *sm->used + sm->freed_this_txn + sm->held_free >= sm->nr_blocks)
+        return 0;
+    uint32_t ref;
+    int r = sm_get(m, sm, b, &ref);
+    if (r || ref)
+        return r ? r : 0;
+    return (r = sm_reserve(sm, b)) ? r : 1;
+}
+
 static void set_bits(uint8_t *map, const struct u32vec *v, bool on)
 {
     for (size_t i = 0; i < v->n; i++) {

@@ -83,15 +83,92 @@ def test_create_write_snapshot_reopen(ceph, location):
     assert 3 <= len(data) <= 5, names
     drop_cache(location)
     with Pool.open(location, commit_interval=0) as p:
-        fetched = p._remote.requests()["reads"]
-        assert fetched == len([n for n in names if n != "superblock"])
+        # the open reads the superblock and the metadata it walks, no data
+        opened = p._remote.requests()
+        assert opened["data_reads"] == 0 and opened["reads"] <= 3, opened
         want = bytearray(pattern(1, 3 * MiB))
         assert p.device("snap").pread(3 * MiB, 512 * 1024) == want
+        # a read fetches its blocks and nothing else: one request per object
+        snap = p._remote.requests()
+        assert snap["fetched_bytes"] - opened["fetched_bytes"] == 3 * MiB, snap
+        assert 3 <= snap["data_reads"] <= 4, snap
         want[MiB - 512 * 1024:MiB - 512 * 1024 + 4096] = pattern(2, 4096)
         assert p.device("base").pread(3 * MiB, 512 * 1024) == want
+        base = p._remote.requests()   # only its own block is new to the cache
+        assert base["fetched_bytes"] - snap["fetched_bytes"] == 65536, base
+        assert p.device("snap").pread(3 * MiB, 512 * 1024) == pattern(1, 3 * MiB)
         assert p.device("base").pread(4096, 0) == bytes(4096)   # never written
+        assert p._remote.requests()["data_reads"] == base["data_reads"]   # cached, or unmapped
         assert p.check().ok
         assert {d.name for d in p.list()} == {"base", "snap"}
+
+
+def test_the_cache_is_never_stale_and_partial_writes_keep_the_rest(ceph, location, tmp_path,
+                                                                   monkeypatch):
+    """What an earlier open on this host cached is never served after
+    another writer changed the pool; a write into part of an uncached block
+    (in place, and as a CoW of a snapshot's block) keeps the rest of it."""
+    with Pool.create(location, 64 * MiB, 65536, commit_interval=0) as p:
+        p.create_thin("d", 4 * MiB).pwrite(pattern(1, 2 * MiB), 0)
+    with Pool.open(location, commit_interval=0) as p:
+        assert p.device("d").pread(2 * MiB, 0) == pattern(1, 2 * MiB)   # cached here now
+    cache = os.environ["COWBLOCK_RADOS_CACHE"]
+    monkeypatch.setenv("COWBLOCK_RADOS_CACHE", str(tmp_path / "other-host"))
+    with Pool.open(location, commit_interval=0) as p:
+        p.device("d").pwrite(pattern(2, MiB), 0)
+        p.snapshot("d", "s")
+    monkeypatch.setenv("COWBLOCK_RADOS_CACHE", cache)
+    with Pool.open(location, commit_interval=0) as p:
+        d = p.device("d")
+        d.pwrite(b"x" * 512, MiB + 1000)       # into a block shared with s: CoW
+        want = bytearray(pattern(2, MiB) + pattern(1, 2 * MiB)[MiB:])
+        want[MiB + 1000:MiB + 1512] = b"x" * 512
+        assert d.pread(2 * MiB, 0) == want
+        assert p.device("s").pread(2 * MiB, 0) == pattern(2, MiB) + pattern(1, 2 * MiB)[MiB:]
+    drop_cache(location)
+    with Pool.open(location, commit_interval=0) as p:
+        p.delete("s")
+        p.commit()
+        p.device("d").pwrite(b"y" * 100, 70000)   # in place, into an uncached unit
+        want[70000:70100] = b"y" * 100
+        assert p.device("d").pread(2 * MiB, 0) == want
+    drop_cache(location)
+    with Pool.open(location, read_only=True) as p:
+        assert p.device("d").pread(2 * MiB, 0) == want
+        assert p.check().ok
+
+
+def test_a_requests_blocks_stay_together_under_concurrent_writers(ceph, location):
+    """Blocks allocated by one request are contiguous in the data file
+    however many requests allocate at once, so a 1 MiB overwrite is one or
+    two RADOS writes (the objects it spans), not one per block."""
+    from concurrent.futures import ThreadPoolExecutor
+    with Pool.create(location, 64 * MiB, 65536, commit_interval=0) as p:
+        d = p.create_thin("d", 16 * MiB)
+        with ThreadPoolExecutor(8) as ex:
+            list(ex.map(lambda off: d.pwrite(pattern(off, MiB), off), range(0, 16 * MiB, MiB)))
+        p.commit()
+        before = p._remote.requests()["writes"]
+        for off in range(0, 16 * MiB, MiB):
+            d.pwrite(pattern(off + 1, MiB), off)
+        p.commit()
+        sent = p._remote.requests()["writes"] - before
+        assert sent <= 2 * 16 + 8, sent   # (the commit: a few metadata writes)
+        assert d.pread(16 * MiB, 0) == b"".join(pattern(off + 1, MiB)
+                                                for off in range(0, 16 * MiB, MiB))
+
+
+def test_repair_preview_of_a_lazily_read_pool(ceph, location):
+    """The repair preview copies the metadata file: all of it is fetched
+    first, not only what this open has read."""
+    from cowblock import repair
+    # nodes of 4 entries: the mapping tree spans several metadata objects
+    with Pool.create(location, 64 * MiB, 4096, commit_interval=0, _node_capacity=4) as p:
+        p.create_thin("d", 8 * MiB).pwrite(pattern(1, 4 * MiB), 0)
+    with Pool.open(location, commit_interval=0) as p:
+        assert p._remote.requests()["reads"] < 4   # the mapping tree not read yet
+        plan = repair.preview(p)
+        assert plan.report.ok and not plan.dropped, plan.report
 
 
 def test_trim_removes_objects(ceph, location):
@@ -274,3 +351,167 @@ def test_nbd_serve_from_a_rados_pool(ceph, location, tmp_path):
     drop_cache(location)
     with Pool.open(location, read_only=True) as p:
         assert p.device("base").pread(8192, MiB) == pattern(7, 8192)
+
+
+RACER = r"""
+import sys
+from cowblock import Pool, errors
+while sys.stdin.readline().strip() == "go":
+    try:
+        p = Pool.open(sys.argv[1], commit_interval=0)
+    except errors.PoolLockedError as e:
+        print("lost", str(e).replace("\n", " "), flush=True)
+        continue
+    print("won", flush=True)
+    sys.stdin.readline()          # held until the parent has both answers
+    p.close()
+    print("closed", flush=True)
+"""
+
+
+def test_two_writers_racing_for_the_lock(ceph, location, tmp_path):
+    """Two processes (two hosts, in effect: their own caches) open the free
+    pool at the same moment, round after round: exactly one wins, the other
+    gets PoolLockedError naming the winner, and nobody is taken for dead."""
+    Pool.create(location, 16 * MiB, 65536, commit_interval=0).close()
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, location], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, COWBLOCK_RADOS_CACHE=str(tmp_path / f"h{i}")))
+              for i in range(2)]
+    wins = [0, 0]
+    try:
+        for _ in range(20):
+            for r in racers:
+                r.stdin.write("go\n")
+            for r in racers:
+                r.stdin.flush()
+            answers = [r.stdout.readline() for r in racers]
+            won = [a.startswith("won") for a in answers]
+            assert sum(won) == 1, (answers, [r.stderr.read() if r.poll() is not None else ""
+                                             for r in racers])
+            winner = won.index(True)
+            loser = answers[1 - winner]
+            assert loser.startswith("lost") and f"pid={racers[winner].pid}:" in loser, loser
+            wins[winner] += 1
+            racers[winner].stdin.write("release\n")
+            racers[winner].stdin.flush()
+            # a winner taken for dead (blocklisted, its lock broken) fails its close
+            assert racers[winner].stdout.readline() == "closed\n", racers[winner].stderr.read()
+    finally:
+        for r in racers:
+            r.stdin.close()
+            r.wait(timeout=60)
+    with Pool.open(location, commit_interval=0) as p:
+        assert p.check().ok
+
+
+def ceph_cli(ceph, *args):
+    return subprocess.run(["timeout", "60", "ceph", *args], env=dict(os.environ, CEPH_CONF=ceph.conf),
+                          check=True, capture_output=True, text=True).stdout
+
+
+def test_a_pool_quota_gives_no_space_and_loses_nothing(ceph, tmp_path):
+    """A writer that goes on committing over its Ceph pool's quota gets
+    NoSpaceError saying so (not a write paused for ever) once the monitor
+    flags the pool, and every commit that returned before is there."""
+    qpool = f"quota-{uuid.uuid4().hex[:6]}"
+    ceph_cli(ceph, "osd", "pool", "create", qpool, "8", "8")
+    loc = f"rados:{qpool}/q"
+    piece = 256 * 1024
+    try:
+        p = Pool.create(loc, 64 * MiB, 65536, commit_interval=0)
+        committed = 0
+        try:
+            d = p.create_thin("d", 32 * MiB)
+            d.pwrite(pattern(5, 2 * MiB), 0)
+            p.commit()
+            ceph_cli(ceph, "osd", "pool", "set-quota", qpool, "max_bytes", str(MiB))
+            deadline = time.monotonic() + 60   # the monitor's next look at the pool's statistics
+            with pytest.raises(errors.NoSpaceError, match="quota"):
+                while time.monotonic() < deadline:
+                    d.pwrite(pattern(100 + committed, piece), 2 * MiB + committed * piece)
+                    p.commit()
+                    committed += 1
+                    time.sleep(0.1)
+        finally:
+            try:
+                p.close()
+            except errors.CowblockError:
+                pass   # (read-only since the failed commit)
+        drop_cache(loc)
+        with Pool.open(loc, read_only=True) as p:   # (reads go on over the quota)
+            d = p.device("d")
+            assert d.pread(2 * MiB, 0) == pattern(5, 2 * MiB)
+            for i in range(committed):
+                assert d.pread(piece, 2 * MiB + i * piece) == pattern(100 + i, piece), i
+            assert p.check().ok
+    finally:
+        ceph_cli(ceph, "osd", "pool", "rm", qpool, qpool, "--yes-i-really-really-mean-it")
+
+
+@pytest.mark.skipif(not os.environ.get("COWBLOCK_TEST_CEPH_OSD_STOP"),
+                    reason="opt-in (COWBLOCK_TEST_CEPH_OSD_STOP=1, about 60 s): a bluestore "
+                           "cluster of its own, an OSD stopped and started")
+def test_an_osd_stopped_mid_workload_blocks_writes_until_it_returns(tmp_path, monkeypatch):
+    """Bluestore: while the only OSD is away, commits block (as RBD's writes
+    do), none fails; when it is back they go on, and every commit that
+    returned is there.  Its monitor port: $COWBLOCK_TEST_BLUESTORE_MON_PORT,
+    else $CEPH_MON_PORT + 2 (beside the session's cluster)."""
+    import threading
+    from cephcluster import SCRIPT
+    port = os.environ.get("COWBLOCK_TEST_BLUESTORE_MON_PORT") or str(
+        int(os.environ.get("CEPH_MON_PORT", "3300")) + 2)
+    cluster = str(tmp_path / "ceph")
+    env = dict(os.environ, CEPH_MON_PORT=port)
+
+    def script(*args):
+        subprocess.run(["bash", str(SCRIPT), *args], env=env, check=True, capture_output=True,
+                       timeout=180)
+
+    script("start", cluster, "bluestore")
+    try:
+        monkeypatch.setenv("CEPH_CONF", os.path.join(cluster, "ceph.conf"))
+        monkeypatch.setenv("COWBLOCK_RADOS_CACHE", str(tmp_path / "cache"))
+        loc = "rados:cowblock/osd-stop"
+        piece = 64 * 1024
+        p = Pool.create(loc, 256 * MiB, 65536, commit_interval=0)
+        d = p.create_thin("d", 128 * MiB)
+        committed, failures, stop = [0], [], threading.Event()
+
+        def writer():
+            try:
+                while not stop.is_set() and committed[0] < 2000:
+                    d.pwrite(pattern(committed[0], piece), committed[0] * piece)
+                    p.commit()
+                    committed[0] += 1
+            except errors.CowblockError as e:
+                failures.append(e)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            while committed[0] < 20:
+                time.sleep(0.05)
+            script("stop-osd", cluster)
+            time.sleep(1)    # a commit sent before the OSD went may have returned
+            during = committed[0]
+            time.sleep(4)
+            assert committed[0] == during and not failures, failures   # blocked, not failed
+            script("start-osd", cluster)
+            deadline = time.monotonic() + 90
+            while committed[0] < during + 20 and not failures:
+                assert time.monotonic() < deadline, "commits did not resume"
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            t.join(timeout=120)
+        assert not failures, failures
+        p.close()
+        drop_cache(loc)
+        with Pool.open(loc, read_only=True) as p:
+            d = p.device("d")
+            for i in range(committed[0]):
+                assert d.pread(piece, i * piece) == pattern(i, piece), i
+            assert p.check().ok
+    finally:
+        script("destroy", cluster)

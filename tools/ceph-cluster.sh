@@ -102,6 +102,10 @@ osd_pool_default_pg_num = 8
 osd_crush_chooseleaf_type = 0
 mon_allow_pool_size_one = true
 mon_allow_pool_delete = true
+# statistics every second, so that a pool over its quota (or a full
+# cluster) is flagged, and its writes refused, in a second or two
+mgr_stats_period = 1
+osd_mon_report_interval = 1
 mon_warn_on_pool_no_redundancy = false
 mon_data_avail_warn = 2
 mon_data_avail_crit = 1
