@@ -710,6 +710,10 @@ int cb_pool_read_data(cb_pool *p, uint64_t first, uint64_t count, void *buf)
     uintptr_t map_end = (uintptr_t)p->data_map + p->data_map_len;
     uint32_t parity = sm_read_begin(&p->m.dsm);
     pthread_rwlock_unlock(&p->lock);
+    if (!r && p->data.remote) { /* a pool on RADOS: the blocks into the cache first */
+        struct cb_range want = {first << p->block_shift, count << p->block_shift};
+        r = remote_need(&p->data, &want, 1);
+    }
     if (!r)
         copy_extent(buf, src, count << p->block_shift, map_end);
     sm_read_end(&p->m.dsm, parity);
