@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
@@ -258,27 +257,6 @@ def test_cli_refuses_a_pool_its_daemon_serves_naming_it(src, tmp_path):
 
 
 # ---- RADOS ----
-
-@pytest.fixture
-def ceph(ceph_cluster, tmp_path, monkeypatch):
-    from cowblock._native import lib
-    if not lib.cb_remote_available():
-        pytest.skip("this cowblock was built without librados (apt-get install librados-dev, "
-                    "then reinstall)")
-    monkeypatch.setenv("CEPH_CONF", ceph_cluster.conf)
-    monkeypatch.setenv("COWBLOCK_RADOS_CACHE", str(tmp_path / "cache"))
-    return ceph_cluster
-
-
-@pytest.fixture
-def location(ceph):
-    loc = f"rados:{ceph.pool}/copy-{uuid.uuid4().hex[:12]}"
-    yield loc
-    try:
-        rados.destroy(loc)
-    except errors.CowblockError:
-        pass
-
 
 def test_local_to_rados_to_local(src, tmp_path, location):
     want = snapshot_of(src)

@@ -21,29 +21,6 @@ COWBLOCK = shutil.which("cowblock")
 MiB = 1 << 20
 
 
-@pytest.fixture
-def ceph(ceph_cluster, tmp_path, monkeypatch):
-    """The cluster as this process sees it: $CEPH_CONF, and a cache root of
-    the test's own."""
-    from cowblock._native import lib
-    if not lib.cb_remote_available():
-        pytest.skip("this cowblock was built without librados (apt-get install librados-dev, "
-                    "then reinstall)")
-    monkeypatch.setenv("CEPH_CONF", ceph_cluster.conf)
-    monkeypatch.setenv("COWBLOCK_RADOS_CACHE", str(tmp_path / "cache"))
-    return ceph_cluster
-
-
-@pytest.fixture
-def location(ceph):
-    loc = f"rados:{ceph.pool}/t-{uuid.uuid4().hex[:12]}"
-    yield loc
-    try:
-        rados.destroy(loc)
-    except errors.CowblockError:
-        pass
-
-
 def rados_cli(ceph, *args):
     return subprocess.run(["timeout", "30", "rados", "-p", ceph.pool, *args],
                           env=dict(os.environ, CEPH_CONF=ceph.conf), check=True,
