@@ -1,5 +1,6 @@
 """What every subcommand shares: the pool to use, output, notes, warnings
 and errors (one reporter: text, or JSON lines on stderr with --json)."""
+import contextlib
 import functools
 import json
 import os
@@ -213,6 +214,26 @@ def _naming_pool(settings, exc):
     return type(exc)(f"pool {settings.pool_path}: {exc}", exc.errno)
 
 
+@contextlib.contextmanager
+def progress_bar(description):
+    """A rich progress bar on stderr when stderr is a terminal, as a
+    progress(done_bytes, total_bytes) callable; None otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done, total):
+            bar.update(task, completed=done, total=total)
+        yield update
+
+
 class SizeType(click.ParamType):
     name = "size"
 
@@ -309,6 +330,6 @@ def table(rows, columns, title=None):
 
 
 __all__ = ["RESIZE", "SIZE", "Settings", "SignedSizeCommand", "check_range", "device_size", "emit", "exit_code", "format_size",
-           "naming_pool", "note", "pass_settings", "report_error", "table", "warn",
+           "naming_pool", "note", "pass_settings", "progress_bar", "report_error", "table", "warn",
            "with_pool",
            "EXIT_CHECK_FAILED"]

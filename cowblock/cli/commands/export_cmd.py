@@ -1,8 +1,7 @@
 import click
 
 from ... import transfer
-from ..common import emit, format_size, with_pool
-from .import_cmd import progress_bar
+from ..common import emit, format_size, progress_bar, with_pool
 
 
 @click.command("export")

@@ -7,8 +7,7 @@ from ... import images, ociimages
 from ...control import client
 from ...control.client import run
 from ...oci.archive import absolute_location
-from ..common import SIZE, emit, format_size, table, with_pool
-from .import_cmd import progress_bar
+from ..common import SIZE, emit, format_size, progress_bar, table, with_pool
 
 FORMAT_HELP = "format of FILE: raw, qcow2 or any qemu-img reads (default: detected; raw for stdin)"
 

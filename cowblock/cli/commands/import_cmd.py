@@ -1,30 +1,8 @@
-import contextlib
-import sys
 
 import click
 
 from ... import transfer
-from ..common import emit, format_size, with_pool
-
-
-@contextlib.contextmanager
-def progress_bar(description):
-    """A rich progress bar on stderr when stderr is a terminal, as a
-    progress(done_bytes, total_bytes) callable; None otherwise."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-               TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done, total):
-            bar.update(task, completed=done, total=total)
-        yield update
+from ..common import emit, format_size, progress_bar, with_pool
 
 
 def device_report(pool, name):

@@ -8,7 +8,7 @@ from ... import errors, health
 from ...pool import Pool
 from ...control.client import run
 from ..common import (EXIT_CHECK_FAILED, RESIZE, SIZE, SignedSizeCommand, emit, format_size, note,
-                      table, with_pool)
+                      progress_bar, table, with_pool)
 
 
 @click.group("pool")
@@ -318,7 +318,6 @@ def copy(settings, src, dst):
     """
     from ... import poolcopy, rados
     from ...control import client
-    from .import_cmd import progress_bar
     poolcopy.check_location(src)
     poolcopy.check_location(dst)
     src_path = rados.resolve(src)
