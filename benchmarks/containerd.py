@@ -255,6 +255,7 @@ def main():
                                    **fleet(c, pool, base, second, args.containers))
     finally:
         c.stop()
+        c.reap_shims()
         sh("cowblock", "--pool", pool, "daemon", "stop", "--force", check=False)
     if "basic" in parts:
         print_basic(result["median_seconds"], big, args.runs)

@@ -1,6 +1,7 @@
 """A private containerd and an image made offline, for the snapshotter's
 end-to-end test (test_containerd_e2e.py) and benchmark
 (benchmarks/containerd.py)."""
+import contextlib
 import hashlib
 import io
 import os
@@ -123,6 +124,21 @@ class Containerd:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=30)
         self.log.close()
+
+    def reap_shims(self):
+        """SIGKILL the shims this containerd started that are still there:
+        one whose task containerd had not recorded when it was killed
+        outlives the task, and a restarted containerd does not end it."""
+        mine = f"-address {self.sock}"
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "containerd-shim" in argv and mine in argv:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
 
     def ctr(self, *args, check=True, timeout=120):
         return sh("ctr", "--address", self.sock, *args, check=check, timeout=timeout)

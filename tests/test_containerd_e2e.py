@@ -57,6 +57,7 @@ def world(tmp_path_factory):
                "snapshotter": snapshotter}
     finally:
         c.stop()
+        c.reap_shims()
         sh("cowblock", "--pool", pool, "daemon", "stop", "--force", check=False)
 
 
