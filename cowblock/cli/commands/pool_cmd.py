@@ -329,8 +329,10 @@ def copy(settings, src, dst):
             progress_bar(f"copy {src}") as progress:
         result = poolcopy.copy(pool, dst, progress=progress)
     emit(settings, result.__dict__, lambda d: click.echo(
-        f"copied pool {d['source']} to {d['dest']}: {d['devices']} devices, {d['records']} "
-        f"records, {format_size(d['data_blocks'] * d['block_size'])} of data"))
+        f"copied pool {d['source']} to {d['dest']}: {d['devices']} "
+        f"device{'s' if d['devices'] != 1 else ''}, {d['records']} "
+        f"record{'s' if d['records'] != 1 else ''}, "
+        f"{format_size(d['data_blocks'] * d['block_size'])} of data"))
 
 
 @command.command("damage")
