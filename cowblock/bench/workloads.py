@@ -7,6 +7,7 @@ figures fsync the file on every system), cold caches before each first write
 allocated bytes on the host (st_blocks), each figure the median of repeated
 runs with min and max.
 """
+import contextlib
 import os
 import shutil
 import stat
@@ -88,6 +89,20 @@ def timed_write(path, offset, synced):
     return time.perf_counter() - t
 
 
+@contextlib.contextmanager
+def mounted_container(system, name, scratch):
+    """A new container of the image, mounted; unmounted and removed after.
+    Yields (mount, directory)."""
+    system.new_container(name)
+    mnt = os.path.join(scratch, f"mnt-{system.name}-{name}")
+    m = system.mount(name, mnt)
+    try:
+        yield m, mnt
+    finally:
+        system.unmount(m)
+        system.remove_container(name)
+
+
 def first_write(system, big_size, runs, scratch, synced):
     """Workload 1: 4 KiB into the middle of the big file, then again; and the
     first write into files of a quarter and half that size (copy-up cost
@@ -95,23 +110,18 @@ def first_write(system, big_size, runs, scratch, synced):
     first, second, space = [], [], []
     by_size = {size: [] for size in big_files(big_size).values()}
     for r in range(runs):
-        name = f"fw{r}"
-        system.new_container(name)
-        mnt = os.path.join(scratch, f"mnt-{system.name}-{name}")
-        m = system.mount(name, mnt)
-        drop_caches()
-        before = system.space()
-        first.append(timed_write(os.path.join(mnt, "big.bin"), big_size // 2, synced))
-        second.append(timed_write(os.path.join(mnt, "big.bin"), big_size // 2 + 8192, synced))
-        system.flush(m)
-        space.append(system.space() - before)
-        by_size[big_size].append(first[-1])
-        for fname, size in big_files(big_size).items():
-            if size != big_size:
-                drop_caches()
-                by_size[size].append(timed_write(os.path.join(mnt, fname), size // 2, synced))
-        system.unmount(m)
-        system.remove_container(name)
+        with mounted_container(system, f"fw{r}", scratch) as (m, mnt):
+            drop_caches()
+            before = system.space()
+            first.append(timed_write(os.path.join(mnt, "big.bin"), big_size // 2, synced))
+            second.append(timed_write(os.path.join(mnt, "big.bin"), big_size // 2 + 8192, synced))
+            system.flush(m)
+            space.append(system.space() - before)
+            by_size[big_size].append(first[-1])
+            for fname, size in big_files(big_size).items():
+                if size != big_size:
+                    drop_caches()
+                    by_size[size].append(timed_write(os.path.join(mnt, fname), size // 2, synced))
     return {"first_write_s": summary(first), "second_write_s": summary(second),
             "space_bytes": summary(space),
             "by_file_size": {str(s): summary(v) for s, v in by_size.items()}}
@@ -289,17 +299,11 @@ def image_load(system, image, runs, scratch):
         system.load_image(image)
         times.append(time.perf_counter() - t)
     space = system.space() - before
-    system.new_container("image-check")
-    mnt = os.path.join(scratch, f"mnt-{system.name}-image-check")
-    m = system.mount("image-check", mnt)
-    try:
+    with mounted_container(system, "image-check", scratch) as (_, mnt):
         wrong = [rel for rel, present in image.probes.items()
                  if os.path.lexists(os.path.join(mnt, rel)) != present]
         files = _regular_files(mnt)
         largest, size = max(files, key=lambda f: f[1])
-    finally:
-        system.unmount(m)
-        system.remove_container("image-check")
     if wrong:
         raise AssertionError(f"the loaded image is wrong at {', '.join(wrong)}: expected "
                              f"{', '.join(str(image.probes[w]) for w in wrong)}")
@@ -313,17 +317,12 @@ def image_first_write(system, rel, size, runs, scratch, synced):
     a copy-up of the whole file on the unions, one block on the others."""
     first, space = [], []
     for r in range(runs):
-        name = f"ifw{r}"
-        system.new_container(name)
-        mnt = os.path.join(scratch, f"mnt-{system.name}-{name}")
-        m = system.mount(name, mnt)
-        drop_caches()
-        before = system.space()
-        first.append(timed_write(os.path.join(mnt, rel), size // 2 & ~4095, synced))
-        system.flush(m)
-        space.append(system.space() - before)
-        system.unmount(m)
-        system.remove_container(name)
+        with mounted_container(system, f"ifw{r}", scratch) as (m, mnt):
+            drop_caches()
+            before = system.space()
+            first.append(timed_write(os.path.join(mnt, rel), size // 2 & ~4095, synced))
+            system.flush(m)
+            space.append(system.space() - before)
     return {"file": rel, "file_bytes": size, "first_write_s": summary(first),
             "space_bytes": summary(space)}
 
@@ -332,10 +331,7 @@ def image_read_all(system, runs, scratch):
     """Cold read of every regular file of the rootfs in a container (what
     a scan, a checksum or an antivirus does): the cost of the layers on reads."""
     times, total = [], 0
-    system.new_container("iread")
-    mnt = os.path.join(scratch, f"mnt-{system.name}-iread")
-    m = system.mount("iread", mnt)
-    try:
+    with mounted_container(system, "iread", scratch) as (_, mnt):
         for _ in range(runs):
             drop_caches()
             t = time.perf_counter()
@@ -345,7 +341,4 @@ def image_read_all(system, runs, scratch):
                     while chunk := f.read(MiB):
                         total += len(chunk)
             times.append(time.perf_counter() - t)
-    finally:
-        system.unmount(m)
-        system.remove_container("iread")
     return {"read_s": summary(times), "bytes": total}
