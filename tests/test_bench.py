@@ -118,3 +118,47 @@ def test_cli_help():
         pytest.skip("the cowblock command is not installed")
     out = subprocess.run([cowblock, "bench", "--help"], capture_output=True, text=True).stdout
     assert "--quick" in out and "Example:" in out
+
+
+def test_the_bench_cold_caches_reach_pages_a_server_keeps_mapped(results, tmp_path):
+    """drop_caches leaves the pages a process maps (the pool daemon reads its
+    data file through a mapping); coldcache.drop_caches pages them out first,
+    so a cold read is cold on the host for cowblock as for the others."""
+    if os.geteuid() != 0:
+        pytest.skip("dropping the page cache needs root")
+    assert not results["systems"]["cowblock"].get("cold_caveat")
+    import ctypes
+    import mmap
+    from cowblock.bench import coldcache
+
+    path = tmp_path / "mapped"
+    path.write_bytes(os.urandom(4 << 20))
+    holder = subprocess.Popen(
+        ["python3", "-c", "import mmap,sys; f=open(sys.argv[1],'rb'); "
+         "m=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ); sum(m[::4096]); "
+         "print('mapped', flush=True); sys.stdin.read()", str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "mapped\n"
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        pages = (4 << 20) // mmap.PAGESIZE
+
+        def resident():
+            with open(path, "rb") as f:
+                addr = libc.mmap(None, 4 << 20, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+                vec = (ctypes.c_ubyte * pages)()
+                assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(4 << 20), vec) == 0
+                libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(4 << 20))
+            return sum(v & 1 for v in vec)
+
+        coldcache.drop_caches()
+        assert resident() == pages   # what plain drop_caches leaves
+        assert coldcache.page_out(holder.pid, [str(path)]) is None
+        coldcache.drop_caches()
+        assert resident() < pages // 8
+    finally:
+        holder.kill()
+        holder.wait()

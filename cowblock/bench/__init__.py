@@ -113,6 +113,9 @@ def run(scale=1.0, runs=5, root=None, synced=False, progress=print, depths=None,
                     _image_steps(results, system, oci_image, scratch, containers, runs, synced,
                                  progress)
             finally:
+                if system.cold_caveat:
+                    results["systems"][system.name]["cold_caveat"] = system.cold_caveat
+                    progress(f"{system.name}: {system.cold_caveat}: its cold reads are warm on the host")
                 system.close()
     finally:
         if root is None:

@@ -40,7 +40,7 @@ from ..control import client
 from ..layers import MKFS_OPTIONS, syncfs
 from ..pool import Pool
 from ..transfer import import_file
-from . import realimage
+from . import coldcache, realimage
 
 IMAGE_FS_SIZE = 1 << 30     # the filesystem of the real image's layers (block systems)
 IMAGE_REF = "cowblock-bench/image"
@@ -107,6 +107,7 @@ def _can_overlay():
 
 class System:
     name = "?"
+    cold_caveat = None   # why its "cold" reads may be warm on the host
 
     def __init__(self, root):
         self.root = root
@@ -122,6 +123,11 @@ class System:
     def flush(self, m):
         """Push what was written in mount m down to the system's storage."""
         os.sync()
+
+    def page_out(self):
+        """Before the page cache is dropped: make the system's server give back
+        the pages it keeps mapped (coldcache.page_out).  Sets cold_caveat when
+        it cannot."""
 
     def top_state(self):
         """What new containers start from (restore it with set_top_state)."""
@@ -164,6 +170,15 @@ class Cowblock(System):
             import_file(pool, "image", image_raw)
             pool.set_read_only("image", True)
         self.pool, _ = client.daemon(path)   # the pool's daemon, as `cowblock mount` uses it
+
+    def page_out(self):
+        if getattr(self, "pool", None) is None or self.cold_caveat:
+            return
+        pool_dir = os.path.join(self.root, "pool")
+        why = coldcache.page_out(self.pool.status()["pid"],
+                                 [os.path.join(pool_dir, "data"), os.path.join(pool_dir, "metadata")])
+        if why:
+            self.cold_caveat = f"the daemon's mapped pages stay cached ({why})"
 
     def mount(self, name, directory):
         m = self.pool.mount(name, os.path.abspath(directory))

@@ -15,17 +15,9 @@ import sysconfig
 import statistics
 import time
 
+from .coldcache import drop_caches
+
 MiB = 1 << 20
-
-
-def drop_caches():
-    os.sync()
-    if os.geteuid() == 0:
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-        except OSError:
-            pass
 
 
 def summary(values):
@@ -111,7 +103,7 @@ def first_write(system, big_size, runs, scratch, synced):
     by_size = {size: [] for size in big_files(big_size).values()}
     for r in range(runs):
         with mounted_container(system, f"fw{r}", scratch) as (m, mnt):
-            drop_caches()
+            drop_caches(system)
             before = system.space()
             first.append(timed_write(os.path.join(mnt, "big.bin"), big_size // 2, synced))
             second.append(timed_write(os.path.join(mnt, "big.bin"), big_size // 2 + 8192, synced))
@@ -120,7 +112,7 @@ def first_write(system, big_size, runs, scratch, synced):
             by_size[big_size].append(first[-1])
             for fname, size in big_files(big_size).items():
                 if size != big_size:
-                    drop_caches()
+                    drop_caches(system)
                     by_size[size].append(timed_write(os.path.join(mnt, fname), size // 2, synced))
     return {"first_write_s": summary(first), "second_write_s": summary(second),
             "space_bytes": summary(space),
@@ -186,13 +178,13 @@ def depth(system, depths, scratch, fs_size, runs=3):
         m = system.mount(name, mnt)
         stats, reads = [], []
         for _ in range(runs):
-            drop_caches()
+            drop_caches(system)
             t = time.perf_counter()
             etc = os.path.join(mnt, "etc")
             for f in os.listdir(etc):
                 os.stat(os.path.join(etc, f))
             stats.append(time.perf_counter() - t)
-            drop_caches()
+            drop_caches(system)
             t = time.perf_counter()
             with open(os.path.join(mnt, "db.bin"), "rb") as f:
                 while f.read(MiB):
@@ -219,7 +211,7 @@ def realistic_mix(system, scratch, synced, runs=3):
         system.new_container(name)
         mnt = os.path.join(scratch, f"mnt-{system.name}-{name}")
         m = system.mount(name, mnt)
-        drop_caches()
+        drop_caches(system)
         before = system.space()
         sources = []
         for root, _, files in os.walk(os.path.join(mnt, "usr", "lib", "python")):
@@ -318,7 +310,7 @@ def image_first_write(system, rel, size, runs, scratch, synced):
     first, space = [], []
     for r in range(runs):
         with mounted_container(system, f"ifw{r}", scratch) as (m, mnt):
-            drop_caches()
+            drop_caches(system)
             before = system.space()
             first.append(timed_write(os.path.join(mnt, rel), size // 2 & ~4095, synced))
             system.flush(m)
@@ -333,7 +325,7 @@ def image_read_all(system, runs, scratch):
     times, total = [], 0
     with mounted_container(system, "iread", scratch) as (_, mnt):
         for _ in range(runs):
-            drop_caches()
+            drop_caches(system)
             t = time.perf_counter()
             total = 0
             for path, _ in _regular_files(mnt):
