@@ -112,7 +112,9 @@ def main():
     flush_rates = {v: {"cowblock": [], "nbdkit-file": []} for v in variants}
     for r in range(args.runs):
         for vname, (every, cache, interval) in variants.items():
-            for peer in ("cowblock", "nbdkit-file"):
+            # Who goes first alternates from round to round, so neither side
+            # always runs just after the page cache was dropped by the other.
+            for peer in ("cowblock", "nbdkit-file")[::1 if r % 2 == 0 else -1]:
                 drop_caches()
                 server, uri = start(peer, interval)
                 try:

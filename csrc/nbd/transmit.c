@@ -40,10 +40,14 @@
 #include "transport.h"
 
 enum { READ_BUFFER = 64 << 10 };
+/* Each thread's own buffer for WRITE payloads up to this size: no malloc and
+ * free for every small write. */
+enum { SPARE_PAYLOAD = 64 << 10 };
 
 struct job {
     struct nbd_request req;   /* host byte order */
-    uint8_t *payload;         /* WRITE data */
+    uint8_t *payload;         /* WRITE data: the thread's spare buffer, or malloc'd */
+    bool payload_owned;       /* malloc'd: free it when done */
     uint32_t error;           /* set by the gate: reply with this, run nothing */
     const char *why;          /* the gate's reason */
 };
@@ -58,9 +62,10 @@ struct conn {
     size_t rpos, rlen;
     bool stopping;             /* under read_lock: no more requests */
     int result;                /* under read_lock: why reading ended (0: disconnect) */
-    pthread_mutex_t lock;      /* protects buffered */
-    pthread_cond_t room;       /* buffered dropped */
-    uint64_t buffered;
+    pthread_mutex_t lock;      /* with room: the reader waiting for buffered to drop */
+    pthread_cond_t room;
+    uint64_t buffered;         /* atomic: payload bytes of requests not yet done */
+    uint32_t reader_waits;     /* atomic: the reader waits on room */
     pthread_mutex_t send_lock; /* one reply at a time on the socket */
     bool send_failed;
     uint64_t requests, bytes_read, bytes_written;
@@ -442,9 +447,39 @@ static void run(struct conn *cn, struct job *j)
     }
 }
 
+/* Count len payload bytes as buffered, first waiting while what is held
+ * would pass max_buffered (a request alone always fits).  Only the thread
+ * holding read_lock calls it, and buffered only drops meanwhile, so the
+ * check stays true; no mutex unless it must wait.  The seq_cst pair
+ * (reader_waits, then buffered; release: buffered, then reader_waits)
+ * means a release either is seen by the check or sees the waiter. */
+static void buffer_reserve(struct conn *cn, uint64_t len)
+{
+    uint64_t max = cn->c->max_buffered, held = __atomic_load_n(&cn->buffered, __ATOMIC_SEQ_CST);
+    if (held && held + len > max) {
+        pthread_mutex_lock(&cn->lock);
+        __atomic_store_n(&cn->reader_waits, 1, __ATOMIC_SEQ_CST);
+        while ((held = __atomic_load_n(&cn->buffered, __ATOMIC_SEQ_CST)) && held + len > max)
+            pthread_cond_wait(&cn->room, &cn->lock);
+        __atomic_store_n(&cn->reader_waits, 0, __ATOMIC_SEQ_CST);
+        pthread_mutex_unlock(&cn->lock);
+    }
+    __atomic_fetch_add(&cn->buffered, len, __ATOMIC_SEQ_CST);
+}
+
+static void buffer_release(struct conn *cn, uint64_t len)
+{
+    __atomic_fetch_sub(&cn->buffered, len, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&cn->reader_waits, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&cn->lock);
+        pthread_cond_broadcast(&cn->room);
+        pthread_mutex_unlock(&cn->lock);
+    }
+}
+
 /* Read one request, and its payload, into j.  Returns 1 for a request to
  * run, 0 at disconnect, or a negative errno (the connection ends). */
-static int read_request(struct conn *cn, struct job *j)
+static int read_request(struct conn *cn, struct job *j, uint8_t *spare)
 {
     struct nbd_request wire;
     int r = read_full(cn, &wire, sizeof wire);
@@ -465,19 +500,15 @@ static int read_request(struct conn *cn, struct job *j)
         reply_error(cn, j->req.cookie, NBD_EOVERFLOW, "write payload over the maximum");
         return -EPROTO;
     }
-    pthread_mutex_lock(&cn->lock);
-    while (cn->buffered && cn->buffered + j->req.length > cn->c->max_buffered)
-        pthread_cond_wait(&cn->room, &cn->lock);
-    cn->buffered += j->req.length;
-    pthread_mutex_unlock(&cn->lock);
-    j->payload = malloc(j->req.length ? j->req.length : 1);
+    buffer_reserve(cn, j->req.length);
+    j->payload_owned = !spare || j->req.length > SPARE_PAYLOAD;
+    j->payload = j->payload_owned ? malloc(j->req.length ? j->req.length : 1) : spare;
     if (j->payload && (r = read_full(cn, j->payload, j->req.length)) == 0)
         return 1;
     bool oom = !j->payload;
-    pthread_mutex_lock(&cn->lock);
-    cn->buffered -= j->req.length;
-    pthread_mutex_unlock(&cn->lock);
-    free(j->payload);
+    buffer_release(cn, j->req.length);
+    if (j->payload_owned)
+        free(j->payload);
     return oom ? -ENOMEM : r == -EPIPE ? 0 : r;
 }
 
@@ -486,26 +517,26 @@ static int read_request(struct conn *cn, struct job *j)
 static void *worker(void *arg)
 {
     struct conn *cn = arg;
+    uint8_t *spare = malloc(SPARE_PAYLOAD); /* NULL: every payload malloc'd */
     for (;;) {
         struct job j;
         pthread_mutex_lock(&cn->read_lock);
-        int r = cn->stopping ? 0 : read_request(cn, &j);
+        int r = cn->stopping ? 0 : read_request(cn, &j, spare);
         if (r <= 0) {
             if (!cn->stopping)
                 cn->result = r;
             cn->stopping = true;
             pthread_mutex_unlock(&cn->read_lock);
+            free(spare);
             return NULL;
         }
         pthread_mutex_unlock(&cn->read_lock);
         run(cn, &j);
         __atomic_fetch_add(&cn->requests, 1, __ATOMIC_RELAXED);
         if (j.payload) {
-            free(j.payload);
-            pthread_mutex_lock(&cn->lock);
-            cn->buffered -= j.req.length;
-            pthread_cond_broadcast(&cn->room);
-            pthread_mutex_unlock(&cn->lock);
+            if (j.payload_owned)
+                free(j.payload);
+            buffer_release(cn, j.req.length);
         }
     }
 }
