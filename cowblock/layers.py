@@ -63,7 +63,7 @@ import threading
 import time
 import uuid
 
-from . import errors, owners
+from . import errors, owners, runtime
 from .attach import blockdev
 
 FSTYPE = "ext4"
@@ -162,7 +162,7 @@ def layer(d, size, chain_id, parent, apply, *, diff_id=None, on_publish=None):
         name = _device_name("layer", size, hexid[:24])
 
         def make(tmp):
-            root = os.path.join(d.runtime.path, "build", tmp)
+            root = os.path.join(d.runtime.path, runtime.BUILD, tmp)
             mount = d.mount(tmp, root)
             try:
                 apply(root)

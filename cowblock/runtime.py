@@ -27,7 +27,8 @@ LOG = "daemon.log"
 STATE = "attachments.json"
 FILES = "files"     # nbdfuse attach mounts and their sockets
 DEV = "dev"         # the in-process FUSE mount of device files
-POOL = "pool"
+BUILD = "build"     # mount points of image layers being built
+POOL = "pool"       # the pool's path: kept with the log, so a sweep can tell whose it is
 
 
 def root():
@@ -53,9 +54,11 @@ def pool_key(pool_path):
 class RuntimeDir:
     """The runtime directory of the pool at pool_path."""
 
-    def __init__(self, pool_path):
+    def __init__(self, pool_path, key=None):
+        """key: the directory's name when it is known (a pool that is gone
+        has no identity to hash)."""
         self.pool_path = os.path.abspath(os.fspath(pool_path))
-        self.path = os.path.join(root(), pool_key(self.pool_path))
+        self.path = os.path.join(root(), key or pool_key(self.pool_path))
         self.control = os.path.join(self.path, CONTROL)
         self.nbd = os.path.join(self.path, NBD)
         self.pidfile = os.path.join(self.path, PIDFILE)
@@ -122,12 +125,13 @@ class RuntimeDir:
         """Remove what is left (sockets, files, empty directories); the log
         stays unless keep_log is false, for whoever wants to know why a
         daemon ended."""
-        names = [CONTROL, NBD, PIDFILE, STATE, POOL, f"{PIDFILE}.tmp", f"{STATE}.tmp"]
-        for name in names + ([] if keep_log else [LOG, f"{LOG}.1"]):
+        names = [CONTROL, NBD, PIDFILE, STATE, f"{PIDFILE}.tmp", f"{STATE}.tmp"]
+        for name in names + ([] if keep_log else [LOG, f"{LOG}.1", POOL]):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.path, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(self.dev)
+        for d in (self.dev, os.path.join(self.path, BUILD)):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
         with contextlib.suppress(OSError):
             for entry in os.listdir(self.files):
                 with contextlib.suppress(OSError):

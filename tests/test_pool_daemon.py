@@ -211,6 +211,34 @@ def test_sigkill_of_the_daemon_mid_io_then_recovery(pool, tmp_path):
         assert p.check().ok
 
 
+def test_the_runtime_directory_of_a_pool_deleted_while_its_daemon_was_dead_is_swept(pool, tmp_path):
+    """No command of a deleted pool runs again to clean up after its killed
+    daemon; the next daemon of any pool removes what it left (the directory,
+    its socket, pid file, state and log), and leaves live pools' alone."""
+    gone = tmp_path / "gone"
+    with Pool.create(gone, 64 * MiB, 65536) as p:
+        p.create_thin("d", 16 * MiB)
+    client.daemon(gone, grace=60)[0].close()
+    dead = RuntimeDir(gone)
+    live = RuntimeDir(pool)
+    client.daemon(pool, grace=60)[0].close()
+    os.kill(dead.pid(), signal.SIGKILL)
+    wait_for(lambda: dead.pid() is None, what="the killed daemon to go")
+    again = tmp_path / "again"   # a pool made where the old one was (made first: a new inode, a new key)
+    with Pool.create(again, 64 * MiB, 65536):
+        pass
+    shutil.rmtree(gone)
+    os.rename(again, gone)
+    assert RuntimeDir(gone).path != dead.path
+    assert os.path.isdir(dead.path) and os.path.exists(dead.control)
+    client.daemon(gone, grace=60)[0].close()   # any daemon sweeps; this one is of the new pool
+    assert not os.path.exists(dead.path)
+    assert os.path.exists(live.control) and process_alive(live.pid())
+    assert "is gone" in open(RuntimeDir(gone).log).read()
+    run(gone, "daemon", "stop")
+    run(pool, "daemon", "stop")
+
+
 def test_daemon_stop_force_and_a_hung_daemon(pool, tmp_path):
     sock = tmp_path / "a.sock"
     with client.daemon(pool)[0] as proxy:

@@ -165,6 +165,8 @@ class PoolDaemon:
         self.pool = Pool.open(self.pool_path, timeout=0, commit_interval=self.commit_interval)
         try:
             notes = leftovers.clean(self.runtime, self.pool)
+            for note in leftovers.sweep_orphans(skip={self.runtime.path}):
+                self._log(note)   # about other pools: the log, not this start's notes
             self.runtime.make()
             self.runtime.write_pid()
             self._save_state()

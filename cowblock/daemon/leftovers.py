@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 
+from .. import errors, runtime as rt
 from ..attach import blockdev
 
 
@@ -74,4 +75,42 @@ def clean(runtime, pool=None):
     runtime.remove()
     if stale and not notes:
         notes.append(f"removed the sockets and state of {who}, which died or was killed")
+    return notes
+
+
+def sweep_orphans(skip=()):
+    """Remove the runtime directories of pools that are gone (deleted, or
+    replaced by another pool at the same path) and whose daemon is dead,
+    with what their daemons left (clean()).  No command of such a pool will
+    ever run again to clean them.  Directories in skip, of a live daemon,
+    of a pool that is still there, or not made by RuntimeDir.make() (no
+    pool file yet) are left alone.  Returns notes."""
+    notes = []
+    base = rt.root()
+    try:
+        keys = os.listdir(base)
+    except OSError:
+        return notes
+    for key in keys:
+        path = os.path.join(base, key)
+        if path in skip:
+            continue
+        try:
+            with open(os.path.join(path, rt.POOL)) as f:
+                pool_path = f.read().strip()
+            try:
+                current = rt.pool_key(pool_path)
+            except errors.PoolNotFoundError:
+                current = None
+            if current == key or not pool_path:
+                continue
+            runtime = rt.RuntimeDir(pool_path, key=key)
+            recorded = runtime.load_state().get("pid")
+            if runtime.pid() is not None or (recorded and rt.process_alive(recorded)):
+                continue
+            clean(runtime)
+            runtime.remove(keep_log=False)
+            notes.append(f"removed the runtime directory {path} of pool {pool_path}, which is gone")
+        except (OSError, errors.CowblockError):
+            continue   # another sweep got there first, or it cannot be told: leave it
     return notes
