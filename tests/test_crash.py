@@ -21,7 +21,7 @@ from crashlib import BS, generate, parse_log, run_op, verify
 from helpers import pattern
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KILLS = int(os.environ.get("COWBLOCK_CRASH_ITERATIONS", "30"))
+KILLS = int(os.environ.get("COWBLOCK_CRASH_ITERATIONS", "20"))
 POWER_WORKLOADS = int(os.environ.get("COWBLOCK_POWER_WORKLOADS", "2"))
 
 

@@ -14,7 +14,7 @@ import time
 
 from crash_nbd_lib import run_iteration
 
-KILLS = int(os.environ.get("COWBLOCK_NBD_CRASH_ITERATIONS", "20"))
+KILLS = int(os.environ.get("COWBLOCK_NBD_CRASH_ITERATIONS", "14"))
 SEED = int(os.environ.get("COWBLOCK_NBD_CRASH_SEED", "4321"))
 REPLAY = os.environ.get("COWBLOCK_NBD_CRASH_REPLAY")  # one iteration's seed, run KILLS times
 

@@ -24,7 +24,7 @@ from cowblock._native import lib
 from records_crashlib import BS, generate, parse_log, run_op, verify
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KILLS = int(os.environ.get("COWBLOCK_CRASH_ITERATIONS", "30"))
+KILLS = int(os.environ.get("COWBLOCK_CRASH_ITERATIONS", "20"))
 POWER_WORKLOADS = int(os.environ.get("COWBLOCK_POWER_WORKLOADS", "2"))
 CUTS = {"drop-all": 0, "keep-newest": lib.CB_CUT_KEEP_NEWEST, "keep-random": lib.CB_CUT_KEEP_RANDOM,
         "torn": lib.CB_CUT_TEAR, "torn-keep-random": lib.CB_CUT_TEAR | lib.CB_CUT_KEEP_RANDOM}
