@@ -367,6 +367,7 @@ def main():
     finally:
         for s in reversed(list(systems.values())):
             s.close()
+        shutil.rmtree(args.dir, ignore_errors=True)   # gigabytes of ext4 images
     med = {n: {w: statistics.median(v) for w, v in r.items()} for n, r in results.items()}
     report(med, names, workloads)
     if args.json:
