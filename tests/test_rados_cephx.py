@@ -205,11 +205,14 @@ def test_the_documented_caps_are_enough(ceph, clients, tmp_path, monkeypatch):
 
 @pytest.mark.skipif(COWBLOCK is None, reason="the cowblock command is not installed")
 def test_too_few_caps_get_a_clear_error(ceph, clients, tmp_path, monkeypatch):
-    """osd 'allow r' cannot make a pool: PoolIOError naming the refused
-    operation and the caps; the CLI says it in one line, no traceback."""
+    """osd 'allow r' cannot make a pool, osd 'allow rw' (no x: no object
+    classes) cannot take its lock: PoolIOError naming the refused operation
+    and the caps; the CLI says it in one line, no traceback."""
     loc = f"rados:{ceph.pool}/cx-{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("CEPH_ARGS", clients(("allow r", f"allow r pool={ceph.pool}"),
-                                            form="--name=client.{name} -k {keyring}")[0])
+    read_only, no_classes = clients(("allow r", f"allow r pool={ceph.pool}"),
+                                    ("profile rbd", f"allow rw pool={ceph.pool}"),
+                                    form="--name=client.{name} -k {keyring}")
+    monkeypatch.setenv("CEPH_ARGS", read_only)
     with pytest.raises(errors.PoolIOError, match=r"creating the pool's superblock object: the "
                        r"Ceph cluster refused this client \(Operation not permitted"):
         Pool.create(loc, 64 * MiB, 65536)
@@ -217,6 +220,13 @@ def test_too_few_caps_get_a_clear_error(ceph, clients, tmp_path, monkeypatch):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert re.search(r"refused this client .*see the caps in README.md", r.stderr), r.stderr
+    monkeypatch.setenv("CEPH_ARGS", no_classes)
+    try:
+        with pytest.raises(errors.PoolIOError, match=r"taking the pool's lock: the Ceph cluster "
+                           r"refused this client"):
+            Pool.create(loc, 64 * MiB, 65536)
+    finally:
+        remove_pool_objects(ceph, loc)
 
 
 def test_a_client_name_that_is_not_type_dot_id_is_named(ceph, monkeypatch):
