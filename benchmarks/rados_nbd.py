@@ -37,15 +37,55 @@ JOBS = [("first_write_4k", "randwrite", "4k", True), ("fill_1m", "write", "1M", 
         ("seqwrite_1m", "write", "1M", True)]
 
 
-def fio(target_args, rw, bs, seconds, timed):
+def fio(target_args, rw, bs, seconds, timed, size=IMAGE):
     cmd = ["fio", "--name=b", "--output-format=json", f"--rw={rw}", f"--bs={bs}",
-           f"--size={IMAGE}", "--iodepth=16", "--randrepeat=0", *target_args]
+           f"--size={size}", "--iodepth=16", "--randrepeat=0", *target_args]
     if timed:
         cmd += ["--time_based", f"--runtime={seconds}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
     return side["iops"] if bs == "4k" else side["bw_bytes"] / 1e6
+
+
+def nbd_args(sock, export=""):
+    return ["--ioengine=nbd", f"--uri=nbd+unix:///{export}?socket={sock}"]
+
+
+def rbd_fio_args(ceph_pool, image):
+    """fio's rbd engine: librbd in fio's process, with librbd's own defaults."""
+    return ["--ioengine=rbd", f"--pool={ceph_pool}", f"--rbdname={image}", "--clientname=admin"]
+
+
+def serve(pool, devices, sock, command="cowblock", env=None):
+    """`cowblock serve` of devices on sock (the pool's daemon started for it)."""
+    proc = subprocess.Popen([command, "--pool", pool, "serve", "--socket", sock, *devices],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    wait_for(sock, proc, "cowblock serve")
+    return proc
+
+
+def qemu_nbd(ceph_pool, image, sock):
+    """qemu-nbd on the rbd: image, --cache none: no librbd cache (qemu sets
+    rbd_cache=false for --cache none; the spec says it outright)."""
+    spec = f"rbd:{ceph_pool}/{image}:conf={os.environ['CEPH_CONF']}:rbd_cache=false"
+    proc = subprocess.Popen(["qemu-nbd", "--socket", sock, "--format", "raw", "--cache", "none",
+                             "--aio", "threads", "--shared", "4", "--persistent", spec],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(sock, proc, "qemu-nbd")
+    return proc
+
+
+def stop(proc):
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def osd_objectstore():
+    """The OSD type of the cluster $CEPH_CONF names (None if it does not say)."""
+    with open(os.environ["CEPH_CONF"]) as f:
+        m = re.search(r"osd_objectstore\s*=\s*(\w+)", f.read())
+    return m.group(1) if m else None
 
 
 class CowblockTarget:
@@ -57,15 +97,11 @@ class CowblockTarget:
         subprocess.run([self.command, "--pool", self.pool, "create", image, "--size", str(IMAGE)],
                        check=True, capture_output=True)
         self.sock = os.path.join(self.tmp, f"{image}.sock")
-        self.proc = subprocess.Popen([self.command, "--pool", self.pool, "serve", "--socket",
-                                      self.sock, image], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        wait_for(self.sock, self.proc, "cowblock serve")
-        return ["--ioengine=nbd", f"--uri=nbd+unix:///{image}?socket={self.sock}"]
+        self.proc = serve(self.pool, [image], self.sock, self.command)
+        return nbd_args(self.sock, image)
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+        stop(self.proc)
 
 
 class RbdTarget:
@@ -77,21 +113,14 @@ class RbdTarget:
         subprocess.run(["timeout", "60", "rbd", "create", f"{self.ceph_pool}/{self.image}",
                         "--size", f"{IMAGE // MiB}M"], check=True, capture_output=True)
         if not self.via_nbd:
-            return ["--ioengine=rbd", f"--pool={self.ceph_pool}", f"--rbdname={self.image}",
-                    "--clientname=admin"]
+            return rbd_fio_args(self.ceph_pool, self.image)
         self.sock = os.path.join(self.tmp, f"{self.image}.sock")
-        spec = f"rbd:{self.ceph_pool}/{self.image}:conf={os.environ['CEPH_CONF']}"
-        self.proc = subprocess.Popen(["qemu-nbd", "--socket", self.sock, "--format", "raw",
-                                      "--cache", "none", "--aio", "threads", "--shared", "4",
-                                      "--persistent", spec],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for(self.sock, self.proc, "qemu-nbd")
-        return ["--ioengine=nbd", f"--uri=nbd+unix:///?socket={self.sock}"]
+        self.proc = qemu_nbd(self.ceph_pool, self.image, self.sock)
+        return nbd_args(self.sock)
 
     def stop(self):
         if self.via_nbd:
-            self.proc.terminate()
-            self.proc.wait(timeout=60)
+            stop(self.proc)
         subprocess.run(["timeout", "120", "rbd", "rm", f"{self.ceph_pool}/{self.image}"],
                        capture_output=True)
 
@@ -159,10 +188,9 @@ def main():
             print(f"{j}: cowblock-rados / rbd-qemu-nbd = "
                   f"{result['cowblock-rados'][j] / result['rbd-qemu-nbd'][j]:.2f}")
     if args.json:
-        osd = re.search(r"osd_objectstore\s*=\s*(\w+)", open(os.environ["CEPH_CONF"]).read())
         with open(args.json, "w") as f:
             json.dump({"units": units, "runs": args.runs, "seconds": args.seconds,
-                       "image_bytes": IMAGE, "osd_objectstore": osd.group(1) if osd else None,
+                       "image_bytes": IMAGE, "osd_objectstore": osd_objectstore(),
                        "results": result}, f, indent=1)
 
 

@@ -148,6 +148,68 @@ int cb_remote_available(void)
     return 1;
 }
 
+/* $CEPH_ARGS in words, as Ceph's tools split it, after an argv[0]: read at
+ * every connect.  (rados_conf_parse_env reads it once per process and keeps
+ * that for good, so a second pool opened under another client would
+ * connect with the first one's options.) */
+#define MAX_CEPH_ARGS 64
+struct ceph_args {
+    char *copy;
+    int argc;
+    const char *argv[MAX_CEPH_ARGS + 1];
+};
+
+static int ceph_args_split(struct ceph_args *a)
+{
+    const char *env = getenv("CEPH_ARGS");
+    char *save = NULL;
+    a->argc = 0;
+    a->argv[a->argc++] = "cowblock";
+    a->copy = env ? strdup(env) : NULL;
+    if (env && !a->copy)
+        return cb_err(CB_E_NO_MEMORY, "out of memory");
+    for (char *w = a->copy ? strtok_r(a->copy, " \t\n", &save) : NULL; w;
+         w = strtok_r(NULL, " \t\n", &save)) {
+        if (a->argc > MAX_CEPH_ARGS) {
+            free(a->copy);
+            return cb_err(CB_E_INVALID, "$CEPH_ARGS has more than %d words", MAX_CEPH_ARGS);
+        }
+        a->argv[a->argc++] = w;
+    }
+    return 0;
+}
+
+/* The client's name in the words (--id X, -i X, --user X: client.X; --name
+ * T.X, -n T.X; each also as --opt=value), into out; false when none is
+ * given (client.admin).  Ceph's tools take these in their own argument
+ * parsing, before the config's, which skips them. */
+static bool ceph_args_name(const struct ceph_args *a, char *out, size_t n)
+{
+    static const struct {
+        const char *opt, *prefix;
+    } opts[] = {{"--id", "client."}, {"-i", "client."}, {"--user", "client."}, {"--name", ""},
+                {"-n", ""}};
+    bool found = false;
+    for (int k = 1; k < a->argc; k++) {
+        for (size_t i = 0; i < sizeof opts / sizeof *opts; i++) {
+            size_t len = strlen(opts[i].opt);
+            const char *val;
+            if (strcmp(a->argv[k], opts[i].opt) == 0)
+                val = k + 1 < a->argc ? a->argv[++k] : NULL;
+            else if (strncmp(a->argv[k], opts[i].opt, len) == 0 && a->argv[k][len] == '=')
+                val = a->argv[k] + len + 1;
+            else
+                continue;
+            if (val && *val) {   /* the last one given wins, as in Ceph's tools */
+                snprintf(out, n, "%s%s", opts[i].prefix, val);
+                found = true;
+            }
+            break;
+        }
+    }
+    return found;
+}
+
 int cb_remote_connect(const char *conf, const char *ceph_pool, const char *name, double timeout,
                       cb_remote **out)
 {
@@ -166,15 +228,26 @@ int cb_remote_connect(const char *conf, const char *ceph_pool, const char *name,
         r->lazy[i] = (struct lazy){.fd = -1, .shift = 12};
     snprintf(r->pool, sizeof r->pool, "%s", ceph_pool);
     snprintf(r->name, sizeof r->name, "%s", name);
-    int rv = rados_create(&r->cluster, NULL);
+    struct ceph_args args;
+    int rv = ceph_args_split(&args);
     if (rv < 0) {
         free(r);
-        return rados_error(rv, "creating a Ceph client");
+        return rv;
     }
-    /* $CEPH_ARGS (--id, --keyring, ...) and the conf file, as Ceph's tools do */
-    rados_conf_parse_env(r->cluster, NULL);
+    char client[160] = "";
+    bool named = ceph_args_name(&args, client, sizeof client);
+    rv = named ? rados_create2(&r->cluster, "ceph", client, 0) : rados_create(&r->cluster, NULL);
+    if (rv < 0) {
+        free(args.copy);
+        free(r);
+        return named && rv == -EINVAL ? cb_err(CB_E_INVALID, "$CEPH_ARGS names the Ceph client "
+                                               "%s, which is not TYPE.ID (client.NAME)", client)
+                                      : rados_error(rv, "creating a Ceph client");
+    }
+    /* The conf file, and $CEPH_ARGS (--keyring, ...) over it, as Ceph's tools do */
     rv = rados_conf_read_file(r->cluster, conf && *conf ? conf : NULL);
     if (rv < 0) {
+        free(args.copy);
         rados_shutdown(r->cluster);
         free(r);
         if (conf && *conf)
@@ -182,6 +255,14 @@ int cb_remote_connect(const char *conf, const char *ceph_pool, const char *name,
                           strerror(-rv));
         return cb_err(CB_E_INVALID, "no Ceph configuration found (set $CEPH_CONF or --ceph-conf, "
                       "or make /etc/ceph/ceph.conf): %s", strerror(-rv));
+    }
+    rv = rados_conf_parse_argv(r->cluster, args.argc, args.argv);
+    free(args.copy);
+    if (rv < 0) {
+        rados_shutdown(r->cluster);
+        free(r);
+        return cb_err(CB_E_INVALID, "Ceph refuses an option in $CEPH_ARGS (%s): %s",
+                      getenv("CEPH_ARGS"), strerror(-rv));
     }
     /* Without these, connecting to a cluster that is not there, or a monitor
      * call while no OSD serves a placement group, waits for ever.  Data

@@ -1,9 +1,12 @@
 """A throw-away single-node Ceph for the tests (tools/ceph-cluster.sh),
 started once per session by the `ceph_cluster` fixture (conftest.py) and
 stopped at its end; a test that needs it skips with the reason when the Ceph
-packages are missing or the cluster does not start."""
+packages are missing or the cluster does not start.  It runs with cephx
+(client.admin's keyring named in its conf), so that tests/test_rados_cephx.py
+can try the documented caps on it: no second cluster to start."""
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import tempfile
@@ -19,6 +22,13 @@ class Cluster:
         self.owned = owned
         self.conf = os.path.join(path, "ceph.conf")
         self.pool = POOL
+
+    @property
+    def cephx(self):
+        """Whether the cluster requires cephx of its clients (one given by
+        $COWBLOCK_TEST_CEPH may not)."""
+        with open(self.conf) as f:
+            return re.search(r"^auth[_ ]client[_ ]required\s*=\s*cephx", f.read(), re.M) is not None
 
     def stop(self):
         if not self.owned:
@@ -40,7 +50,7 @@ def start():
     path = tempfile.mkdtemp(prefix="cowblock-ceph-")
     try:
         out = subprocess.run(["bash", str(SCRIPT), "start", path], capture_output=True, text=True,
-                             timeout=180)
+                             timeout=180, env=dict(os.environ, CEPH_AUTH="cephx"))
     except subprocess.TimeoutExpired:
         Cluster(path).stop()
         return "the test Ceph cluster did not start in 180 s"

@@ -1,7 +1,8 @@
 #!/bin/bash
 # A throw-away single-node Ceph for tests and demos: 1 mon, 1 mgr, 1 OSD on
-# 127.0.0.1, no auth, everything under one directory, nothing in /etc, /var
-# or /run.  Needs Debian's ceph-mon, ceph-mgr, ceph-osd and ceph-common.
+# 127.0.0.1, no auth unless CEPH_AUTH=cephx, everything under one directory,
+# nothing in /etc, /var or /run.  Needs Debian's ceph-mon, ceph-mgr, ceph-osd
+# and ceph-common.
 #
 #   tools/ceph-cluster.sh start DIR [memstore|bluestore]   # prints CEPH_CONF=DIR/ceph.conf
 #   tools/ceph-cluster.sh stop DIR                         # clean stop (memstore keeps its data)
@@ -13,6 +14,11 @@
 # CEPH_MON_PORT (default 3300; the v1 port is the next one, or 6789 for
 # the default) lets two clusters run on one host side by side.
 #
+# CEPH_AUTH=cephx (default none) starts it with cephx: every daemon gets a
+# key of its own, and client.admin's keyring is DIR/keyring (the conf's
+# [client] keyring, so ceph, rados, rbd and cowblock find it by themselves;
+# another client takes --id/--keyring, e.g. in $CEPH_ARGS).
+#
 # Every client call has a timeout: when no OSD serves a placement group,
 # ceph, rados and rbd otherwise wait for ever.
 set -euo pipefail
@@ -23,6 +29,8 @@ T=${CEPH_TIMEOUT:-30}
 export CEPH_CONF=$D/ceph.conf
 MON_V2=${CEPH_MON_PORT:-3300}
 MON_V1=$([ "$MON_V2" = 3300 ] && echo 6789 || echo $((MON_V2 + 1)))
+AUTH=${CEPH_AUTH:-none}
+case $AUTH in none|cephx) ;; *) echo "CEPH_AUTH is none or cephx, not $AUTH" >&2; exit 2 ;; esac
 
 ceph_() { timeout "$T" ceph --connect-timeout "$T" "$@"; }
 
@@ -78,15 +86,24 @@ osd_memory_target = 1073741824"
 memstore_device_bytes = ${CEPH_MEMSTORE_BYTES:-4294967296}
 osd_fast_shutdown = false"
     fi
+    # cephx: each daemon's key in its data directory, the admin's in DIR
+    if [ "$AUTH" = cephx ]; then
+        KEYRING_CLIENT="[client]
+keyring = $D/keyring"
+        KEYRING_MGR="keyring = \$mgr_data/keyring"
+        KEYRING_OSD="keyring = \$osd_data/keyring"
+    else
+        KEYRING_CLIENT= KEYRING_MGR= KEYRING_OSD=
+    fi
     cat > "$CEPH_CONF" <<CONF
 [global]
 fsid = $FSID
 mon_host = [v2:127.0.0.1:$MON_V2,v1:127.0.0.1:$MON_V1]
 public_addr = 127.0.0.1
 cluster_addr = 127.0.0.1
-auth_cluster_required = none
-auth_service_required = none
-auth_client_required = none
+auth_cluster_required = $AUTH
+auth_service_required = $AUTH
+auth_client_required = $AUTH
 auth_allow_insecure_global_id_reclaim = false
 run_dir = $D/run
 pid_file = $D/run/\$name.pid
@@ -114,16 +131,35 @@ mgr_initial_modules =
 admin_socket = $D/run/\$name.asok
 [mgr]
 admin_socket = $D/run/\$name.asok
+$KEYRING_MGR
 [osd]
 admin_socket = $D/run/\$name.asok
+$KEYRING_OSD
+$KEYRING_CLIENT
 CONF
     monmaptool --create --fsid "$FSID" --addv a "[v2:127.0.0.1:$MON_V2,v1:127.0.0.1:$MON_V1]" "$D/monmap" >/dev/null
-    ceph-mon --mkfs -i a --monmap "$D/monmap"
+    MON_KEYRING=()
+    if [ "$AUTH" = cephx ]; then
+        ceph-authtool --create-keyring "$D/mon.keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
+        ceph-authtool --create-keyring "$D/keyring" --gen-key -n client.admin --cap mon 'allow *' \
+            --cap osd 'allow *' --cap mgr 'allow *' --cap mds 'allow *' >/dev/null
+        ceph-authtool "$D/mon.keyring" --import-keyring "$D/keyring" >/dev/null
+        MON_KEYRING=(--keyring "$D/mon.keyring")
+    fi
+    ceph-mon --mkfs -i a --monmap "$D/monmap" "${MON_KEYRING[@]}"
     ceph-mon -i a
+    if [ "$AUTH" = cephx ]; then
+        ceph_ auth get-or-create mgr.a mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
+            -o "$D/mgr/a/keyring"
+    fi
     ceph-mgr -i a
     U=$(uuidgen)
     ID=$(ceph_ osd new "$U")
     [ "$ID" = 0 ] || { echo "unexpected OSD id $ID" >&2; exit 1; }
+    if [ "$AUTH" = cephx ]; then
+        ceph_ auth get-or-create osd.0 mon 'allow profile osd' mgr 'allow profile osd' osd 'allow *' \
+            -o "$D/osd/0/keyring"
+    fi
     ceph-osd -i 0 --mkfs --osd-uuid "$U" >"$D/log/osd-mkfs.log" 2>&1
     ceph-osd -i 0 2>>"$D/log/osd-start.log"
     wait_osd_up

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from .. import errors
+from .. import errors, rados
 from ..runtime import RuntimeDir, process_alive
 from . import protocol as P
 from .calls import BY_TARGET, CALLS, DAEMON, DEVICE, FUNCTION, POOL
@@ -364,7 +364,9 @@ def daemon(path, *, start=True, timeout=30.0, on_note=None, grace=None):
     started it.  Without a running daemon: start one (start=True), which
     exits on its own once nothing is attached for `grace` seconds."""
     path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, "metadata")):
+    # (a RADOS pool's cache on a host that never opened it has no metadata
+    # file yet: its daemon's open says whether the pool exists)
+    if not os.path.isfile(os.path.join(path, "metadata")) and rados.location_of(path) is None:
         from ..pool import Pool
         Pool.open(path)   # raises PoolNotFoundError naming what is missing
     runtime = RuntimeDir(path)
