@@ -150,6 +150,30 @@ def test_power_cut_at_every_io_of_redirected_writes(tmp_path, cut):
         lib.cb_fault_redirect_local(0)
 
 
+def test_redirects_fall_back_in_place_when_no_run_is_free(tmp_path):
+    """A pool too full for a fresh run (runs start at an object's start,
+    every 256 blocks of 4 KiB) writes scattered blocks in place instead:
+    no error, nothing allocated, the data right."""
+    import random
+    rng = random.Random(3)
+    lib.cb_fault_redirect_local(1)
+    try:
+        with Pool.create(tmp_path / "p", 300 * BS, BS, commit_interval=0) as pool:
+            d = pool.create_thin("d", 280 * BS)
+            for vb in rng.sample(range(280), 280):
+                d.pwrite(pattern(vb, BS), vb * BS)
+            pool.commit()
+            used = pool.stats().data_used
+            # in place: a write a scattered block, not one for a run
+            assert _ios(lambda: d.pwrite(pattern(999, 64 * BS), 8 * BS)) > 32
+            pool.commit()
+            assert pool.stats().data_used == used
+            assert d.pread(64 * BS, 8 * BS) == pattern(999, 64 * BS)
+            assert pool.check().ok
+    finally:
+        lib.cb_fault_redirect_local(0)
+
+
 def test_torn_superblock_write_is_all_or_nothing(tmp_path):
     """The superblock write is the commit point.  Torn in half, it holds the
     new first half (everything that changes between commits lies there) and
