@@ -1404,6 +1404,7 @@ int cb_remote_close(cb_remote *r)
     if (!r)
         return 0;
     int rv = 0;
+    evictor_stop(r); /* (it sends held writes: before the connection goes) */
     if (r->connected) {
         pthread_mutex_lock(&r->order);
         flush_pending(r); /* (the pool's close committed: nothing is held) */
