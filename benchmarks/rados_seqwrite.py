@@ -5,8 +5,10 @@ concurrent writers a virtual MiB is 16 blocks in up to 16 RADOS objects, and a 1
 writes of 64 KiB (RBD: one write into one object).  This measures 1 MiB
 writes (in-process) into a device: a fill (first writes) by one thread
 (in-order) or by 16 (qd16-fill, random-first: after random 4 KiB first
-writes), then overwrites in place by 16 threads, with the RADOS writes sent
-per MiB (cb_remote_requests, the commit's metadata included).
+writes), then overwrites by 16 threads, with the RADOS writes sent per MiB
+(cb_remote_requests, the commit's metadata included).  Since scattered
+whole-block writes are redirected to a contiguous run (csrc/dataio.c), the
+last kind costs one write a MiB too.
 
   CEPH_CONF=... python benchmarks/rados_seqwrite.py [--mib 128] [--json F]
 """

@@ -13,6 +13,9 @@ cache directory, and opening it opens the pool on RADOS.
                ROOT/CEPHPOOL/NAME
   cluster      the ceph.conf named at first use (--ceph-conf, $CEPH_CONF),
                else Ceph's own search; $CEPH_ARGS for --id, --keyring
+  cache size   $COWBLOCK_RADOS_CACHE_SIZE (4096, 512M, 1G, ...; 0: no
+               bound), else 1G: the most data the cache keeps; past it the
+               least recently used clean data is dropped (csrc/remote.c)
 
 One writer at a time across hosts: the RADOS exclusive lock on the pool's
 superblock object (its cookie names host and process) and a fencing epoch
@@ -29,10 +32,14 @@ import uuid
 
 from . import errors
 from ._native import check, ffi, lib
+from .sizes import parse_size
 
 PREFIX = "rados:"
 MARKER = "rados.json"
 CONNECT_TIMEOUT = 30.0
+# As Ceph's own host-side cache of RADOS objects (the immutable object
+# cache, immutable_object_cache_max_size): 1 GiB unless set.
+CACHE_SIZE = "1G"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,126}")
 
 
@@ -67,6 +74,12 @@ def cache_root():
         return os.environ["COWBLOCK_RADOS_CACHE"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "cowblock", "rados")
+
+
+def cache_size():
+    """Bytes of data a pool's cache on this host may keep (0: no bound)."""
+    text = os.environ.get("COWBLOCK_RADOS_CACHE_SIZE") or CACHE_SIZE
+    return parse_size(text, "$COWBLOCK_RADOS_CACHE_SIZE")
 
 
 def cache_dir(text):
@@ -141,7 +154,9 @@ class Remote:
             time.sleep(0.5)
 
     def fetch(self, path):
-        """Make path's files the pool's (empty) cache, with its superblock."""
+        """Make path's files the pool's (empty) cache, with its superblock,
+        bounded by cache_size()."""
+        check(lib.cb_remote_set_cache_limit(self.h, cache_size()))
         check(lib.cb_remote_fetch(self.h, os.fsencode(path)), not_found=errors.PoolNotFoundError)
 
     def cache_metadata(self):
@@ -153,10 +168,13 @@ class Remote:
 
     def requests(self):
         """Requests sent so far: reads (data_reads of them of data objects),
-        writes, removes; and fetched_bytes, read from RADOS into the cache."""
+        writes (data_writes of them of data objects), removes; fetched_bytes,
+        read from RADOS into the cache; cached_bytes of data the cache holds
+        now, evicted_bytes dropped from it."""
         return {k: lib.cb_remote_requests(self.h, i)
                 for i, k in enumerate(("reads", "writes", "removes", "data_reads",
-                                       "fetched_bytes"))}
+                                       "fetched_bytes", "data_writes", "cached_bytes",
+                                       "evicted_bytes"))}
 
     def close(self):
         h, self.h = self.h, None

@@ -237,6 +237,10 @@ int cb_dev_block_status(cb_pool *p, uint32_t id, uint64_t off, uint64_t len,
 #define CB_CUT_KEEP_RANDOM 2
 #define CB_CUT_TEAR 4
 int64_t cb_fault_set(int mode, int64_t nth, int flags);
+/* For tests: on 1, local pools too redirect scattered writes of whole
+ * blocks to fresh contiguous ones, as pools on RADOS do (dataio.c), so the
+ * power-cut tests cover that path; 0 (the default): RADOS pools only. */
+void cb_fault_redirect_local(int on);
 /* Debug counters: metadata blocks written and read (verified) since open. */
 int cb_pool_counters(cb_pool *p, uint64_t *meta_written, uint64_t *meta_verified);
 

@@ -83,6 +83,15 @@ struct cb_range {
 int remote_need(struct cb_file *f, const struct cb_range *ranges, int count);
 int remote_will_write(struct cb_file *f, uint64_t off, uint64_t len);
 void remote_set_block_size(struct cb_file *f, uint32_t block_size);
+/* Around reading a data file's cache through its mapping (from before its
+ * remote_need to the last byte copied) and around writing it: while a
+ * thread is pinned, no unit it may touch is dropped from a bounded cache
+ * (remote.c, "the bound").  Nests; 0 for files without a bound. */
+uint32_t remote_pin(struct cb_file *f);
+void remote_unpin(struct cb_file *f, uint32_t pin);
+/* Bytes of a data or metadata object: one RADOS write per object a write
+ * of the file spans. */
+uint64_t remote_object_size(void);
 
 /* ---- growable vector of u32 ---- */
 struct u32vec {
@@ -98,6 +107,8 @@ struct cb_sm {
     uint64_t *used;            /* ditto: count of non-zero entries */
     uint64_t nr_blocks;        /* capacity */
     uint64_t alloc_hint;
+    uint64_t run_hint;         /* where sm_take_run looks first */
+    bool run_none;             /* it found none: not again before blocks are freed */
     uint8_t *busy;             /* bitmap: allocated or freed this transaction */
     uint64_t busy_bits;
     struct u32vec busy_list;   /* which bits to clear at commit */
@@ -131,6 +142,10 @@ int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out);
 /* Block b, if it is free as sm_find_free means it, marked busy: 1; 0 when
  * it is not free. */
 int sm_take_if_free(struct cb_meta *m, struct cb_sm *sm, uint64_t b);
+/* count contiguous free blocks, the first a multiple of align, marked busy:
+ * 1 and *out the first; 0 when no such run is free.  Searches from where
+ * the last run ended, so runs taken one after another cost no rescan. */
+int sm_take_run(struct cb_meta *m, struct cb_sm *sm, uint64_t count, uint64_t align, uint64_t *out);
 /* After a commit: blocks freed or dropped in the transaction become reusable
  * (or are held while readers that may see them remain). */
 void sm_commit_done(struct cb_sm *sm);

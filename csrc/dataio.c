@@ -146,6 +146,7 @@ int64_t cb_dev_read(cb_pool *p, uint32_t id, void *buf, uint64_t len, uint64_t o
         const uint8_t *map = p->data_map; /* the map ex[] points into */
         uintptr_t map_end = (uintptr_t)map + p->data_map_len;
         pthread_rwlock_unlock(&p->lock);
+        uint32_t pin = remote_pin(&p->data); /* (the cache keeps what is copied) */
         if (!r && p->data.remote)
             r = fetch_extents(p, map, ex, n);
         for (int i = 0; i < n && !r; i++) {
@@ -155,6 +156,7 @@ int64_t cb_dev_read(cb_pool *p, uint32_t id, void *buf, uint64_t len, uint64_t o
                 memset(dst, 0, ex[i].len);
             dst += ex[i].len;
         }
+        remote_unpin(&p->data, pin);
         sm_read_end(&p->m.dsm, parity);
     } while (!r && pos < end);
     return r ? r : (int64_t)len;
@@ -203,21 +205,12 @@ static int put(cb_pool *p, uint64_t at, const void *src, uint64_t len)
     return src ? io_pwrite(&p->data, src, len, at) : io_write_zeroes(&p->data, at, len);
 }
 
-/* Fill new block nb: the old block's bytes (or zeroes when unmapped) around
- * [boff, boff + n), src (or zeroes) inside.  One pwritev when the zeroes fit
- * the static buffer, else piece by piece. */
-static int fill_new_block(cb_pool *p, uint32_t nb, bool mapped, uint32_t old, uint64_t boff,
-                          const void *src, uint64_t n)
+/* The writes that fill a new block at byte base: its first boff bytes and
+ * its tail from old_bytes (zeroes when NULL), src (or zeroes) between; one
+ * pwritev when the zeroes fit the static buffer, else piece by piece. */
+static int fill_block_from(cb_pool *p, uint64_t base, const uint8_t *old_bytes, uint64_t boff,
+                           const void *src, uint64_t n, uint64_t tail, bool mapped)
 {
-    uint64_t bs = p->block_size, base = (uint64_t)nb << p->block_shift, tail = bs - boff - n;
-    const uint8_t *old_bytes = mapped ? p->data_map + ((uint64_t)old << p->block_shift) : NULL;
-    if (mapped && p->data.remote && (boff || tail)) { /* the old bytes kept, into the cache */
-        uint64_t from = (uint64_t)old << p->block_shift;
-        struct cb_range keep[2] = {{from, boff}, {from + boff + n, tail}};
-        int r = remote_need(&p->data, boff ? keep : keep + 1, boff && tail ? 2 : 1);
-        if (r)
-            return r;
-    }
     bool zero_fits = (mapped || (boff <= sizeof zeroes && tail <= sizeof zeroes)) &&
                      (src || n <= sizeof zeroes);
     if (!zero_fits) {
@@ -236,6 +229,29 @@ static int fill_new_block(cb_pool *p, uint32_t nb, bool mapped, uint32_t old, ui
     if (tail)
         iov[cnt++] = (struct iovec){old_bytes ? (void *)(old_bytes + boff + n) : (void *)zeroes, tail};
     return io_pwritev(&p->data, iov, cnt, base);
+}
+
+/* Fill new block nb: the old block's bytes (or zeroes when unmapped) around
+ * [boff, boff + n), src (or zeroes) inside. */
+static int fill_new_block(cb_pool *p, uint32_t nb, bool mapped, uint32_t old, uint64_t boff,
+                          const void *src, uint64_t n)
+{
+    uint64_t bs = p->block_size, base = (uint64_t)nb << p->block_shift, tail = bs - boff - n;
+    const uint8_t *old_bytes = mapped ? p->data_map + ((uint64_t)old << p->block_shift) : NULL;
+    uint32_t pin = 0;
+    if (mapped && p->data.remote && (boff || tail)) { /* the old bytes kept, into the cache */
+        uint64_t from = (uint64_t)old << p->block_shift;
+        struct cb_range keep[2] = {{from, boff}, {from + boff + n, tail}};
+        pin = remote_pin(&p->data); /* until they are copied */
+        int r = remote_need(&p->data, boff ? keep : keep + 1, boff && tail ? 2 : 1);
+        if (r) {
+            remote_unpin(&p->data, pin);
+            return r;
+        }
+    }
+    int r = fill_block_from(p, base, old_bytes, boff, src, n, tail, mapped);
+    remote_unpin(&p->data, pin);
+    return r;
 }
 
 static int alloc_data_block(cb_pool *p, uint32_t *nb)
@@ -472,19 +488,188 @@ static int write_piece(cb_pool *p, uint32_t id, uint32_t vb, uint64_t boff, cons
     return r;
 }
 
+/* ---- scattered overwrites, on a pool on RADOS ----
+ * Blocks sit in the data file where they were allocated, so after random
+ * first writes a virtual MiB is 16 blocks over up to 16 objects, and a
+ * 1 MiB overwrite in place is 16 RADOS writes of 64 KiB where RBD sends one
+ * (benchmarks/rados_seqwrite.py).  Such a write of whole blocks is
+ * redirected instead: the blocks the device owns alone are copied on write
+ * like shared ones, and with the unmapped and shared ones among them they
+ * get a free run of contiguous blocks, its first at an object's start,
+ * filled with one write (one RADOS write per object).  The old blocks are
+ * freed (or their counts dropped); like any block dropped in a transaction
+ * they are not reused before the commit that unmaps them, so a crash before
+ * it finds the old mappings and the old data.  The cost is mapping changes
+ * written at the next commit, so this is only done where the usual way
+ * would send at least two RADOS writes more than the run, and never when
+ * no run is free or metadata space is short (then the usual way).  Local
+ * pools write in place: a scattered write costs no more there. */
+enum { REDIRECT_MIN = 3, REDIRECT_MAX = 256 }; /* blocks of one redirect */
+static int redirect_local; /* cb_fault_redirect_local */
+
+void cb_fault_redirect_local(int on)
+{
+    __atomic_store_n(&redirect_local, on, __ATOMIC_RELAXED);
+}
+#define UNMAPPED UINT32_MAX /* (past any data block: CB_MAX_BLOCKS < 2^32) */
+
+/* The mappings of blocks vb.. (up to n: fewer when one is in another
+ * writer's slow path, unless cells_ours), UNMAPPED for none, into blk; into
+ * owned whether the device owns the block alone. */
+static int plan_blocks(cb_pool *p, struct cb_dev *d, uint32_t id, uint32_t vb, uint64_t n,
+                       bool cells_ours, uint32_t *blk, bool *owned, uint64_t *k)
+{
+    *k = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (!cells_ours && cell_busy(p, id, (uint32_t)(vb + i)))
+            break;
+        int r = lookup(p, d, (uint32_t)(vb + i), &blk[i], &owned[i]);
+        if (r < 0)
+            return r;
+        if (r == 0)
+            blk[i] = UNMAPPED;
+        *k = i + 1;
+    }
+    return 0;
+}
+
+/* RADOS writes of the usual way: one per run of owned blocks contiguous
+ * within an object, and per object's worth of the others (write_piece
+ * gives a request's new blocks a contiguous run). */
+static uint64_t writes_in_place(const uint32_t *blk, const bool *owned, uint64_t n,
+                                uint64_t per_object)
+{
+    uint64_t writes = 0, fresh = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (!owned[i]) {
+            fresh++;
+            continue;
+        }
+        writes += (fresh + per_object - 1) / per_object;
+        fresh = 0;
+        writes += !i || !owned[i - 1] || blk[i] != blk[i - 1] + 1 || blk[i] % per_object == 0;
+    }
+    return writes + (fresh + per_object - 1) / per_object;
+}
+
+static void cells_release(cb_pool *p, uint32_t id, uint32_t vb, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        cell_release(p, id, (uint32_t)(vb + i));
+}
+
+/* Write whole blocks vb.. (up to n of them, src NULL for zeroes) into a
+ * fresh run as above when that pays.  Returns the blocks written, 0 when it
+ * does not pay (the caller goes the usual way), negative on error. */
+static int64_t redirect_scattered(cb_pool *p, uint32_t id, uint32_t vb, const uint8_t *src,
+                                  uint64_t n)
+{
+    uint64_t per_object = remote_object_size() >> p->block_shift, k, same = 0, first = 0;
+    uint32_t old[REDIRECT_MAX], now[REDIRECT_MAX];
+    bool owned[REDIRECT_MAX];
+    if (per_object < 2)
+        return 0; /* a block fills an object: one write each anyway */
+    n = n < REDIRECT_MAX ? n : REDIRECT_MAX;
+    pthread_rwlock_rdlock(&p->lock);
+    struct cb_dev *d = p->m.dsm.run_none ? NULL : pool_dev(p, id); /* none: no run is free */
+    int r = d ? plan_blocks(p, d, id, vb, n, false, old, owned, &k) : 0;
+    pthread_rwlock_unlock(&p->lock);
+    if (r || !d || k < REDIRECT_MIN ||
+        writes_in_place(old, owned, k, per_object) < (k + per_object - 1) / per_object + 2)
+        return r;
+    uint64_t held = 0;
+    for (; held < k && !r; held++)
+        r = cell_acquire(p, id, (uint32_t)(vb + held));
+    if (r) {
+        cells_release(p, id, vb, held - 1);
+        return r;
+    }
+    /* Under the write lock: the mappings are still the ones planned (for a
+     * prefix at least), and a run is free for them. */
+    pthread_rwlock_wrlock(&p->lock);
+    d = pool_dev(p, id);
+    if (d && !(r = pool_writable(p)) && !(r = plan_blocks(p, d, id, vb, k, true, now, owned, &same)))
+        for (uint64_t i = 0; i < same; i++)
+            if (now[i] != old[i])
+                same = i;
+    int taken = 0;
+    if (!r && same >= REDIRECT_MIN && meta_reserve_check(&p->m, 32 + 2 * same) == 0)
+        taken = sm_take_run(&p->m, &p->m.dsm, same, per_object, &first);
+    for (uint64_t i = 0; taken == 1 && i < same && !r; i++)
+        r = u32vec_push(&p->pending, (uint32_t)(first + i));
+    pthread_rwlock_unlock(&p->lock);
+    if (taken < 0)
+        r = taken;
+    if (r || taken != 1) { /* (a run taken stays busy until the next commit) */
+        if (taken == 1) {
+            pthread_rwlock_wrlock(&p->lock);
+            for (uint64_t i = 0; i < same; i++)
+                pending_remove(p, (uint32_t)(first + i));
+            pthread_rwlock_unlock(&p->lock);
+        }
+        cells_release(p, id, vb, k);
+        return r;
+    }
+    pthread_rwlock_rdlock(&p->lock);
+    r = put(p, first << p->block_shift, src, same << p->block_shift);
+    pthread_rwlock_unlock(&p->lock);
+    /* Map each block whose mapping nothing changed meanwhile (the cells
+     * keep writers out, not discards or deletes); the rest goes the usual
+     * way, its new block left busy until the next commit, as write_piece's. */
+    bool moved[REDIRECT_MAX] = {false};
+    pthread_rwlock_wrlock(&p->lock);
+    for (uint64_t i = 0; i < same; i++)
+        pending_remove(p, (uint32_t)(first + i));
+    d = pool_dev(p, id);
+    if (!r && !d)
+        r = cb_err(CB_E_NOT_FOUND, "no device with id %u", id);
+    for (uint64_t i = 0; i < same && !r; i++) {
+        uint32_t blk;
+        bool excl;
+        int mapped = lookup(p, d, (uint32_t)(vb + i), &blk, &excl);
+        if (mapped < 0)
+            r = mapped;
+        else if ((mapped ? blk : UNMAPPED) == old[i])
+            r = map_new_block(p, d, (uint32_t)(vb + i), (uint32_t)(first + i));
+        else
+            moved[i] = true;
+    }
+    pthread_rwlock_unlock(&p->lock);
+    cells_release(p, id, vb, k);
+    for (uint64_t i = 0; i < same && !r; i++)
+        if (moved[i])
+            r = write_piece(p, id, (uint32_t)(vb + i), 0, src ? src + (i << p->block_shift) : NULL,
+                            p->block_size, false, NULL);
+    return r ? r : (int64_t)same;
+}
+
 /* Write [off, off + len) of a device, src NULL for zeroes.  Pieces in
  * blocks the device owns alone are written in place under the shared lock,
- * runs of them that are contiguous in the data file in one pwrite; any other
- * piece goes through write_piece. */
+ * runs of them that are contiguous in the data file in one pwrite (on a
+ * pool on RADOS, scattered ones may be redirected first); any other piece
+ * goes through write_piece. */
 static int write_range(cb_pool *p, uint32_t id, const void *src, uint64_t len, uint64_t off,
                        bool skip_unmapped)
 {
     const uint8_t *s = src;
     uint64_t pos = off, end = off + len, bs = p->block_size;
     struct alloc_goal goal = {UINT64_MAX, 0};
+    bool try_redirect = p->data.remote || __atomic_load_n(&redirect_local, __ATOMIC_RELAXED);
     while (pos < end) {
         uint32_t vb = (uint32_t)(pos >> p->block_shift);
         uint64_t boff = pos & (bs - 1);
+        if (try_redirect && !boff && (end - pos) >> p->block_shift >= REDIRECT_MIN) {
+            int64_t k = redirect_scattered(p, id, vb, s, (end - pos) >> p->block_shift);
+            if (k < 0)
+                return (int)k;
+            try_redirect = k > 0; /* declined here: in place for the rest of the request */
+            if (k > 0) {
+                pos += (uint64_t)k << p->block_shift;
+                if (s)
+                    s += (uint64_t)k << p->block_shift;
+                continue;
+            }
+        }
         pthread_rwlock_rdlock(&p->lock);
         struct cb_dev *d = pool_dev(p, id);
         int r = !d ? cb_err(CB_E_NOT_FOUND, "no device with id %u", id) : pool_writable(p);
@@ -710,12 +895,14 @@ int cb_pool_read_data(cb_pool *p, uint64_t first, uint64_t count, void *buf)
     uintptr_t map_end = (uintptr_t)p->data_map + p->data_map_len;
     uint32_t parity = sm_read_begin(&p->m.dsm);
     pthread_rwlock_unlock(&p->lock);
+    uint32_t pin = remote_pin(&p->data);
     if (!r && p->data.remote) { /* a pool on RADOS: the blocks into the cache first */
         struct cb_range want = {first << p->block_shift, count << p->block_shift};
         r = remote_need(&p->data, &want, 1);
     }
     if (!r)
         copy_extent(buf, src, count << p->block_shift, map_end);
+    remote_unpin(&p->data, pin);
     sm_read_end(&p->m.dsm, parity);
     return r;
 }

@@ -214,13 +214,15 @@ int io_pwritev(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off)
         return write_torn(f, iov, cnt, off, torn);
     if (r || !f->remote)
         return r ? r : write_all(f, iov, cnt, off);
-    if ((r = remote_will_write(f, off, total)) != 0)
-        return r;
-    remote_begin(f); /* RADOS gets the writes in the order the cache does */
-    r = remote_write(f, iov, cnt, off);
-    if (!r)
-        r = write_all(f, iov, cnt, off);
-    remote_end(f);
+    uint32_t pin = remote_pin(f); /* (a bounded cache drops nothing of it meanwhile) */
+    if ((r = remote_will_write(f, off, total)) == 0) {
+        remote_begin(f); /* RADOS gets the writes in the order the cache does */
+        r = remote_write(f, iov, cnt, off);
+        if (!r)
+            r = write_all(f, iov, cnt, off);
+        remote_end(f);
+    }
+    remote_unpin(f, pin);
     return r;
 }
 
@@ -237,14 +239,19 @@ int io_write_zeroes(struct cb_file *f, uint64_t off, uint64_t len)
     /* Large ranges: let the filesystem zero them (also allocates space). */
     if (len >= (1u << 20)) {
         int r = fault_gate(f, "zero", true, off, len, NULL);
+        uint32_t pin = f->remote ? remote_pin(f) : 0;
         if (!r && f->remote)
             r = remote_will_write(f, off, len);
-        if (r)
+        if (!r && fallocate(f->fd, FALLOC_FL_ZERO_RANGE, (off_t)off, (off_t)len) == 0)
+            r = f->remote ? remote_discard(f, off, len) : 0;
+        else if (!r && errno != EOPNOTSUPP && errno != EINVAL)
+            r = io_error(f, "fallocate", off, errno);
+        else if (!r)
+            r = 1; /* zeroed below */
+        if (pin)
+            remote_unpin(f, pin);
+        if (r <= 0)
             return r;
-        if (fallocate(f->fd, FALLOC_FL_ZERO_RANGE, (off_t)off, (off_t)len) == 0)
-            return f->remote ? remote_discard(f, off, len) : 0;
-        if (errno != EOPNOTSUPP && errno != EINVAL)
-            return io_error(f, "fallocate", off, errno);
     }
     while (len > 0) {
         struct iovec iov[64];
@@ -290,11 +297,15 @@ int io_truncate(struct cb_file *f, uint64_t size)
 int io_punch_hole(struct cb_file *f, uint64_t off, uint64_t len)
 {
     int r = fault_gate(f, "punch", true, off, len, NULL);
+    uint32_t pin = f->remote ? remote_pin(f) : 0;
     if (!r && f->remote)
         r = remote_will_write(f, off, len);
-    if (r)
-        return r;
-    if (fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) != 0)
-        return io_error(f, "punch hole", off, errno);
-    return f->remote ? remote_discard(f, off, len) : 0;
+    if (!r && fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+                        (off_t)len) != 0)
+        r = io_error(f, "punch hole", off, errno);
+    if (!r && f->remote)
+        r = remote_discard(f, off, len);
+    if (pin)
+        remote_unpin(f, pin);
+    return r;
 }

@@ -45,6 +45,11 @@
 #define HELD_STREAMS 16        /* sequential streams held back at once (writers at QD16) */
 #define ALIVE_TIMEOUT_MS 5000  /* a holder that does not answer a notify in this is dead */
 
+uint64_t remote_object_size(void)
+{
+    return OBJECT_SIZE;
+}
+
 #ifndef COWBLOCK_HAVE_RADOS
 
 static int no_rados(void)
@@ -71,6 +76,9 @@ int remote_wait(struct cb_file *f) { return no_rados(); }
 int remote_need(struct cb_file *f, const struct cb_range *ranges, int count) { return no_rados(); }
 int remote_will_write(struct cb_file *f, uint64_t off, uint64_t len) { return no_rados(); }
 void remote_set_block_size(struct cb_file *f, uint32_t block_size) {}
+uint32_t remote_pin(struct cb_file *f) { return 0; }
+void remote_unpin(struct cb_file *f, uint32_t pin) {}
+int cb_remote_set_cache_limit(cb_remote *r, uint64_t bytes) { return no_rados(); }
 
 #else
 
@@ -92,13 +100,25 @@ struct cb_remote {
     char err_what[256];
     uint64_t requests[4];      /* reads, writes, removes, reads of data objects */
     uint64_t fetched;          /* bytes read from RADOS into the cache */
+    uint64_t data_writes;      /* writes (and zeroing writes) of data objects */
     pthread_cond_t fetched_cond; /* a fetch ended (mu) */
     struct lazy {              /* what the cache holds of a file: data [0], metadata [1] */
         uint8_t *state;        /* a byte a unit (UNIT_*); NULL: all of it (a pool made here) */
         uint32_t shift;        /* a unit is 1 << shift bytes */
         int fd;                /* the cache file, read-write even for a read-only open */
         uint64_t size;
+        uint8_t *used;         /* bounded data: a bit a unit, read or written since the
+                                  clock passed */
+        uint64_t present;      /* units present (mu): what the bound counts */
     } lazy[2];
+    /* The bound on the data cache (see "the bound" below). */
+    uint64_t cache_limit;      /* bytes; 0: none */
+    uint64_t evicted;          /* bytes dropped from the cache so far */
+    uint32_t pins[2], pin_epoch; /* threads reading or writing the cache, by parity */
+    uint64_t hand;             /* the clock's next unit */
+    bool evictor_running, evictor_stop;
+    pthread_t evictor;
+    pthread_cond_t evict_cond; /* the cache grew past the bound, or stop (mu) */
     struct held {              /* writes not sent yet, that the next may extend (order held) */
         char oid[64];
         uint64_t at;
@@ -110,7 +130,7 @@ struct cb_remote {
 };
 
 enum { REQ_READ, REQ_WRITE, REQ_REMOVE, REQ_DATA_READ, REQ_KINDS };
-enum { UNIT_ABSENT, UNIT_FETCHING, UNIT_PRESENT };
+enum { UNIT_ABSENT, UNIT_FETCHING, UNIT_PRESENT, UNIT_EVICTING, UNIT_PUNCHING };
 /* The state maps, reserved (not committed) for the largest files: data
  * units are at least 1/16 of a block. */
 #define UNIT_MIN 4096u
@@ -135,10 +155,12 @@ static int rados_error(int rv, const char *what)
 
 uint64_t cb_remote_requests(cb_remote *r, int kind)
 {
-    if (!r || kind < 0 || kind > REQ_KINDS)
+    if (!r || kind < 0 || kind > REQ_KINDS + 3)
         return 0;
     pthread_mutex_lock(&r->mu);
-    uint64_t n = kind == REQ_KINDS ? r->fetched : r->requests[kind];
+    uint64_t counters[4] = {r->fetched, r->data_writes, r->lazy[0].present << r->lazy[0].shift,
+                            r->evicted};
+    uint64_t n = kind >= REQ_KINDS ? counters[kind - REQ_KINDS] : r->requests[kind];
     pthread_mutex_unlock(&r->mu);
     return n;
 }
@@ -224,6 +246,7 @@ int cb_remote_connect(const char *conf, const char *ceph_pool, const char *name,
     pthread_mutex_init(&r->mu, NULL);
     pthread_cond_init(&r->cond, NULL);
     pthread_cond_init(&r->fetched_cond, NULL);
+    pthread_cond_init(&r->evict_cond, NULL);
     for (int i = 0; i < 2; i++)
         r->lazy[i] = (struct lazy){.fd = -1, .shift = 12};
     snprintf(r->pool, sizeof r->pool, "%s", ceph_pool);
@@ -520,7 +543,7 @@ static int sticky_error(cb_remote *r)
 
 /* A new request's completion, counted in flight; NULL (and an error) if
  * librados has none to give. */
-static rados_completion_t start(cb_remote *r, struct request *q, int kind)
+static rados_completion_t start(cb_remote *r, struct request *q, int kind, bool data)
 {
     wait_below(r, MAX_INFLIGHT - 1);
     rados_completion_t c;
@@ -529,6 +552,7 @@ static rados_completion_t start(cb_remote *r, struct request *q, int kind)
     pthread_mutex_lock(&r->mu);
     r->inflight++;
     r->requests[kind]++;
+    r->data_writes += data && kind == REQ_WRITE;
     pthread_mutex_unlock(&r->mu);
     return c;
 }
@@ -634,7 +658,7 @@ static int send_write(cb_remote *r, const char *oid, uint8_t *buf, size_t n, uin
     }
     *q = (struct request){r, buf, "", false};
     snprintf(q->what, sizeof q->what, "writing object %s", oid);
-    rados_completion_t c = start(r, q, REQ_WRITE);
+    rados_completion_t c = start(r, q, REQ_WRITE, strncmp(oid, "data.", 5) == 0);
     int rv;
     if (!c || (rv = rados_aio_write(r->io, oid, c, (const char *)buf, n, at)) < 0) {
         if (c)
@@ -772,7 +796,7 @@ int remote_discard(struct cb_file *f, uint64_t off, uint64_t len)
         }
         *q = (struct request){r, NULL, "", whole};
         snprintf(q->what, sizeof q->what, "%s object %s", whole ? "removing" : "zeroing", oid);
-        rados_completion_t c = start(r, q, whole ? REQ_REMOVE : REQ_WRITE);
+        rados_completion_t c = start(r, q, whole ? REQ_REMOVE : REQ_WRITE, f->name[0] == 'd');
         if (!c) {
             free(q);
             rv = rados_error(-ENOMEM, "sending a discard");
@@ -835,8 +859,9 @@ int remote_wait(struct cb_file *f)
  * Writes keep the cache whole (remote_will_write): a unit a write covers
  * becomes present without a fetch (after any fetch of it in flight ends, so
  * that fetch cannot land over the new bytes), and a unit it covers in part
- * is fetched first.  Nothing is ever dropped from the cache while the pool
- * is open, and every open starts empty: this writer holds the lock, so
+ * is fetched first.  Data may be dropped again while the pool is open when
+ * the cache is bounded (below), metadata never; every open starts empty:
+ * this writer holds the lock, so
  * nobody else changes the objects under its cache, and the next writer
  * (after a close, or after breaking a dead holder's lock) starts from the
  * objects, never from what an earlier process cached. */
@@ -865,6 +890,74 @@ static bool unit_span(const struct lazy *z, uint64_t off, uint64_t len, uint64_t
     return true;
 }
 
+/* ---- the bound on the data cache ----
+ * Without one, the cache keeps every unit read or written until the close.
+ * With cache_limit set ($COWBLOCK_RADOS_CACHE_SIZE, cowblock/rados.py), a
+ * thread of its own (the evictor) drops units once more than the limit is
+ * present, down to 90% of it (Ceph's read-only object cache does the same
+ * with its watermark of 0.9): a clock over the units, a unit read or
+ * written since the hand last passed it (its used bit) kept one more turn.
+ * A dropped unit's bytes are punched out of the cache file and the unit is
+ * absent again, fetched anew when next read.
+ *
+ * Only clean units go: the evictor marks its victims evicting, then waits
+ * until every thread that was reading or writing the cache is done (pins,
+ * in two parities, as the data space map's readers), then sends every
+ * write held back and waits until all in flight are acknowledged, so that
+ * RADOS holds what the cache holds; only then are the victims punched.
+ * Meanwhile a thread that finds a victim evicting keeps it (present
+ * again: its bytes are still there, and it may be written now); one that
+ * finds it being punched waits, as for a fetch.  A unit is never punched
+ * under a reader, nor between a write's copy into the cache and its
+ * acknowledgement by RADOS.  Metadata is never dropped: the engine keeps
+ * pointers into it, as into the local pool's mmap. */
+
+/* Mark units [first, last] used (the clock's reference bits). */
+static void touch(struct lazy *z, uint64_t first, uint64_t last)
+{
+    for (uint64_t u = first; u <= last; u++) {
+        uint8_t bit = (uint8_t)(1u << (u & 7));
+        if (!(__atomic_load_n(&z->used[u >> 3], __ATOMIC_RELAXED) & bit))
+            __atomic_fetch_or(&z->used[u >> 3], bit, __ATOMIC_RELAXED);
+    }
+}
+
+/* n more units present (mu held): past the bound, wake the evictor. */
+static void grew(cb_remote *r, struct lazy *z, uint64_t n)
+{
+    z->present += n;
+    if (z->used && n && (z->present << z->shift) > r->cache_limit)
+        pthread_cond_signal(&r->evict_cond);
+}
+
+uint32_t remote_pin(struct cb_file *f)
+{
+    cb_remote *r = f->remote;
+    if (!r || !r->evictor_running || f->name[0] != 'd')
+        return 0;
+    for (;;) { /* registered in the parity that is still current once counted */
+        uint32_t parity = __atomic_load_n(&r->pin_epoch, __ATOMIC_SEQ_CST) & 1;
+        __atomic_add_fetch(&r->pins[parity], 1, __ATOMIC_SEQ_CST);
+        if ((__atomic_load_n(&r->pin_epoch, __ATOMIC_SEQ_CST) & 1) == parity)
+            return parity | 2;
+        __atomic_sub_fetch(&r->pins[parity], 1, __ATOMIC_SEQ_CST);
+    }
+}
+
+void remote_unpin(struct cb_file *f, uint32_t pin)
+{
+    if (pin & 2)
+        __atomic_sub_fetch(&f->remote->pins[pin & 1], 1, __ATOMIC_SEQ_CST);
+}
+
+int cb_remote_set_cache_limit(cb_remote *r, uint64_t bytes)
+{
+    if (r->lazy[0].state)
+        return cb_err(CB_E_INVALID, "the cache's bound is set before the pool is opened");
+    r->cache_limit = bytes;
+    return 0;
+}
+
 struct piece {
     uint64_t at, len;          /* bytes of the file */
     uint8_t *buf;
@@ -881,8 +974,10 @@ static int claim(cb_remote *r, const struct cb_file *f, struct lazy *z, uint64_t
     uint64_t unit = 1ull << z->shift;
     for (uint64_t u = first; u <= last; u++) {
         uint8_t st = z->state[u];
-        if (st == UNIT_FETCHING)
+        if (st == UNIT_FETCHING || st == UNIT_PUNCHING)
             *others = true;
+        if (st == UNIT_EVICTING) /* chosen, not dropped yet: kept after all */
+            __atomic_store_n(&z->state[u], UNIT_PRESENT, __ATOMIC_SEQ_CST);
         if (st != UNIT_ABSENT)
             continue;
         __atomic_store_n(&z->state[u], UNIT_FETCHING, __ATOMIC_RELEASE);
@@ -964,8 +1059,11 @@ static int fetch_pieces(cb_remote *r, const struct cb_file *f, struct lazy *z, s
         free(v[i].buf);
         uint8_t to = got >= 0 ? UNIT_PRESENT : UNIT_ABSENT;
         pthread_mutex_lock(&r->mu);
-        for (uint64_t u = v[i].at >> z->shift; u <= (v[i].at + v[i].len - 1) >> z->shift; u++)
+        uint64_t first = v[i].at >> z->shift, last = (v[i].at + v[i].len - 1) >> z->shift;
+        for (uint64_t u = first; u <= last; u++)
             __atomic_store_n(&z->state[u], to, __ATOMIC_RELEASE);
+        if (to == UNIT_PRESENT)
+            grew(r, z, last - first + 1);
         pthread_cond_broadcast(&r->fetched_cond);
         pthread_mutex_unlock(&r->mu);
     }
@@ -992,6 +1090,11 @@ int remote_need(struct cb_file *f, const struct cb_range *ranges, int count)
         uint64_t first, last;
         missing = unit_span(z, ranges[i].off, ranges[i].len, &first, &last) &&
                   !all_present(z, first, last);
+    }
+    for (int i = 0; i < count && z->used; i++) {
+        uint64_t first, last;
+        if (unit_span(z, ranges[i].off, ranges[i].len, &first, &last))
+            touch(z, first, last);
     }
     if (!missing)
         return 0; /* the common case once warm: no lock taken */
@@ -1028,9 +1131,9 @@ int remote_need(struct cb_file *f, const struct cb_range *ranges, int count)
             if (!unit_span(z, ranges[i].off, ranges[i].len, &first, &last))
                 continue;
             for (uint64_t u = first; u <= last; u++) {
-                while (z->state[u] == UNIT_FETCHING)
+                while (z->state[u] == UNIT_FETCHING || z->state[u] == UNIT_PUNCHING)
                     pthread_cond_wait(&r->fetched_cond, &r->mu);
-                absent |= z->state[u] == UNIT_ABSENT;
+                absent |= z->state[u] == UNIT_ABSENT || z->state[u] == UNIT_EVICTING;
             }
         }
         pthread_mutex_unlock(&r->mu);
@@ -1060,11 +1163,16 @@ int remote_will_write(struct cb_file *f, uint64_t off, uint64_t len)
     if (rv)
         return rv;
     pthread_mutex_lock(&r->mu);
+    uint64_t added = 0;
     for (uint64_t u = first; u <= last; u++) {
-        while (z->state[u] == UNIT_FETCHING)
+        while (z->state[u] == UNIT_FETCHING || z->state[u] == UNIT_PUNCHING)
             pthread_cond_wait(&r->fetched_cond, &r->mu);
-        __atomic_store_n(&z->state[u], UNIT_PRESENT, __ATOMIC_RELEASE);
+        added += z->state[u] == UNIT_ABSENT;
+        __atomic_store_n(&z->state[u], UNIT_PRESENT, __ATOMIC_SEQ_CST);
     }
+    if (z->used)
+        touch(z, first, last);
+    grew(r, z, added);
     pthread_mutex_unlock(&r->mu);
     return 0;
 }
@@ -1078,12 +1186,14 @@ void remote_set_block_size(struct cb_file *f, uint32_t block_size)
 }
 
 /* The file grew: its new bytes are zeroes in the cache, and no block there
- * is read before it is written, so they count as present. */
+ * is read before it is written, so metadata units count as present (data
+ * units stay absent, so that the bound counts only what holds bytes: a
+ * whole-unit write makes them present without a fetch). */
 static void lazy_resize(cb_remote *r, const struct cb_file *f, uint64_t size)
 {
     struct lazy *z = lazy_of(r, f);
     pthread_mutex_lock(&r->mu);
-    if (z->state && size > z->size) {
+    if (z->state && size > z->size && z == &r->lazy[1]) {
         uint64_t unit = 1ull << z->shift;
         uint64_t from = (z->size + unit - 1) >> z->shift, to = (size + unit - 1) >> z->shift;
         for (uint64_t u = from; u < to; u++)
@@ -1093,12 +1203,171 @@ static void lazy_resize(cb_remote *r, const struct cb_file *f, uint64_t size)
     pthread_mutex_unlock(&r->mu);
 }
 
+/* A run of victims: units [first, first + n). */
+struct victims {
+    struct cb_range *v;        /* (off, len) in units */
+    size_t n, cap;
+};
+
+static int victims_add(struct victims *w, uint64_t u)
+{
+    if (w->n && w->v[w->n - 1].off + w->v[w->n - 1].len == u) {
+        w->v[w->n - 1].len++;
+        return 0;
+    }
+    if (w->n == w->cap) {
+        size_t cap = w->cap ? w->cap * 2 : 64;
+        struct cb_range *v = realloc(w->v, cap * sizeof *v);
+        if (!v)
+            return -ENOMEM;
+        w->v = v;
+        w->cap = cap;
+    }
+    w->v[w->n++] = (struct cb_range){u, 1};
+    return 0;
+}
+
+/* Victims in state from turn to state to (mu held); returns how many, and
+ * when kept is not NULL, the runs of them into it. */
+static uint64_t victims_mark(struct lazy *z, const struct victims *w, uint8_t from, uint8_t to,
+                             struct victims *kept)
+{
+    uint64_t n = 0;
+    for (size_t i = 0; i < w->n; i++)
+        for (uint64_t u = w->v[i].off; u < w->v[i].off + w->v[i].len; u++)
+            if (z->state[u] == from && (!kept || victims_add(kept, u) == 0)) {
+                __atomic_store_n(&z->state[u], to, __ATOMIC_SEQ_CST);
+                n++;
+            }
+    return n;
+}
+
+/* One turn of the clock, mu held on entry and return (dropped meanwhile);
+ * returns the units dropped. */
+static uint64_t evict_some(cb_remote *r, struct lazy *z)
+{
+    uint64_t units = (z->size + (1ull << z->shift) - 1) >> z->shift;
+    uint64_t keep = (r->cache_limit - r->cache_limit / 10) >> z->shift;
+    uint64_t want = z->present > keep ? z->present - keep : 0, chosen = 0;
+    struct victims w = {0};
+    /* Choose: the hand goes round at most twice (the first clears used bits). */
+    for (uint64_t looked = 0; chosen < want && looked < 2 * units && units; looked++) {
+        if (looked % 4096 == 4095) { /* let others at mu */
+            pthread_mutex_unlock(&r->mu);
+            pthread_mutex_lock(&r->mu);
+        }
+        uint64_t u = r->hand++ % units;
+        uint8_t bit = (uint8_t)(1u << (u & 7));
+        if (z->state[u] != UNIT_PRESENT)
+            continue;
+        if (z->used[u >> 3] & bit) {
+            __atomic_fetch_and(&z->used[u >> 3], (uint8_t)~bit, __ATOMIC_RELAXED);
+            continue;
+        }
+        if (victims_add(&w, u) != 0)
+            break;
+        __atomic_store_n(&z->state[u], UNIT_EVICTING, __ATOMIC_SEQ_CST);
+        chosen++;
+    }
+    pthread_mutex_unlock(&r->mu);
+    /* Every thread that may have seen a victim present is done... */
+    uint32_t old = __atomic_fetch_add(&r->pin_epoch, 1, __ATOMIC_SEQ_CST) & 1;
+    struct timespec nap = {0, 100000};
+    while (__atomic_load_n(&r->pins[old], __ATOMIC_SEQ_CST))
+        nanosleep(&nap, NULL);
+    /* ...and RADOS has every write sent or held until now. */
+    pthread_mutex_lock(&r->order);
+    int rv = flush_pending(r);
+    wait_below(r, 0);
+    pthread_mutex_unlock(&r->order);
+    pthread_mutex_lock(&r->mu);
+    if (rv || r->err) { /* a write failed: the cache may hold what RADOS lacks */
+        victims_mark(z, &w, UNIT_EVICTING, UNIT_PRESENT, NULL);
+        r->cache_limit = UINT64_MAX >> 1; /* no more eviction */
+        free(w.v);
+        return 0;
+    }
+    /* those still evicting (none kept them meanwhile) are punched; any the
+     * list has no room for stay */
+    struct victims punch = {0};
+    victims_mark(z, &w, UNIT_EVICTING, UNIT_PUNCHING, &punch);
+    victims_mark(z, &w, UNIT_EVICTING, UNIT_PRESENT, NULL);
+    pthread_mutex_unlock(&r->mu);
+    size_t punched = 0; /* runs punched: a failed one stays whole */
+    while (punched < punch.n) {
+        uint64_t off = punch.v[punched].off << z->shift, len = punch.v[punched].len << z->shift;
+        if (off + len > z->size)
+            len = z->size - off;
+        if (fallocate(z->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+                      (off_t)len) != 0)
+            break;
+        punched++;
+    }
+    pthread_mutex_lock(&r->mu);
+    struct victims done = {punch.v, punched, punch.cap}, left = {punch.v + punched,
+                                                                 punch.n - punched, 0};
+    uint64_t dropped = victims_mark(z, &done, UNIT_PUNCHING, UNIT_ABSENT, NULL);
+    z->present -= dropped;
+    r->evicted += dropped << z->shift;
+    if (victims_mark(z, &left, UNIT_PUNCHING, UNIT_PRESENT, NULL))
+        r->cache_limit = UINT64_MAX >> 1; /* a file system without holes: no bound */
+    pthread_cond_broadcast(&r->fetched_cond);
+    free(w.v);
+    free(punch.v);
+    return dropped;
+}
+
+static void *evictor_main(void *arg)
+{
+    cb_remote *r = arg;
+    struct lazy *z = &r->lazy[0];
+    pthread_mutex_lock(&r->mu);
+    while (!r->evictor_stop) {
+        if ((z->present << z->shift) <= r->cache_limit) {
+            pthread_cond_wait(&r->evict_cond, &r->mu);
+        } else if (!evict_some(r, z)) { /* all of it kept this turn: not in a loop */
+            struct timespec t;
+            clock_gettime(CLOCK_REALTIME, &t);
+            t.tv_nsec += 50 * 1000 * 1000;
+            if (t.tv_nsec >= 1000000000L)
+                t.tv_sec++, t.tv_nsec -= 1000000000L;
+            pthread_cond_timedwait(&r->evict_cond, &r->mu, &t);
+        }
+    }
+    pthread_mutex_unlock(&r->mu);
+    return NULL;
+}
+
+static int evictor_start(cb_remote *r)
+{
+    r->evictor_stop = false;
+    if (pthread_create(&r->evictor, NULL, evictor_main, r) != 0)
+        return cb_err(CB_E_NO_MEMORY, "cannot start the cache's evictor thread");
+    r->evictor_running = true;
+    return 0;
+}
+
+static void evictor_stop(cb_remote *r)
+{
+    if (!r->evictor_running)
+        return;
+    pthread_mutex_lock(&r->mu);
+    r->evictor_stop = true;
+    pthread_cond_signal(&r->evict_cond);
+    pthread_mutex_unlock(&r->mu);
+    pthread_join(r->evictor, NULL);
+    r->evictor_running = false;
+}
+
 static void lazy_free(cb_remote *r)
 {
+    evictor_stop(r);
     for (int i = 0; i < 2; i++) {
         struct lazy *z = &r->lazy[i];
         if (z->state)
             munmap(z->state, state_bytes[i]);
+        if (z->used)
+            munmap(z->used, state_bytes[i] / 8);
         if (z->fd >= 0)
             close(z->fd);
         *z = (struct lazy){.fd = -1, .shift = 12};
@@ -1159,6 +1428,13 @@ int cb_remote_fetch(cb_remote *r, const char *dir)
         if (z->state == MAP_FAILED) {
             z->state = NULL;
             rv = cb_err(CB_E_NO_MEMORY, "out of memory for the cache's map");
+        } else if (i == 0 && r->cache_limit) {
+            z->used = mmap(NULL, state_bytes[i] / 8, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (z->used == MAP_FAILED) {
+                z->used = NULL;
+                rv = cb_err(CB_E_NO_MEMORY, "out of memory for the cache's map");
+            }
         }
     }
     close(dirfd);
@@ -1170,7 +1446,7 @@ int cb_remote_fetch(cb_remote *r, const char *dir)
     }
     for (uint64_t u = 0; u < SB_BYTES / CB_META_BLOCK_SIZE; u++)
         r->lazy[1].state[u] = UNIT_PRESENT;
-    return 0;
+    return r->lazy[0].used ? evictor_start(r) : 0;
 }
 
 int cb_remote_cache_metadata(cb_remote *r)
@@ -1209,6 +1485,7 @@ int cb_remote_close(cb_remote *r)
     if (!r)
         return 0;
     int rv = 0;
+    evictor_stop(r); /* (it sends held writes: before the connection goes) */
     if (r->connected) {
         pthread_mutex_lock(&r->order);
         flush_pending(r); /* (the pool's close committed: nothing is held) */
@@ -1228,6 +1505,7 @@ int cb_remote_close(cb_remote *r)
         free(r->held[i].buf);
     lazy_free(r);
     pthread_cond_destroy(&r->fetched_cond);
+    pthread_cond_destroy(&r->evict_cond);
     pthread_mutex_destroy(&r->order);
     pthread_mutex_destroy(&r->mu);
     pthread_cond_destroy(&r->cond);

@@ -46,8 +46,13 @@ int cb_remote_destroy(cb_remote *r);
 /* Unlock if locked, disconnect, free.  Close the pool first. */
 int cb_remote_close(cb_remote *r);
 /* For tests and benchmarks, kind 0-3: requests sent (reads, writes,
- * removes, reads of data objects); kind 4: bytes read into the cache. */
+ * removes, reads of data objects); kind 4: bytes read into the cache;
+ * kind 5: writes of data objects; kind 6: bytes of data the cache holds
+ * now; kind 7: bytes of data dropped from it so far. */
 uint64_t cb_remote_requests(cb_remote *r, int kind);
+/* The most bytes of data this host's cache keeps (0: no bound; remote.c,
+ * "the bound"): set before cb_remote_fetch. */
+int cb_remote_set_cache_limit(cb_remote *r, uint64_t bytes);
 
 int cb_pool_create_remote(const char *dir, cb_remote *r, uint64_t data_size, uint32_t block_size,
                           uint64_t meta_size, uint32_t node_capacity, const uint8_t *uuid16);

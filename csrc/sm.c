@@ -68,6 +68,7 @@ int sm_grow(struct cb_sm *sm, uint64_t nr_blocks)
     }
     sm->busy_bits = nr_blocks;
     sm->nr_blocks = nr_blocks;
+    sm->run_none = false;
     return 0;
 }
 
@@ -219,32 +220,39 @@ int sm_dec(struct cb_meta *m, struct cb_sm *sm, uint64_t b, bool *now_zero)
     return 0;
 }
 
+/* The reference page covering block b: *refs NULL when every count there is
+ * 0 (no page yet). */
+static int refs_page(struct cb_meta *m, struct cb_sm *sm, uint64_t b, const struct cb_sm_page **refs)
+{
+    int err = 0;
+    *refs = NULL;
+    uint32_t pb = *sm->root;
+    if (!pb)
+        return 0;
+    const struct cb_sm_page *p = read_page(m, pb, CB_BT_SM_INDEX, 2, &err);
+    if (!p)
+        return err;
+    if (!(pb = p->entries[b / (E * E)]))
+        return 0;
+    if (!(p = read_page(m, pb, CB_BT_SM_INDEX, 1, &err)))
+        return err;
+    if (!(pb = p->entries[(b / E) % E]))
+        return 0;
+    return (*refs = read_page(m, pb, CB_BT_SM_REFS, 0, &err)) ? 0 : err;
+}
+
 int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out)
 {
     if (*sm->used + sm->freed_this_txn + sm->held_free >= sm->nr_blocks)
         return -ENOSPC;
     uint64_t n = sm->nr_blocks, scanned = 0, b = sm->alloc_hint % n;
-    int err = 0;
     while (scanned < n) {
-        /* Find the reference page covering b, if any. */
         uint64_t page_start = b - b % E;
         uint64_t page_end = page_start + E < n ? page_start + E : n;
-        const struct cb_sm_page *refs = NULL;
-        uint32_t pb = *sm->root;
-        if (pb) {
-            const struct cb_sm_page *p = read_page(m, pb, CB_BT_SM_INDEX, 2, &err);
-            if (!p)
-                return err;
-            pb = p->entries[b / (E * E)];
-            if (pb) {
-                p = read_page(m, pb, CB_BT_SM_INDEX, 1, &err);
-                if (!p)
-                    return err;
-                pb = p->entries[(b / E) % E];
-                if (pb && !(refs = read_page(m, pb, CB_BT_SM_REFS, 0, &err)))
-                    return err;
-            }
-        }
+        const struct cb_sm_page *refs;
+        int err = refs_page(m, sm, b, &refs);
+        if (err)
+            return err;
         if (!refs || refs->nr_nonzero < E) {
             for (uint64_t x = b; x < page_end; x++) {
                 if ((!refs || refs->entries[x % E] == 0) && !busy_test(sm, x)) {
@@ -261,6 +269,52 @@ int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out)
         b = page_end == n ? 0 : page_end;
     }
     return -ENOSPC;
+}
+
+int sm_take_run(struct cb_meta *m, struct cb_sm *sm, uint64_t count, uint64_t align, uint64_t *out)
+{
+    uint64_t n = sm->nr_blocks;
+    if (sm->run_none || !count || count > n ||
+        *sm->used + sm->freed_this_txn + sm->held_free + count > n)
+        return 0;
+    align = align ? align : 1;
+    uint64_t start = (sm->run_hint + align - 1) / align * align, scanned = 0;
+    const struct cb_sm_page *refs = NULL;
+    uint64_t page_start = UINT64_MAX;
+    while (scanned < n) {
+        if (start + count > n) { /* wrap */
+            scanned += start < n ? n - start : 0;
+            start = 0;
+            continue;
+        }
+        uint64_t x = start;
+        for (; x < start + count; x++) {
+            if (x - x % E != page_start) {
+                int err = refs_page(m, sm, x, &refs);
+                if (err)
+                    return err;
+                page_start = x - x % E;
+            }
+            if ((refs && refs->entries[x % E]) || busy_test(sm, x))
+                break;
+        }
+        if (x == start + count) {
+            for (x = start; x < start + count; x++) {
+                int r = sm_reserve(sm, x);
+                if (r)
+                    return r;
+            }
+            sm->run_hint = start + count;
+            *out = start;
+            return 1;
+        }
+        /* the next candidate starts past the block in use */
+        uint64_t next = (x + 1 + align - 1) / align * align;
+        scanned += next - start;
+        start = next;
+    }
+    sm->run_none = true; /* until blocks are freed: no need to look again */
+    return 0;
 }
 
 int sm_take_if_free(struct cb_meta *m, struct cb_sm *sm, uint64_t b)
@@ -318,6 +372,7 @@ void sm_commit_done(struct cb_sm *sm)
         set_bits(sm->dropped, &sm->dropped_list, true);
         held = false;
     }
+    sm->run_none = false;
     uint32_t cur = sm->read_epoch & 1;
     if (!held && live[0] == 0 && live[1] == 0) {
         set_bits(sm->busy, &sm->busy_list, false);

@@ -135,6 +135,214 @@ def test_a_requests_blocks_stay_together_under_concurrent_writers(ceph, location
                                                 for off in range(0, 16 * MiB, MiB))
 
 
+def scatter(d, blocks, seed):
+    """Map blocks 0..blocks-1 of d in random order by 4 KiB first writes
+    (as rados_nbd.py's first_write_4k job leaves an image); returns what d
+    holds."""
+    import random
+    rng = random.Random(seed)
+    want = bytearray(blocks * 65536)
+    for vb in rng.sample(range(blocks), blocks):
+        at = vb * 65536 + rng.randrange(16) * 4096
+        if d is not None:
+            d.pwrite(pattern(vb, 4096), at)
+        want[at:at + 4096] = pattern(vb, 4096)
+    return want
+
+
+def test_a_scattered_overwrite_is_one_write_per_object(ceph, location):
+    """After random 4 KiB first writes a MiB's 16 blocks lie scattered over
+    the data file; a 1 MiB overwrite of them goes to a fresh contiguous run
+    (one RADOS write) instead of 16 writes in place, the old blocks are freed
+    at the commit, and what was written reads back from RADOS."""
+    with Pool.create(location, 64 * MiB, 65536, commit_interval=0) as p:
+        d = p.create_thin("d", 8 * MiB)
+        want = scatter(d, 128, seed=5)
+        p.commit()
+        used = p.stats().data_used
+        for i, off in enumerate(range(0, 8 * MiB, MiB)):
+            before = p._remote.requests()["data_writes"]
+            d.pwrite(pattern(100 + i, MiB), off)
+            p.commit()
+            sent = p._remote.requests()["data_writes"] - before
+            assert sent <= 2, (off, sent)
+            want[off:off + MiB] = pattern(100 + i, MiB)
+        assert p.stats().data_used == used   # the old blocks freed, none leaked
+        # a run of its own now: written in place, one write a MiB
+        before = p._remote.requests()["data_writes"]
+        d.pwrite(pattern(200, MiB), 3 * MiB)
+        p.commit()
+        assert p._remote.requests()["data_writes"] - before == 1
+        want[3 * MiB:4 * MiB] = pattern(200, MiB)
+        assert d.pread(8 * MiB, 0) == want
+    drop_cache(location)
+    with Pool.open(location, read_only=True) as p:
+        assert p.device("d").pread(8 * MiB, 0) == want
+        assert p.check().ok
+
+
+REDIRECTER = r"""
+import sys
+from cowblock import Pool
+sys.path.insert(0, sys.argv[2])
+from helpers import pattern
+from test_rados import scatter
+p = Pool.open(sys.argv[1], commit_interval=0)
+d = p.create_thin("d", 16 << 20)
+scatter(d, 256, seed=7)
+p.commit()
+print("C -1", p.stats().transaction_id, flush=True)
+for r in range(1000):
+    for i in range(16):
+        d.pwrite(pattern(1000 * r + i, 1 << 20), i << 20)
+    p.commit()
+    print("C", r, p.stats().transaction_id, flush=True)
+"""
+
+
+def test_a_writer_killed_while_redirecting_leaves_a_consistent_pool(ceph, location, tmp_path):
+    """SIGKILL a writer in the middle of scattered 1 MiB overwrites (the
+    first round redirects every MiB; later ones write the runs in place):
+    the next open finds the pool at a commit that returned, or the one
+    being made, each block holding that commit's data or the next round's,
+    and a clean check."""
+    import random
+    import signal
+    Pool.create(location, 128 * MiB, 65536, commit_interval=0).close()
+    child = subprocess.Popen([sys.executable, "-c", REDIRECTER, location,
+                              os.path.dirname(os.path.abspath(__file__))],
+                             stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, COWBLOCK_RADOS_CACHE=str(tmp_path / "victim")))
+    commits = []
+    try:
+        commits.append(child.stdout.readline().split())
+        assert commits[0][:2] == ["C", "-1"], commits
+        time.sleep(random.Random().uniform(0.0, 0.6))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    commits += [line.split() for line in child.stdout.read().splitlines()]
+    rounds = {int(t): int(r) for _, r, t in commits}
+    first = scatter(None, 256, seed=7)
+    with Pool.open(location, commit_interval=0) as p:
+        txn = p.stats().transaction_id
+        assert txn >= max(rounds), ("a commit that returned was lost", txn, rounds)
+        assert txn in rounds or txn == max(rounds) + 1, (txn, rounds)
+        r = rounds.get(txn, max(rounds.values()) + 1)   # (or the commit being made)
+        got = p.device("d").pread(16 * MiB, 0)
+        for i in range(16):
+            for b in range(16):
+                at = i * MiB + b * 65536
+                states = [first[at:at + 65536] if k < 0 else
+                          pattern(1000 * k + i, MiB)[b * 65536:(b + 1) * 65536] for k in (r, r + 1)]
+                assert got[at:at + 65536] in states, (txn, r, i, b)
+        assert p.check().ok
+
+
+def cache_settles(p, limit, seconds=10):
+    """The cache's counters once the evictor has brought it within limit."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = p._remote.requests()
+        if got["cached_bytes"] <= limit or time.monotonic() > deadline:
+            return got
+        time.sleep(0.02)
+
+
+def test_the_cache_stays_within_its_bound(ceph, location, monkeypatch):
+    """$COWBLOCK_RADOS_CACHE_SIZE bounds the data cache: reading 8 times
+    more than it holds keeps it (counted, and as the cache file's blocks on
+    disk) within the bound, drops what was used least recently (a range read
+    again and again stays), and everything reads back right, also after
+    writes into dropped ranges (whole and partial units)."""
+    with Pool.create(location, 64 * MiB, 65536, commit_interval=0) as p:
+        p.create_thin("d", 32 * MiB).pwrite(pattern(3, 32 * MiB), 0)
+    want = bytearray(pattern(3, 32 * MiB))
+    limit = 4 * MiB
+    monkeypatch.setenv("COWBLOCK_RADOS_CACHE_SIZE", "4M")
+    with Pool.open(location, commit_interval=0) as p:
+        d = p.device("d")
+        hot = slice(0, MiB)
+        for off in range(MiB, 32 * MiB, MiB):
+            assert d.pread(MiB, off) == want[off:off + MiB], off
+            assert d.pread(MiB, 0) == want[hot]
+        got = cache_settles(p, limit)
+        assert got["cached_bytes"] <= limit, got
+        assert got["evicted_bytes"] >= 32 * MiB - limit - 2 * MiB, got
+        on_disk = os.stat(os.path.join(rados.cache_dir(location), "data")).st_blocks * 512
+        assert on_disk <= limit + MiB, on_disk
+        reads = got["data_reads"]
+        assert d.pread(MiB, 0) == want[hot]
+        assert p._remote.requests()["data_reads"] == reads, "the hot range was dropped"
+        # writes into dropped ranges: whole units, and part of a unit (fetched first)
+        d.pwrite(pattern(4, 3 * MiB), 2 * MiB)
+        want[2 * MiB:5 * MiB] = pattern(4, 3 * MiB)
+        d.pwrite(b"z" * 100, 20 * MiB + 5000)
+        want[20 * MiB + 5000:20 * MiB + 5100] = b"z" * 100
+        p.commit()
+        assert d.pread(32 * MiB, 0) == want
+        assert cache_settles(p, limit)["cached_bytes"] <= limit
+    drop_cache(location)
+    monkeypatch.setenv("COWBLOCK_RADOS_CACHE_SIZE", "0")   # no bound
+    with Pool.open(location, read_only=True) as p:
+        assert p.device("d").pread(32 * MiB, 0) == want
+        got = p._remote.requests()
+        assert got["cached_bytes"] == 32 * MiB and got["evicted_bytes"] == 0, got
+
+
+def test_a_small_cache_under_concurrent_reads_and_writes(ceph, location, monkeypatch):
+    """Readers and writers at once through a cache much smaller than what
+    they touch: every read returns what the model holds (nothing dropped
+    under a reader, nor before RADOS had it)."""
+    import random
+    import threading
+    size = 16 * MiB
+    with Pool.create(location, 64 * MiB, 65536, commit_interval=0) as p:
+        p.create_thin("d", size).pwrite(pattern(8, size), 0)
+    monkeypatch.setenv("COWBLOCK_RADOS_CACHE_SIZE", "1M")
+    want = bytearray(pattern(8, size))
+    # each writer owns its own 4 MiB quarter, so the model needs no lock
+    errors_seen = []
+    with Pool.open(location, commit_interval=0) as p:
+        d = p.device("d")
+
+        def work(w):
+            rng = random.Random(w)
+            base = w * 4 * MiB
+            try:
+                for i in range(150):
+                    off = base + rng.randrange(0, 4 * MiB - 70000)
+                    n = rng.choice([4096, 65536, 5000])
+                    if rng.random() < 0.4:
+                        data = pattern(1000 * w + i, n)
+                        d.pwrite(data, off)
+                        want[off:off + n] = data
+                    else:
+                        assert d.pread(n, off) == want[off:off + n], (w, i, off, n)
+            except Exception as e:   # (reported by the main thread)
+                errors_seen.append(e)
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors_seen, errors_seen
+        assert p._remote.requests()["evicted_bytes"] > 0
+        p.commit()
+        assert d.pread(size, 0) == want
+    drop_cache(location)
+    with Pool.open(location, read_only=True) as p:
+        assert p.device("d").pread(size, 0) == want
+
+
+def test_a_bad_cache_size_is_named(ceph, location, monkeypatch):
+    Pool.create(location, 16 * MiB, 65536, commit_interval=0).close()
+    monkeypatch.setenv("COWBLOCK_RADOS_CACHE_SIZE", "lots")
+    with pytest.raises(errors.InvalidArgumentError, match="COWBLOCK_RADOS_CACHE_SIZE"):
+        Pool.open(location)
+
+
 def test_repair_preview_of_a_lazily_read_pool(ceph, location):
     """The repair preview copies the metadata file: all of it is fetched
     first, not only what this open has read."""
