@@ -8,8 +8,10 @@ cowblock serves a device filled by `cowblock import` of a raw file; nbdkit's
 file plugin serves a copy of the same raw file.  Durability: nbdkit's file
 plugin syncs only on NBD FLUSH, while cowblock's daemon also commits (and so
 fdatasyncs its data file) once a second by default.  So each variant runs
-both with the same FLUSH cadence from fio (none, or `--fsync=N`: a FLUSH
-after every N writes) and cowblock's timed commit off (`cowblock daemon
+both with the same FLUSH cadence (none, fio's runs; or a FLUSH after exactly
+every N writes, from benchmarks/nbd_flush_client.py through libnbd, since
+fio's `--fsync=N` sends more FLUSHes to whichever server answers them
+faster) and cowblock's timed commit off (`cowblock daemon
 --commit-interval 0`); "default" is cowblock as it ships (a commit a second)
 against nbdkit without flushes.  Page cache: "fresh" syncs and drops the
 caches before the run; "dirty" first rewrites the whole device through the
@@ -31,15 +33,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nbd_compare import Server, fio  # noqa: E402
 
 MiB = 1 << 20
-FSYNC_EVERY = 64   # fio --fsync=64 (its nbd engine, at QD16, then flushes about every 5 writes)
+FLUSH_EVERY = 64   # a FLUSH after every 64 writes (benchmarks/nbd_flush_client.py)
+FLUSH_CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbd_flush_client.py")
+SYSTEM_PYTHON = "/usr/bin/python3"   # where Debian's python3-libnbd is
 
 VARIANTS = {   # name: (fio flush cadence, page-cache state, cowblock commit interval)
     "no flush, fresh cache": (0, "fresh", 0),
     "no flush, dirty cache": (0, "dirty", 0),
-    f"fio --fsync={FSYNC_EVERY}, fresh cache": (FSYNC_EVERY, "fresh", 0),
-    f"fio --fsync={FSYNC_EVERY}, dirty cache": (FSYNC_EVERY, "dirty", 0),
+    f"a FLUSH every {FLUSH_EVERY} writes, fresh cache": (FLUSH_EVERY, "fresh", 0),
+    f"a FLUSH every {FLUSH_EVERY} writes, dirty cache": (FLUSH_EVERY, "dirty", 0),
     "default (cowblock commits every 1 s), fresh cache": (0, "fresh", 1),
 }
+
+
+def flush_cadence(uri, size, seconds, every):
+    out = subprocess.run([SYSTEM_PYTHON, FLUSH_CLIENT, uri, str(size), str(seconds), str(every)],
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode:
+        raise RuntimeError(f"the flush client failed: {out.stderr.strip()}")
+    run = json.loads(out.stdout)
+    return {"iops": run["iops"], "flushes_per_1000": 1000 * run["flushes"] / max(run["writes"], 1)}
 
 
 def drop_caches():
@@ -85,6 +98,8 @@ def main():
     for tool in ("fio", "nbdkit"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed (apt-get install {tool})")
+    if subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True).returncode:
+        sys.exit(f"{SYSTEM_PYTHON} cannot import nbd (apt-get install python3-libnbd)")
     size = args.size_mib * MiB
     root = tempfile.mkdtemp(prefix="cowblock-overwrite-", dir="/var/tmp")
     sock = os.path.join(root, "s.sock")
@@ -120,15 +135,15 @@ def main():
                 try:
                     if cache == "dirty":
                         fio(uri, "write", "1m", 0, size)
-                    run = fio(uri, "randwrite", "4k", args.seconds, size,
-                              [f"--fsync={every}"] if every else [])
+                    run = flush_cadence(uri, size, args.seconds, every) if every else \
+                        fio(uri, "randwrite", "4k", args.seconds, size)
                     results[vname][peer].append(run["iops"])
                     flush_rates[vname][peer].append(run["flushes_per_1000"])
                 finally:
                     server.stop()
         print(f"round {r + 1}/{args.runs} done", file=sys.stderr)
     table = {}
-    print(f"\n4 KiB random overwrites, fio nbd engine QD16, {args.size_mib} MiB, "
+    print(f"\n4 KiB random overwrites at QD16 (fio nbd engine; libnbd with flushes), {args.size_mib} MiB, "
           f"{args.seconds} s runs, median of {args.runs} interleaved rounds (IOPS)")
     for vname, by_peer in results.items():
         c, n = (statistics.median(by_peer[p]) for p in ("cowblock", "nbdkit-file"))

@@ -148,6 +148,7 @@ int sm_take_if_free(struct cb_meta *m, struct cb_sm *sm, uint64_t b);
 int sm_take_run(struct cb_meta *m, struct cb_sm *sm, uint64_t count, uint64_t align, uint64_t *out);
 /* After a commit: blocks freed or dropped in the transaction become reusable
  * (or are held while readers that may see them remain). */
+bool sm_commit_idle(const struct cb_sm *sm);
 void sm_commit_done(struct cb_sm *sm);
 /* Register a lock-free reader; call with the pool lock held (any mode). */
 static inline uint32_t sm_read_begin(struct cb_sm *sm)
@@ -347,6 +348,8 @@ struct cb_sections {
 struct cb_pool {
     pthread_rwlock_t lock;     /* metadata: read for lookups and in-place I/O, write for changes */
     pthread_mutex_t commit_lock;
+    uint64_t commit_tickets;   /* atomic: explicit commits asked for so far */
+    uint64_t commits_done;     /* under commit_lock: tickets the last full round covered */
     int dirfd;
     struct cb_file data;
     uint8_t *data_map;         /* read-only shared mmap of the data file */

@@ -370,7 +370,21 @@ static int commit(cb_pool *p, bool overwrites_too)
     if (r)
         return r;
     commit_gate_enter(p);
+    /* Group commit: explicit commits that come while one runs wait for it,
+     * then the first of them commits for all of them.  A round covers every
+     * ticket taken before it began (it reads the data's state after them),
+     * so a waiter it covered returns at once.  Else FLUSHes at QD16 queued
+     * behind each other, each with its own fdatasync: 41 ms a FLUSH against
+     * 21 ms for a plain file's server, whose concurrent fdatasyncs the
+     * kernel merges.  A failed round covers nobody. */
+    uint64_t ticket = overwrites_too ? __atomic_add_fetch(&p->commit_tickets, 1, __ATOMIC_SEQ_CST) : 0;
     pthread_mutex_lock(&p->commit_lock);
+    if (overwrites_too && p->commits_done >= ticket) {
+        pthread_mutex_unlock(&p->commit_lock);
+        commit_gate_leave(p);
+        return 0;
+    }
+    uint64_t round = __atomic_load_n(&p->commit_tickets, __ATOMIC_SEQ_CST);
     pthread_rwlock_rdlock(&p->lock);
     r = p->read_only ? 0 : pool_writable(p);
     bool data_dirty = __atomic_load_n(&p->data_dirty, __ATOMIC_RELAXED);
@@ -387,12 +401,26 @@ static int commit(cb_pool *p, bool overwrites_too)
         }
     }
     if (!r) {
-        pthread_rwlock_wrlock(&p->lock);
-        if (sync)
+        /* Overwrites in place change no metadata: when the fsync was all
+         * there was to do, the write lock, which would hold up every writer
+         * for nothing, is not taken (commit_lock keeps other commits out,
+         * the shared lock the writers that would make the pool dirty). */
+        pthread_rwlock_rdlock(&p->lock);
+        bool idle = !p->dirty && p->alloc_gen == gen && !p->pending.n &&
+                    sm_commit_idle(&p->m.dsm);
+        if (idle && sync)
             p->synced_gen = gen;
-        r = commit_locked(p, true, gen);
         pthread_rwlock_unlock(&p->lock);
+        if (!idle) {
+            pthread_rwlock_wrlock(&p->lock);
+            if (sync)
+                p->synced_gen = gen;
+            r = commit_locked(p, true, gen);
+            pthread_rwlock_unlock(&p->lock);
+        }
     }
+    if (!r && overwrites_too)
+        p->commits_done = round;
     pthread_mutex_unlock(&p->commit_lock);
     commit_gate_leave(p);
     return r;

@@ -356,6 +356,15 @@ static void swap_vec(struct u32vec *a, struct u32vec *b)
     *b = t;
 }
 
+/* Nothing for sm_commit_done to do: no block freed or allocated in this
+ * transaction, none held for readers, no failed run search to forget.
+ * With the pool lock held, shared or not. */
+bool sm_commit_idle(const struct cb_sm *sm)
+{
+    return !sm->busy_list.n && !sm->dropped_list.n && !sm->held_busy.n && !sm->held_dropped.n &&
+           !sm->freed_this_txn && !sm->run_none;
+}
+
 void sm_commit_done(struct cb_sm *sm)
 {
     uint32_t live[2] = {__atomic_load_n(&sm->readers[0], __ATOMIC_ACQUIRE),
