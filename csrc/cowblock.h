@@ -364,7 +364,13 @@ struct cb_pool {
     uint32_t devs_cap;
     uint32_t nr_devices;
     bool dirty;                /* metadata changed since commit */
-    bool data_dirty;           /* data written since the last data fsync began */
+    /* Data durability, in counts of data writes: data_writes is bumped
+     * after every write to the data file returns, data_synced is the count
+     * read before a data fsync that has completed (the largest such); the
+     * data is unsynced while data_synced < data_writes.  Counts, not a flag,
+     * so that data fsyncs can run side by side (data_only_commit). */
+    uint64_t data_writes;      /* atomic */
+    uint64_t data_synced;      /* atomic */
     uint64_t alloc_gen;        /* +1 per write into a newly allocated block */
     uint64_t synced_gen;       /* alloc_gen that the last data fsync covered */
     struct u32vec pending;     /* data blocks being filled outside the write lock */

@@ -193,7 +193,7 @@ static int write_in_place(cb_pool *p, uint32_t blk, uint64_t boff, const void *s
     uint64_t at = ((uint64_t)blk << p->block_shift) + boff;
     int r = src ? io_pwrite(&p->data, src, n, at) : io_write_zeroes(&p->data, at, n);
     if (!r)
-        __atomic_store_n(&p->data_dirty, true, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&p->data_writes, 1, __ATOMIC_SEQ_CST);
     return r;
 }
 
@@ -419,7 +419,7 @@ static int map_new_block(cb_pool *p, struct cb_dev *d, uint32_t vb, uint32_t nb)
     uint32_t replaced_value;
     bool replaced;
     int r;
-    __atomic_store_n(&p->data_dirty, true, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&p->data_writes, 1, __ATOMIC_SEQ_CST);
     p->alloc_gen++;
     if ((r = sm_set(&p->m, &p->m.dsm, nb, 1)) != 0 ||
         (r = bt_insert(&c, &d->d.mapping_root, vb, &nb, &replaced_value, &replaced)) != 0)
@@ -924,7 +924,7 @@ int cb_pool_write_data(cb_pool *p, uint64_t first, uint64_t count, const void *b
     if (!r)
         r = io_pwrite(&p->data, buf, count << p->block_shift, first << p->block_shift);
     if (!r) {
-        __atomic_store_n(&p->data_dirty, true, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&p->data_writes, 1, __ATOMIC_SEQ_CST);
         p->alloc_gen++;
     }
     pthread_rwlock_unlock(&p->lock);

@@ -128,13 +128,19 @@ out:
     return ret;
 }
 
-static void fault_synced(struct cb_file *f)
+/* After an fsync of f returned: its writes survive the power cut.  Unless
+ * the cut came (another thread's I/O) while it ran: then it never returned,
+ * and the caller must not take its writes for durable. */
+static int fault_synced(struct cb_file *f)
 {
     if (__atomic_load_n(&fault_mode, __ATOMIC_RELAXED) != FAULT_POWER_CUT)
-        return;
+        return 0;
     pthread_mutex_lock(&fault_lock);
-    undo_clear_fd(f->fd);
+    int r = dead ? cb_err(CB_E_IO, "fsync of %s failed: simulated power cut", f->name) : 0;
+    if (!dead)
+        undo_clear_fd(f->fd);
     pthread_mutex_unlock(&fault_lock);
+    return r;
 }
 
 int64_t cb_fault_set(int mode, int64_t nth, int flags)
@@ -280,8 +286,7 @@ int io_fsync(struct cb_file *f)
         return remote_wait(f);
     if (fdatasync(f->fd) != 0)
         return cb_err(CB_E_IO, "fsync of %s failed: %s", f->name, strerror(errno));
-    fault_synced(f);
-    return 0;
+    return fault_synced(f);
 }
 
 int io_truncate(struct cb_file *f, uint64_t size)

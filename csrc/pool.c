@@ -295,6 +295,22 @@ int pool_writable(cb_pool *p)
     return 0;
 }
 
+static bool data_unsynced(cb_pool *p, uint64_t *writes)
+{
+    *writes = __atomic_load_n(&p->data_writes, __ATOMIC_SEQ_CST);
+    return __atomic_load_n(&p->data_synced, __ATOMIC_SEQ_CST) < *writes;
+}
+
+/* After a data fsync that began once the count was `writes`. */
+static void data_synced_up_to(cb_pool *p, uint64_t writes)
+{
+    uint64_t cur = __atomic_load_n(&p->data_synced, __ATOMIC_SEQ_CST);
+    while (cur < writes &&
+           !__atomic_compare_exchange_n(&p->data_synced, &cur, writes, false, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST))
+        ;
+}
+
 /* Commit with the write lock held.  presynced: the caller fsynced the data
  * file after reading alloc_gen as presync_gen, so only blocks allocated
  * since then still need a data fsync before the metadata that maps them. */
@@ -305,11 +321,11 @@ static int commit_locked(cb_pool *p, bool presynced, uint64_t presync_gen)
     int r = pool_writable(p);
     if (r)
         return r;
-    bool data_sync = presynced ? p->alloc_gen != presync_gen : p->data_dirty;
-    if (data_sync) {
-        __atomic_store_n(&p->data_dirty, false, __ATOMIC_RELAXED);
+    uint64_t writes; /* exact: no data write runs while the write lock is held */
+    bool unsynced = data_unsynced(p, &writes);
+    bool data_sync = presynced ? p->alloc_gen != presync_gen : unsynced;
+    if (data_sync)
         p->synced_gen = p->alloc_gen; /* no allocation while the write lock is held */
-    }
     if (!p->dirty) {
         if (data_sync && (r = io_fsync(&p->data)) != 0)
             return pool_fail(p, r);
@@ -320,6 +336,8 @@ static int commit_locked(cb_pool *p, bool presynced, uint64_t presync_gen)
             return pool_fail(p, r);
         p->dirty = false;
     }
+    if (data_sync)
+        data_synced_up_to(p, writes);
     for (size_t i = 0; i < p->pending.n; i++) /* still being filled: not free yet */
         if ((r = sm_reserve(&p->m.dsm, p->pending.v[i])) != 0)
             return pool_fail(p, r);
@@ -364,10 +382,41 @@ static int outside_section(cb_pool *p, const char *what)
  * one: a sequential rewrite of a 1 GiB range at 1.5 GB/s otherwise wrote
  * the whole range to the disk every second, 2.3x the disk writes of a plain
  * file under the same writer; benchmarks/results/attach.md). */
+/* An explicit commit with no metadata to write (only overwrites in place
+ * since the last one): the data fsync is all of it, and it runs beside any
+ * other, outside commit_lock, as a plain file's server's FLUSHes do (the
+ * kernel merges concurrent fdatasyncs).  No metadata to write means every
+ * allocation is committed, so its data was synced before that commit.
+ * Returns 0 when done, 1 when a full commit is needed, or an error. */
+static int data_only_commit(cb_pool *p)
+{
+    uint64_t writes;
+    pthread_rwlock_rdlock(&p->lock);
+    int r = p->read_only ? 0 : pool_writable(p);
+    bool idle = !p->dirty && !p->pending.n && sm_commit_idle(&p->m.dsm);
+    bool unsynced = data_unsynced(p, &writes);
+    pthread_rwlock_unlock(&p->lock);
+    if (r || p->read_only)
+        return r;
+    if (!idle)
+        return 1;
+    if (unsynced && (r = io_fsync(&p->data)) != 0) {
+        pthread_rwlock_wrlock(&p->lock);
+        r = pool_fail(p, r);
+        pthread_rwlock_unlock(&p->lock);
+        return r;
+    }
+    if (unsynced)
+        data_synced_up_to(p, writes);
+    return 0;
+}
+
 static int commit(cb_pool *p, bool overwrites_too)
 {
     int r = outside_section(p, "a commit");
     if (r)
+        return r;
+    if (overwrites_too && (r = data_only_commit(p)) <= 0)
         return r;
     commit_gate_enter(p);
     /* Group commit: explicit commits that come while one runs wait for it,
@@ -387,13 +436,15 @@ static int commit(cb_pool *p, bool overwrites_too)
     uint64_t round = __atomic_load_n(&p->commit_tickets, __ATOMIC_SEQ_CST);
     pthread_rwlock_rdlock(&p->lock);
     r = p->read_only ? 0 : pool_writable(p);
-    bool data_dirty = __atomic_load_n(&p->data_dirty, __ATOMIC_RELAXED);
+    uint64_t writes;
+    bool unsynced = data_unsynced(p, &writes);
     uint64_t gen = p->alloc_gen;
-    bool sync = overwrites_too ? data_dirty : gen != p->synced_gen;
+    bool sync = overwrites_too ? unsynced : gen != p->synced_gen;
     pthread_rwlock_unlock(&p->lock);
     if (!r && !p->read_only && sync) {
-        __atomic_store_n(&p->data_dirty, false, __ATOMIC_RELAXED);
         r = io_fsync(&p->data);
+        if (!r)
+            data_synced_up_to(p, writes);
         if (r) {
             pthread_rwlock_wrlock(&p->lock);
             r = pool_fail(p, r);
@@ -449,7 +500,8 @@ int cb_pool_stats(cb_pool *p, cb_stats *s)
     s->snap_time = sb->snap_time;
     s->needs_check = (sb->flags & CB_SB_NEEDS_CHECK) != 0;
     s->read_only = p->read_only || p->failed;
-    s->dirty = p->dirty || p->data_dirty;
+    s->dirty = p->dirty || __atomic_load_n(&p->data_synced, __ATOMIC_SEQ_CST) <
+                               __atomic_load_n(&p->data_writes, __ATOMIC_SEQ_CST);
     s->commits_waited = p->commits_waited;
     memcpy(s->pool_uuid, sb->pool_uuid, 16);
     pthread_rwlock_unlock(&p->lock);
