@@ -116,6 +116,12 @@ class PoolNotFoundError(_OSErrorBase, FileNotFoundError):
     hint = "create one with `cowblock pool create`"
 
 
+class CephPoolNotFoundError(PoolNotFoundError):
+    """The Ceph cluster of a rados: location has no such Ceph pool."""
+
+    hint = "create the Ceph pool first (`ceph osd pool create`), then `cowblock pool create`"
+
+
 class PoolExistsError(_OSErrorBase, FileExistsError):
     """A pool exists at that path already."""
 

@@ -130,7 +130,7 @@ class Remote:
         out = ffi.new("cb_remote **")
         check(lib.cb_remote_connect(os.fsencode(loc.conf) if loc.conf else ffi.NULL,
                                     loc.ceph_pool.encode(), loc.name.encode(), timeout, out),
-              not_found=errors.PoolNotFoundError)
+              not_found=errors.CephPoolNotFoundError)
         self.h = out[0]
 
     def create(self):

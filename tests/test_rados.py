@@ -446,6 +446,10 @@ def test_missing_pool_and_bad_locations(ceph):
         Pool.open(f"rados:{ceph.pool}/never-made")
     with pytest.raises(errors.PoolNotFoundError, match="has no pool nosuchpool"):
         Pool.open("rados:nosuchpool/x")
+    r = subprocess.run([COWBLOCK, "--pool", "rados:nosuchpool/x", "ls"], capture_output=True,
+                       text=True, env=dict(os.environ, CEPH_CONF=ceph.conf), timeout=60)
+    assert r.returncode == 3 and "ceph osd pool create nosuchpool" in r.stderr, r.stderr
+    assert "create the Ceph pool first" in r.stderr, r.stderr   # not "cowblock pool create" alone
     for bad in ("rados:", "rados:onlypool", "rados:/x", "rados:p/a/b", "rados:p/.x"):
         with pytest.raises(errors.InvalidArgumentError, match="rados:CEPHPOOL/NAME"):
             Pool.open(bad)
