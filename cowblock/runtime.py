@@ -129,7 +129,12 @@ class RuntimeDir:
         for name in names + ([] if keep_log else [LOG, f"{LOG}.1", POOL]):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.path, name))
-        for d in (self.dev, os.path.join(self.path, BUILD)):
+        build = os.path.join(self.path, BUILD)
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(build):   # mount points of builds a dead daemon left
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(build, entry))
+        for d in (self.dev, build):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
         with contextlib.suppress(OSError):

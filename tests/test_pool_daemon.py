@@ -231,6 +231,7 @@ def test_the_runtime_directory_of_a_pool_deleted_while_its_daemon_was_dead_is_sw
     os.rename(again, gone)
     assert RuntimeDir(gone).path != dead.path
     assert os.path.isdir(dead.path) and os.path.exists(dead.control)
+    os.makedirs(os.path.join(dead.path, "build", "layer-tmp"))   # as a kill mid image load leaves
     client.daemon(gone, grace=60)[0].close()   # any daemon sweeps; this one is of the new pool
     assert not os.path.exists(dead.path)
     assert os.path.exists(live.control) and process_alive(live.pid())
