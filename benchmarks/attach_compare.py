@@ -13,7 +13,8 @@ every system starts with the same filesystem state and fully written data):
   fuse-file   a minimal libfuse server of our own (benchmarks/fuse_file_server.c,
               built here) serving a plain sparse file with pread/pwrite, with
               the same FUSE flags, through the same loop path: the FUSE ceiling
-  loop-file   ext4 on a loop device over a plain sparse file: the kernel ceiling
+  loop-file   ext4 on a loop device over a plain sparse file (losetup's default,
+              buffered; loop-file+loopdirect: --direct-io=on): the kernel ceiling
   overlayfs   overlayfs on the host filesystem (fio's file in the upper dir)
 Variants of the FUSE systems: NAME[+flag...] with flags from FLAGS below,
 e.g. --only fuse+pagecache,fuse-file+pagecache.  Default flags: direct_io,
@@ -54,6 +55,7 @@ FLAGS = {
     "writeback": ({"writeback_cache": True}, ["writeback"], None),
     "serial": ({"parallel_direct_writes": False}, ["-parallel"], None),
     "loopbuffered": ({}, [], False),
+    "loopdirect": ({}, [], True),   # loop-file with losetup --direct-io=on, as cowblock mounts
     "t2": ({"threads": 2}, ["threads=2"], None),
     "t4": ({"threads": 4}, ["threads=4"], None),
     "t8": ({"threads": 8}, ["threads=8"], None),
@@ -228,7 +230,8 @@ class LoopFile(System):
         backing = os.path.join(self.root, "backing.raw")
         with open(backing, "wb") as f:
             f.truncate(self.size)
-        self.loop_dio = False  # losetup's default: the kernel-only path as people use it
+        # losetup's default (the kernel-only path as people use it), unless +loopdirect
+        self.loop_dio = "loopdirect" in self.flags
         self.attach_loop(backing)
 
 
