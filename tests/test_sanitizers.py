@@ -39,7 +39,7 @@ SKIP = ("not sigkill and not random_workloads and not qemu and not nbdinfo and n
         "and not fio and not nbdsh and not without_gnutls and not ext4 "
         "and not without_libfuse3")
 SHARES = max(1, min(4, os.cpu_count() or 1))   # test processes run side by side
-FUZZ_RUNS = {"fuzz_nbd_transmit": 20000, "fuzz_metadata": 3000}
+FUZZ_RUNS = {"fuzz_nbd_transmit": 20000, "fuzz_metadata": 2000}
 
 
 def libasan():
