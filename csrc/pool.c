@@ -374,14 +374,21 @@ static int outside_section(cb_pool *p, const char *what)
                                  "it; the section commits when it ends", what) : 0;
 }
 
-/* The data file is fsynced before taking the write lock, so that I/O goes on
- * while the bulk of the data reaches the disk; under the lock only the data
- * of blocks allocated meanwhile is synced again, then the metadata.
- * overwrites_too: fsync when anything was written (an explicit commit, a
- * durability point), else only when blocks were allocated (the periodic
- * one: a sequential rewrite of a 1 GiB range at 1.5 GB/s otherwise wrote
- * the whole range to the disk every second, 2.3x the disk writes of a plain
- * file under the same writer; benchmarks/results/attach.md). */
+/* fsync the data file outside the write lock: on success the writes counted
+ * before it (`writes`) are durable; a failure fails the pool. */
+static int data_fsync(cb_pool *p, uint64_t writes)
+{
+    int r = io_fsync(&p->data);
+    if (!r) {
+        data_synced_up_to(p, writes);
+        return 0;
+    }
+    pthread_rwlock_wrlock(&p->lock);
+    r = pool_fail(p, r);
+    pthread_rwlock_unlock(&p->lock);
+    return r;
+}
+
 /* An explicit commit with no metadata to write (only overwrites in place
  * since the last one): the data fsync is all of it, and it runs beside any
  * other, outside commit_lock, as a plain file's server's FLUSHes do (the
@@ -400,17 +407,17 @@ static int data_only_commit(cb_pool *p)
         return r;
     if (!idle)
         return 1;
-    if (unsynced && (r = io_fsync(&p->data)) != 0) {
-        pthread_rwlock_wrlock(&p->lock);
-        r = pool_fail(p, r);
-        pthread_rwlock_unlock(&p->lock);
-        return r;
-    }
-    if (unsynced)
-        data_synced_up_to(p, writes);
-    return 0;
+    return unsynced ? data_fsync(p, writes) : 0;
 }
 
+/* The data file is fsynced before taking the write lock, so that I/O goes on
+ * while the bulk of the data reaches the disk; under the lock only the data
+ * of blocks allocated meanwhile is synced again, then the metadata.
+ * overwrites_too: fsync when anything was written (an explicit commit, a
+ * durability point), else only when blocks were allocated (the periodic
+ * one: a sequential rewrite of a 1 GiB range at 1.5 GB/s otherwise wrote
+ * the whole range to the disk every second, 2.3x the disk writes of a plain
+ * file under the same writer; benchmarks/results/attach.md). */
 static int commit(cb_pool *p, bool overwrites_too)
 {
     int r = outside_section(p, "a commit");
@@ -441,16 +448,8 @@ static int commit(cb_pool *p, bool overwrites_too)
     uint64_t gen = p->alloc_gen;
     bool sync = overwrites_too ? unsynced : gen != p->synced_gen;
     pthread_rwlock_unlock(&p->lock);
-    if (!r && !p->read_only && sync) {
-        r = io_fsync(&p->data);
-        if (!r)
-            data_synced_up_to(p, writes);
-        if (r) {
-            pthread_rwlock_wrlock(&p->lock);
-            r = pool_fail(p, r);
-            pthread_rwlock_unlock(&p->lock);
-        }
-    }
+    if (!r && !p->read_only && sync)
+        r = data_fsync(p, writes);
     if (!r) {
         /* Overwrites in place change no metadata: when the fsync was all
          * there was to do, the write lock, which would hold up every writer
@@ -500,8 +499,8 @@ int cb_pool_stats(cb_pool *p, cb_stats *s)
     s->snap_time = sb->snap_time;
     s->needs_check = (sb->flags & CB_SB_NEEDS_CHECK) != 0;
     s->read_only = p->read_only || p->failed;
-    s->dirty = p->dirty || __atomic_load_n(&p->data_synced, __ATOMIC_SEQ_CST) <
-                               __atomic_load_n(&p->data_writes, __ATOMIC_SEQ_CST);
+    uint64_t writes;
+    s->dirty = p->dirty || data_unsynced(p, &writes);
     s->commits_waited = p->commits_waited;
     memcpy(s->pool_uuid, sb->pool_uuid, 16);
     pthread_rwlock_unlock(&p->lock);
