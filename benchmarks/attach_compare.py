@@ -18,7 +18,8 @@ every system starts with the same filesystem state and fully written data):
   overlayfs   overlayfs on the host filesystem (fio's file in the upper dir)
 Variants of the FUSE systems: NAME[+flag...] with flags from FLAGS below,
 e.g. --only fuse+pagecache,fuse-file+pagecache.  Default flags: direct_io,
-parallel direct writes, losetup --direct-io=on.
+parallel direct writes, losetup --direct-io=on, and the loop device's
+readahead as cowblock mount sets it (cowblock.daemon.mounts.READAHEAD).
 
 fio: direct=1, libaio, iodepth 16, one job; 4 KiB randread, 4 KiB randwrite,
 1 MiB sequential read and write; time-based runs.  Rounds are interleaved
@@ -43,6 +44,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from cowblock import Pool  # noqa: E402
 from cowblock.attach import FuseAttach, FuseOptions  # noqa: E402
+from cowblock.daemon.mounts import READAHEAD as MOUNT_READAHEAD  # noqa: E402
 
 MiB = 1 << 20
 WORKLOADS = [("randread-4k", "randread", "4k"), ("randwrite-4k", "randwrite", "4k"),
@@ -67,6 +69,7 @@ FLAGS = {
     # (an fsync of the data file after any write) every second
     "fullcommit": ({}, [], None),
     "ra4m": ({}, [], None),       # the loop device's readahead at 4 MiB (blockdev --setra)
+    "kernelra": ({}, [], None),   # a FUSE system's loop device with the kernel's readahead (128 KiB)
 }
 
 
@@ -115,11 +118,16 @@ class System:
             dio = dio if d is None else d
         self.loop_dio = dio
 
-    def attach_loop(self, path):
+    def attach_loop(self, path, readahead=None):
+        """readahead: bytes, as cowblock mount sets it on a FUSE file's loop device."""
         self.loop = run("losetup", "-f", "--show", f"--direct-io={'on' if self.loop_dio else 'off'}",
                         path)
         if "ra4m" in self.flags:
-            run("blockdev", "--setra", "8192", self.loop)
+            readahead = 4 * MiB
+        elif "kernelra" in self.flags:
+            readahead = None
+        if readahead:
+            run("blockdev", "--setra", str(readahead // 512), self.loop)
         mkfs_mount(self.loop, self.mnt)
 
     def server_pids(self):
@@ -140,7 +148,7 @@ class Fuse(System):
         self.pool.create_thin("dev", self.size)
         self.attach = FuseAttach(self.pool, os.path.join(self.root, "dev"),
                                  FuseOptions(**self.opts)).start()
-        self.attach_loop(self.attach.add("dev"))
+        self.attach_loop(self.attach.add("dev"), MOUNT_READAHEAD)
         self.stop_commits = threading.Event()
         if "fullcommit" in self.flags:
             threading.Thread(target=self.commit_every_second, daemon=True).start()
@@ -177,7 +185,7 @@ class FuseFile(System):
         wait(lambda: os.path.exists(image) or self.proc.poll() is not None, 30, "fuse_file_server")
         if self.proc.poll() is not None:
             raise RuntimeError(f"fuse_file_server exited: {self.proc.stderr.read().decode()}")
-        self.attach_loop(image)
+        self.attach_loop(image, MOUNT_READAHEAD)
 
     def server_pids(self):
         return [self.proc.pid]

@@ -1638,6 +1638,24 @@ def test_writes_across_exclusive_blocks_mapped_out_of_order(pool, block_size):
     assert pool.device("s").pread(12 * bs, 0) == frozen
 
 
+def test_a_requests_new_blocks_are_contiguous_under_concurrent_writers(tmp_path):
+    """The blocks one write allocates lie together in the data file however
+    many writes allocate at once (as the FUSE server's parallel 1 MiB writes
+    do), so a sequential read of them is one disk read, not sixteen."""
+    from concurrent.futures import ThreadPoolExecutor
+    MiB = 1 << 20
+    with Pool.create(str(tmp_path / "p"), 64 * MiB, 65536, commit_interval=0) as p:
+        d = p.create_thin("d", 32 * MiB)
+        with ThreadPoolExecutor(8) as ex:
+            list(ex.map(lambda off: d.pwrite(pattern(off, MiB), off), range(0, 32 * MiB, MiB)))
+        blocks = dict((vb, blk) for vb, blk, _ in p.mappings("d"))
+        for first in range(0, 512, 16):
+            run = [blocks[vb] for vb in range(first, first + 16)]
+            assert run == list(range(run[0], run[0] + 16)), (first, run)
+        assert d.pread(32 * MiB, 0) == b"".join(pattern(off, MiB) for off in range(0, 32 * MiB, MiB))
+        assert p.check().ok
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_random_io_against_a_model(pool, block_size, seed):
     bs = block_size
