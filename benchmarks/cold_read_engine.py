@@ -4,7 +4,8 @@ eight 1 MiB Device.pread calls, one after another (what a FUSE or NBD
 request stream of one reader asks), from a 256 MiB device whose 64 KiB
 blocks lie in order in the data file (written in order) and from one whose
 blocks lie in random order (written in random order, as snapshots that
-diverged or concurrent first writes leave them).
+diverged or concurrent first writes leave them); and one 32 MiB read (as
+NBD clients, export and pool copies ask) of a 1 GiB device written in order.
 
 Each read is a new process that drops the caches first and opens the pool
 read-only, and reads a region not read before (the host's own cache below
@@ -30,12 +31,15 @@ import time
 MiB = 1 << 20
 DEVICE = 256 * MiB
 LAYOUTS = ("in-order", "random-order")
+LARGE = "large-reads"   # 32 MiB a read
+COLUMNS = ("8 MiB in 1 MiB reads, blocks in order", "the same, blocks in random order",
+           "one 32 MiB read")
 
 
 def setup(directory):
     from cowblock import Pool
     shutil.rmtree(directory, ignore_errors=True)
-    with Pool.create(directory, 2 * DEVICE + 64 * MiB, 65536, commit_interval=0) as p:
+    with Pool.create(directory, 6 * DEVICE + 64 * MiB, 65536, commit_interval=0) as p:
         for name in LAYOUTS:
             dev = p.create_thin(name, DEVICE)
             blocks = list(range(DEVICE // 65536))
@@ -43,6 +47,9 @@ def setup(directory):
                 random.Random(1).shuffle(blocks)
             for vb in blocks:
                 dev.pwrite(os.urandom(65536), vb * 65536)
+        dev = p.create_thin(LARGE, 4 * DEVICE)
+        for off in range(0, 4 * DEVICE, 32 * MiB):
+            dev.pwrite(os.urandom(32 * MiB), off)
         p.commit()
     os.sync()
 
@@ -60,6 +67,9 @@ def child(directory, region):
             for i in range(8):
                 dev.pread(MiB, region * 8 * MiB + i * MiB)
             out[name] = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        p.device(LARGE).pread(32 * MiB, region * 32 * MiB)
+        out[LARGE] = (time.perf_counter() - t) * 1e3
     print(json.dumps(out))
 
 
@@ -82,7 +92,7 @@ def main():
                  f"{DEVICE // (8 * MiB)} regions of a device")
     subprocess.run([pythons[0], "-c", f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r});"
                     f"import cold_read_engine as c; c.setup({args.dir!r})"], check=True, cwd="/")
-    results = {py: {name: [] for name in LAYOUTS} for py in pythons}
+    results = {py: {name: [] for name in LAYOUTS + (LARGE,)} for py in pythons}
     region = 0
     try:
         for rnd in range(args.rounds):
@@ -96,15 +106,15 @@ def main():
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
     first = pythons[0]
-    print("| build | 8 MiB, blocks in order | 8 MiB, blocks in random order |")
-    print("|---|---|---|")
+    print("| build | " + " | ".join(COLUMNS) + " |")
+    print("|---" * (len(COLUMNS) + 1) + "|")
     for py in pythons:
         cells = []
-        for name in LAYOUTS:
+        for name in LAYOUTS + (LARGE,):
             xs = results[py][name]
             ratio = statistics.median(a / b for a, b in zip(xs, results[first][name]))
             cells.append(f"{statistics.median(xs):.1f} ms" + ("" if py == first else f" ({ratio:.2f}x)"))
-        print(f"| {labels[py]} | {cells[0]} | {cells[1]} |")
+        print(f"| {labels[py]} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rounds": args.rounds, "results": {labels[py]: r for py, r in results.items()},
