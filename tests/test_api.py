@@ -1656,6 +1656,23 @@ def test_a_requests_new_blocks_are_contiguous_under_concurrent_writers(tmp_path)
         assert p.check().ok
 
 
+def test_reads_in_a_forked_child_and_in_its_parent(tmp_path):
+    """Reads hand their blocks to readahead through a pidfd of the process
+    (dataio.c): a forked child gets its own, and the parent keeps reading."""
+    MiB = 1 << 20
+    with Pool.create(str(tmp_path / "p"), 16 * MiB, 65536, commit_interval=0) as p:
+        d = p.create_thin("d", 8 * MiB)
+        want = pattern(3, 8 * MiB)
+        d.pwrite(want, 0)
+        assert d.pread(4 * MiB, 0) == want[:4 * MiB]
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if d.pread(8 * MiB, 0) == want else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert d.pread(8 * MiB, 0) == want
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_random_io_against_a_model(pool, block_size, seed):
     bs = block_size
