@@ -104,13 +104,13 @@ static int read_resolve(cb_pool *p, struct cb_dev *d, uint64_t *pos, uint64_t en
  * few pages in: a syscall each would cost more.  Before, each extent was
  * handed over as it was copied, with as much of the data file again after
  * it: 8 cold 1 MiB reads of a device whose blocks lie in random order took
- * 38 ms, against 12 ms now; 13 ms both when they lie in order
+ * 41 ms, against 14 ms now; 14-16 ms both when they lie in order
  * (benchmarks/cold_read_engine.py).
  *
  * WILLNEED of one range reads at most the larger of the disk's readahead
  * and its largest request (8 MiB here, 128 KiB-1.25 MiB on common hosts)
  * and drops the rest, so a large extent goes in pieces: a cold 32 MiB read
- * in one piece took 539 ms, 86 ms in 512 KiB pieces. */
+ * in one piece took 526 ms, 85 ms in 512 KiB pieces. */
 enum { WILLNEED_MIN = 32 << 10, WILLNEED_CHUNK = 512 << 10, WILLNEED_BATCH = 64 };
 
 /* The pieces go to the kernel in one process_madvise call (Linux 5.10) on a
