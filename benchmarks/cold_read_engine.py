@@ -10,10 +10,11 @@ NBD clients, export and pool copies ask) of a 1 GiB device written in order.
 Each read is a new process that drops the caches first and opens the pool
 read-only, and reads a region not read before (the host's own cache below
 the VM keeps what was read: a region read twice is not cold).  Several
-builds can be compared side by side, interleaved: --python PATH once per
-build (the python of a venv with that build installed), default this one.
+builds can be compared side by side, interleaved: --build NAME=PYTHON once
+per build (the python of a venv with that build installed, as in
+rados_open.py), default this interpreter.
 
-    python benchmarks/cold_read_engine.py [--rounds 15] [--python [LABEL=]PATH ...] [--dir DIR]
+    python benchmarks/cold_read_engine.py [--rounds 15] [--build NAME=PYTHON ...] [--dir DIR]
         [--json OUT]
 
 Needs root (drop_caches).
@@ -77,15 +78,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--python", action="append",
-                    help="[LABEL=]PATH: a build's python (repeat to compare)")
+    ap.add_argument("--build", action="append", default=[], metavar="NAME=PYTHON",
+                    help="a build's python (repeat to compare)")
     ap.add_argument("--dir", default="/var/tmp/cowblock-cold-read-engine")
     ap.add_argument("--json")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child[0], int(args.child[1]))
-    labels = dict(p.split("=", 1)[::-1] if "=" in p else (p, p) for p in args.python or [sys.executable])
+    for b in args.build:
+        if "=" not in b:
+            sys.exit(f"--build {b}: give NAME=PYTHON")
+    labels = dict(b.split("=", 1)[::-1] for b in args.build) or {sys.executable: "this"}
     pythons = list(labels)
     if args.rounds * len(pythons) > DEVICE // (8 * MiB):
         sys.exit(f"{args.rounds} rounds of {len(pythons)} builds need more than the "
