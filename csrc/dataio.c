@@ -116,9 +116,10 @@ enum { WILLNEED_MIN = 32 << 10, WILLNEED_CHUNK = 512 << 10, WILLNEED_BATCH = 64 
 /* The pieces go to the kernel in one process_madvise call (Linux 5.10) on a
  * pidfd of this process, not one madvise each: on hot reads the syscalls
  * are the cost (1 MiB reads at snapshot depth 1000, 9 extents each, ran at
- * 0.89-0.91x the base's speed with a madvise each, 0.93-0.95x now).  A forked child must not advise its parent's
- * memory: the pidfd is dropped in the child.  -1: not opened yet; -2: not
- * available (then madvise, piece by piece). */
+ * 0.89-0.91x the base's speed with a madvise each, 0.93-0.95x now).  A
+ * forked child must not advise its parent's memory: the pidfd is dropped in
+ * the child.  -1: not opened yet; -2: not available (then madvise, piece by
+ * piece). */
 static int self_pidfd = -1;
 static pthread_mutex_t self_pidfd_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t self_pidfd_atfork = PTHREAD_ONCE_INIT;
@@ -160,14 +161,18 @@ struct willneed {
 
 static void willneed_flush(struct willneed *w)
 {
-    int fd = w->n ? pidfd_of_self() : -2;
+    if (!w->n)
+        return;
 #ifdef SYS_process_madvise
-    if (fd >= 0 && syscall(SYS_process_madvise, fd, w->v, (size_t)w->n, MADV_WILLNEED, 0) >= 0)
-        fd = -3;
-    else if (fd >= 0 && (errno == ENOSYS || errno == EPERM || errno == EINVAL || errno == EBADF))
+    int fd = pidfd_of_self();
+    if (fd >= 0 && syscall(SYS_process_madvise, fd, w->v, (size_t)w->n, MADV_WILLNEED, 0) >= 0) {
+        w->n = 0;
+        return;
+    }
+    if (fd >= 0 && (errno == ENOSYS || errno == EPERM || errno == EINVAL || errno == EBADF))
         __atomic_store_n(&self_pidfd, -2, __ATOMIC_RELEASE); /* (the fd stays open: harmless) */
 #endif
-    for (int i = 0; fd != -3 && i < w->n; i++)
+    for (int i = 0; i < w->n; i++)
         madvise(w->v[i].iov_base, w->v[i].iov_len, MADV_WILLNEED);
     w->n = 0;
 }
