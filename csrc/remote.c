@@ -138,13 +138,18 @@ static const uint64_t state_bytes[2] = {16 * CB_MAX_BLOCKS, CB_MAX_BLOCKS};
 
 static const uint8_t zero_object[OBJECT_SIZE];
 
-/* A librados error as an engine error: full cluster or quota is no space. */
+/* A librados error as an engine error.  A full OSD answers ENOSPC, a pool
+ * over its quota EDQUOT: both are no space, named apart because the one is
+ * fixed by the cluster's operator and the other by the pool's. */
 static int rados_error(int rv, const char *what)
 {
     int err = -rv;
-    if (err == ENOSPC || err == EDQUOT)
-        return cb_err(CB_E_HOST_SPACE, "%s: the Ceph cluster is full or the pool's quota is reached "
-                      "(%s)", what, strerror(err));
+    if (err == ENOSPC)
+        return cb_err(CB_E_HOST_SPACE, "%s: the Ceph cluster is full (%s; see `ceph health detail`)",
+                      what, strerror(err));
+    if (err == EDQUOT)
+        return cb_err(CB_E_HOST_SPACE, "%s: the Ceph pool's quota is reached (%s; see `ceph osd "
+                      "pool get-quota`)", what, strerror(err));
     if (err == ETIMEDOUT)
         return cb_err(CB_E_TIMEOUT, "%s: the Ceph cluster did not answer in time", what);
     if (err == EACCES || err == EPERM)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from cowblock import Pool
@@ -40,27 +42,57 @@ def ceph_cluster():
 
 
 @pytest.fixture
-def ceph(ceph_cluster, tmp_path, monkeypatch):
+def ceph(ceph_cluster, tmp_path, monkeypatch, request):
     """The cluster as this process sees it: $CEPH_CONF, and a cache root of
-    the test's own."""
+    the test's own.  A cluster found full first has the objects that earlier
+    tests left removed, and the tests that left them named in a warning, so
+    that one test's leftovers do not fail the rest unexplained."""
     from cowblock._native import lib
     if not lib.cb_remote_available():
         pytest.skip("this cowblock was built without librados (apt-get install librados-dev, "
                     "then reinstall)")
+    if ceph_cluster.full():
+        free_a_full_cluster(ceph_cluster, request.node.nodeid)
     monkeypatch.setenv("CEPH_CONF", ceph_cluster.conf)
     monkeypatch.setenv("COWBLOCK_RADOS_CACHE", str(tmp_path / "cache"))
     return ceph_cluster
 
 
+def free_a_full_cluster(cluster, nodeid):
+    """Remove every object in the test pool (no test is running), or fail
+    with what fills the cluster when that does not clear its full flags."""
+    import warnings
+    report = f"{cluster.full()}\n{cluster.space_report()}"
+    left = cluster.objects_by_namespace()
+    for ns in left:
+        names = cluster.run("rados", "-p", cluster.pool, "-N", ns, "ls").split()
+        for i in range(0, len(names), 200):
+            cluster.run("rados", "-p", cluster.pool, "-N", ns, "rm", "--force-full",
+                        *names[i:i + 200])
+    owners = sorted({cluster.namespaces.get(ns, f"namespace {ns!r}") for ns in left})
+    if not cluster.wait_not_full(30):
+        pytest.fail(f"the test Ceph cluster is full before {nodeid}, and removing every object "
+                    f"in pool {cluster.pool} (left by {owners}) did not free it:\n{report}")
+    warnings.warn(f"the test Ceph cluster was full before {nodeid}; removed the objects left by "
+                  f"{owners}:\n{report}")
+
+
 @pytest.fixture
-def location(ceph):
-    """A pool location of the test's own on the cluster, destroyed after."""
+def location(ceph, request):
+    """A pool location of the test's own on the cluster, destroyed after
+    (a destroy that fails is a warning naming the test)."""
     import uuid
+    import warnings
 
     from cowblock import errors, rados
-    loc = f"rados:{ceph.pool}/t-{uuid.uuid4().hex[:12]}"
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    ceph.namespaces[name] = request.node.nodeid
+    loc = f"rados:{ceph.pool}/{name}"
     yield loc
+    os.environ["CEPH_CONF"] = ceph.conf     # (the test may have unset it; the ceph fixture restores it)
     try:
         rados.destroy(loc)
-    except errors.CowblockError:
-        pass
+    except errors.PoolNotFoundError:
+        pass        # (the test removed it, or never made it)
+    except errors.CowblockError as e:
+        warnings.warn(f"{request.node.nodeid} left its RADOS pool {loc}: {e}")

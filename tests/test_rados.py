@@ -22,9 +22,7 @@ MiB = 1 << 20
 
 
 def rados_cli(ceph, *args):
-    return subprocess.run(["timeout", "30", "rados", "-p", ceph.pool, *args],
-                          env=dict(os.environ, CEPH_CONF=ceph.conf), check=True,
-                          capture_output=True, text=True).stdout
+    return ceph.run("rados", "-p", ceph.pool, *args)
 
 
 def objects(ceph, loc):
@@ -468,8 +466,9 @@ def test_create_refuses_a_taken_name(ceph, location):
 
 
 @pytest.mark.skipif(COWBLOCK is None, reason="the cowblock command is not installed")
-def test_cli_create_ls_write_read(ceph, location, tmp_path):
-    conf = os.environ.pop("CEPH_CONF")   # through --ceph-conf this time
+def test_cli_create_ls_write_read(ceph, location, tmp_path, monkeypatch):
+    conf = ceph.conf
+    monkeypatch.delenv("CEPH_CONF")   # through --ceph-conf this time
     env = dict(os.environ, COWBLOCK_RADOS_CACHE=str(tmp_path / "cli-cache"))
 
     def run(*args, stdin=None):
@@ -595,8 +594,7 @@ def test_two_writers_racing_for_the_lock(ceph, location, tmp_path):
 
 
 def ceph_cli(ceph, *args):
-    return subprocess.run(["timeout", "60", "ceph", *args], env=dict(os.environ, CEPH_CONF=ceph.conf),
-                          check=True, capture_output=True, text=True).stdout
+    return ceph.run("ceph", *args)
 
 
 def test_a_pool_quota_gives_no_space_and_loses_nothing(ceph, tmp_path):
@@ -616,7 +614,7 @@ def test_a_pool_quota_gives_no_space_and_loses_nothing(ceph, tmp_path):
             p.commit()
             ceph_cli(ceph, "osd", "pool", "set-quota", qpool, "max_bytes", str(MiB))
             deadline = time.monotonic() + 60   # the monitor's next look at the pool's statistics
-            with pytest.raises(errors.NoSpaceError, match="quota"):
+            with pytest.raises(errors.NoSpaceError, match="pool.s quota is reached"):
                 while time.monotonic() < deadline:
                     d.pwrite(pattern(100 + committed, piece), 2 * MiB + committed * piece)
                     p.commit()
@@ -636,6 +634,38 @@ def test_a_pool_quota_gives_no_space_and_loses_nothing(ceph, tmp_path):
             assert p.check().ok
     finally:
         ceph_cli(ceph, "osd", "pool", "rm", qpool, qpool, "--yes-i-really-really-mean-it")
+
+
+def test_a_full_cluster_gives_no_space_naming_it(ceph, location):
+    """A full OSD (here: its full ratio set below what it holds) fails the
+    commit with NoSpaceError naming the cluster, not the quota; once it is
+    no longer full, the pool opens at the commit before."""
+    with Pool.create(location, 64 * MiB, 65536, commit_interval=0) as p:
+        p.create_thin("d", 8 * MiB).pwrite(pattern(6, 4 * MiB), 0)
+    ratios = ("nearfull", 0.85), ("backfillfull", 0.90), ("full", 0.95)
+    try:
+        for name, _ in ratios:
+            ceph_cli(ceph, "osd", f"set-{name}-ratio", "0.0005")
+        deadline = time.monotonic() + 30
+        while not ceph.full():
+            assert time.monotonic() < deadline, "the OSD was not flagged full in 30 s"
+            time.sleep(0.5)
+        p = Pool.open(location, commit_interval=0)
+        with pytest.raises(errors.NoSpaceError, match="the Ceph cluster is full"):
+            p.device("d").pwrite(pattern(7, MiB), 4 * MiB)
+            p.commit()
+        try:
+            p.close()
+        except errors.CowblockError:
+            pass   # (read-only since the failed commit)
+    finally:
+        for name, ratio in reversed(ratios):
+            ceph_cli(ceph, "osd", f"set-{name}-ratio", str(ratio))
+        assert ceph.wait_not_full(30)
+    drop_cache(location)
+    with Pool.open(location, read_only=True) as p:
+        assert p.device("d").pread(4 * MiB, 0) == pattern(6, 4 * MiB)
+        assert p.check().ok
 
 
 @pytest.mark.skipif(not os.environ.get("COWBLOCK_TEST_CEPH_OSD_STOP"),
