@@ -534,6 +534,7 @@ int cb_pool_check(cb_pool *p, cb_check_summary *sum, cb_check_record **records, 
         return cb_err(CB_E_INVALID, "a check inside an atomic section would commit half of it");
     commit_gate_enter(p);
     pthread_rwlock_wrlock(&p->lock);
+    meta_walk_begin(&p->m);
     int r = 0;
     if (!p->read_only && !p->failed)
         r = pool_commit_locked(p);
@@ -543,6 +544,7 @@ int cb_pool_check(cb_pool *p, cb_check_summary *sum, cb_check_record **records, 
     if (!r)
         r = take_records(&c, records, count);
     free_checker(&c);
+    meta_walk_end(&p->m);
     pthread_rwlock_unlock(&p->lock);
     commit_gate_leave(p);
     return r;
@@ -623,6 +625,7 @@ int cb_pool_repair(cb_pool *p, cb_check_summary *sum, cb_check_record **records,
         return cb_err(CB_E_INVALID, "a repair inside an atomic section would commit half of it");
     commit_gate_enter(p);
     pthread_rwlock_wrlock(&p->lock);
+    meta_walk_begin(&p->m);
     int r = pool_writable(p);
     if (!r)
         r = pool_commit_locked(p);
@@ -721,6 +724,7 @@ done:
     if (!r)
         r = take_records(&c, records, count);
     free_checker(&c);
+    meta_walk_end(&p->m);
     pthread_rwlock_unlock(&p->lock);
     commit_gate_leave(p);
     return r;

@@ -196,7 +196,12 @@ struct cb_meta {
     uint32_t rec_max_entries;  /* entries per records node: the node capacity, if any */
     bool read_only;
     uint64_t blocks_written, blocks_verified;
+    int walkers;               /* walks of whole trees running (meta_walk_begin) */
 };
+/* Around a walk of whole trees (check, delete, diff, usage, mappings,
+ * trim): the metadata mapping reads ahead while one runs (see meta.c). */
+void meta_walk_begin(struct cb_meta *m);
+void meta_walk_end(struct cb_meta *m);
 /* A committed or new block, verified: NULL and an error if corrupt. */
 const uint8_t *meta_read(struct cb_meta *m, uint32_t b, uint32_t t1, uint32_t t2, int *err);
 /* Allocate a new block (count 1), zeroed, writable until commit; its number

@@ -311,6 +311,7 @@ out:
 int cb_dev_delete(cb_pool *p, uint32_t id)
 {
     pthread_rwlock_wrlock(&p->lock);
+    meta_walk_begin(&p->m);
     struct cb_dev *d = pool_dev(p, id);
     int r = pool_writable(p);
     if (!r && !d)
@@ -333,6 +334,7 @@ int cb_dev_delete(cb_pool *p, uint32_t id)
     p->dirty = true;
     r = pool_commit_locked(p);
 out:
+    meta_walk_end(&p->m);
     pthread_rwlock_unlock(&p->lock);
     return r;
 }
@@ -459,6 +461,7 @@ out:
 int cb_dev_usage(cb_pool *p, uint32_t id, uint64_t *exclusive, uint64_t *shared)
 {
     pthread_rwlock_rdlock(&p->lock);
+    meta_walk_begin(&p->m);
     struct cb_dev *d = pool_dev(p, id);
     int r = d ? 0 : no_device(id);
     *exclusive = *shared = 0;
@@ -475,6 +478,7 @@ int cb_dev_usage(cb_pool *p, uint32_t id, uint64_t *exclusive, uint64_t *shared)
                 (*exclusive)++;
         }
     }
+    meta_walk_end(&p->m);
     pthread_rwlock_unlock(&p->lock);
     return r < 0 ? r : 0;
 }
@@ -483,6 +487,7 @@ int cb_dev_rollback(cb_pool *p, uint32_t id, uint32_t snap_id)
 {
     int r;
     struct cb_dev *d = begin_change(p, id, true, 32, &r), *s = pool_dev(p, snap_id);
+    meta_walk_begin(&p->m);
     if (!r && !s)
         r = no_device(snap_id);
     if (!r && id == snap_id)
@@ -508,6 +513,7 @@ int cb_dev_rollback(cb_pool *p, uint32_t id, uint32_t snap_id)
     p->dirty = true;
     r = pool_commit_locked(p);
 out:
+    meta_walk_end(&p->m);
     pthread_rwlock_unlock(&p->lock);
     return r;
 }
@@ -563,10 +569,12 @@ int cb_dev_mappings(cb_pool *p, uint32_t id, uint32_t **keys, uint32_t **values,
     *shared = NULL;
     *count = 0;
     pthread_rwlock_rdlock(&p->lock);
+    meta_walk_begin(&p->m);
     struct cb_dev *d = pool_dev(p, id);
     int r = d ? alloc_mapping_arrays(d->d.mapped_blocks, keys, values, shared) : no_device(id);
     if (!r)
         r = collect_mappings(p, d, *keys, *values, *shared, count);
+    meta_walk_end(&p->m);
     pthread_rwlock_unlock(&p->lock);
     if (r < 0) {
         free(*keys);
@@ -591,6 +599,7 @@ int cb_pool_mappings(cb_pool *p, uint32_t **ids, uint64_t **counts, uint32_t *nr
     /* Mappings change only under the write lock: holding it shared for the
      * whole walk gives every device as of one instant. */
     pthread_rwlock_rdlock(&p->lock);
+    meta_walk_begin(&p->m);
     uint64_t n = 0;
     for (uint32_t i = 0; i < p->devs_cap; i++)
         if (p->devs[i])
@@ -611,6 +620,7 @@ int cb_pool_mappings(cb_pool *p, uint32_t **ids, uint64_t **counts, uint32_t *nr
         (*ids)[*nr_devices] = d->id;
         (*counts)[(*nr_devices)++] = *total - before;
     }
+    meta_walk_end(&p->m);
     pthread_rwlock_unlock(&p->lock);
     if (r < 0) {
         free(*ids);

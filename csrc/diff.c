@@ -155,6 +155,7 @@ int cb_pool_diff(cb_pool *p, uint32_t a, uint32_t b, int with_same, cb_range **o
     *out = NULL;
     *count = 0;
     pthread_rwlock_rdlock(&p->lock);
+    meta_walk_begin(&p->m);
     struct cb_dev *da = pool_dev(p, a), *db = pool_dev(p, b);
     int r = 0;
     if (!da || !db) {
@@ -169,6 +170,7 @@ int cb_pool_diff(cb_pool *p, uint32_t a, uint32_t b, int with_same, cb_range **o
             *count = o.n;
         }
     }
+    meta_walk_end(&p->m);
     pthread_rwlock_unlock(&p->lock);
     return r;
 }

@@ -31,6 +31,7 @@
  * Locking: the pool's rwlock.  Readers may call meta_read concurrently (the
  * verified bitmap is updated atomically); everything else needs the write lock.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -287,6 +288,39 @@ void meta_set_capacities(struct cb_meta *m)
         m->reserve = 64;
 }
 
+/* A lookup touches 3-5 metadata blocks, and a fault of the mapping with
+ * the default advice reads the disk's whole readahead window around the
+ * block (read_ahead_kb: 8 MiB on this VM's disk), so after the pages were
+ * dropped a 1 MiB device read took 17 ms, and 3.4 ms with MADV_RANDOM (one
+ * page a fault); a cold read of an 8 MiB file through a mount, 10.7 ms and
+ * 8.8 ms.  A walk of whole trees is the other way round: node by node, a
+ * cold check of 43 MB of metadata took 870 ms, against 45 ms reading
+ * ahead, so while walks run the mapping reads ahead again.  The count and
+ * the advice change together: walkers run under the pool's lock shared. */
+static pthread_mutex_t walk_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void advise_map(struct cb_meta *m)
+{
+    if (m->map)
+        madvise(m->map, m->map_len, m->walkers ? MADV_NORMAL : MADV_RANDOM);
+}
+
+void meta_walk_begin(struct cb_meta *m)
+{
+    pthread_mutex_lock(&walk_mu);
+    if (m->walkers++ == 0)
+        advise_map(m);
+    pthread_mutex_unlock(&walk_mu);
+}
+
+void meta_walk_end(struct cb_meta *m)
+{
+    pthread_mutex_lock(&walk_mu);
+    if (--m->walkers == 0)
+        advise_map(m);
+    pthread_mutex_unlock(&walk_mu);
+}
+
 static int map_file(struct cb_meta *m, uint64_t nr_blocks)
 {
     if (m->map)
@@ -298,6 +332,9 @@ static int map_file(struct cb_meta *m, uint64_t nr_blocks)
         return cb_err(CB_E_NO_MEMORY, "cannot map the metadata file (%llu bytes): %s",
                       (unsigned long long)m->map_len, strerror(errno));
     }
+    pthread_mutex_lock(&walk_mu);
+    advise_map(m);
+    pthread_mutex_unlock(&walk_mu);
     return 0;
 }
 

@@ -663,6 +663,7 @@ int cb_pool_trim(cb_pool *p, uint64_t *bytes)
     commit_gate_enter(p);
     pthread_mutex_lock(&p->commit_lock);
     pthread_rwlock_wrlock(&p->lock);
+    meta_walk_begin(&p->m);
     /* After a commit every block with count 0 is free, except blocks being
      * filled right now (pending, kept busy). */
     r = pool_commit_locked(p);
@@ -684,6 +685,7 @@ int cb_pool_trim(cb_pool *p, uint64_t *bytes)
             run_len = 0;
         }
     }
+    meta_walk_end(&p->m);
     pthread_rwlock_unlock(&p->lock);
     pthread_mutex_unlock(&p->commit_lock);
     commit_gate_leave(p);

@@ -1742,3 +1742,49 @@ def test_huge_values_are_invalid_arguments(tmp_path, pool):
         else:
             wrong.append((i, "no error"))
     assert not wrong, wrong
+
+
+def metadata_advice(pool_dir):
+    """The readahead flags (VmFlags rr: random, sr: sequential) of this
+    process's mappings of the pool's metadata file."""
+    path = os.path.realpath(os.path.join(pool_dir, "metadata"))
+    flags, current = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:    # a mapping's first line
+                current = " ".join(fields[5:]) == path
+            elif fields[0] == "VmFlags:" and current:
+                flags.append({"rr", "sr"} & set(fields[1:]))
+    return flags
+
+
+def test_the_metadata_mapping_reads_only_what_a_lookup_faults_also_after_walks(tmp_path):
+    """Lookups fault single metadata pages (MADV_RANDOM: the kernel's
+    read-around would read the disk's whole readahead window around each);
+    walks of whole trees read ahead while they run, and every walk, failed
+    ones too, gives the mapping back its random advice, also after the
+    metadata file grew and was mapped again."""
+    with Pool.create(tmp_path / "p", 64 << 20, 65536, commit_interval=0) as p:
+        a = p.create_thin("a", 8 << 20)
+        a.pwrite(pattern(1, 4 << 20), 0)
+        p.snapshot("a", "s")
+        a.pwrite(b"x" * 4096, 0)
+        assert metadata_advice(tmp_path / "p") == [{"rr"}]
+        p.check()
+        p.diff("s", "a")
+        p.usage("a")
+        p.mappings("a")
+        p.mappings()
+        p.trim()
+        p.rollback("a", "s")
+        p.create_thin("b", 1 << 20)
+        p.delete("b")
+        with pytest.raises(DeviceNotFoundError):
+            p.delete("b")
+        with pytest.raises(DeviceNotFoundError):
+            p.usage("b")
+        assert metadata_advice(tmp_path / "p") == [{"rr"}]
+        p.resize_metadata(2 * p.stats().metadata_capacity_bytes)
+        assert metadata_advice(tmp_path / "p") == [{"rr"}]
+        assert p.check().ok
