@@ -292,10 +292,11 @@ void meta_set_capacities(struct cb_meta *m)
  * the default advice reads the disk's whole readahead window around the
  * block (read_ahead_kb: 8 MiB on this VM's disk), so after the pages were
  * dropped a 1 MiB device read took 17 ms, and 3.4 ms with MADV_RANDOM (one
- * page a fault); a cold read of an 8 MiB file through a mount, 10.7 ms and
- * 8.8 ms.  A walk of whole trees is the other way round: node by node, a
- * cold check of 43 MB of metadata took 870 ms, against 45 ms reading
- * ahead, so while walks run the mapping reads ahead again.  The count and
+ * page a fault); a cold read of an 8 MiB file through a mount, 11.9 ms and
+ * 8.1 ms (benchmarks/cold_depth.py).  A walk of whole trees is the other
+ * way round: node by node, a cold check of 43 MB of metadata took 870 ms,
+ * against 45-50 ms reading ahead, so while walks run the mapping reads
+ * ahead again.  The count and
  * the advice change together: walkers run under the pool's lock shared. */
 static pthread_mutex_t walk_mu = PTHREAD_MUTEX_INITIALIZER;
 
