@@ -241,34 +241,58 @@ static int refs_page(struct cb_meta *m, struct cb_sm *sm, uint64_t b, const stru
     return (*refs = read_page(m, pb, CB_BT_SM_REFS, 0, &err)) ? 0 : err;
 }
 
+/* A scan that has read LONG_SCAN space map pages reads ahead for the rest
+ * (meta_walk_begin): the metadata mapping reads a page a fault otherwise,
+ * and a scan across a nearly full pool reads thousands of them. */
+enum { LONG_SCAN = 8 };
+struct scan {
+    struct cb_meta *m;
+    unsigned pages;
+};
+
+static int scan_page(struct scan *sc, struct cb_sm *sm, uint64_t b, const struct cb_sm_page **refs)
+{
+    if (++sc->pages == LONG_SCAN)
+        meta_walk_begin(sc->m);
+    return refs_page(sc->m, sm, b, refs);
+}
+
+static int scan_done(struct scan *sc, int r)
+{
+    if (sc->pages >= LONG_SCAN)
+        meta_walk_end(sc->m);
+    return r;
+}
+
 int sm_find_free(struct cb_meta *m, struct cb_sm *sm, uint64_t *out)
 {
     if (*sm->used + sm->freed_this_txn + sm->held_free >= sm->nr_blocks)
         return -ENOSPC;
     uint64_t n = sm->nr_blocks, scanned = 0, b = sm->alloc_hint % n;
+    struct scan sc = {m};
     while (scanned < n) {
         uint64_t page_start = b - b % E;
         uint64_t page_end = page_start + E < n ? page_start + E : n;
         const struct cb_sm_page *refs;
-        int err = refs_page(m, sm, b, &refs);
+        int err = scan_page(&sc, sm, b, &refs);
         if (err)
-            return err;
+            return scan_done(&sc, err);
         if (!refs || refs->nr_nonzero < E) {
             for (uint64_t x = b; x < page_end; x++) {
                 if ((!refs || refs->entries[x % E] == 0) && !busy_test(sm, x)) {
                     int r = sm_reserve(sm, x);
                     if (r)
-                        return r;
+                        return scan_done(&sc, r);
                     sm->alloc_hint = x + 1;
                     *out = x;
-                    return 0;
+                    return scan_done(&sc, 0);
                 }
             }
         }
         scanned += page_end - b;
         b = page_end == n ? 0 : page_end;
     }
-    return -ENOSPC;
+    return scan_done(&sc, -ENOSPC);
 }
 
 int sm_take_run(struct cb_meta *m, struct cb_sm *sm, uint64_t count, uint64_t align, uint64_t *out)
@@ -281,6 +305,7 @@ int sm_take_run(struct cb_meta *m, struct cb_sm *sm, uint64_t count, uint64_t al
     uint64_t start = (sm->run_hint + align - 1) / align * align, scanned = 0;
     const struct cb_sm_page *refs = NULL;
     uint64_t page_start = UINT64_MAX;
+    struct scan sc = {m};
     while (scanned < n) {
         if (start + count > n) { /* wrap */
             scanned += start < n ? n - start : 0;
@@ -290,9 +315,9 @@ int sm_take_run(struct cb_meta *m, struct cb_sm *sm, uint64_t count, uint64_t al
         uint64_t x = start;
         for (; x < start + count; x++) {
             if (x - x % E != page_start) {
-                int err = refs_page(m, sm, x, &refs);
+                int err = scan_page(&sc, sm, x, &refs);
                 if (err)
-                    return err;
+                    return scan_done(&sc, err);
                 page_start = x - x % E;
             }
             if ((refs && refs->entries[x % E]) || busy_test(sm, x))
@@ -302,11 +327,11 @@ int sm_take_run(struct cb_meta *m, struct cb_sm *sm, uint64_t count, uint64_t al
             for (x = start; x < start + count; x++) {
                 int r = sm_reserve(sm, x);
                 if (r)
-                    return r;
+                    return scan_done(&sc, r);
             }
             sm->run_hint = start + count;
             *out = start;
-            return 1;
+            return scan_done(&sc, 1);
         }
         /* the next candidate starts past the block in use */
         uint64_t next = (x + 1 + align - 1) / align * align;
@@ -314,7 +339,7 @@ int sm_take_run(struct cb_meta *m, struct cb_sm *sm, uint64_t count, uint64_t al
         start = next;
     }
     sm->run_none = true; /* until blocks are freed: no need to look again */
-    return 0;
+    return scan_done(&sc, 0);
 }
 
 int sm_take_if_free(struct cb_meta *m, struct cb_sm *sm, uint64_t b)

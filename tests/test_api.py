@@ -1788,3 +1788,26 @@ def test_the_metadata_mapping_reads_only_what_a_lookup_faults_also_after_walks(t
         p.resize_metadata(2 * p.stats().metadata_capacity_bytes)
         assert metadata_advice(tmp_path / "p") == [{"rr"}]
         assert p.check().ok
+
+
+def test_a_long_space_map_scan_reads_ahead_and_gives_the_advice_back(tmp_path):
+    """An allocation that must scan past many space map pages in use (here
+    the 16 pages of b's 4 KiB blocks between the hint and the free ones)
+    reads ahead while it scans (one MADV_NORMAL under strace), and every
+    scan, found or not, gives the mapping its random advice back: a scan
+    that left it reading ahead would undo it for every lookup after."""
+    quarter = 16384 * 4096
+    with Pool.create(tmp_path / "p", 4 * quarter, 4096, commit_interval=0) as p:
+        for name in "abc":
+            p.create_thin(name, quarter).pwrite(pattern(ord(name), quarter), 0)
+        p.delete("a")
+        p.delete("c")
+        p.commit()
+        p.create_thin("d", quarter).pwrite(pattern(4, quarter), 0)     # back to where a was
+        e = p.create_thin("e", 2 * quarter)
+        e.pwrite(b"e" * 4096, 0)                 # one block, past b's 16 pages
+        e.pwrite(pattern(5, 8 << 20), 1 << 20)   # a run
+        with pytest.raises(NoSpaceError):
+            p.create_thin("f", 2 * quarter).pwrite(pattern(6, 2 * quarter), 0)
+        assert metadata_advice(tmp_path / "p") == [{"rr"}]
+        assert p.device("b").pread(quarter, 0) == pattern(ord("b"), quarter)
