@@ -58,7 +58,10 @@ struct cb_file {
     int fd;
     const char *name;   /* "data" or "metadata", for messages (and RADOS object names) */
     struct cb_remote *remote; /* the pool lives in RADOS: fd is its cache (remote.c) */
+    uint32_t write_piece; /* the most a write syscall writes, aligned (0: no limit; see io.c) */
 };
+/* The data file's write piece: 64 KiB (see write_all in io.c). */
+#define CB_DATA_WRITE_PIECE (64u << 10)
 int io_pwrite(struct cb_file *f, const void *buf, size_t len, uint64_t off);
 int io_pwritev(struct cb_file *f, struct iovec *iov, int cnt, uint64_t off);
 int io_write_zeroes(struct cb_file *f, uint64_t off, uint64_t len);

@@ -176,7 +176,7 @@ static int pool_open(const char *dir, struct cb_remote *remote, int read_only, c
         r = dfd;
         goto fail;
     }
-    p->data = (struct cb_file){dfd, "data", remote};
+    p->data = (struct cb_file){dfd, "data", remote, CB_DATA_WRITE_PIECE};
     p->block_size = p->m.sb.data_block_size;
     p->block_shift = (uint32_t)__builtin_ctz(p->block_size);
     if (remote)
