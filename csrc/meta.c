@@ -296,8 +296,8 @@ void meta_set_capacities(struct cb_meta *m)
  * 8.1 ms (benchmarks/cold_depth.py).  A walk of whole trees is the other
  * way round: node by node, a cold check of 43 MB of metadata took 870 ms,
  * against 45-50 ms reading ahead, so while walks run the mapping reads
- * ahead again.  The count and
- * the advice change together: walkers run under the pool's lock shared. */
+ * ahead again.  The count and the advice change together under walk_mu:
+ * walkers may run side by side under the pool's lock shared. */
 static pthread_mutex_t walk_mu = PTHREAD_MUTEX_INITIALIZER;
 
 static void advise_map(struct cb_meta *m)

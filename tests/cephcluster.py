@@ -56,17 +56,19 @@ class Cluster:
             found[name] = details or [checks[name]["summary"]["message"]]
         return found
 
-    def objects_by_namespace(self):
-        """{namespace: number of objects} in POOL."""
-        listing = json.loads(self.run("rados", "-p", self.pool, "ls", "--all", "-f", "json"))
-        return collections.Counter(o["namespace"] for o in listing)
+    def objects(self):
+        """{namespace: [object names]} in POOL."""
+        out = collections.defaultdict(list)
+        for o in json.loads(self.run("rados", "-p", self.pool, "ls", "--all", "-f", "json")):
+            out[o["namespace"]].append(o["name"])
+        return dict(out)
 
-    def space_report(self):
-        """What fills the cluster: `ceph df detail` and POOL's objects per
-        namespace, for a failure's message."""
+    def space_report(self, objects):
+        """What fills the cluster: `ceph df detail` and the objects per
+        namespace (objects()), for a failure's message."""
         df = self.run("ceph", "df", "detail")
-        counts = self.objects_by_namespace()
-        lines = [f"  {ns or '(default)'}: {n} objects" for ns, n in counts.most_common(20)]
+        counts = sorted(((len(names), ns) for ns, names in objects.items()), reverse=True)[:20]
+        lines = [f"  {ns or '(default)'}: {n} objects" for n, ns in counts]
         return df + f"objects in pool {self.pool}, by namespace:\n" + "\n".join(lines or ["  none"])
 
     def wait_not_full(self, seconds):

@@ -62,10 +62,9 @@ def free_a_full_cluster(cluster, nodeid):
     """Remove every object in the test pool (no test is running), or fail
     with what fills the cluster when that does not clear its full flags."""
     import warnings
-    report = f"{cluster.full()}\n{cluster.space_report()}"
-    left = cluster.objects_by_namespace()
-    for ns in left:
-        names = cluster.run("rados", "-p", cluster.pool, "-N", ns, "ls").split()
+    left = cluster.objects()
+    report = f"{cluster.full()}\n{cluster.space_report(left)}"
+    for ns, names in left.items():
         for i in range(0, len(names), 200):
             cluster.run("rados", "-p", cluster.pool, "-N", ns, "rm", "--force-full",
                         *names[i:i + 200])
