@@ -26,6 +26,7 @@ a create, snapshot or delete its effect shows (the device is there, or gone);
 if it did happen, it committed and nothing came after it, so every page
 must then equal the model exactly, and a new snapshot the origin's state.
 """
+import hashlib
 import os
 import random
 import signal
@@ -47,6 +48,10 @@ MAX_DEVICES = 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(cowblock.__file__)))
 
 
+def digest(content):
+    return hashlib.blake2b(content, digest_size=16).digest()
+
+
 class Lost(Exception):
     """The server went away with a request in flight."""
 
@@ -59,6 +64,9 @@ class Tracker:
         self.maybe = {}          # (name, page) -> contents it may hold
         self.inflight = None     # the request sent and not answered
         self.durable_points = 0
+        self.changes = 0         # requests that changed pages, counted
+        self.history = {}        # digest of a content -> (change, durable points, name, page)
+                                 # of the first request that gave a page that content
 
     def page(self, name, p):
         return bytes(self.model.devs[name][p * PAGE:(p + 1) * PAGE])
@@ -69,8 +77,22 @@ class Tracker:
             if (name, p) not in self.maybe:
                 self.maybe[(name, p)] = {self.page(name, p)}
         apply()
+        self.changes += 1
         for p in pages:
-            self.maybe[(name, p)].add(self.page(name, p))
+            content = self.page(name, p)
+            self.maybe[(name, p)].add(content)
+            self.history.setdefault(digest(content), (self.changes, self.durable_points, name, p))
+
+    def provenance(self, content):
+        """Where a page's content came from, to tell lost data from data written elsewhere."""
+        if content == bytes(PAGE):
+            return "zeroes"
+        seen = self.history.get(digest(content))
+        if seen is None:
+            return "content no request of this run gave any page"
+        change, points, name, p = seen
+        return (f"the content request {change} of {self.changes} gave {name} page {p}, "
+                f"{self.durable_points - points} durable points ago")
 
     def durable(self):
         self.maybe.clear()
@@ -358,13 +380,18 @@ def verify(pool, t, stats):
                 continue
             allowed = () if exact else t.maybe.get((name, p), ())
             if g not in allowed:
+                try:
+                    checked = pool.check()
+                except errors.CowblockError as e:
+                    checked = e
                 raise AssertionError(
                     f"device {name} page {p} (byte {p * PAGE}) "
                     + ("differs from its durable content (no request changed it since)"
                        if not allowed else
                        "holds neither its durable content nor one a later request gave it")
                     + f" (in flight: {op}; {'exact' if exact else 'since the last durable point'}:"
-                    f" {len(t.maybe)} pages changed)")
+                    f" {len(t.maybe)} pages changed); it holds {t.provenance(g)}, it should hold "
+                    f"{t.provenance(w)}; check: {checked}")
             stats["pages older than the model"] += 1
     report = pool.check()
     assert report.ok, f"check after the crash: {report}"

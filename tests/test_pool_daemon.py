@@ -295,19 +295,60 @@ def test_nbd_read_write_use_of_a_device_is_exclusive_across_listeners(pool, tmp_
         stop(p)
 
 
-def test_proxy_retries_once_when_the_daemon_stops_under_it(pool):
-    """A daemon closes its control socket before it releases the pool; a
-    client that loses that race goes on with the pool itself."""
+@pytest.mark.parametrize("first", ["query", "change"])
+def test_proxy_retries_once_when_the_daemon_stops_under_it(pool, first):
+    """A daemon closes its control socket before it releases the pool, and
+    tells its idle clients that it stops; a client that loses that race goes
+    on with the pool itself, whether its next call is a query or a change
+    (the notice says the call did not run)."""
     proxy, _ = client.daemon(pool)
     with proxy:
         other = cowblock.connect(pool)
         assert isinstance(other, client.PoolProxy)
         proxy.stop()
-        assert [d.name for d in other.list()] == ["base", "s1"]   # reconnected, on its own
+        if first == "query":
+            assert [d.name for d in other.list()] == ["base", "s1"]   # reconnected, on its own
         other.create_thin("after", MiB)
         other.close()
     with Pool.open(pool) as p:
         assert "after" in p
+
+
+def test_a_change_cut_off_by_a_daemon_still_exiting_is_not_sent_again(pool):
+    """SIGKILL closes a daemon's sockets before its process is gone, so the
+    pid still looks alive when the client sees the connection end.  A call
+    that changes the pool must then fail, not run again on the pool's last
+    commit: that lost what the dead daemon held uncommitted (NBD writes it
+    had acknowledged) while the caller took the call's commit as covering
+    them.  Found by the NBD crash torture (tests/test_crash_nbd.py)."""
+    import socket
+    import threading
+    rt = RuntimeDir(pool)
+    exiting = subprocess.Popen(["sleep", "60"])    # stands for the daemon still exiting
+    try:
+        rt.make()
+        with open(rt.pidfile, "w") as f:
+            f.write(f"{exiting.pid}\n")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(rt.control)
+        listener.listen(1)
+
+        def take_one_and_die():
+            conn, _ = listener.accept()
+            conn.recv(1)
+            conn.close()            # no reply and no stopping notice
+            listener.close()
+        threading.Thread(target=take_one_and_die, daemon=True).start()
+        target = cowblock.connect(pool)
+        assert isinstance(target, client.PoolProxy)
+        with pytest.raises(cowblock.errors.DaemonError, match="died during create_thin"):
+            target.create_thin("lost", MiB)
+        target.close()
+    finally:
+        exiting.kill()
+        exiting.wait()
+    with Pool.open(pool) as p:
+        assert "lost" not in p
 
 
 def test_a_query_that_reaches_a_dying_daemon_is_asked_of_the_pool(pool):

@@ -26,7 +26,7 @@ import threading
 import time
 
 from .. import errors, rados
-from ..runtime import RuntimeDir, process_alive
+from ..runtime import RuntimeDir
 from . import protocol as P
 from .calls import BY_TARGET, CALLS, DAEMON, DEVICE, FUNCTION, POOL
 
@@ -40,7 +40,11 @@ DAEMON_STARTING = 10.0    # seconds to wait for the socket of a daemon that hold
 
 
 class ConnectionLost(errors.DaemonError):
-    """The daemon's connection ended before its reply."""
+    """The daemon's connection ended before its reply: the call may have run."""
+
+
+class DaemonStopping(ConnectionLost):
+    """The daemon said it stops before it ran the call."""
 
 
 class Client:
@@ -70,7 +74,10 @@ class Client:
                 raise errors.PoolClosedError(f"pool {self.runtime.pool_path} is closed")
             self._sock.settimeout(self.timeout if timeout is None else timeout)
             try:
-                P.send(self._sock, request)
+                try:
+                    P.send(self._sock, request)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass    # it closed: what it said before it did is still there to read
                 reply = P.recv(self._sock)
             except socket.timeout:
                 raise errors.DaemonError(
@@ -80,6 +87,8 @@ class Client:
             except (EOFError, BrokenPipeError, ConnectionResetError) as e:
                 raise ConnectionLost(f"the pool daemon's connection ended during {name}: "
                                      f"{e or type(e).__name__}") from None
+        if "stopping" in reply:
+            raise DaemonStopping(f"the pool daemon stopped before {name} ran")
         self.last_health = P.decode(reply["health"]) if "health" in reply else None
         if "ok" in reply:
             return P.decode(reply["ok"])
@@ -141,15 +150,19 @@ class PoolProxy:
         except ConnectionLost as e:
             if CALLS.get(name) is not None and CALLS[name].kind == DAEMON:
                 raise
-            pid = self.runtime.recorded_pid()
-            if pid is not None and not process_alive(pid):   # killed, not stopped
-                if not getattr(CALLS.get(name), "query", False):   # it may or may not have been done
-                    raise errors.DaemonError(
-                        f"the pool daemon (pid {pid}) died during {name}; the next command "
-                        "cleans up after it") from e
-                # A query that reached a daemon already dying (its socket still
-                # takes connections while it exits) is asked again of the pool
-                # itself, once its leftovers are cleaned up.
+            if not isinstance(e, DaemonStopping) and not getattr(CALLS.get(name), "query", False):
+                # It may or may not have been done.  (Whether the pid is still
+                # alive tells nothing: a SIGKILLed daemon's socket closes before
+                # the process is gone, and a call sent again elsewhere would
+                # run on the last commit, without what the dead daemon held.)
+                pid = self.runtime.recorded_pid()
+                raise errors.DaemonError(
+                    f"the pool daemon{f' (pid {pid})' if pid else ''} died during {name}; "
+                    "the next command cleans up after it") from e
+            # A call the daemon did not run because it stops, or a query that
+            # reached a daemon already dying (its socket still takes
+            # connections while it exits), is asked again of a new daemon or
+            # of the pool itself, once a dead one's leftovers are cleaned up.
             self._reconnect()
             self.want_health = want
             return self.call(name, *args, **kwargs)

@@ -7,6 +7,11 @@ Each message is a 4-byte big-endian length and a JSON object.
   reply    {"ok": VALUE} or {"error": {"class": NAME, "message": TEXT, "errno": N}},
            with "health": HEALTH when it was asked for
   event    {"event": VALUE}: what a `watch` call streams until the connection closes
+  stopping {"stopping": TEXT}: the daemon is stopping and closes the connection without
+           running another request; a request sent before or after it did not run
+
+A connection that ends without a reply and without the stopping notice
+ends with a daemon that died: the call in flight may or may not have run.
 
 Values are JSON, with tagged objects for what JSON lacks: {"$bytes": base64},
 {"$datetime": iso}, {"$dict": [[k, v], ...]} (keys that are not strings) and
@@ -140,6 +145,9 @@ def parse(buf, max_items=None):
 
 def recv(sock):
     return parse(recv_frame(sock))
+
+
+STOPPING = {"stopping": "the pool daemon is stopping"}
 
 
 def error_reply(e):

@@ -12,9 +12,12 @@ connection goes on; a length over MAX_MESSAGE gets one and the connection
 is dropped.
 
 Stopping: stop() closes the listening socket and unlinks it, then lets each
-connection finish the call it is running (its reply is sent) and closes it;
-a request read after that is dropped unread, so a client that sees the
-connection end before its reply knows the call did not run and may retry.
+connection finish the call it is running (its reply is sent) and closes it
+with the stopping notice (protocol.STOPPING); a request read after that is
+dropped unread.  Only the notice tells a client that its call did not run
+and may be retried: a connection that ends without it ended with a daemon
+that died (SIGKILL closes the socket before the process is gone, so the
+client cannot tell by the pid), and the call may have run.
 """
 import contextlib
 import errno as _errno
@@ -106,8 +109,15 @@ class ControlServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         for s in idle:
-            with contextlib.suppress(OSError):
-                s.conn.shutdown(socket.SHUT_RDWR)
+            self._end_stopping(s)
+
+    @staticmethod
+    def _end_stopping(session):
+        """Close a session because the daemon stops, saying so first."""
+        with contextlib.suppress(OSError):
+            session.send(P.STOPPING)
+        with contextlib.suppress(OSError):
+            session.conn.shutdown(socket.SHUT_RDWR)
 
     def session_count(self):
         with self._lock:
@@ -139,9 +149,12 @@ class ControlServer:
                                                        "control socket"}})
                 return
             with self._lock:
-                if self._stopping:
-                    return
-                self._sessions.add(session)
+                stopping = self._stopping
+                if not stopping:
+                    self._sessions.add(session)
+            if stopping:
+                self._end_stopping(session)
+                return
             try:
                 self._requests(session)
             finally:
@@ -163,9 +176,12 @@ class ControlServer:
                     session.send(P.error_reply(e))
                 return
             with self._lock:
-                if self._stopping:
-                    return          # dropped unread: the client may retry elsewhere
-                self._busy_sessions.add(session)
+                stopping = self._stopping
+                if not stopping:
+                    self._busy_sessions.add(session)
+            if stopping:            # dropped unread: the client may retry elsewhere
+                self._end_stopping(session)
+                return
             try:
                 reply = self.handle(frame, session)
                 if reply is None:   # a streaming call ended the session
@@ -181,6 +197,7 @@ class ControlServer:
                     self._busy_sessions.discard(session)
                     stop = self._stopping
             if stop:
+                self._end_stopping(session)
                 return
 
     def handle(self, frame, session=None):
