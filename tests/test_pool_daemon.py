@@ -336,19 +336,23 @@ def test_a_change_cut_off_by_a_daemon_still_exiting_is_not_sent_again(pool):
         def take_one_and_die():
             conn, _ = listener.accept()
             conn.recv(1)
-            conn.close()            # no reply and no stopping notice
             listener.close()
-        threading.Thread(target=take_one_and_die, daemon=True).start()
+            conn.close()            # no reply and no stopping notice
+        dying = threading.Thread(target=take_one_and_die, daemon=True)
+        dying.start()
         target = cowblock.connect(pool)
         assert isinstance(target, client.PoolProxy)
         with pytest.raises(cowblock.errors.DaemonError, match="died during create_thin"):
             target.create_thin("lost", MiB)
         target.close()
+        dying.join()
     finally:
         exiting.kill()
         exiting.wait()
-    with Pool.open(pool) as p:
-        assert "lost" not in p
+    notes = []
+    with cowblock.connect(pool, on_note=notes.append) as p:   # the next command cleans up
+        assert isinstance(p, Pool) and "lost" not in p
+    assert notes and not os.path.exists(rt.control)
 
 
 def test_a_query_that_reaches_a_dying_daemon_is_asked_of_the_pool(pool):
@@ -375,8 +379,8 @@ def test_a_query_that_reaches_a_dying_daemon_is_asked_of_the_pool(pool):
         def take_one():
             conn, _ = listener.accept()
             conn.recv(1)
+            listener.close()        # as a dying daemon's: no one takes the next connection
             conn.close()
-            listener.close()
         threading.Thread(target=take_one, daemon=True).start()
 
     dying_daemon()

@@ -101,13 +101,26 @@ class ControlServer:
             self._stopping = True
             sessions = [s for s in self._sessions if s is not exclude]
             idle = [s for s in sessions if s not in self._busy_sessions]
+        if self.path:   # first, so that no connection comes after the ones drained below
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
         if self._sock:
+            # Connections still waiting to be accepted would be reset by the
+            # close, and a reset says nothing of whether a call ran: they get
+            # the notice too.  (Non-blocking: the accept thread ends at its
+            # next accept, with nothing left for it.)
+            self._sock.setblocking(False)
+            while True:
+                try:
+                    conn, _ = self._sock.accept()
+                except OSError:
+                    break
+                with conn:
+                    conn.setblocking(True)
+                    self._end_stopping(Session(conn))
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
-        if self.path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
         for s in idle:
             self._end_stopping(s)
 
