@@ -11,10 +11,10 @@ not fit the call) gets an InvalidArgumentError or TypeError reply and the
 connection goes on; a length over MAX_MESSAGE gets one and the connection
 is dropped.
 
-Stopping: stop() closes the listening socket and unlinks it, then lets each
+Stopping: stop() unlinks the listening socket and closes it, then lets each
 connection finish the call it is running (its reply is sent) and closes it
-with the stopping notice (protocol.STOPPING); a request read after that is
-dropped unread.  Only the notice tells a client that its call did not run
+with the stopping notice (protocol.STOPPING), as it closes those still
+waiting to be accepted; a request read after that is dropped unread.  Only the notice tells a client that its call did not run
 and may be retried: a connection that ends without it ended with a daemon
 that died (SIGKILL closes the socket before the process is gone, so the
 client cannot tell by the pid), and the call may have run.
