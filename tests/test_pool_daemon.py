@@ -314,6 +314,29 @@ def test_proxy_retries_once_when_the_daemon_stops_under_it(pool, first):
         assert "after" in p
 
 
+def dying_daemon(rt, pid):
+    """A control socket that takes one connection and closes it unanswered,
+    as a daemon killed during a call does, and a pid file naming pid;
+    returns the thread that takes the connection."""
+    import socket
+    import threading
+    rt.make()
+    with open(rt.pidfile, "w") as f:
+        f.write(f"{pid}\n")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(rt.control)
+    listener.listen(1)
+
+    def take_one():
+        conn, _ = listener.accept()
+        conn.recv(1)
+        listener.close()        # as a dying daemon's: no one takes the next connection
+        conn.close()            # no reply and no stopping notice
+    thread = threading.Thread(target=take_one, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_a_change_cut_off_by_a_daemon_still_exiting_is_not_sent_again(pool):
     """SIGKILL closes a daemon's sockets before its process is gone, so the
     pid still looks alive when the client sees the connection end.  A call
@@ -321,25 +344,10 @@ def test_a_change_cut_off_by_a_daemon_still_exiting_is_not_sent_again(pool):
     commit: that lost what the dead daemon held uncommitted (NBD writes it
     had acknowledged) while the caller took the call's commit as covering
     them.  Found by the NBD crash torture (tests/test_crash_nbd.py)."""
-    import socket
-    import threading
     rt = RuntimeDir(pool)
     exiting = subprocess.Popen(["sleep", "60"])    # stands for the daemon still exiting
     try:
-        rt.make()
-        with open(rt.pidfile, "w") as f:
-            f.write(f"{exiting.pid}\n")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(rt.control)
-        listener.listen(1)
-
-        def take_one_and_die():
-            conn, _ = listener.accept()
-            conn.recv(1)
-            listener.close()
-            conn.close()            # no reply and no stopping notice
-        dying = threading.Thread(target=take_one_and_die, daemon=True)
-        dying.start()
+        dying = dying_daemon(rt, exiting.pid)
         target = cowblock.connect(pool)
         assert isinstance(target, client.PoolProxy)
         with pytest.raises(cowblock.errors.DaemonError, match="died during create_thin"):
@@ -360,39 +368,22 @@ def test_a_query_that_reaches_a_dying_daemon_is_asked_of_the_pool(pool):
     a query that reaches it then goes to the pool itself once its leftovers
     are cleaned up (and says so), while a call that changes the pool says
     the daemon died during it (it may or may not have been done)."""
-    import socket
-    import threading
     rt = RuntimeDir(pool)
     dead = subprocess.Popen(["true"])
     dead.wait()
 
-    def dying_daemon():
-        """A control socket that takes one connection and closes, whose pid
-        file names a process that has gone."""
-        rt.make()
-        with open(rt.pidfile, "w") as f:
-            f.write(f"{dead.pid}\n")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(rt.control)
-        listener.listen(1)
-
-        def take_one():
-            conn, _ = listener.accept()
-            conn.recv(1)
-            listener.close()        # as a dying daemon's: no one takes the next connection
-            conn.close()
-        threading.Thread(target=take_one, daemon=True).start()
-
-    dying_daemon()
+    dying = dying_daemon(rt, dead.pid)
     notes = []
     target = cowblock.connect(pool, on_note=notes.append)
     assert isinstance(target, client.PoolProxy)
     with target:
         assert [d.name for d in target.list()] == ["base", "s1"]
+    dying.join()
     assert notes and not os.path.exists(rt.control)
 
-    dying_daemon()
+    dying = dying_daemon(rt, dead.pid)
     target = cowblock.connect(pool)
     with pytest.raises(cowblock.errors.DaemonError, match="died during create_thin"):
         target.create_thin("lost", MiB)
     target.close()
+    dying.join()

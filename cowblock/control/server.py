@@ -77,6 +77,7 @@ class ControlServer:
         self._busy_sessions = set()
         self._stopping = False
         self._sock = None
+        self._acceptor = None
 
     # ---- the listening socket ----
     def start(self):
@@ -92,7 +93,8 @@ class ControlServer:
         s.listen(64)
         os.replace(tmp, self.path)   # appears only once it accepts
         self._sock = s
-        threading.Thread(target=self._accept, daemon=True, name="cowblock-control").start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True, name="cowblock-control")
+        self._acceptor.start()
 
     def stop(self, exclude=None):
         """Stop accepting, unlink the socket, end every session but `exclude`
@@ -115,12 +117,13 @@ class ControlServer:
                     conn, _ = self._sock.accept()
                 except OSError:
                     break
-                with conn:
-                    conn.setblocking(True)
-                    self._end_stopping(Session(conn))
+                conn.setblocking(True)
+                self._join(conn)
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
+            if self._acceptor is not threading.current_thread():
+                self._acceptor.join(timeout=10)   # it has told what it took meanwhile
         for s in idle:
             self._end_stopping(s)
 
@@ -142,8 +145,10 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self.serve_connection, args=(conn,), daemon=True,
-                             name="cowblock-control-conn").start()
+            session = self._join(conn)
+            if session is not None:
+                threading.Thread(target=self._serve, args=(session,), daemon=True,
+                                 name="cowblock-control-conn").start()
 
     # ---- one connection ----
     @staticmethod
@@ -152,23 +157,36 @@ class ControlServer:
         _, uid, _ = struct.unpack("3i", creds)
         return uid == 0 or uid == os.getuid()
 
-    def serve_connection(self, conn):
+    def _join(self, conn):
+        """conn's session, counted from now on (a stop from now on tells it);
+        None, conn told and closed, once the daemon stops."""
         session = Session(conn)
+        with self._lock:
+            stopping = self._stopping
+            if not stopping:
+                self._sessions.add(session)
+        if stopping:
+            self._end_stopping(session)
+            conn.close()
+            return None
+        return session
+
+    def serve_connection(self, conn):
+        """Serve one connection until it ends, and close it."""
+        session = self._join(conn)
+        if session is not None:
+            self._serve(session)
+
+    def _serve(self, session):
+        conn = session.conn
         with conn:
-            if conn.family == socket.AF_UNIX and not self._allowed(conn):
-                with contextlib.suppress(OSError):
-                    session.send({"error": {"class": "PermissionError", "errno": _errno.EPERM,
-                                            "message": "only the pool's owner may use its "
-                                                       "control socket"}})
-                return
-            with self._lock:
-                stopping = self._stopping
-                if not stopping:
-                    self._sessions.add(session)
-            if stopping:
-                self._end_stopping(session)
-                return
             try:
+                if conn.family == socket.AF_UNIX and not self._allowed(conn):
+                    with contextlib.suppress(OSError):
+                        session.send({"error": {"class": "PermissionError", "errno": _errno.EPERM,
+                                                "message": "only the pool's owner may use its "
+                                                           "control socket"}})
+                    return
                 self._requests(session)
             finally:
                 with self._lock:
