@@ -659,8 +659,15 @@ int cb_dev_add_mappings(cb_pool *p, uint32_t id, const uint32_t *keys, const uin
             r = cb_err(CB_E_INVALID, "data block %u is past the end of the pool (%llu blocks)",
                        values[i], (unsigned long long)p->m.sb.nr_data_blocks);
     }
+    /* Sorted inserts into an empty tree leave each leaf half full (splits
+     * are in the middle) and shadow nothing (every node is new): count /
+     * (leaf_max / 2) leaves and a few internal nodes, twice that to be safe,
+     * plus the data space map's pages.  (2 blocks for every 64 mappings,
+     * 8 times what they take, refused the restore of any pool more than half
+     * mapped: its metadata is sized at 1 block for 64 data blocks.) */
+    uint64_t per_leaf = p->m.leaf_max / 2 ? p->m.leaf_max / 2 : 1;
     if (!r)
-        r = meta_reserve_check(&p->m, 2 * (count / 64) + 2 * (count / CB_SM_ENTRIES) + 32);
+        r = meta_reserve_check(&p->m, 2 * (count / per_leaf) + 2 * (count / CB_SM_ENTRIES) + 32);
     struct bt_ctx c = map_tree(p);
     for (uint64_t i = 0; !r && i < count; i++) {
         bool replaced;
