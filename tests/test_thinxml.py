@@ -4,6 +4,7 @@ import io
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 import xml.parsers.expat
@@ -189,7 +190,8 @@ def test_restore_of_a_pool_mapped_whole(tmp_path):
     """A dump mapping every block of a pool larger than restore's least
     metadata (64 MiB: 1 block for 64 data blocks) restores: the reserve asked
     for its mappings was 2 blocks for every 64, 8 times what they take, so
-    any pool more than half mapped was refused as short of metadata."""
+    any pool more than half mapped was refused as short of metadata.  A data
+    file moved in is made owner-only, as the pool's files are."""
     blocks = 1 << 20                          # 64 GiB at 64 KiB: 64 MiB of metadata
     (tmp_path / "in.xml").write_text(
         f'<superblock uuid="" time="0" transaction="1" flags="0" version="2" '
@@ -200,8 +202,10 @@ def test_restore_of_a_pool_mapped_whole(tmp_path):
         f'  </device>\n</superblock>\n')
     with open(tmp_path / "data", "wb") as f:
         f.truncate(blocks * BS)               # sparse: only the metadata is written
+    os.chmod(tmp_path / "data", 0o644)
     thinxml.restore(str(tmp_path / "in.xml"), str(tmp_path / "data"), str(tmp_path / "p"),
                     mode="move")
+    assert stat.S_IMODE(os.stat(tmp_path / "p" / "data").st_mode) == 0o600   # moved, made owner-only
     with Pool.open(tmp_path / "p", read_only=True) as pool:
         assert pool.info("dev1").mapped_blocks == blocks
         assert pool.stats().data_free == 0

@@ -267,9 +267,10 @@ def restore(xml_path, data_path, new_pool, *, names_path=None, mode="copy"):
     meta_size = max(64 << 20, -(-nr_blocks * 64 // 4096) * 4096)
     Pool.create(new_pool, nr_blocks * bs, bs, metadata_size=meta_size, commit_interval=0).close()
     _place_data(data_path, os.path.join(new_pool, "data"), mode)
+    from .. import health
+    health.tighten_permissions(new_pool)   # a moved data file came with its own mode
     pool = Pool.open(new_pool, commit_interval=0)
     try:
-        from .. import health
         health.configure(pool, min_free_space=0)  # restoring fills what it must
         for name, dev_size, pairs, read_only, labels in plan:
             pool.create_thin(name, dev_size, labels=labels, _internal=True)   # as dumped
