@@ -14,10 +14,11 @@ is dropped.
 Stopping: stop() unlinks the listening socket and closes it, then lets each
 connection finish the call it is running (its reply is sent) and closes it
 with the stopping notice (protocol.STOPPING), as it closes those still
-waiting to be accepted; a request read after that is dropped unread.  Only the notice tells a client that its call did not run
-and may be retried: a connection that ends without it ended with a daemon
-that died (SIGKILL closes the socket before the process is gone, so the
-client cannot tell by the pid), and the call may have run.
+waiting to be accepted; a request read after that is dropped unread.  Only
+the notice tells a client that its call did not run and may be retried: a
+connection that ends without it ended with a daemon that died (SIGKILL
+closes the socket before the process is gone, so the client cannot tell by
+the pid), and the call may have run.
 """
 import contextlib
 import errno as _errno
