@@ -205,7 +205,7 @@ def test_restore_of_a_pool_mapped_whole(tmp_path):
     os.chmod(tmp_path / "data", 0o644)
     thinxml.restore(str(tmp_path / "in.xml"), str(tmp_path / "data"), str(tmp_path / "p"),
                     mode="move")
-    assert stat.S_IMODE(os.stat(tmp_path / "p" / "data").st_mode) == 0o600   # moved, made owner-only
+    assert stat.S_IMODE(os.stat(tmp_path / "p" / "data").st_mode) == 0o600   # made owner-only
     with Pool.open(tmp_path / "p", read_only=True) as pool:
         assert pool.info("dev1").mapped_blocks == blocks
         assert pool.stats().data_free == 0
